@@ -1,0 +1,108 @@
+"""Where each model family keeps the parts mechfix reads and patches.
+
+This is a table of data, not code: supporting a new family means adding one
+row. Paths are dotted attribute paths; ``layers`` is from the causal-LM
+module, ``attn_out`` and ``mlp`` are from one decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mechfix.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one model family keeps its decoder layers and their parts.
+
+    Attributes:
+        backbone: Module whose output's first element is the final, normed hidden state.
+        layers: The list of decoder layers (from the causal-LM module).
+        attn_out: The attention output projection inside a layer. Its *input*
+            is the per-head attention output, heads concatenated.
+        mlp: The MLP inside a layer; its output is the MLP output site.
+        n_heads: Config keys that may hold the number of attention heads.
+        head_dim: Config keys that may hold the head width (else hidden / heads).
+        hidden: Config keys that may hold the residual width.
+        logit_softcap: Config key of a final logit soft-cap (Gemma 2/3), if any.
+    """
+
+    backbone: str
+    layers: str
+    attn_out: str
+    mlp: str
+    n_heads: tuple[str, ...] = ("num_attention_heads",)
+    head_dim: tuple[str, ...] = ("head_dim",)
+    hidden: tuple[str, ...] = ("hidden_size",)
+    logit_softcap: str | None = None
+
+
+_LLAMA_LIKE = ArchSpec(backbone="model", layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp")
+_GEMMA = ArchSpec(
+    backbone="model",
+    layers="model.layers",
+    attn_out="self_attn.o_proj",
+    mlp="mlp",
+    logit_softcap="final_logit_softcapping",
+)
+
+# Keyed by ``config.model_type``.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gpt2": ArchSpec(
+        backbone="transformer",
+        layers="transformer.h",
+        attn_out="attn.c_proj",
+        mlp="mlp",
+        n_heads=("n_head",),
+        head_dim=(),
+        hidden=("n_embd",),
+    ),
+    "gpt_neox": ArchSpec(
+        backbone="gpt_neox",
+        layers="gpt_neox.layers",
+        attn_out="attention.dense",
+        mlp="mlp",
+    ),
+}
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    """Look up a family's row.
+
+    Raises:
+        ModelLoadError: For a family the table does not cover.
+    """
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ModelLoadError(
+            f"mechfix does not know where the attention heads of '{model_type}' models live "
+            f"(supported: {known}). Add a row to mechfix/architectures.py, or pick a supported model."
+        ) from None
+
+
+def config_value(config: object, keys: tuple[str, ...]) -> int | None:
+    """First of ``keys`` that the config sets to a value."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def get_path(root: object, dotted: str) -> object:
+    """Follow a dotted attribute path (``model.layers``) from ``root``."""
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,224 @@
+"""Self-describing artifacts: one ``.safetensors`` file per stage.
+
+Tensors hold numbers; ``__metadata__`` (string to string) holds the kind, the
+schema version and a JSON manifest (model identity, resolved recipe,
+parameters, library versions, and the sha256 of every input artifact).
+Writes are atomic: a temporary file in the target folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mechfix.errors import ArtifactError, BadInputError
+
+SCHEMA_VERSION = 1
+KINDS = ("record", "attribution", "fix")
+# What to run to make each kind, for error messages.
+MAKE_KIND = {
+    "record": "mechfix record RECIPE",
+    "attribution": "mechfix attribute REC.safetensors",
+    "fix": "mechfix steer ATTR.safetensors",
+}
+_META_KIND = "mechfix.kind"
+_META_SCHEMA = "mechfix.schema"
+_META_MANIFEST = "mechfix.manifest"
+_LIBRARIES = ("mechfix", "torch", "transformers", "nnsight", "safetensors", "numpy")
+
+
+@dataclass
+class Artifact:
+    """An artifact in memory: its kind, manifest and tensors."""
+
+    kind: str
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: str | None = None
+    sha256: str | None = None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an artifact's numbers."""
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def new_manifest(kind: str, **fields: Any) -> dict[str, Any]:
+    """A manifest with the fields every artifact carries, plus ``fields``."""
+    return {
+        "kind": kind,
+        "schema": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        **fields,
+    }
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written.
+
+    Raises:
+        BadInputError: When the folder is missing or not writable, or path is a folder.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise BadInputError(f"output '{path}' is a folder; give a file name such as {path / 'out.safetensors'}.")
+    if not parent.is_dir():
+        raise BadInputError(f"cannot write '{path}': the folder '{parent}' does not exist. Create it or choose another --out.")
+    if not os.access(parent, os.W_OK):
+        raise BadInputError(f"cannot write '{path}': the folder '{parent}' is not writable. Choose another --out.")
+    return path
+
+
+def save_artifact(path: str | Path, artifact: Artifact) -> str:
+    """Write an artifact atomically and return the file's sha256.
+
+    Args:
+        path: Target file; its folder must exist.
+        artifact: Kind, manifest and tensors. Tensors are moved to the CPU and
+            made contiguous; the manifest must be JSON-serialisable.
+
+    Returns:
+        The sha256 of the written file.
+    """
+    if artifact.kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {artifact.kind!r}")
+    path = check_writable(path)
+    metadata_ = {
+        _META_KIND: artifact.kind,
+        _META_SCHEMA: str(SCHEMA_VERSION),
+        _META_MANIFEST: json.dumps(artifact.manifest, sort_keys=True, allow_nan=False),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata_)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        # Reached with the temp file still there only when something failed
+        # (including Ctrl-C): leave nothing half-written behind.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    artifact.path, artifact.sha256 = str(path), digest
+    return digest
+
+
+def read_header(path: str | Path) -> tuple[str, dict[str, Any], dict[str, tuple[str, list[int]]]]:
+    """Read kind, manifest and tensor table (dtype, shape) without loading tensors.
+
+    Raises:
+        ArtifactError: For a missing, corrupt or foreign file, or an unknown schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact '{path}' does not exist. Check the path, or make it with `mechfix record`.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            table = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                table[k] = (str(sl.get_dtype()), list(sl.get_shape()))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(
+            f"'{path}' is not a readable safetensors file ({exc}). It may be truncated or corrupt; make it again."
+        ) from None
+    kind = meta.get(_META_KIND)
+    if kind is None:
+        raise ArtifactError(
+            f"'{path}' is a safetensors file but not a mechfix artifact (no '{_META_KIND}' in its metadata). "
+            "Give a file written by mechfix."
+        )
+    schema = meta.get(_META_SCHEMA)
+    if schema != str(SCHEMA_VERSION):
+        raise ArtifactError(
+            f"'{path}' uses artifact schema {schema}, and this mechfix reads schema {SCHEMA_VERSION}. "
+            f"Make it again with this version ({MAKE_KIND.get(kind, 'the stage that made it')}), "
+            "or use the mechfix version that wrote it."
+        )
+    try:
+        manifest = json.loads(meta.get(_META_MANIFEST, ""))
+    except json.JSONDecodeError:
+        raise ArtifactError(f"'{path}' has a corrupt manifest. Make the artifact again.") from None
+    return kind, manifest, table
+
+
+def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
+    """Load an artifact, checking its kind.
+
+    Args:
+        path: The ``.safetensors`` file.
+        expect: The kind the caller needs, or None for any.
+
+    Raises:
+        ArtifactError: For a missing/corrupt file, a wrong kind or schema, or NaNs.
+    """
+    kind, manifest, _ = read_header(path)
+    if expect is not None and kind != expect:
+        raise ArtifactError(
+            f"'{path}' is a {kind} artifact, but this command needs a {expect} artifact. "
+            f"Make one with `{MAKE_KIND[expect]}`."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ArtifactError(
+                    f"'{path}' holds non-finite values (NaN or inf) in tensor '{k}'. "
+                    "The run that made it went wrong (often fp16 overflow); make it again, e.g. with --dtype float32."
+                )
+            tensors[k] = t
+    return Artifact(kind=kind, manifest=manifest, tensors=tensors, path=str(path), sha256=sha256_file(path))
+
+
+def check_same_model(manifest: Mapping[str, Any], identity: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse an artifact made with another model than ``identity``.
+
+    The config hash and weight fingerprint decide; the name may differ (a local
+    copy of the same model is the same model).
+
+    Raises:
+        ArtifactError: Naming both models and what to run instead.
+    """
+    theirs = manifest.get("model", {})
+    for key in ("architecture", "config_hash", "weights_fingerprint"):
+        if theirs.get(key) != identity.get(key):
+            raise ArtifactError(
+                f"'{path}' was made with model '{theirs.get('name')}' ({theirs.get('architecture')}), "
+                f"but the model given is '{identity.get('name')}' ({identity.get('architecture')}); "
+                f"their {key.replace('_', ' ')}s differ. Pass the recorded model with --model, "
+                "or record again with this model."
+            )

@@ -1,0 +1,193 @@
+"""Render a recipe's items into episodes, and tokenize them with a speaker per token.
+
+An episode is a list of text segments, each spoken by an agent or by the
+frame (preamble and narration). It ends with the target agent's turn opened
+up to the decision prompt; the options are the continuations that are scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mechfix.recipe import PLACEHOLDER, Recipe
+
+FRAME = "<frame>"  # speaker of text that no agent says: preamble, narration, layout
+
+
+@dataclass(frozen=True)
+class Segment:
+    speaker: str  # an agent name or FRAME
+    text: str
+
+
+@dataclass
+class Episode:
+    """One item rendered under one condition.
+
+    Attributes:
+        item: Index of the item in the recipe.
+        condition: Condition name.
+        segments: The text up to and including the decision prompt.
+        options: Rendered option texts: aligned, misaligned, others.
+        generated: Texts of the turns the model wrote so far (generate mode), by turn index.
+    """
+
+    item: int
+    condition: str
+    segments: list[Segment]
+    options: list[str]
+    generated: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Replace ``{name}`` placeholders; ``{{`` and ``}}`` stand for literal braces.
+
+    Only plain names are substituted (no attribute access, no format specs), so
+    a recipe can never run code.
+    """
+    parts = template.split("{{")
+    out = []
+    for part in parts:
+        out.append(PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), part).replace("}}", "}"))
+    return "{".join(out)
+
+
+def _cast(recipe: Recipe) -> str:
+    lines = []
+    for a in recipe.agents:
+        desc = ", ".join(x for x in (a.role, a.persona) if x)
+        lines.append(f"- {a.name}" + (f" ({desc})" if desc else ""))
+    return "\n".join(lines)
+
+
+def _turn_segments(recipe: Recipe, speaker: str | None, text: str, values: dict[str, str]) -> list[Segment]:
+    """Lay a turn out; the layout text belongs to the turn's speaker."""
+    if speaker is None:
+        return [Segment(FRAME, fill(recipe.format.narration, {**values, "text": text}))]
+    agent = recipe.agent(speaker)
+    layout = {**values, "speaker": speaker, "agent": speaker, "role": agent.role, "persona": agent.persona}
+    return [Segment(speaker, fill(recipe.format.turn, {**layout, "text": text}))]
+
+
+def item_values(recipe: Recipe, item: int, condition: str) -> dict[str, str]:
+    """Placeholder values of an item under a condition (condition vars win)."""
+    values = dict(recipe.items[item])
+    values.update(recipe.conditions[condition].vars)
+    values["cast"] = _cast(recipe)
+    return {k: fill(v, values) if "{" in v else v for k, v in values.items()}
+
+
+def render_episode(recipe: Recipe, item: int, condition: str, generated: dict[int, str] | None = None) -> Episode:
+    """Render one item under one condition up to the decision prompt.
+
+    Args:
+        recipe: The recipe.
+        item: Item index.
+        condition: Condition name.
+        generated: Texts of generated turns so far, by turn index (generate
+            mode). Rendering stops at the first generated turn that has none,
+            opening that turn for the model to write.
+
+    Returns:
+        The episode. If it stops at a pending generated turn, its last segment
+        is that turn's opening, and ``options`` is empty.
+    """
+    generated = generated or {}
+    values = item_values(recipe, item, condition)
+    segments: list[Segment] = []
+    if recipe.format.preamble:
+        segments.append(Segment(FRAME, fill(recipe.format.preamble, values)))
+    for i, turn in enumerate(recipe.turns):
+        if turn.when is not None and condition not in turn.when:
+            continue
+        if turn.text is None and i not in generated:
+            segments += _open_turn(recipe, turn.speaker, "", values)
+            return Episode(item, condition, segments, [], dict(generated))
+        text = generated[i] if turn.text is None else fill(turn.text, values)
+        segments += _turn_segments(recipe, turn.speaker, text, values)
+    d = recipe.decision
+    segments += _open_turn(recipe, d.agent, fill(d.prompt, values), values)
+    options = [fill(o, values) for o in recipe.option_templates]
+    return Episode(item, condition, segments, options, dict(generated))
+
+
+def _open_turn(recipe: Recipe, speaker: str | None, prompt: str, values: dict[str, str]) -> list[Segment]:
+    """A turn laid out only up to the end of ``prompt`` (the rest is the model's).
+
+    Trailing white space is cut: options and generated text bring their own
+    leading space (" Paris"), which is how tokenizers split words.
+    """
+    marker = "\x00"
+    full = _turn_segments(recipe, speaker, prompt + marker, values)[0]
+    return [Segment(full.speaker, full.text.split(marker)[0].rstrip())]
+
+
+def pending_turn(recipe: Recipe, episode: Episode) -> int | None:
+    """Index of the generated turn an episode stopped at, or None when it reached the decision."""
+    if episode.options:
+        return None
+    for i, turn in enumerate(recipe.turns):
+        if turn.text is None and i not in episode.generated and (turn.when is None or episode.condition in turn.when):
+            return i
+    return None
+
+
+@dataclass
+class Tokenized:
+    ids: list[int]
+    speakers: list[int]  # index into the speaker list; one per token
+
+
+def tokenize_episode(tokenizer, episode: Episode, speakers: list[str]) -> Tokenized:
+    """Tokenize an episode's text and give every token the speaker of its first character.
+
+    Uses the tokenizer's character offsets where it has them (fast tokenizers);
+    otherwise re-tokenizes growing prefixes, segment by segment.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        episode: The episode.
+        speakers: The speaker list (FRAME first, then agents); tokens get indices into it.
+    """
+    text = episode.text
+    bounds = []  # (end character, speaker index) of every segment
+    pos = 0
+    for seg in episode.segments:
+        pos += len(seg.text)
+        bounds.append((pos, speakers.index(seg.speaker)))
+
+    def speaker_at(char: int) -> int:
+        for end, who in bounds:
+            if char < end:
+                return who
+        return bounds[-1][1] if bounds else 0
+
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        # Special tokens (BOS) have an empty span at 0: they belong to the frame.
+        who = [speakers.index(FRAME) if s == e else speaker_at(s) for s, e in enc["offset_mapping"]]
+        return Tokenized(ids, who)
+    ids = tokenizer(text)["input_ids"]
+    who = []
+    done = 0
+    for end, spk in bounds:
+        n = len(tokenizer(text[:end])["input_ids"])
+        who += [spk] * max(0, n - done)
+        done = max(done, n)
+    who += [bounds[-1][1] if bounds else 0] * (len(ids) - len(who))
+    return Tokenized(list(ids), who[: len(ids)])
+
+
+def speaker_list(recipe: Recipe) -> list[str]:
+    """Speakers in artifact order: the frame, then the agents."""
+    return [FRAME, *(a.name for a in recipe.agents)]
+
+
+def option_ids(tokenizer, option: str) -> list[int]:
+    """Token ids of an option as a continuation (no special tokens)."""
+    return list(tokenizer(option, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,245 @@
+"""Batched forward passes that score options and capture activations.
+
+Scoring: for a prompt P and options O_k, the option's log-probability is the
+sum over its tokens of log P(token | P + earlier option tokens). Each option
+becomes one sequence ``P + O_k[:-1]`` (identical sequences are run once, so
+single-token options cost one forward for all of them). Sequences are padded on
+the right: under a causal mask no real token ever sees a pad, and positions
+stay 0..n-1, so a padded row computes what it would alone.
+
+The output head runs only at the scored positions: with a 262k vocabulary the
+head would otherwise dominate the forward pass.
+
+Activation sites (plain PyTorch hooks; one pass, no graph kept):
+- ``resid``: output of each decoder layer, ``[L, d]`` per position;
+- ``heads``: input of each layer's attention output projection, split per head, ``[L, H, dh]``;
+- ``mlp``: output of each layer's MLP, ``[L, d]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from mechfix.models import LoadedModel
+
+SITES = ("resid", "heads", "mlp")
+
+
+@dataclass
+class Request:
+    """One decision to score.
+
+    Attributes:
+        prompt: Token ids up to and including the decision position.
+        options: Token ids of each option (a continuation of the prompt).
+    """
+
+    prompt: list[int]
+    options: list[list[int]]
+
+
+@dataclass
+class Result:
+    """Scores and activations of one request.
+
+    Attributes:
+        scores: Summed log-probability of each option, ``[K]`` float32.
+        acts: Site name to activations at the decision position (``[L, ...]``),
+            or at every prompt position (``[T, L, ...]``) when asked.
+    """
+
+    scores: torch.Tensor
+    acts: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Row:
+    request: int
+    ids: list[int]
+    targets: list[tuple[int, int, int]]  # (option index, position, target id)
+    capture: bool
+
+
+def _rows(requests: Sequence[Request]) -> list[_Row]:
+    rows: list[_Row] = []
+    for r, req in enumerate(requests):
+        if not req.prompt:
+            raise ValueError(f"request {r} has an empty prompt")
+        by_seq: dict[tuple[int, ...], _Row] = {}
+        for k, opt in enumerate(req.options):
+            if not opt:
+                raise ValueError(f"request {r}, option {k} has no tokens")
+            seq = tuple(req.prompt + opt[:-1])
+            row = by_seq.get(seq)
+            if row is None:
+                row = by_seq[seq] = _Row(r, list(seq), [], capture=not by_seq)
+                rows.append(row)
+            start = len(req.prompt) - 1
+            row.targets += [(k, start + j, tok) for j, tok in enumerate(opt)]
+    return rows
+
+
+class _Capture:
+    """Forward hooks that keep each site's activation at chosen positions only."""
+
+    def __init__(self, lm: LoadedModel, sites: Sequence[str]):
+        self.lm = lm
+        self.sites = tuple(sites)
+        self.rows: torch.Tensor | None = None  # batch rows to keep
+        self.pos: torch.Tensor | None = None  # their positions (decision mode)
+        self.lengths: list[int] | None = None  # their lengths (all-positions mode)
+        self.store: dict[str, list[list[torch.Tensor]]] = {}
+        self.handles: list = []
+
+    def _keep(self, site: str, layer: int, x: torch.Tensor) -> None:
+        if self.rows is None or not len(self.rows):
+            return
+        if site == "heads":
+            x = x.view(*x.shape[:2], self.lm.n_heads, self.lm.head_dim)
+        if self.lengths is None:
+            kept = x[self.rows, self.pos].float().cpu()  # [b, ...]
+        else:
+            kept = [x[r, :n].float().cpu() for r, n in zip(self.rows.tolist(), self.lengths)]
+        self.store[site][layer] = kept
+
+    def __enter__(self) -> _Capture:
+        n = self.lm.n_layers
+        for site in self.sites:
+            self.store[site] = [None] * n  # type: ignore[list-item]
+        for i in range(n):
+            if "resid" in self.sites:
+                self.handles.append(
+                    self.lm.layers[i].register_forward_hook(
+                        lambda m, a, out, i=i: self._keep("resid", i, out[0] if isinstance(out, tuple) else out)
+                    )
+                )
+            if "heads" in self.sites:
+                self.handles.append(
+                    self.lm.attn_out(i).register_forward_pre_hook(lambda m, a, i=i: self._keep("heads", i, a[0]))
+                )
+            if "mlp" in self.sites:
+                self.handles.append(
+                    self.lm.mlp(i).register_forward_hook(
+                        lambda m, a, out, i=i: self._keep("mlp", i, out[0] if isinstance(out, tuple) else out)
+                    )
+                )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def take(self) -> dict[str, object]:
+        """This batch's captures, stacked over layers; then reset."""
+        out: dict[str, object] = {}
+        for site, per_layer in self.store.items():
+            if self.lengths is None:
+                out[site] = torch.stack(per_layer, dim=1)  # [b, L, ...]
+            else:
+                out[site] = [torch.stack([layer[j] for layer in per_layer], dim=1) for j in range(len(self.lengths))]
+            self.store[site] = [None] * self.lm.n_layers  # type: ignore[list-item]
+        return out
+
+
+def run_requests(
+    lm: LoadedModel,
+    requests: Sequence[Request],
+    *,
+    batch_size: int = 16,
+    sites: Sequence[str] = SITES,
+    all_positions: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Result]:
+    """Score every request's options and capture activations, in batches.
+
+    Args:
+        lm: The model.
+        requests: Decisions to score.
+        batch_size: Sequences per forward pass.
+        sites: Activation sites to capture (subset of :data:`SITES`; empty for none).
+        all_positions: Capture every prompt position instead of the decision position.
+        on_batch: Called with the number of requests finished after each batch (progress).
+
+    Returns:
+        One :class:`Result` per request, in order.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    unknown = set(sites) - set(SITES)
+    if unknown:
+        raise ValueError(f"unknown sites {sorted(unknown)}; known: {SITES}")
+    rows = _rows(requests)
+    # Longest first: similar lengths share a batch, so little is padded.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    scores = [torch.zeros(len(r.options), dtype=torch.float64) for r in requests]
+    acts: list[dict[str, torch.Tensor]] = [{} for _ in requests]
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    device = lm.device
+    with torch.inference_mode(), _Capture(lm, sites) as cap:
+        for start in range(0, len(order), batch_size):
+            batch = [rows[i] for i in order[start : start + batch_size]]
+            width = max(len(r.ids) for r in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, r in enumerate(batch):
+                ids[b, : len(r.ids)] = torch.tensor(r.ids)
+                mask[b, : len(r.ids)] = 1
+            keep = [b for b, r in enumerate(batch) if r.capture]
+            cap.rows = torch.tensor(keep, dtype=torch.long)
+            plen = [len(requests[batch[b].request].prompt) for b in keep]
+            cap.pos = torch.tensor([n - 1 for n in plen], dtype=torch.long)
+            cap.lengths = plen if all_positions else None
+            out = lm.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            where = [(b, pos, k, tok) for b, r in enumerate(batch) for k, pos, tok in r.targets]
+            bi = torch.tensor([w[0] for w in where], device=hidden.device)
+            pi = torch.tensor([w[1] for w in where], device=hidden.device)
+            logp = torch.log_softmax(lm.logits(hidden[bi, pi]).float(), dim=-1)
+            tok = torch.tensor([w[3] for w in where], device=logp.device)
+            picked = logp.gather(1, tok[:, None])[:, 0].double().cpu()
+            for (b, _, k, _), lp in zip(where, picked):
+                scores[batch[b].request][k] += lp
+            if sites and keep:
+                got = cap.take()
+                for j, b in enumerate(keep):
+                    acts[batch[b].request] = {s: got[s][j] for s in sites}  # type: ignore[index]
+            if on_batch and keep:
+                on_batch(len(keep))
+    return [Result(scores=s.float(), acts=a) for s, a in zip(scores, acts)]
+
+
+@contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def generate_reply(lm: LoadedModel, prompt: str, max_tokens: int, stop: str = "\n") -> str:
+    """Greedy continuation of ``prompt``, cut at the first ``stop`` (deterministic).
+
+    Args:
+        lm: The model.
+        prompt: Text so far (the episode up to an opened turn).
+        max_tokens: Most tokens to generate.
+        stop: The reply ends before this text.
+    """
+    tok = lm.tokenizer
+    enc = tok(prompt, return_tensors="pt").to(lm.device)
+    with torch.inference_mode(), _eval_mode(lm.model):
+        out = lm.model.generate(
+            **enc,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return text.split(stop)[0] if stop else text

