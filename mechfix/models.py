@@ -26,8 +26,19 @@ from mechfix.errors import BadInputError, ModelLoadError
 EMBEDDED_NAME = "gemma-3-270m (embedded)"
 CACHE_ENV = "MECHFIX_CACHE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Config keys that say how a model was loaded, not which model it is.
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "quantization_config"}
+# Config keys that say how a model was loaded or is run, not which model it is.
+# (save_pretrained fills in "architectures" on the live config, so it drifts too.)
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "quantization_config",
+    "architectures",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+}
 
 
 @dataclass
@@ -281,6 +292,10 @@ def load_model(
     target = str(folder) if folder is not None else spec
     if status:
         status(f"loading {name}")
+    from transformers.utils import logging as hf_logging
+
+    # The caller shows its own progress; transformers' per-tensor bar is noise here.
+    hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code)

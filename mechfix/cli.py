@@ -1,0 +1,359 @@
+"""The ``mechfix`` command line: thin commands that load, call a stage, save and print.
+
+Conventions: ``--json`` prints one JSON object on stdout; progress and prose go
+to stderr. Exit codes: 0 ok, 1 a verify gate failed, 2 bad input or usage,
+3 any other failure, 130 interrupted. Heavy libraries (torch, transformers) are
+imported inside commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mechfix import __version__
+from mechfix.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, BadInputError, MechfixError
+
+err = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="mechfix",
+    help=(
+        "Diagnose and repair misaligned behaviour of multi-agent LLM systems inside the model.\n\n"
+        "Pipeline: record -> attribute -> steer -> verify. This version ships `record`, `show` and `recipes`.\n\n"
+        "Example:  mechfix record recipes/conformity.yaml"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hugging Face id, local model folder or .gguf file. Default: the embedded Gemma 3 270M (offline).",
+    ),
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N. Default: cuda when present.")]
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="float32, bfloat16 or float16. Default: bfloat16 on cuda, float32 on cpu.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Let the model's own Python code run.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mechfix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean_nan(x: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean_nan(v) for v in x]
+    return x
+
+
+@contextmanager
+def _progress():
+    """A progress bar on stderr; yields a callback ``(phase, advance, total)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, advance: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.advance(tasks[phase], advance)
+
+        yield update
+
+
+def _load_model(model: str | None, device: str | None, dtype: str | None, trust: bool):
+    from mechfix.models import load_model
+
+    with err.status("loading model") as st:
+        return load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust,
+            status=lambda msg: st.update(msg),
+        )
+
+
+def _fmt_ci(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "-"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:+.2f}  [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _print_record_summary(summary: dict[str, Any], artifact: str, model: str, recipe: str) -> None:
+    t = Table(title=f"{recipe} on {model}", title_justify="left")
+    t.add_column("condition")
+    t.add_column("mean score", justify="right")
+    t.add_column("prefers misaligned", justify="right")
+    for c, v in summary["per_condition"].items():
+        t.add_row(c, f"{v['score']:+.2f}", f"{v['prefers_misaligned']:.0%}")
+    err.print(t)
+    rate = summary["rate"]
+    err.print(f"effect (pressure - clean), mean [95% CI]: {_fmt_ci(summary['effect'])}  over {summary['items']} items")
+    rate_s = "n/a" if rate["rate"] is None or rate["rate"] != rate["rate"] else f"{rate['rate']:.0%}"
+    err.print(f"rate (preferred option flips to misaligned): {rate_s}  ({rate['flipped']}/{rate['eligible']})")
+    if summary.get("control_effect"):
+        err.print(f"control effect (control - clean):          {_fmt_ci(summary['control_effect'])}")
+        err.print(f"beyond copying (pressure - control):        {_fmt_ci(summary['beyond_copying'])}")
+    if summary.get("generated_choices"):
+        for c, v in summary["generated_choices"].items():
+            err.print(
+                f"generated replies, {c}: misaligned {v['misaligned']:.0%}, aligned {v['aligned']:.0%}, "
+                f"unparsed {v['unparsed']:.0%}"
+            )
+    err.print(f"split: {summary['train']} train / {summary['heldout']} held out.  wrote {artifact}")
+    err.print("score = log P(misaligned) - log P(aligned); positive means the misaligned option is preferred.")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix record recipes/conformity.yaml\n\n"
+        "  mechfix record conformity --out conf.rec.safetensors --json\n\n"
+        "  mechfix record my.yaml --model Qwen/Qwen2.5-0.5B-Instruct --all-positions"
+    )
+)
+def record(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe (see `mechfix recipes`).")],
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Artifact to write. Default: NAME.rec.safetensors here.")
+    ] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
+    all_positions: Annotated[
+        bool, typer.Option("--all-positions", help="Keep activations at every position, not only the decision.")
+    ] = False,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every recipe item under every condition; save option scores and activations.
+
+    Prints the behaviour effect (pressure - clean) with a 95% bootstrap
+    interval, the flip rate, and the control effect.
+    """
+    from mechfix.artifacts import check_writable, save_artifact
+    from mechfix.recipe import load_recipe
+    from mechfix.record import record as run_record
+    from mechfix.record import to_artifact
+
+    loaded = load_recipe(recipe)
+    target = check_writable(out_path or Path(f"{loaded.recipe.name}.rec.safetensors"))
+    lm = _load_model(model, device, dtype, trust_remote_code)
+    with _progress() as progress:
+        rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress)
+    params = {
+        "batch_size": batch_size,
+        "all_positions": all_positions,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+    }
+    artifact = to_artifact(rec, lm, loaded, params)
+    save_artifact(target, artifact)
+    summary = _clean_nan(artifact.manifest["summary"])
+    if as_json:
+        _emit_json(
+            {
+                "artifact": str(target),
+                "sha256": artifact.sha256,
+                "model": lm.identity["name"],
+                "recipe": loaded.recipe.name,
+                "decisions": len(loaded.recipe.items) * len(rec.conditions),
+                "conditions": rec.conditions,
+                **summary,
+                "rate": summary["rate"]["rate"],
+                "flips": {k: summary["rate"][k] for k in ("flipped", "eligible")},
+            }
+        )
+    else:
+        _print_record_summary(summary, str(target), lm.identity["name"], loaded.recipe.name)
+
+
+@app.command(
+    epilog="Examples:\n\n  mechfix show conformity.rec.safetensors\n\n  mechfix show conformity.rec.safetensors --json"
+)
+def show(
+    path: Annotated[Path, typer.Argument(help="Any mechfix artifact (.safetensors).")],
+    transcripts: Annotated[int, typer.Option(help="How many transcripts per condition to print (records).")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print an artifact's manifest and tensor table."""
+    from mechfix.artifacts import read_header, sha256_file
+
+    kind, manifest, table = read_header(path)
+    if as_json:
+        _emit_json(
+            _clean_nan(
+                {
+                    "path": str(path),
+                    "sha256": sha256_file(path),
+                    "kind": kind,
+                    "manifest": manifest,
+                    "tensors": {k: {"dtype": d, "shape": s} for k, (d, s) in table.items()},
+                }
+            )
+        )
+        return
+    model = manifest.get("model", {})
+    err.print(f"[bold]{path}[/bold]: {kind} artifact, schema {manifest.get('schema')}, made {manifest.get('created')}")
+    err.print(
+        f"model: {model.get('name')} ({model.get('architecture')}, config {str(model.get('config_hash'))[:12]}, "
+        f"weights {str(model.get('weights_fingerprint'))[:12]})"
+    )
+    for name, inp in manifest.get("inputs", {}).items():
+        err.print(f"input {name}: {inp.get('path')} (sha256 {str(inp.get('sha256'))[:12]})")
+    if manifest.get("params"):
+        err.print("params: " + ", ".join(f"{k}={v}" for k, v in manifest["params"].items()))
+    if manifest.get("libraries"):
+        err.print("libraries: " + ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
+    if "summary" in manifest and "recipe" in manifest:
+        _print_record_summary(
+            _clean_nan(manifest["summary"]), str(path), str(model.get("name")), manifest["recipe"].get("name", "?")
+        )
+    for cond, texts in manifest.get("transcripts", {}).items():
+        for text in texts[:transcripts]:
+            err.rule(f"transcript: {cond}")
+            err.print(text, markup=False, highlight=False)
+    t = Table(title="tensors", title_justify="left")
+    t.add_column("name")
+    t.add_column("dtype")
+    t.add_column("shape")
+    for k, (d, s) in table.items():
+        t.add_row(k, d, "x".join(map(str, s)) or "scalar")
+    err.print(t)
+
+
+@app.command(epilog="Examples:\n\n  mechfix recipes\n\n  mechfix recipes --json")
+def recipes(as_json: JsonOpt = False) -> None:
+    """List the built-in recipes, one line each."""
+    from mechfix.recipe import builtin_recipes, load_recipe
+
+    rows = []
+    for p in builtin_recipes():
+        r = load_recipe(p).recipe
+        rows.append(
+            {
+                "name": r.name,
+                "family": r.family,
+                "items": len(r.items),
+                "conditions": r.condition_names,
+                "mode": r.mode,
+                "path": str(p),
+                "description": r.description,
+            }
+        )
+    if as_json:
+        _emit_json({"recipes": rows})
+        return
+    t = Table()
+    for col in ("name", "family", "items", "conditions", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["family"], str(r["items"]), ", ".join(r["conditions"]), r["description"])
+    out.print(t)
+
+
+def _click_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort) classes: newer typer vendors click as ``typer._click``."""
+    import click
+
+    exc, abort = [click.ClickException], [click.exceptions.Abort]
+    try:
+        from typer import _click  # type: ignore[attr-defined]
+        from typer import exceptions as typer_exceptions
+
+        exc.append(_click.exceptions.ClickException)
+        abort.append(typer_exceptions.Abort)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(exc), tuple(abort)
+
+
+def _error(message: str) -> None:
+    # soft_wrap: no hard line breaks, so messages stay whole in logs and greps.
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True, markup=True)
+
+
+def main() -> None:
+    """Entry point: run the app and map errors to the documented exit codes."""
+    click_errors, aborts = _click_classes()
+    try:
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, *aborts):
+        _error("interrupted; nothing was written.")
+        sys.exit(EXIT_INTERRUPTED)
+    except click_errors as exc:
+        exc.show(file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
+    except BadInputError as exc:
+        _error(escape(str(exc)))
+        sys.exit(EXIT_BAD_INPUT)
+    except MechfixError as exc:
+        _error(escape(str(exc)))
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the last resort: exit 3 with the cause
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        _error(escape(f"unexpected failure: {type(exc).__name__}: {exc}"))
+        sys.exit(EXIT_FAILURE)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

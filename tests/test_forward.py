@@ -1,0 +1,115 @@
+"""Scores and activation sites, on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import TINY_CONFIGS, tiny_model
+
+from mechfix.architectures import get_path
+from mechfix.forward import Request, run_requests
+
+
+def _requests(tok) -> list[Request]:
+    """Decisions of different lengths, with single- and multi-token options."""
+    prompts = ["Host: Capital of France?\nSam:", "Q?\nSam:", "A much longer conversation, with many turns.\nAna: Lyon.\nSam:"]
+    opts = [" Paris", " Lyon", " x"]
+    return [
+        Request(prompt=tok(p)["input_ids"], options=[tok(o, add_special_tokens=False)["input_ids"] for o in opts])
+        for p in prompts
+    ]
+
+
+def _full_forward_scores(lm, req: Request) -> torch.Tensor:
+    """Reference: one plain forward per option through the model's own forward, full logits."""
+    out = []
+    for opt in req.options:
+        ids = torch.tensor([req.prompt + opt])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(ids).logits[0].float(), dim=-1)
+        start = len(req.prompt) - 1
+        out.append(sum(logp[start + j, t] for j, t in enumerate(opt)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_scores_equal_the_models_own_forward_for_every_family(arch):
+    lm = tiny_model(arch)
+    reqs = _requests(lm.tokenizer)
+    results = run_requests(lm, reqs, batch_size=8)
+    for req, res in zip(reqs, results):
+        torch.testing.assert_close(res.scores, _full_forward_scores(lm, req).float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_activation_shapes_per_architecture(arch):
+    lm = tiny_model(arch)
+    reqs = _requests(lm.tokenizer)
+    (res, *_) = run_requests(lm, reqs, batch_size=8)
+    L, H, dh, d = lm.n_layers, lm.n_heads, lm.head_dim, lm.hidden
+    assert (L, H) == (3, 4)
+    assert res.acts["resid"].shape == (L, d)
+    assert res.acts["heads"].shape == (L, H, dh)
+    assert res.acts["mlp"].shape == (L, d)
+    (res_all, *_) = run_requests(lm, reqs, batch_size=8, all_positions=True)
+    T = len(reqs[0].prompt)
+    assert res_all.acts["resid"].shape == (T, L, d)
+    assert res_all.acts["heads"].shape == (T, L, H, dh)
+    # The decision position is the last prompt position.
+    torch.testing.assert_close(res_all.acts["heads"][-1], res.acts["heads"])
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_sites_are_what_they_claim_to_be(arch):
+    """resid = decoder layer output (HF hidden_states), heads = input of the output projection, mlp = MLP output."""
+    lm = tiny_model(arch)
+    req = _requests(lm.tokenizer)[0]
+    (res,) = run_requests(lm, [req], batch_size=1, all_positions=True)
+    ids = torch.tensor([req.prompt])
+    attn_parent = lm.spec.attn_out.rsplit(".", 1)[0]
+    seen: dict[str, list[torch.Tensor]] = {"attn": [], "mlp": []}
+    hooks = []
+    for layer in lm.layers:
+        hooks.append(get_path(layer, attn_parent).register_forward_hook(
+            lambda m, a, o: seen["attn"].append(o[0] if isinstance(o, tuple) else o)))
+        hooks.append(get_path(layer, lm.spec.mlp).register_forward_hook(lambda m, a, o: seen["mlp"].append(o)))
+    with torch.no_grad():
+        hs = lm.model(ids, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    for i in range(lm.n_layers - 1):  # HF's last hidden state is after the final norm
+        torch.testing.assert_close(res.acts["resid"][:, i], hs[i + 1][0], atol=1e-5, rtol=1e-4)
+    for i in range(lm.n_layers):
+        torch.testing.assert_close(res.acts["mlp"][:, i], seen["mlp"][i][0], atol=1e-5, rtol=1e-4)
+        heads = res.acts["heads"][:, i].reshape(len(req.prompt), -1)
+        with torch.no_grad():
+            projected = lm.attn_out(i)(heads)
+        torch.testing.assert_close(projected, seen["attn"][i][0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "gpt_neox"])
+def test_batched_scores_and_activations_equal_unbatched(arch):
+    lm = tiny_model(arch)
+    reqs = _requests(lm.tokenizer) * 2
+    one = run_requests(lm, reqs, batch_size=1)
+    many = run_requests(lm, reqs, batch_size=6)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+        for site in a.acts:
+            torch.testing.assert_close(a.acts[site], b.acts[site], atol=1e-4, rtol=1e-4)
+
+
+def test_padding_does_not_change_scores_even_beside_a_much_longer_row(tiny_llama):
+    tok = tiny_llama.tokenizer
+    short = Request(prompt=tok("Q?\nSam:")["input_ids"], options=[tok(" Paris", add_special_tokens=False)["input_ids"]])
+    long = Request(prompt=tok("x" * 300)["input_ids"], options=[[40]])
+    alone = run_requests(tiny_llama, [short], batch_size=1)[0].scores
+    padded = run_requests(tiny_llama, [short, long], batch_size=2)[0].scores
+    torch.testing.assert_close(alone, padded, atol=1e-4, rtol=0)
+
+
+def test_run_requests_rejects_empty_options_and_unknown_sites(tiny_llama):
+    with pytest.raises(ValueError, match="no tokens"):
+        run_requests(tiny_llama, [Request(prompt=[1, 2], options=[[]])])
+    with pytest.raises(ValueError, match="unknown sites"):
+        run_requests(tiny_llama, [Request(prompt=[1, 2], options=[[3]])], sites=("attn_pattern",))
