@@ -352,6 +352,9 @@ def main() -> None:
         traceback.print_exc(file=sys.stderr)
         _error(escape(f"unexpected failure: {type(exc).__name__}: {exc}"))
         sys.exit(EXIT_FAILURE)
+    if code == EXIT_INTERRUPTED:
+        # typer turns Ctrl-C into a plain exit code 130, so say it here.
+        _error("interrupted; nothing was written.")
     sys.exit(code if isinstance(code, int) else 0)
 
 

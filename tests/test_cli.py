@@ -99,3 +99,18 @@ def test_the_installed_entry_point_maps_bad_input_to_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "mechfix.cli", "record", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "was not found" in p.stderr and p.stdout == ""
+
+
+def test_an_interrupted_record_exits_130_and_leaves_no_artifact(monkeypatch, capsys, tmp_path, mini_recipe_path,
+                                                                 tiny_model_dir):
+    import mechfix.record
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mechfix.record, "record", interrupted)
+    out = tmp_path / "o.safetensors"
+    code, _, stderr = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tiny_model_dir),
+                          "--out", str(out))
+    assert code == 130 and "interrupted" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mini.yaml"]
