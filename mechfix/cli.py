@@ -134,7 +134,7 @@ def _fmt_ci(stat: dict[str, Any] | None) -> str:
     return f"{stat['mean']:+.2f}  [{lo:+.2f}, {hi:+.2f}]"
 
 
-def _print_record_summary(summary: dict[str, Any], artifact: str, model: str, recipe: str) -> None:
+def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
     t = Table(title=f"{recipe} on {model}", title_justify="left")
     t.add_column("condition")
     t.add_column("mean score", justify="right")
@@ -155,7 +155,7 @@ def _print_record_summary(summary: dict[str, Any], artifact: str, model: str, re
                 f"generated replies, {c}: misaligned {v['misaligned']:.0%}, aligned {v['aligned']:.0%}, "
                 f"unparsed {v['unparsed']:.0%}"
             )
-    err.print(f"split: {summary['train']} train / {summary['heldout']} held out.  wrote {artifact}")
+    err.print(f"split: {summary['train']} train / {summary['heldout']} held out." + (f"  wrote {wrote}" if wrote else ""))
     err.print("score = log P(misaligned) - log P(aligned); positive means the misaligned option is preferred.")
 
 
@@ -221,7 +221,7 @@ def record(
             }
         )
     else:
-        _print_record_summary(summary, str(target), lm.identity["name"], loaded.recipe.name)
+        _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
 
 
 @app.command(
@@ -262,9 +262,7 @@ def show(
     if manifest.get("libraries"):
         err.print("libraries: " + ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
     if "summary" in manifest and "recipe" in manifest:
-        _print_record_summary(
-            _clean_nan(manifest["summary"]), str(path), str(model.get("name")), manifest["recipe"].get("name", "?")
-        )
+        _print_record_summary(_clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
     for cond, texts in manifest.get("transcripts", {}).items():
         for text in texts[:transcripts]:
             err.rule(f"transcript: {cond}")

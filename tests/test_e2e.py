@@ -61,3 +61,14 @@ def test_batched_scores_equal_unbatched_on_the_embedded_model(gemma):
     many = run_requests(gemma, reqs, batch_size=12, sites=())
     for a, b in zip(one, many):
         torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+
+
+def test_a_gguf_path_is_the_same_model_as_the_default_and_reuses_its_conversion(gemma):
+    from mechfix.models import cache_dir, embedded_gguf, load_model
+
+    before = sorted((cache_dir() / "models").iterdir())
+    lm = load_model(str(embedded_gguf()))
+    assert sorted((cache_dir() / "models").iterdir()) == before  # no second conversion
+    assert lm.identity["source"] == str(embedded_gguf())
+    for key in ("architecture", "config_hash", "weights_fingerprint"):
+        assert lm.identity[key] == gemma.identity[key]
