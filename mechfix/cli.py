@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mechfix import __version__
-from mechfix.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, BadInputError, MechfixError
+from mechfix.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MechfixError
 
 err = Console(stderr=True)
 out = Console()
@@ -144,7 +144,7 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
     err.print(t)
     rate = summary["rate"]
     err.print(f"effect (pressure - clean), mean [95% CI]: {_fmt_ci(summary['effect'])}  over {summary['items']} items")
-    rate_s = "n/a" if rate["rate"] is None or rate["rate"] != rate["rate"] else f"{rate['rate']:.0%}"
+    rate_s = "n/a" if rate["rate"] is None else f"{rate['rate']:.0%}"  # None: NaN, nothing eligible
     err.print(f"rate (preferred option flips to misaligned): {rate_s}  ({rate['flipped']}/{rate['eligible']})")
     if summary.get("control_effect"):
         err.print(f"control effect (control - clean):          {_fmt_ci(summary['control_effect'])}")
@@ -338,10 +338,7 @@ def main() -> None:
     except click_errors as exc:
         exc.show(file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
-    except BadInputError as exc:
-        _error(escape(str(exc)))
-        sys.exit(EXIT_BAD_INPUT)
-    except MechfixError as exc:
+    except MechfixError as exc:  # BadInputError and its kinds carry exit code 2
         _error(escape(str(exc)))
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last resort: exit 3 with the cause

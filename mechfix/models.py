@@ -287,7 +287,7 @@ def load_model(
                     "save_pretrained, a .gguf file, or a Hugging Face id."
                 )
             folder = p
-        elif spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", os.sep, 1).split(os.sep, 1)[-1]:
+        elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a hub id is "org/name"
             raise ModelLoadError(f"model path '{spec}' does not exist. Check the path, or leave out --model for the embedded default.")
         else:
             folder = None  # a hub id

@@ -232,7 +232,9 @@ def _describe(err: dict, filename: str, lines: dict[tuple, int]) -> str:
     if kind == "missing":
         parent = _dotted(loc[:-1])
         return f"{where}: '{loc[-1]}' is required but missing under {parent}. Add it."
-    return f"{where}: {key}: {err['msg']} (got {err.get('input')!r}). Fix the value."
+    got = repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{where}: {key}: {err['msg']} (got {got}). Fix the value."
 
 
 # --------------------------------------------------------------------------- items

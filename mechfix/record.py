@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,7 +66,6 @@ class Recording:
     all_positions: bool = False
     replies: dict[str, list[str]] | None = None
     choices: dict[str, list[int]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_items(n: int, heldout: float, seed: int) -> torch.Tensor:
@@ -96,23 +95,19 @@ def parse_choice(reply: str, options: list[str]) -> int:
     return best
 
 
-def _render_all(
-    lm: LoadedModel, recipe: Recipe, on_step: Callable[[int], None] | None
-) -> tuple[dict[str, list[Episode]], int]:
+def _render_all(lm: LoadedModel, recipe: Recipe, on_step: Callable[[int], None] | None) -> dict[str, list[Episode]]:
     """Render every episode; in generate mode let the model write the unscripted turns."""
     episodes: dict[str, list[Episode]] = {c: [] for c in recipe.condition_names}
-    generated_turns = 0
     for c in recipe.condition_names:
         for i in range(len(recipe.items)):
             ep = render_episode(recipe, i, c)
             while (t := pending_turn(recipe, ep)) is not None:
                 reply = generate_reply(lm, ep.text, recipe.turns[t].max_tokens)
                 ep = render_episode(recipe, i, c, {**ep.generated, t: reply.strip()})
-                generated_turns += 1
             episodes[c].append(ep)
             if on_step:
                 on_step(1)
-    return episodes, generated_turns
+    return episodes
 
 
 def record(
@@ -145,7 +140,7 @@ def record(
         return (lambda k: on_progress(phase, k, total)) if on_progress else None
 
     render_step = step("generating turns", n * len(conditions)) if recipe.mode == "generate" else None
-    episodes, _ = _render_all(lm, recipe, render_step)
+    episodes = _render_all(lm, recipe, render_step)
     tokens = {c: [tokenize_episode(lm.tokenizer, ep, speakers) for ep in episodes[c]] for c in conditions}
     requests = [
         Request(prompt=tk.ids, options=[option_ids(lm.tokenizer, o) for o in ep.options])
