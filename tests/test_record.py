@@ -92,3 +92,11 @@ def test_parse_choice_takes_the_first_whole_word_option():
     assert parse_choice("I'd say lyon, not Paris.", opts) == 1
     assert parse_choice("Parisian? No: Paris.", opts) == 0
     assert parse_choice("no idea", opts) == -1
+
+
+def test_the_manifest_keeps_conditions_in_recipe_order(tiny_llama, tmp_path):
+    loaded = _loaded()
+    rec = record(tiny_llama, loaded.recipe, batch_size=8, sites=())
+    save_artifact(tmp_path / "r.safetensors", to_artifact(rec, tiny_llama, loaded, {}))
+    m = load_artifact(tmp_path / "r.safetensors").manifest
+    assert list(m["transcripts"]) == list(m["summary"]["per_condition"]) == ["pressure", "clean", "control"]
