@@ -115,7 +115,8 @@ def save_artifact(path: str | Path, artifact: Artifact) -> str:
     metadata_ = {
         _META_KIND: artifact.kind,
         _META_SCHEMA: str(SCHEMA_VERSION),
-        _META_MANIFEST: json.dumps(artifact.manifest, allow_nan=False)  # keep order: pressure first,
+        # Unsorted: insertion order keeps conditions as pressure, clean, control.
+        _META_MANIFEST: json.dumps(artifact.manifest, allow_nan=False),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
