@@ -176,11 +176,12 @@ def _compose_lines(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
     return data, lines
 
 
-def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+def _where(filename: str, lines: dict[tuple, int], loc: tuple) -> str:
+    """``"FILE, line N"`` for the deepest part of ``loc`` that has a line, else ``"FILE"``."""
     for cut in range(len(loc), -1, -1):
         if loc[:cut] in lines:
-            return lines[loc[:cut]]
-    return None
+            return f"{filename}, line {lines[loc[:cut]]}"
+    return filename
 
 
 def _dotted(loc: tuple) -> str:
@@ -221,8 +222,7 @@ def _model_in(ann: Any) -> Any:
 
 def _describe(err: dict, filename: str, lines: dict[tuple, int]) -> str:
     loc = tuple(err["loc"])
-    line = _line_of(lines, loc)
-    where = f"{filename}, line {line}" if line else filename
+    where = _where(filename, lines, loc)
     key = _dotted(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -303,9 +303,7 @@ def _normalise_items(raw: list, source: str) -> list[dict[str, str]]:
 
 def _check_semantics(r: Recipe, filename: str, lines: dict[tuple, int]) -> None:
     def fail(loc: tuple, msg: str) -> None:
-        line = _line_of(lines, loc)
-        where = f"{filename}, line {line}" if line else filename
-        raise RecipeError(f"{where}: {msg}")
+        raise RecipeError(f"{_where(filename, lines, loc)}: {msg}")
 
     names = [a.name for a in r.agents]
     for i, name in enumerate(names):
