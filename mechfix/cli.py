@@ -30,7 +30,7 @@ app = typer.Typer(
     name="mechfix",
     help=(
         "Diagnose and repair misaligned behaviour of multi-agent LLM systems inside the model.\n\n"
-        "Pipeline: record -> attribute -> steer -> verify. This version ships `record`, `show` and `recipes`.\n\n"
+        "Pipeline: record -> attribute -> steer -> verify. This version ships `record`, `attribute`, `show` and `recipes`.\n\n"
         "Example:  mechfix record recipes/conformity.yaml"
     ),
     no_args_is_help=True,
@@ -224,6 +224,158 @@ def record(
         _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
 
 
+def _default_attr_path(recording: Path) -> Path:
+    name = recording.name
+    stem = name[: -len(".rec.safetensors")] if name.endswith(".rec.safetensors") else recording.stem
+    return Path(f"{stem}.attr.safetensors")
+
+
+def _fmt_effect(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{value:+.2f}"
+
+
+def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
+    total = summary["total_effect"]
+    method = {"atp": "attribution patching", "exact": "exact patching", "both": "attribution patching, top confirmed exactly"}
+    t = Table(
+        title=f"{recipe} on {model}: top components ({method[summary['method']]}, restoring {summary['baseline']})",
+        title_justify="left",
+    )
+    t.add_column("#", justify="right")
+    t.add_column("component")
+    t.add_column("estimate [95% CI]", justify="right")
+    t.add_column("exact [95% CI]", justify="right")
+    t.add_column("share", justify="right")
+    for i, e in enumerate(summary["top"], 1):
+        share = "-" if e.get("share") is None else f"{e['share']:.0%}"
+        name = e["component"] + (" [yellow]![/yellow]" if e.get("flag") else "")
+        t.add_row(str(i), name, _fmt_effect(e["atp"], e["atp_ci95"]), _fmt_effect(e["exact"], e["exact_ci95"]), share)
+    err.print(t)
+    err.print(
+        f"behaviour to explain (pressure - {summary['baseline']}): {_fmt_ci(total)} over {summary['decisions']} "
+        "training decisions"
+    )
+    err.print("effect = how much of the score goes away when the component is restored at the decision position.")
+    if summary.get("opposing"):
+        err.print("strongest opposing: " + ", ".join(f"{o['component']} {o['effect']:+.2f}" for o in summary["opposing"]))
+    spoken = [e for e in summary["top"] if e.get("speakers")][:5]
+    if spoken:
+        err.print("who carries it (per-speaker split of each top head's estimate, largest first):")
+        for e in spoken:
+            parts = sorted(e["speakers"].items(), key=lambda kv: -abs(kv[1]))[:4]
+            err.print(f"  {e['component']}: " + ", ".join(f"{k} {v:+.2f}" for k, v in parts))
+    agree = summary.get("agreement")
+    if agree:
+        rho = "n/a" if agree["spearman"] is None else f"{agree['spearman']:.2f}"
+        err.print(
+            f"estimate vs exact over the top {agree['k']}: Spearman {rho}, top-5 overlap "
+            f"{agree['top5_overlap']}/{agree['top5_of']}"
+        )
+    resid = [(r["layer"], r["resid_exact"] if r["resid_exact"] is not None else r["resid_atp"]) for r in summary["layers"]]
+    if resid and all(v is not None for _, v in resid):
+        kind = "exact" if summary["layers"][0]["resid_exact"] is not None else "estimate"
+        err.print(f"residual stream by layer ({kind}): " + " ".join(f"L{layer} {v:+.1f}" for layer, v in resid))
+    for w in summary.get("warnings", []):
+        err.print(f"[yellow]![/yellow] {escape(w)}", soft_wrap=True)
+    for note in (summary.get("speakers_note"), summary["positions"]["note"]):
+        if note:
+            err.print(f"note: {escape(note)}", soft_wrap=True)
+    if wrote:
+        err.print(f"wrote {wrote}")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix attribute conformity.rec.safetensors\n\n"
+        "  mechfix attribute conformity.rec.safetensors --out conf.attr.safetensors --plot heads.png\n\n"
+        "  mechfix attribute conformity.rec.safetensors --method exact --baseline control --json"
+    )
+)
+def attribute(
+    recording: Annotated[Path, typer.Argument(help="A record artifact (from `mechfix record`).")],
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Artifact to write. Default: NAME.attr.safetensors here.")
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Components to list and (with --method both) patch exactly.")] = 10,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="atp: estimate every component (one forward + one backward); exact: patch every component; "
+            "both: estimate all, confirm the top exactly."
+        ),
+    ] = "both",
+    baseline: Annotated[
+        str, typer.Option(help="Condition restored into the pressure run: clean, or control (what is social beyond copying).")
+    ] = "clean",
+    plot: Annotated[Path | None, typer.Option(help="Also write a layers x heads heatmap (.png, .pdf or .svg).")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Decisions per forward pass.")] = 16,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank attention heads and MLPs by their causal share of the recorded behaviour.
+
+    Uses the training split only. Re-opens the recorded model (or --model,
+    which must be the same model) and refuses a recording of another model.
+    """
+    from mechfix.artifacts import check_same_model, check_writable, load_artifact, save_artifact
+    from mechfix.attribute import METHODS
+    from mechfix.attribute import attribute as run_attribute
+    from mechfix.attribute import to_artifact
+    from mechfix.errors import BadInputError
+
+    if method not in METHODS:
+        raise BadInputError(f"--method must be one of {', '.join(METHODS)}, not '{method}'.")
+    rec = load_artifact(recording, expect="record")
+    conditions = rec.manifest.get("conditions", [])
+    if baseline not in conditions or baseline == "pressure":
+        raise BadInputError(
+            f"--baseline '{baseline}' is not a condition of '{recording}' other than pressure "
+            f"(it has {', '.join(conditions)}). Use clean or control."
+        )
+    target = check_writable(out_path or _default_attr_path(recording))
+    if plot is not None:
+        check_writable(plot)
+        if plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise BadInputError(f"--plot '{plot}' needs a .png, .pdf or .svg suffix.")
+    spec = model if model is not None else rec.manifest.get("model", {}).get("source")
+    lm = _load_model(spec, device, dtype, trust_remote_code)
+    check_same_model(rec.manifest, lm.identity, recording)
+    with _progress() as progress:
+        att = run_attribute(lm, rec, method=method, top=top, baseline=baseline, batch_size=batch_size, on_progress=progress)
+    params = {
+        "method": method,
+        "top": top,
+        "baseline": baseline,
+        "batch_size": batch_size,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+    }
+    artifact = to_artifact(att, lm, rec, params, top=top)
+    save_artifact(target, artifact)
+    summary = _clean_nan(artifact.manifest["summary"])
+    recipe_name = str(artifact.manifest.get("recipe"))
+    if plot is not None:
+        from mechfix.plot import heatmap
+
+        heatmap(
+            artifact.tensors,
+            plot,
+            title=f"{recipe_name} on {lm.identity['name']}: effect of restoring {baseline}",
+            label="score removed (nats)",
+        )
+    if as_json:
+        _emit_json({"artifact": str(target), "sha256": artifact.sha256, "model": lm.identity["name"],
+                    "recipe": recipe_name, "plot": str(plot) if plot else None, **summary})
+    else:
+        _print_attribution(summary, lm.identity["name"], recipe_name, wrote=str(target) + (f" and {plot}" if plot else ""))
+
+
 @app.command(
     epilog="Examples:\n\n  mechfix show conformity.rec.safetensors\n\n  mechfix show conformity.rec.safetensors --json"
 )
@@ -261,7 +413,9 @@ def show(
         err.print("params: " + ", ".join(f"{k}={v}" for k, v in manifest["params"].items()))
     if manifest.get("libraries"):
         err.print("libraries: " + ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
-    if "summary" in manifest and "recipe" in manifest:
+    if kind == "attribution" and "summary" in manifest:
+        _print_attribution(_clean_nan(manifest["summary"]), str(model.get("name")), str(manifest.get("recipe")))
+    elif "summary" in manifest and "recipe" in manifest:
         _print_record_summary(_clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
     for cond, texts in manifest.get("transcripts", {}).items():
         for text in texts[:transcripts]:

@@ -93,11 +93,22 @@ class LoadedModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output-head logits for final hidden states ``[..., d]`` (soft-capped where the family does)."""
-        out = self.model.get_output_embeddings()(hidden.contiguous())
+        return self._softcap(self.model.get_output_embeddings()(hidden.contiguous()))
+
+    def token_logits(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of chosen tokens only: ``hidden [R, d]``, ``tokens [R, k]`` to ``[R, k]``.
+
+        Uses k rows of the output head instead of all of them (soft-capped like :meth:`logits`).
+        """
+        head = self.model.get_output_embeddings()
+        out = torch.einsum("rd,rkd->rk", hidden, head.weight[tokens])
+        if getattr(head, "bias", None) is not None:
+            out = out + head.bias[tokens]
+        return self._softcap(out)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(self.model.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
-        if cap:
-            out = torch.tanh(out / cap) * cap
-        return out
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def cache_dir() -> Path:

@@ -16,6 +16,32 @@ def decision_scores(option_scores: torch.Tensor) -> torch.Tensor:
     return option_scores[:, MISALIGNED] - option_scores[:, ALIGNED]
 
 
+def bootstrap_ci_columns(
+    values: Any, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of the mean of every column of ``[N, C]`` values.
+
+    All columns share one set of resamples (decisions are resampled, not
+    components), so the intervals of different components are comparable.
+
+    Returns:
+        (low ``[C]``, high ``[C]``); both equal the value when N is 1, NaN when N is 0.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(0, 1)
+    if x.shape[0] == 0:
+        nan = np.full(x.shape[1], np.nan)
+        return nan, nan.copy()
+    if x.shape[0] == 1:
+        return x[0].copy(), x[0].copy()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+    means = x[idx].mean(axis=1)  # [n_boot, C]
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
+    return lo, hi
+
+
 def bootstrap_ci(values: Any, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean.
 
@@ -28,16 +54,30 @@ def bootstrap_ci(values: Any, *, n_boot: int = 2000, seed: int = 0, level: float
     Returns:
         (low, high); both equal the value for a single decision, NaN for none.
     """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if x.size == 0:
-        return (float("nan"), float("nan"))
-    if x.size == 1:
-        return (float(x[0]), float(x[0]))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return (float(lo), float(hi))
+    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
+    lo, hi = bootstrap_ci_columns(x, n_boot=n_boot, seed=seed, level=level)
+    return (float(lo[0]), float(hi[0]))
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than two values or a constant side."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size < 2:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size)
+    ranks[order] = np.arange(x.size, dtype=np.float64)
+    for v in np.unique(x):  # ties share their average rank
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
 
 
 def mean_ci(values: Any, seed: int = 0) -> dict[str, Any]:

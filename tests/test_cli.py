@@ -89,7 +89,7 @@ def test_usage_errors_exit_2_and_help_shows_examples(monkeypatch, capsys):
     assert code == 2
     code, stdout, _ = run(monkeypatch, capsys, "record", "--help")
     assert code == 0 and "mechfix record recipes/conformity.yaml" in stdout
-    for cmd in ("show", "recipes"):
+    for cmd in ("show", "recipes", "attribute"):
         code, stdout, _ = run(monkeypatch, capsys, cmd, "--help")
         assert code == 0 and f"mechfix {cmd}" in stdout
 
@@ -114,3 +114,63 @@ def test_an_interrupted_record_exits_130_and_leaves_no_artifact(monkeypatch, cap
                           "--out", str(out))
     assert code == 130 and "interrupted" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mini.yaml"]
+
+
+@pytest.fixture()
+def mini_recording(monkeypatch, capsys, tmp_path, mini_recipe_path, tiny_model_dir):
+    rec = tmp_path / "mini.rec.safetensors"
+    code, _, _ = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tiny_model_dir), "--out", str(rec))
+    assert code == 0
+    return rec
+
+
+def test_attribute_json_has_the_promised_keys_and_writes_artifact_and_plot(monkeypatch, capsys, tmp_path, mini_recording):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run(monkeypatch, capsys, "attribute", str(mini_recording), "--top", "4", "--plot", "heat.png",
+                          "--json")
+    assert code == 0
+    obj = json.loads(stdout)
+    assert obj["artifact"] == "mini.attr.safetensors" and (tmp_path / "mini.attr.safetensors").is_file()
+    assert obj["method"] == "both" and len(obj["top"]) == 4
+    for entry in obj["top"]:
+        assert {"component", "atp", "exact", "speakers"} <= set(entry)
+        assert entry["component"].startswith("L")
+    assert set(obj["agreement"]) >= {"spearman", "top5_overlap"}
+    assert (tmp_path / "heat.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, stderr = run(monkeypatch, capsys, "show", "mini.attr.safetensors")
+    assert code == 0 and "attribution artifact" in stderr and "top components" in stderr
+
+
+def test_attribute_refuses_a_recording_of_another_model(monkeypatch, capsys, tmp_path, mini_recording):
+    from tiny import tiny_model
+
+    other = tmp_path / "other"
+    lm = tiny_model("llama", seed=1)
+    lm.model.save_pretrained(other)
+    lm.tokenizer.save_pretrained(other)
+    out = tmp_path / "a.attr.safetensors"
+    code, stdout, stderr = run(monkeypatch, capsys, "attribute", str(mini_recording), "--model", str(other),
+                               "--out", str(out))
+    assert code == 2 and stdout == ""
+    assert "record again with this model" in " ".join(stderr.split())
+    assert not out.exists()
+
+
+def test_attribute_rejects_bad_input_with_exit_2_and_writes_nothing(monkeypatch, capsys, tmp_path, mini_recording):
+    out = tmp_path / "a.attr.safetensors"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, says in (
+        (["--method", "fast"], "--method must be one of"),
+        (["--baseline", "calm"], "is not a condition"),
+        (["--plot", str(tmp_path / "heat.jpg")], "needs a .png"),
+    ):
+        code, _, stderr = run(monkeypatch, capsys, "attribute", str(mini_recording), "--out", str(out), *args)
+        assert code == 2 and says in " ".join(stderr.split())
+    code, _, stderr = run(monkeypatch, capsys, "attribute", str(tmp_path / "missing.rec.safetensors"), "--out", str(out))
+    assert code == 2 and "does not exist" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # An attribution is not a recording.
+    code, _, _ = run(monkeypatch, capsys, "attribute", str(mini_recording), "--out", str(out), "--method", "atp")
+    assert code == 0
+    code, _, stderr = run(monkeypatch, capsys, "attribute", str(out), "--out", str(tmp_path / "b.safetensors"))
+    assert code == 2 and "needs a record artifact" in " ".join(stderr.split())

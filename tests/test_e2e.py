@@ -72,3 +72,57 @@ def test_a_gguf_path_is_the_same_model_as_the_default_and_reuses_its_conversion(
     assert lm.identity["source"] == str(embedded_gguf())
     for key in ("architecture", "config_hash", "weights_fingerprint"):
         assert lm.identity[key] == gemma.identity[key]
+
+
+@pytest.fixture(scope="module")
+def conformity_recording(gemma, tmp_path_factory):
+    from mechfix.artifacts import load_artifact, save_artifact
+    from mechfix.recipe import load_recipe
+    from mechfix.record import record, to_artifact
+
+    loaded = load_recipe("conformity")
+    path = tmp_path_factory.mktemp("conf") / "conformity.rec.safetensors"
+    save_artifact(path, to_artifact(record(gemma, loaded.recipe), gemma, loaded, {}))
+    return load_artifact(path, expect="record")
+
+
+def test_attribute_on_the_embedded_model_agrees_with_exact_patching(monkeypatch, capsys, tmp_path, conformity_recording):
+    out, plot = tmp_path / "conf.attr.safetensors", tmp_path / "heat.png"
+    monkeypatch.setattr(sys, "argv", ["mechfix", "attribute", conformity_recording.path, "--out", str(out),
+                                      "--plot", str(plot), "--json"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["decisions"] == 16 and obj["total_effect"]["mean"] > 1
+    assert obj["agreement"]["top5_overlap"] >= 4
+    first = obj["top"][0]
+    assert first["atp"] > 0 and first["exact"] > 0 and first["speakers"]
+    assert plot.stat().st_size > 10_000 and out.is_file()
+
+
+def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemma, conformity_recording):
+    from mechfix.attribute import Component, attribute, decisions_from_record
+
+    att = attribute(gemma, conformity_recording, method="exact", batch_size=8)
+    dec = decisions_from_record(conformity_recording, gemma.tokenizer, ["pressure", "clean"])
+    comp = max(att.exact, key=lambda c: float(att.exact[c].mean()) if c.kind == "heads" else -1e9)
+    item, prompt, options = dec.items[0], dec.prompts["pressure"][0], dec.options["pressure"][0]
+    value = conformity_recording.tensors["acts/clean/heads"][item, comp.layer, comp.head]
+    pos = len(prompt) - 1
+
+    def put(m, a):
+        x = a[0].clone()
+        x.view(*x.shape[:2], gemma.n_heads, gemma.head_dim)[0, pos, comp.head] = value
+        return (x, *a[1:])
+
+    handle = gemma.attn_out(comp.layer).register_forward_pre_hook(put)
+    try:
+        total = 0.0
+        for sign, opt in ((-1, options[0]), (1, options[1])):
+            with torch.no_grad():
+                logp = torch.log_softmax(gemma.model(torch.tensor([prompt + opt])).logits[0].float(), -1)
+            total += sign * sum(float(logp[pos + j, t]) for j, t in enumerate(opt))
+    finally:
+        handle.remove()
+    assert comp.kind == "heads" and abs(float(att.pressure[0]) - total - float(att.exact[comp][0])) < 1e-3

@@ -1,0 +1,595 @@
+"""The attribute stage: which heads and layers carry the behaviour.
+
+The metric is the pressure run's decision score, log P(misaligned) − log
+P(aligned). A component's *effect* is how much of it goes away when the
+component's activation at the decision position is restored from the baseline
+run (``clean``, or ``control``) into the pressure run:
+``effect = score(pressure) − score(pressure with the component restored)``.
+Positive means the component carries the behaviour.
+
+- Attribution patching (``atp``) estimates every effect at once, to first
+  order: ``(pressure − baseline activation) · ∂score/∂activation``.
+- Exact patching (``exact``) runs the patched model. Both run on cached
+  prefixes (:mod:`mechfix.patching`): a patched decision costs a few tokens.
+- Per-speaker split of a head's effect: the head's output at the decision
+  position is a sum over the tokens it attends to, ``Σ_j a_j v_j``; projected
+  on the gradient and grouped by who spoke token j, the pressure run's terms
+  minus the baseline run's terms add up to the head's estimated effect.
+
+Only the training split is used (the held-out split belongs to verify).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechfix.artifacts import Artifact, new_manifest
+from mechfix.episodes import option_ids
+from mechfix.errors import BadInputError
+from mechfix.forward import Request, run_requests
+from mechfix.models import LoadedModel
+from mechfix.patching import Patch, Prefixes, Tail, decision_grads, encode_prefixes, full_pass, run_tails, tails_for
+from mechfix.stats import bootstrap_ci_columns, mean_ci, spearman
+
+METHODS = ("atp", "exact", "both")
+KINDS = ("heads", "attn", "mlp", "resid")
+# Site each component kind patches; "attn" is every head of a layer at once.
+_SITE = {"heads": "heads", "attn": "heads", "mlp": "mlp", "resid": "resid"}
+# Estimate and exact value disagree "by a large factor" beyond this ratio.
+DISAGREE_FACTOR = 3.0
+# Tails per patched pass are capped so the copied caches stay within this many bytes.
+_TAIL_CACHE_BUDGET = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class Component:
+    """A model component: ``kind`` in :data:`KINDS`, its layer, and its head (heads only)."""
+
+    kind: str
+    layer: int
+    head: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}.H{self.head}" if self.kind == "heads" else f"L{self.layer}.{self.kind}"
+
+
+@dataclass
+class Decisions:
+    """The training decisions of a recording, per condition.
+
+    Attributes:
+        items: Item index of each decision.
+        prompts: Condition to token ids per decision.
+        speakers: Condition to the speaker index of every prompt token.
+        options: Condition to ``[aligned ids, misaligned ids]`` per decision.
+        recorded: Condition to the recorded decision score per decision.
+        speaker_names: Names that speaker indices refer to.
+    """
+
+    items: list[int]
+    prompts: dict[str, list[list[int]]]
+    speakers: dict[str, list[list[int]]]
+    options: dict[str, list[list[list[int]]]]
+    recorded: dict[str, torch.Tensor]
+    speaker_names: list[str]
+
+
+@dataclass
+class Attribution:
+    """Everything attribute measured, per training decision.
+
+    Attributes:
+        method: ``atp``, ``exact`` or ``both``.
+        baseline: The condition restored into the pressure run.
+        items: Item index of each decision.
+        speaker_names: Speaker names (``<frame>`` first).
+        pressure: ``[N]`` pressure decision scores (recomputed).
+        base: ``[N]`` baseline decision scores (recomputed).
+        atp: Kind to per-decision estimates (``heads [N, L, H]``, others ``[N, L]``).
+        exact: Component to per-decision exact effects ``[N]``.
+        speakers: ``[N, L, H, S]`` per-speaker split of each head's estimated effect,
+            or None when the architecture does not allow it.
+        speaker_note: Why ``speakers`` is None.
+        positions: Per-position estimates when the conditions are token-aligned, else None.
+        position_note: Whether per-position attribution ran, and why not.
+    """
+
+    method: str
+    baseline: str
+    items: list[int]
+    speaker_names: list[str]
+    pressure: torch.Tensor
+    base: torch.Tensor
+    atp: dict[str, torch.Tensor]
+    exact: dict[Component, torch.Tensor] = field(default_factory=dict)
+    speakers: torch.Tensor | None = None
+    speaker_note: str | None = None
+    positions: dict[str, torch.Tensor] | None = None
+    position_note: str = ""
+
+    @property
+    def total(self) -> torch.Tensor:
+        """``[N]`` behaviour per decision: pressure minus baseline score."""
+        return self.pressure - self.base
+
+
+def decisions_from_record(rec: Artifact, tokenizer, conditions: Sequence[str], split: int = 0) -> Decisions:
+    """The decisions of one split of a record artifact, for the given conditions.
+
+    Raises:
+        BadInputError: When a condition is missing or the split is empty.
+    """
+    man = rec.manifest
+    for c in conditions:
+        if f"tokens/{c}" not in rec.tensors:
+            raise BadInputError(
+                f"recording '{rec.path}' has no '{c}' condition (it has {', '.join(man.get('conditions', []))}). "
+                "Add it to the recipe and record again, or choose another --baseline."
+            )
+    items = [int(i) for i in torch.nonzero(rec.tensors["split"] == split).flatten()]
+    if not items:
+        raise BadInputError(
+            f"recording '{rec.path}' has no {'training' if split == 0 else 'held-out'} decisions; "
+            "lower split.heldout in the recipe or add items, then record again."
+        )
+    prompts, speakers, options, recorded = {}, {}, {}, {}
+    for c in conditions:
+        lengths = rec.tensors[f"lengths/{c}"]
+        prompts[c] = [rec.tensors[f"tokens/{c}"][i, : lengths[i]].tolist() for i in items]
+        speakers[c] = [rec.tensors[f"speakers/{c}"][i, : lengths[i]].tolist() for i in items]
+        texts = man["option_texts"][c]
+        options[c] = [[option_ids(tokenizer, texts[i][k]) for k in (0, 1)] for i in items]
+        scores = rec.tensors[f"scores/{c}"]
+        recorded[c] = (scores[items, 1] - scores[items, 0]).float()
+    return Decisions(items, prompts, speakers, options, recorded, list(man.get("speakers", [])))
+
+
+def all_components(n_layers: int, n_heads: int, kinds: Sequence[str] = KINDS) -> list[Component]:
+    """Every component of the given kinds, layer by layer."""
+    out = []
+    for layer in range(n_layers):
+        for kind in kinds:
+            if kind == "heads":
+                out += [Component("heads", layer, h) for h in range(n_heads)]
+            else:
+                out.append(Component(kind, layer))
+    return out
+
+
+def ranked(att: Attribution, lm_shape: tuple[int, int]) -> list[tuple[Component, float]]:
+    """Heads and MLPs by mean effect, largest first (the estimate, or exact when only exact ran)."""
+    n_layers, n_heads = lm_shape
+    comps = all_components(n_layers, n_heads, ("heads", "mlp"))
+    if att.method == "exact":
+        vals = [float(att.exact[c].mean()) for c in comps]
+    else:
+        mean_h = att.atp["heads"].mean(0)
+        mean_m = att.atp["mlp"].mean(0)
+        vals = [float(mean_h[c.layer, c.head]) if c.kind == "heads" else float(mean_m[c.layer]) for c in comps]
+    order = sorted(range(len(comps)), key=lambda i: -vals[i])
+    return [(comps[i], vals[i]) for i in order]
+
+
+@dataclass
+class _Batch:
+    rows: list[int]  # decision indices
+    prefixes: Prefixes
+    tails: list[Tail]
+    base_acts: dict[str, torch.Tensor]  # site -> [n, L, ...] per decision
+
+
+def _decision_of_rows(tails: Sequence[Tail]) -> torch.Tensor:
+    return torch.tensor([t.prefix for t in tails], dtype=torch.long)
+
+
+def _per_decision(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum row values ``[R, ...]`` into their decisions ``[n, ...]``."""
+    return torch.zeros((n, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add(0, owner.to(x.device), x)
+
+
+def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Index of each decision's first row (every row of a decision has the same decision position)."""
+    return torch.tensor([int(torch.nonzero(owner == j)[0]) for j in range(n)], dtype=torch.long)
+
+
+def _speaker_terms(attention, grads_heads: torch.Tensor, speakers: list[list[int]], n_speakers: int, first: torch.Tensor):
+    """Per decision, layer, head and speaker: Σ over that speaker's tokens of a_j (v_j · g).
+
+    Returns:
+        (terms ``[n, L, H, S]``, reconstruction ``[n, L, H, dh]`` = Σ_j a_j v_j).
+    """
+    n = len(speakers)
+    terms, recon = [], []
+    for w, v, token in attention:
+        w, v, token = w[first], v[first], token[first]  # [n, H, K], [n, KV, K, dh], [n, K]
+        n_heads = w.shape[1]
+        v = v.repeat_interleave(n_heads // v.shape[1], dim=1).to(grads_heads.device)  # [n, H, K, dh]
+        recon.append(torch.einsum("nhk,nhkd->nhd", w.to(v.device), v))
+        g = grads_heads[:, len(terms)]  # [n, H, dh]
+        contrib = w.to(v.device) * torch.einsum("nhkd,nhd->nhk", v, g)  # [n, H, K]
+        who = torch.full(token.shape, -1, dtype=torch.long)
+        for j in range(n):
+            valid = (token[j] >= 0) & (token[j] < len(speakers[j]))  # later tail tokens get no weight here
+            who[j, valid] = torch.tensor(speakers[j], dtype=torch.long)[token[j, valid]]
+        out = torch.zeros((n, n_heads, n_speakers + 1), dtype=contrib.dtype, device=contrib.device)
+        idx = torch.where(who >= 0, who, torch.full_like(who, n_speakers)).to(contrib.device)  # padding -> spare slot
+        out.scatter_add_(2, idx[:, None, :].expand_as(contrib), contrib)
+        terms.append(out[..., :n_speakers])
+    return torch.stack(terms, dim=1).cpu(), torch.stack(recon, dim=1).cpu()
+
+
+def attribute(
+    lm: LoadedModel,
+    rec: Artifact,
+    *,
+    method: str = "both",
+    top: int = 10,
+    baseline: str = "clean",
+    batch_size: int = 16,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> Attribution:
+    """Run the attribute stage on the training split of a recording.
+
+    Args:
+        lm: The model the recording was made with.
+        rec: A record artifact.
+        method: ``atp`` (estimate every component), ``exact`` (patch every
+            component), or ``both`` (estimate every component, patch the top ``top``
+            and every layer's residual stream).
+        top: How many top-ranked components ``both`` patches exactly.
+        baseline: The condition whose activations are restored (``clean`` or ``control``).
+        batch_size: Decisions per prefix batch.
+        on_progress: Called as ``(phase, advance, total)``.
+
+    Returns:
+        The attribution, per training decision.
+    """
+    if method not in METHODS:
+        raise BadInputError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+    if baseline == "pressure":
+        raise BadInputError("the baseline must differ from the pressure condition; use clean or control.")
+    dec = decisions_from_record(rec, lm.tokenizer, ["pressure", baseline])
+    n = len(dec.items)
+    n_layers, n_heads = lm.n_layers, lm.n_heads
+    n_speakers = len(dec.speaker_names)
+
+    def progress(phase: str, total: int) -> Callable[[int], None]:
+        return (lambda k: on_progress(phase, k, total)) if on_progress else (lambda k: None)
+
+    step = progress("attribution patching", n)
+    pressure, base = torch.zeros(n), torch.zeros(n)
+    atp: dict[str, list[torch.Tensor]] = {k: [] for k in KINDS}
+    speaker_parts: list[torch.Tensor] = []
+    speaker_note: str | None = None
+    batches: list[_Batch] = []
+    for lo in range(0, n, batch_size):
+        rows = list(range(lo, min(n, lo + batch_size)))
+        m = len(rows)
+        out = {}
+        for cond in (baseline, "pressure"):
+            prompts = [dec.prompts[cond][j] for j in rows]
+            pre = encode_prefixes(lm, prompts)
+            tails = [t for b, j in enumerate(rows) for t in tails_for(dec.prompts[cond][j], dec.options[cond][j], b)]
+            res = run_tails(lm, pre, tails, grad=cond == "pressure", attention=True)
+            owner = _decision_of_rows(tails)
+            out[cond] = (pre, tails, res, owner, _first_rows(owner, m))
+        pre_p, tails_p, res_p, owner_p, first_p = out["pressure"]
+        _, tails_b, res_b, owner_b, first_b = out[baseline]
+        pressure[rows] = _per_decision(res_p.scores.detach().float().cpu(), owner_p, m)
+        base[rows] = _per_decision(res_b.scores.float().cpu(), owner_b, m)
+        grads = {s: _per_decision(g.cpu(), owner_p, m) for s, g in decision_grads(res_p).items()}
+        acts_p = {s: a.cpu()[first_p] for s, a in res_p.acts.items()}
+        acts_b = {s: a.cpu()[first_b] for s, a in res_b.acts.items()}
+        diff = {s: acts_p[s] - acts_b[s] for s in acts_p}  # restoring the baseline removes this
+        heads_effect = (diff["heads"] * grads["heads"]).sum(-1)  # [m, L, H]
+        atp["heads"].append(heads_effect)
+        atp["attn"].append(heads_effect.sum(-1))  # the output projection is linear: heads add up
+        atp["mlp"].append((diff["mlp"] * grads["mlp"]).sum(-1))
+        atp["resid"].append((diff["resid"] * grads["resid"]).sum(-1))
+        terms_p, recon_p = _speaker_terms(res_p.attention, grads["heads"], [dec.speakers["pressure"][j] for j in rows], n_speakers, first_p)
+        terms_b, recon_b = _speaker_terms(res_b.attention, grads["heads"], [dec.speakers[baseline][j] for j in rows], n_speakers, first_b)
+        scale = acts_p["heads"].abs().amax().clamp(min=1e-6)
+        if max((recon_p - acts_p["heads"]).abs().amax(), (recon_b - acts_b["heads"]).abs().amax()) > 1e-3 * scale:
+            speaker_note = (
+                "per-speaker split unavailable: this architecture's attention output is not a weighted sum of "
+                "its cached values"
+            )
+        speaker_parts.append(terms_p - terms_b)
+        if method != "atp":
+            batches.append(_Batch(rows, pre_p, tails_p, acts_b))
+        step(m)
+    att = Attribution(
+        method=method,
+        baseline=baseline,
+        items=dec.items,
+        speaker_names=dec.speaker_names,
+        pressure=pressure,
+        base=base,
+        atp={k: torch.cat(v) for k, v in atp.items()} if method != "exact" else {},
+        speakers=None if speaker_note else torch.cat(speaker_parts),
+        speaker_note=speaker_note,
+    )
+    if method != "atp":
+        if method == "exact":
+            units = all_components(n_layers, n_heads)
+        else:
+            # The top of the ranking, and every layer's residual stream (where
+            # the information sits; steer picks its layers from it).
+            top_units = [c for c, _ in ranked(att, (n_layers, n_heads))[:top]]
+            units = top_units + [c for c in all_components(n_layers, n_heads, ("resid",)) if c not in top_units]
+        att.exact = exact_effects(lm, batches, units, pressure, progress("exact patching", n))
+    att.positions, att.position_note = per_position(lm, dec, baseline, batch_size=max(1, batch_size // 4))
+    return att
+
+
+def exact_effects(
+    lm: LoadedModel,
+    batches: Sequence[_Batch],
+    units: Sequence[Component],
+    pressure: torch.Tensor,
+    step: Callable[[int], None] = lambda k: None,
+) -> dict[Component, torch.Tensor]:
+    """Exact effect of restoring each unit, per decision: pressure score minus patched score.
+
+    Every (decision, unit) pair reruns only that decision's tail on its cached prefix.
+    """
+    effects = {u: torch.zeros(len(pressure)) for u in units}
+    for batch in batches:
+        owner = _decision_of_rows(batch.tails)
+        per_decision_rows = [torch.nonzero(owner == b).flatten().tolist() for b in range(len(batch.rows))]
+        jobs = [(b, u) for b in range(len(batch.rows)) for u in units]  # one patched decision each
+        rows_per_job = max(1, max(len(r) for r in per_decision_rows))
+        chunk = max(1, min(1024, _TAIL_CACHE_BUDGET // max(1, batch.prefixes.row_bytes() * rows_per_job)))
+        for lo in range(0, len(jobs), chunk):
+            part = jobs[lo : lo + chunk]
+            tails: list[Tail] = []
+            owners: list[int] = []
+            groups: dict[tuple[str, int, bool], list[tuple[int, torch.Tensor, int | None]]] = {}
+            for jid, (b, u) in enumerate(part):
+                value = batch.base_acts[_SITE[u.kind]][b, u.layer]
+                if u.kind == "heads":
+                    value = value[u.head]
+                for r in per_decision_rows[b]:
+                    groups.setdefault((_SITE[u.kind], u.layer, u.kind == "heads"), []).append((len(tails), value, u.head))
+                    tails.append(batch.tails[r])
+                    owners.append(jid)
+            patches = [
+                Patch(
+                    site=site,
+                    layer=layer,
+                    rows=torch.tensor([g[0] for g in items]),
+                    values=torch.stack([g[1] for g in items]),
+                    heads=torch.tensor([g[2] for g in items]) if one_head else None,
+                )
+                for (site, layer, one_head), items in groups.items()
+            ]
+            res = run_tails(lm, batch.prefixes, tails, patches=patches, sites=())
+            patched = _per_decision(res.scores.float().cpu(), torch.tensor(owners), len(part))
+            for jid, (b, u) in enumerate(part):
+                j = batch.rows[b]
+                effects[u][j] = pressure[j] - patched[jid]
+        step(len(batch.rows))
+    return effects
+
+
+def per_position(lm: LoadedModel, dec: Decisions, baseline: str, batch_size: int = 4) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Attribution patching at every prompt position, when pressure and baseline are token-aligned.
+
+    Returns:
+        (tensors or None, a note saying what ran). Tensors: ``heads [N, T, L, H]``,
+        ``mlp``/``resid`` ``[N, T, L]``, ``lengths [N]``, ``speakers [N, T]`` (padded with 0 / -1).
+    """
+    press, base = dec.prompts["pressure"], dec.prompts[baseline]
+    misaligned = sum(1 for a, b in zip(press, base) if len(a) != len(b))
+    if misaligned:
+        return None, (
+            f"pressure and {baseline} are not token-aligned ({misaligned} of {len(press)} training decisions differ "
+            "in length), so attribution is at the decision position only. Conditions that swap words of equal "
+            "token length instead of adding turns give per-position maps."
+        )
+    n = len(press)
+    width = max(len(p) for p in press)
+    out = {
+        "heads": torch.zeros((n, width, lm.n_layers, lm.n_heads)),
+        "mlp": torch.zeros((n, width, lm.n_layers)),
+        "resid": torch.zeros((n, width, lm.n_layers)),
+    }
+    base_results = run_requests(
+        lm, [Request(base[j], dec.options[baseline][j]) for j in range(n)], batch_size=batch_size, all_positions=True
+    )
+    for lo in range(0, n, batch_size):
+        rows = list(range(lo, min(n, lo + batch_size)))
+        tails = []
+        for b, j in enumerate(rows):
+            for t in tails_for(press[j], dec.options["pressure"][j], b):
+                # A full row: the whole prompt, then the tail's option tokens.
+                shift = len(press[j]) - 1
+                tails.append(Tail(b, press[j][:-1] + t.ids, 0, [(s, p + shift, tok) for s, p, tok in t.targets]))
+        res = full_pass(lm, tails)
+        grads = decision_grads(res, position=None)  # site -> [R, L, T, ...]
+        owner = _decision_of_rows(tails)
+        for b, j in enumerate(rows):
+            mine = torch.nonzero(owner == b).flatten()
+            t_len = len(press[j])
+            for site in ("heads", "mlp", "resid"):
+                g = grads[site][mine][:, :, :t_len].sum(0).cpu()  # [L, T, ...]
+                act_p = torch.stack([x[int(mine[0]), :t_len].detach().float().cpu() for x in res.live[site]])
+                if site == "heads":
+                    act_p = act_p.reshape(*act_p.shape[:2], lm.n_heads, lm.head_dim)
+                act_b = base_results[j].acts[site].transpose(0, 1)  # [L, T, ...]
+                eff = ((act_p - act_b) * g).sum(-1)  # [L, T, (H)]
+                out[site][j, :t_len] = eff.transpose(0, 1)
+    out["lengths"] = torch.tensor([len(p) for p in press], dtype=torch.int32)
+    spk = torch.full((n, width), -1, dtype=torch.int16)
+    for j, s in enumerate(dec.speakers["pressure"]):
+        spk[j, : len(s)] = torch.tensor(s, dtype=torch.int16)
+    out["speakers"] = spk
+    return out, f"pressure and {baseline} are token-aligned: attribution ran at every position."
+
+
+def _stat(x: torch.Tensor, lo: float, hi: float) -> dict[str, Any]:
+    return {"mean": float(x.mean()), "ci95": [float(lo), float(hi)]}
+
+
+def summarize(att: Attribution, shape: tuple[int, int], top: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Ranking, intervals, agreement, per-speaker shares and warnings, as plain data.
+
+    Args:
+        att: The attribution.
+        shape: ``(layers, heads)``.
+        top: How many components the ``top`` list holds.
+        seed: Bootstrap seed.
+    """
+    n_layers, n_heads = shape
+    total = mean_ci(att.total.numpy(), seed)
+    full_ranking = ranked(att, shape)
+    comps = [c for c, _ in full_ranking[:top]]
+    # The components that push the other way most (restoring them increases the score).
+    opposing = [{"component": c.name, "effect": v} for c, v in reversed(full_ranking[-3:]) if v < 0]
+
+    def per_decision(kind_source: str, c: Component) -> torch.Tensor | None:
+        if kind_source == "exact":
+            return att.exact.get(c)
+        if not att.atp:
+            return None
+        x = att.atp[c.kind]
+        return x[:, c.layer, c.head] if c.kind == "heads" else x[:, c.layer]
+
+    def stats_for(source: str, cs: Sequence[Component]) -> list[dict[str, Any] | None]:
+        cols = [per_decision(source, c) for c in cs]
+        have = [x for x in cols if x is not None]
+        if not have:
+            return [None] * len(cs)
+        lo, hi = bootstrap_ci_columns(torch.stack(have, 1).numpy(), seed=seed)
+        it = iter(zip(lo, hi))
+        return [None if x is None else _stat(x, *next(it)) for x in cols]
+
+    atp_stats, exact_stats = stats_for("atp", comps), stats_for("exact", comps)
+    denom = total["mean"] if abs(total["mean"]) > 1e-9 else float("nan")
+    top_list = []
+    for c, a, e in zip(comps, atp_stats, exact_stats):
+        entry: dict[str, Any] = {
+            "component": c.name,
+            "kind": c.kind,
+            "layer": c.layer,
+            "head": c.head,
+            "atp": a["mean"] if a else None,
+            "atp_ci95": a["ci95"] if a else None,
+            "exact": e["mean"] if e else None,
+            "exact_ci95": e["ci95"] if e else None,
+            "share": (e or a)["mean"] / denom if (e or a) else None,
+            "speakers": None,
+            "flag": _flag(a["mean"] if a else None, e["mean"] if e else None, total["mean"]),
+        }
+        if c.kind == "heads" and att.speakers is not None:
+            split = att.speakers[:, c.layer, c.head].mean(0)
+            entry["speakers"] = {name: float(v) for name, v in zip(att.speaker_names, split) if abs(float(v)) > 0}
+        top_list.append(entry)
+    both = [(t["atp"], t["exact"]) for t in top_list if t["atp"] is not None and t["exact"] is not None]
+    agreement = None
+    if both:
+        a, e = np.array([x[0] for x in both]), np.array([x[1] for x in both])
+        k5 = min(5, len(both))
+        agreement = {
+            "k": len(both),
+            "spearman": spearman(a, e),
+            "top5_overlap": len(set(np.argsort(-a)[:k5]) & set(np.argsort(-e)[:k5])),
+            "top5_of": k5,
+        }
+    layers = []
+    for layer in range(n_layers):
+        row: dict[str, Any] = {"layer": layer}
+        for kind in ("attn", "mlp", "resid"):
+            c = Component(kind, layer)
+            a = per_decision("atp", c)
+            e = per_decision("exact", c)
+            row[f"{kind}_atp"] = float(a.mean()) if a is not None else None
+            row[f"{kind}_exact"] = float(e.mean()) if e is not None else None
+        layers.append(row)
+    return {
+        "method": att.method,
+        "baseline": att.baseline,
+        "decisions": len(att.items),
+        "items": att.items,
+        "total_effect": total,
+        "top": top_list,
+        "agreement": agreement,
+        "opposing": opposing,
+        "layers": layers,
+        "speakers_note": att.speaker_note,
+        "positions": {"aligned": att.positions is not None, "note": att.position_note},
+        "warnings": [f"{t['component']}: {t['flag']}" for t in top_list if t["flag"]],
+    }
+
+
+def _flag(atp: float | None, exact: float | None, total: float) -> str | None:
+    """Say when the estimate and the exact value disagree in sign or by a large factor."""
+    if atp is None or exact is None:
+        return None
+    floor = 0.02 * abs(total)  # differences among tiny effects are noise, not disagreement
+    if max(abs(atp), abs(exact)) < floor:
+        return None
+    if atp * exact < 0 and min(abs(atp), abs(exact)) >= floor:
+        return "estimate and exact effect differ in sign (saturated attention or cancellation)"
+    small, big = sorted((abs(atp), abs(exact)))
+    if small < floor or big / small > DISAGREE_FACTOR:
+        which = "over" if abs(atp) > abs(exact) else "under"
+        return f"the estimate {which}states the exact effect by more than {DISAGREE_FACTOR:g}x (saturated attention or cancellation)"
+    return None
+
+
+def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[str, Any], top: int = 10) -> Artifact:
+    """Pack an attribution into an ``attribution`` artifact.
+
+    Tensors: ``heads [L, H]``, ``attn``/``mlp``/``resid`` ``[L]`` (mean effect by the
+    ranking method), their ``*_ci95`` (``[..., 2]``), ``speakers [L, H, S]`` (mean
+    per-speaker split), ``per_decision/atp/KIND``, ``exact/values [U, N]`` for the
+    components listed in the manifest's ``exact_components``, ``scores/pressure``,
+    ``scores/baseline``, ``items``, and ``positions/*`` when the conditions are token-aligned.
+    """
+    shape = (lm.n_layers, lm.n_heads)
+    summary = summarize(att, shape, top=top, seed=int(rec.manifest.get("seed", 0) or 0))
+    tensors: dict[str, torch.Tensor] = {
+        "items": torch.tensor(att.items, dtype=torch.int32),
+        "scores/pressure": att.pressure.float(),
+        "scores/baseline": att.base.float(),
+    }
+    for kind in KINDS:
+        if att.method == "exact":
+            per = torch.stack([att.exact[c] for c in all_components(*shape, (kind,))], 1)
+            per = per.reshape(len(att.items), *((shape[0], shape[1]) if kind == "heads" else (shape[0],)))
+        else:
+            per = att.atp[kind]
+            tensors[f"per_decision/atp/{kind}"] = per.float()
+        lo, hi = bootstrap_ci_columns(per.reshape(per.shape[0], -1).numpy(), seed=0)
+        tensors[kind] = per.mean(0).float()
+        tensors[f"{kind}_ci95"] = torch.from_numpy(np.stack([lo, hi], -1)).float().reshape(*per.shape[1:], 2)
+    if att.speakers is not None:
+        tensors["speakers"] = att.speakers.mean(0).float()
+    units = list(att.exact)
+    if units:
+        tensors["exact/values"] = torch.stack([att.exact[u] for u in units]).float()
+    if att.positions is not None:
+        for k, v in att.positions.items():
+            tensors[f"positions/{k}"] = v
+    manifest = new_manifest(
+        "attribution",
+        model=lm.identity,
+        inputs={"record": {"path": rec.path, "sha256": rec.sha256}},
+        recipe=rec.manifest.get("recipe", {}).get("name"),
+        params=params,
+        seed=rec.manifest.get("seed"),
+        speakers=att.speaker_names,
+        exact_components=[u.name for u in units],
+        shape={"layers": shape[0], "heads": shape[1]},
+        metric="score = log P(misaligned) - log P(aligned) under pressure; effect = score drop when the "
+        f"component's decision-position activation is restored from {att.baseline}",
+        summary=summary,
+    )
+    return Artifact(kind="attribution", manifest=manifest, tensors=tensors)
