@@ -471,7 +471,10 @@ def summarize(att: Attribution, shape: tuple[int, int], top: int = 10, seed: int
         return [None if x is None else _stat(x, *next(it)) for x in cols]
 
     atp_stats, exact_stats = stats_for("atp", comps), stats_for("exact", comps)
-    denom = total["mean"] if abs(total["mean"]) > 1e-9 else float("nan")
+    # A share of a behaviour that is not there is meaningless: only divide when
+    # the total's interval excludes zero.
+    lo, hi = total["ci95"]
+    denom = total["mean"] if (lo > 0 or hi < 0) else float("nan")
     top_list = []
     for c, a, e in zip(comps, atp_stats, exact_stats):
         entry: dict[str, Any] = {
@@ -483,7 +486,7 @@ def summarize(att: Attribution, shape: tuple[int, int], top: int = 10, seed: int
             "atp_ci95": a["ci95"] if a else None,
             "exact": e["mean"] if e else None,
             "exact_ci95": e["ci95"] if e else None,
-            "share": (e or a)["mean"] / denom if (e or a) else None,
+            "share": (e or a)["mean"] / denom if (e or a) and np.isfinite(denom) else None,
             "speakers": None,
             "flag": _flag(a["mean"] if a else None, e["mean"] if e else None, total["mean"]),
         }
@@ -524,7 +527,15 @@ def summarize(att: Attribution, shape: tuple[int, int], top: int = 10, seed: int
         "layers": layers,
         "speakers_note": att.speaker_note,
         "positions": {"aligned": att.positions is not None, "note": att.position_note},
-        "warnings": [f"{t['component']}: {t['flag']}" for t in top_list if t["flag"]],
+        "warnings": [f"{t['component']}: {t['flag']}" for t in top_list if t["flag"]]
+        + (
+            []
+            if np.isfinite(denom)
+            else [
+                f"the behaviour to explain (pressure - {att.baseline}) is not distinguishable from zero on the "
+                "training split, so shares are not given and the ranking says little"
+            ]
+        ),
     }
 
 

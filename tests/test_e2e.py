@@ -102,7 +102,7 @@ def test_attribute_on_the_embedded_model_agrees_with_exact_patching(monkeypatch,
 
 
 def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemma, conformity_recording):
-    from mechfix.attribute import Component, attribute, decisions_from_record
+    from mechfix.attribute import attribute, decisions_from_record
 
     att = attribute(gemma, conformity_recording, method="exact", batch_size=8)
     dec = decisions_from_record(conformity_recording, gemma.tokenizer, ["pressure", "clean"])
