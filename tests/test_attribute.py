@@ -173,13 +173,18 @@ def _naive_patched_score(lm, prompt, options, site, layer, head, value):
         mod = lm.layers[layer] if site == "resid" else lm.mlp(layer)
         h = mod.register_forward_hook(lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o))
     try:
-        total = 0.0
-        for sign, opt in ((-1, options[0]), (1, options[1])):
-            with torch.no_grad():
-                logp = torch.log_softmax(lm.model(torch.tensor([prompt + opt])).logits[0].float(), -1)
-            total += sign * sum(float(logp[pos + j, t]) for j, t in enumerate(opt))
+        return _full_score(lm, prompt, options)
     finally:
         h.remove()
+
+
+def _full_score(lm, prompt, options) -> float:
+    """Reference decision score: the model's own forward of each option, full log-softmax."""
+    total = 0.0
+    for sign, opt in ((-1, options[0]), (1, options[1])):
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(torch.tensor([prompt + opt])).logits[0].float(), -1)
+        total += sign * sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(opt))
     return total
 
 
@@ -207,13 +212,8 @@ def test_tails_on_cached_prefixes_score_like_the_full_model_for_every_family(arc
     tails = [t for i, p in enumerate(prompts) for t in tails_for(p, options, i)]
     res = run_tails(lm, pre, tails, attention=True)
     for i, p in enumerate(prompts):
-        total = 0.0
-        for sign, opt in ((-1, options[0]), (1, options[1])):
-            with torch.no_grad():
-                logp = torch.log_softmax(lm.model(torch.tensor([p + opt])).logits[0].float(), -1)
-            total += sign * sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(opt))
         got = float(res.scores[[k for k, t in enumerate(tails) if t.prefix == i]].sum())
-        assert abs(got - total) < 1e-4
+        assert abs(got - _full_score(lm, p, options)) < 1e-4
     # The decision position's attention, applied to the values it saw, gives the heads' output.
     for layer, (w, v, _) in enumerate(res.attention):
         v = v.repeat_interleave(w.shape[1] // v.shape[1], dim=1)

@@ -102,6 +102,8 @@ def test_attribute_on_the_embedded_model_agrees_with_exact_patching(monkeypatch,
 
 
 def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemma, conformity_recording):
+    from test_attribute import _naive_patched_score
+
     from mechfix.attribute import attribute, decisions_from_record
 
     att = attribute(gemma, conformity_recording, method="exact", batch_size=8)
@@ -109,20 +111,5 @@ def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemm
     comp = max(att.exact, key=lambda c: float(att.exact[c].mean()) if c.kind == "heads" else -1e9)
     item, prompt, options = dec.items[0], dec.prompts["pressure"][0], dec.options["pressure"][0]
     value = conformity_recording.tensors["acts/clean/heads"][item, comp.layer, comp.head]
-    pos = len(prompt) - 1
-
-    def put(m, a):
-        x = a[0].clone()
-        x.view(*x.shape[:2], gemma.n_heads, gemma.head_dim)[0, pos, comp.head] = value
-        return (x, *a[1:])
-
-    handle = gemma.attn_out(comp.layer).register_forward_pre_hook(put)
-    try:
-        total = 0.0
-        for sign, opt in ((-1, options[0]), (1, options[1])):
-            with torch.no_grad():
-                logp = torch.log_softmax(gemma.model(torch.tensor([prompt + opt])).logits[0].float(), -1)
-            total += sign * sum(float(logp[pos + j, t]) for j, t in enumerate(opt))
-    finally:
-        handle.remove()
+    total = _naive_patched_score(gemma, prompt, options, "heads", comp.layer, comp.head, value)
     assert comp.kind == "heads" and abs(float(att.pressure[0]) - total - float(att.exact[comp][0])) < 1e-3
