@@ -98,6 +98,13 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def publish_mode(path: str | Path) -> None:
+    """Give a finished temporary file the permissions a plain ``open()`` would (mkstemp makes it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_artifact(path: str | Path, artifact: Artifact) -> str:
     """Write an artifact atomically and return the file's sha256.
 
@@ -126,6 +133,7 @@ def save_artifact(path: str | Path, artifact: Artifact) -> str:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
+        publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         # Reached with the temp file still there only when something failed

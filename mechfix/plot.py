@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mechfix.artifacts import publish_mode
+
 
 def heatmap(tensors: dict[str, torch.Tensor], path: str | Path, title: str, label: str) -> Path:
     """Write the attribution heatmap to ``path`` (format from its suffix: png, pdf, svg), atomically.
@@ -56,6 +58,7 @@ def heatmap(tensors: dict[str, torch.Tensor], path: str | Path, title: str, labe
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=130)
+        publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

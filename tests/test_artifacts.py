@@ -90,3 +90,13 @@ def test_an_artifact_from_another_model_is_refused():
     check_same_model(manifest, dict(IDENTITY, name="a local copy"), "a.safetensors")
     with pytest.raises(ArtifactError, match="weights fingerprints differ.*--model"):
         check_same_model(manifest, dict(IDENTITY, weights_fingerprint="w2"), "a.safetensors")
+
+
+def test_a_saved_artifact_gets_ordinary_file_permissions(tmp_path):
+    import os
+
+    path = tmp_path / "a.safetensors"
+    save_artifact(path, Artifact(kind="record", manifest=new_manifest("record"), tensors={"x": torch.zeros(2)}))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
