@@ -565,7 +565,8 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
     ``scores/baseline``, ``items``, and ``positions/*`` when the conditions are token-aligned.
     """
     shape = (lm.n_layers, lm.n_heads)
-    summary = summarize(att, shape, top=top, seed=int(rec.manifest.get("seed", 0) or 0))
+    seed = int(rec.manifest.get("seed", 0) or 0)
+    summary = summarize(att, shape, top=top, seed=seed)
     tensors: dict[str, torch.Tensor] = {
         "items": torch.tensor(att.items, dtype=torch.int32),
         "scores/pressure": att.pressure.float(),
@@ -578,7 +579,7 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
         else:
             per = att.atp[kind]
             tensors[f"per_decision/atp/{kind}"] = per.float()
-        lo, hi = bootstrap_ci_columns(per.reshape(per.shape[0], -1).numpy(), seed=0)
+        lo, hi = bootstrap_ci_columns(per.reshape(per.shape[0], -1).numpy(), seed=seed)  # as in the summary
         tensors[kind] = per.mean(0).float()
         tensors[f"{kind}_ci95"] = torch.from_numpy(np.stack([lo, hi], -1)).float().reshape(*per.shape[1:], 2)
     if att.speakers is not None:

@@ -268,3 +268,7 @@ def test_attribution_artifact_round_trips_with_its_provenance(tiny_llama, tmp_pa
     assert len(top) == 3 and all(t["exact"] is not None for t in top)
     assert [t["atp"] for t in top] == sorted((t["atp"] for t in top), reverse=True)
     assert back.manifest["exact_components"][:3] == [t["component"] for t in top]
+    # The intervals in the tensors are the ones the summary reports.
+    first = next(t for t in top if t["kind"] == "heads")
+    ci = back.tensors["heads_ci95"][first["layer"], first["head"]].tolist()
+    assert ci == pytest.approx(first["atp_ci95"], abs=1e-5)
