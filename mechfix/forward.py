@@ -146,6 +146,23 @@ class _Capture:
         return out
 
 
+def pad_batch(lm: LoadedModel, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of sequences padded to one width (on the right, or on the left).
+
+    Returns:
+        (ids ``[B, T]``, mask ``[B, T]``), both long, on the CPU.
+    """
+    width = max(len(x) for x in seqs)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, x in enumerate(seqs):
+        span = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[b, span] = torch.tensor(list(x), dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
+
+
 def run_requests(
     lm: LoadedModel,
     requests: Sequence[Request],
@@ -178,17 +195,11 @@ def run_requests(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     scores = [torch.zeros(len(r.options), dtype=torch.float64) for r in requests]
     acts: list[dict[str, torch.Tensor]] = [{} for _ in requests]
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = lm.device
     with torch.inference_mode(), _Capture(lm, sites) as cap:
         for start in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[start : start + batch_size]]
-            width = max(len(r.ids) for r in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, r in enumerate(batch):
-                ids[b, : len(r.ids)] = torch.tensor(r.ids)
-                mask[b, : len(r.ids)] = 1
+            ids, mask = pad_batch(lm, [r.ids for r in batch])
             keep = [b for b, r in enumerate(batch) if r.capture]
             cap.rows = torch.tensor(keep, dtype=torch.long)
             plen = [len(requests[batch[b].request].prompt) for b in keep]

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mechfix.forward import SITES
+from mechfix.forward import SITES, pad_batch
 from mechfix.models import LoadedModel
 
 
@@ -144,13 +144,7 @@ def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefix
     if min(lengths) < 1:
         raise ValueError("a prompt needs at least two tokens (a prefix and the decision token)")
     width = max(lengths)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        n = lengths[b]
-        ids[b, width - n :] = torch.tensor(list(p[:-1]))
-        mask[b, width - n :] = 1
+    ids, mask = pad_batch(lm, [p[:-1] for p in prompts], left=True)
     position = (mask.cumsum(1) - 1).clamp(min=0)
     dev = lm.device
     with torch.inference_mode(False), torch.no_grad():
@@ -305,15 +299,8 @@ def run_tails(
     """
     dev = lm.device
     rows = torch.tensor([t.prefix for t in tails], dtype=torch.long)
-    width = max(len(t.ids) for t in tails)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(tails), width), pad, dtype=torch.long)
-    tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
-    position = torch.zeros((len(tails), width), dtype=torch.long)
-    for r, t in enumerate(tails):
-        ids[r, : len(t.ids)] = torch.tensor(t.ids)
-        tail_mask[r, : len(t.ids)] = 1
-        position[r] = t.start + torch.arange(width)
+    ids, tail_mask = pad_batch(lm, [t.ids for t in tails])
+    position = torch.tensor([t.start for t in tails])[:, None] + torch.arange(ids.shape[1])[None, :]
     mask = torch.cat([prefixes.mask[rows], tail_mask], dim=1)
     cache = _select_cache(prefixes.cache, rows)
     before = [(layer.keys.shape[-2], layer.values) for layer in cache.layers] if attention else None
@@ -400,13 +387,7 @@ def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITE
     gradients at every position are needed (per-position attribution).
     """
     dev = lm.device
-    width = max(len(t.ids) for t in rows)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, t in enumerate(rows):
-        ids[r, : len(t.ids)] = torch.tensor(t.ids)
-        mask[r, : len(t.ids)] = 1
+    ids, mask = pad_batch(lm, [t.ids for t in rows])
     hooks = _TailHooks(lm, sites, (), keep_graph=True)
     with torch.inference_mode(False), torch.enable_grad(), hooks:
         out = lm.backbone(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
