@@ -7,7 +7,7 @@ module, ``attn_out`` and ``mlp`` are from one decoder layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mechfix.errors import ModelLoadError
 
@@ -26,6 +26,8 @@ class ArchSpec:
         head_dim: Config keys that may hold the head width (else hidden / heads).
         hidden: Config keys that may hold the residual width.
         logit_softcap: Config key of a final logit soft-cap (Gemma 2/3), if any.
+        gguf_arch: The family's name in llama.cpp (``general.architecture`` of its
+            GGUF files), written as a control vector's ``model_hint``.
     """
 
     backbone: str
@@ -36,27 +38,29 @@ class ArchSpec:
     head_dim: tuple[str, ...] = ("head_dim",)
     hidden: tuple[str, ...] = ("hidden_size",)
     logit_softcap: str | None = None
+    gguf_arch: str | None = None
 
 
-_LLAMA_LIKE = ArchSpec(backbone="model", layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp")
+_LLAMA_LIKE = ArchSpec(backbone="model", layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp", gguf_arch="llama")
 _GEMMA = ArchSpec(
     backbone="model",
     layers="model.layers",
     attn_out="self_attn.o_proj",
     mlp="mlp",
     logit_softcap="final_logit_softcapping",
+    gguf_arch="gemma",
 )
 
 # Keyed by ``config.model_type``.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _GEMMA,
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
+    "gemma2": replace(_GEMMA, gguf_arch="gemma2"),
+    "gemma3_text": replace(_GEMMA, gguf_arch="gemma3"),
     "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,  # llama.cpp runs Mistral as "llama"
+    "qwen2": replace(_LLAMA_LIKE, gguf_arch="qwen2"),
+    "qwen3": replace(_LLAMA_LIKE, gguf_arch="qwen3"),
+    "phi3": replace(_LLAMA_LIKE, gguf_arch="phi3"),
     "gpt2": ArchSpec(
         backbone="transformer",
         layers="transformer.h",
@@ -65,12 +69,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         n_heads=("n_head",),
         head_dim=(),
         hidden=("n_embd",),
+        gguf_arch="gpt2",
     ),
     "gpt_neox": ArchSpec(
         backbone="gpt_neox",
         layers="gpt_neox.layers",
         attn_out="attention.dense",
         mlp="mlp",
+        gguf_arch="gptneox",
     ),
 }
 

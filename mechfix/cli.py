@@ -8,6 +8,7 @@ imported inside commands so that ``--help`` is instant.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -30,8 +31,8 @@ app = typer.Typer(
     name="mechfix",
     help=(
         "Diagnose and repair misaligned behaviour of multi-agent LLM systems inside the model.\n\n"
-        "Pipeline: record -> attribute -> steer -> verify. This version ships `record`, `attribute`, `show` and `recipes`.\n\n"
-        "Example:  mechfix record recipes/conformity.yaml"
+        "Pipeline: record -> attribute -> steer -> verify; `run` chains all four.\n\n"
+        "Example:  mechfix run recipes/conformity.yaml --out conformity/"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -187,24 +188,13 @@ def record(
     Prints the behaviour effect (pressure - clean) with a 95% bootstrap
     interval, the flip rate, and the control effect.
     """
-    from mechfix.artifacts import check_writable, save_artifact
+    from mechfix.artifacts import check_writable
     from mechfix.recipe import load_recipe
-    from mechfix.record import record as run_record
-    from mechfix.record import to_artifact
 
     loaded = load_recipe(recipe)
     target = check_writable(out_path or Path(f"{loaded.recipe.name}.rec.safetensors"))
     lm = _load_model(model, device, dtype, trust_remote_code)
-    with _progress() as progress:
-        rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress)
-    params = {
-        "batch_size": batch_size,
-        "all_positions": all_positions,
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).removeprefix("torch."),
-    }
-    artifact = to_artifact(rec, lm, loaded, params)
-    save_artifact(target, artifact)
+    artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions)
     summary = _clean_nan(artifact.manifest["summary"])
     if as_json:
         _emit_json(
@@ -222,6 +212,47 @@ def record(
         )
     else:
         _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
+
+
+def _params(lm, **kw: Any) -> dict[str, Any]:
+    """A stage's parameters as recorded in its artifact, plus the device and dtype it ran on."""
+    return {**kw, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
+
+
+def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False):
+    """Record a loaded recipe and save the artifact; returns (artifact, recording)."""
+    from mechfix.artifacts import save_artifact
+    from mechfix.record import record as run_record
+    from mechfix.record import to_artifact
+
+    with _progress() as progress:
+        rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress)
+    artifact = to_artifact(rec, lm, loaded, _params(lm, batch_size=batch_size, all_positions=all_positions))
+    save_artifact(target, artifact)
+    return artifact, rec
+
+
+def _do_attribute(lm, rec, target: Path, method: str, top: int, baseline: str, batch_size: int, plot: Path | None = None):
+    """Attribute a record artifact, save the attribution (and the heatmap); returns the artifact."""
+    from mechfix.artifacts import save_artifact
+    from mechfix.attribute import attribute as run_attribute
+    from mechfix.attribute import to_artifact
+
+    with _progress() as progress:
+        att = run_attribute(lm, rec, method=method, top=top, baseline=baseline, batch_size=batch_size, on_progress=progress)
+    params = _params(lm, method=method, top=top, baseline=baseline, batch_size=batch_size)
+    artifact = to_artifact(att, lm, rec, params, top=top)
+    save_artifact(target, artifact)
+    if plot is not None:
+        from mechfix.plot import heatmap
+
+        heatmap(
+            artifact.tensors,
+            plot,
+            title=f"{artifact.manifest.get('recipe')} on {lm.identity['name']}: effect of restoring {baseline}",
+            label="score removed (nats)",
+        )
+    return artifact
 
 
 def _default_attr_path(recording: Path) -> Path:
@@ -323,10 +354,8 @@ def attribute(
     Uses the training split only. Re-opens the recorded model (or --model,
     which must be the same model) and refuses a recording of another model.
     """
-    from mechfix.artifacts import check_same_model, check_writable, load_artifact, save_artifact
+    from mechfix.artifacts import check_same_model, check_writable, load_artifact
     from mechfix.attribute import METHODS
-    from mechfix.attribute import attribute as run_attribute
-    from mechfix.attribute import to_artifact
     from mechfix.errors import BadInputError
 
     if method not in METHODS:
@@ -346,29 +375,9 @@ def attribute(
     spec = model if model is not None else rec.manifest.get("model", {}).get("source")
     lm = _load_model(spec, device, dtype, trust_remote_code)
     check_same_model(rec.manifest, lm.identity, recording)
-    with _progress() as progress:
-        att = run_attribute(lm, rec, method=method, top=top, baseline=baseline, batch_size=batch_size, on_progress=progress)
-    params = {
-        "method": method,
-        "top": top,
-        "baseline": baseline,
-        "batch_size": batch_size,
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).removeprefix("torch."),
-    }
-    artifact = to_artifact(att, lm, rec, params, top=top)
-    save_artifact(target, artifact)
+    artifact = _do_attribute(lm, rec, target, method, top, baseline, batch_size, plot)
     summary = _clean_nan(artifact.manifest["summary"])
     recipe_name = str(artifact.manifest.get("recipe"))
-    if plot is not None:
-        from mechfix.plot import heatmap
-
-        heatmap(
-            artifact.tensors,
-            plot,
-            title=f"{recipe_name} on {lm.identity['name']}: effect of restoring {baseline}",
-            label="score removed (nats)",
-        )
     if as_json:
         _emit_json({"artifact": str(target), "sha256": artifact.sha256, "model": lm.identity["name"],
                     "recipe": recipe_name, "plot": str(plot) if plot else None, **summary})
@@ -458,6 +467,11 @@ def recipes(as_json: JsonOpt = False) -> None:
     for r in rows:
         t.add_row(r["name"], r["family"], str(r["items"]), ", ".join(r["conditions"]), r["description"])
     out.print(t)
+
+
+# The fix commands (steer, verify, run, export) live in their own module and
+# register on this app; imported here, after everything they use is defined.
+importlib.import_module("mechfix.cli_fix")
 
 
 def _click_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -38,3 +38,17 @@ class ArtifactError(BadInputError):
 
 class ModelLoadError(BadInputError):
     """A model could not be found or loaded."""
+
+
+class GateError(MechfixError):
+    """A result fell outside what was asked for (exit code 1): a verify gate, or a steer budget.
+
+    Attributes:
+        detail: The measured result, for the caller to show next to the message.
+    """
+
+    exit_code = EXIT_GATE_FAILED
+
+    def __init__(self, message: str, detail: object = None):
+        super().__init__(message)
+        self.detail = detail

@@ -95,11 +95,13 @@ def parse_choice(reply: str, options: list[str]) -> int:
     return best
 
 
-def _render_all(lm: LoadedModel, recipe: Recipe, on_step: Callable[[int], None] | None) -> dict[str, list[Episode]]:
-    """Render every episode; in generate mode let the model write the unscripted turns."""
+def _render_all(
+    lm: LoadedModel, recipe: Recipe, items: list[int], on_step: Callable[[int], None] | None
+) -> dict[str, list[Episode]]:
+    """Render the given items' episodes; in generate mode let the model write the unscripted turns."""
     episodes: dict[str, list[Episode]] = {c: [] for c in recipe.condition_names}
     for c in recipe.condition_names:
-        for i in range(len(recipe.items)):
+        for i in items:
             ep = render_episode(recipe, i, c)
             while (t := pending_turn(recipe, ep)) is not None:
                 reply = generate_reply(lm, ep.text, recipe.turns[t].max_tokens)
@@ -108,6 +110,28 @@ def _render_all(lm: LoadedModel, recipe: Recipe, on_step: Callable[[int], None] 
             if on_step:
                 on_step(1)
     return episodes
+
+
+def decision_requests(
+    lm: LoadedModel,
+    recipe: Recipe,
+    items: list[int] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[dict[str, list[Episode]], dict[str, list[Tokenized]], dict[str, list[Request]]]:
+    """Render, tokenize and turn into scoring requests the given items (default all), per condition.
+
+    Returns:
+        (episodes, tokens, requests), each condition to one entry per item.
+    """
+    items = list(range(len(recipe.items))) if items is None else items
+    speakers = speaker_list(recipe)
+    episodes = _render_all(lm, recipe, items, on_step if recipe.mode == "generate" else None)
+    tokens = {c: [tokenize_episode(lm.tokenizer, ep, speakers) for ep in eps] for c, eps in episodes.items()}
+    requests = {
+        c: [Request(prompt=tk.ids, options=[option_ids(lm.tokenizer, o) for o in ep.options]) for ep, tk in zip(episodes[c], tokens[c])]
+        for c in episodes
+    }
+    return episodes, tokens, requests
 
 
 def record(
@@ -139,21 +163,14 @@ def record(
     def step(phase: str, total: int) -> Callable[[int], None] | None:
         return (lambda k: on_progress(phase, k, total)) if on_progress else None
 
-    render_step = step("generating turns", n * len(conditions)) if recipe.mode == "generate" else None
-    episodes = _render_all(lm, recipe, render_step)
-    tokens = {c: [tokenize_episode(lm.tokenizer, ep, speakers) for ep in episodes[c]] for c in conditions}
-    requests = [
-        Request(prompt=tk.ids, options=[option_ids(lm.tokenizer, o) for o in ep.options])
-        for c in conditions
-        for ep, tk in zip(episodes[c], tokens[c])
-    ]
+    episodes, tokens, by_condition = decision_requests(lm, recipe, None, step("generating turns", n * len(conditions)))
     results = run_requests(
         lm,
-        requests,
+        [r for c in conditions for r in by_condition[c]],
         batch_size=batch_size,
         sites=sites,
         all_positions=all_positions,
-        on_batch=step("scoring", len(requests)),
+        on_batch=step("scoring", n * len(conditions)),
     )
     scores: dict[str, torch.Tensor] = {}
     acts: dict[str, dict[str, torch.Tensor]] = {}

@@ -1,0 +1,548 @@
+"""The fix half of the command line: ``steer``, ``verify``, ``run`` and ``export``.
+
+Registered on the app of :mod:`mechfix.cli`; the same conventions hold
+(``--json`` on stdout, prose on stderr, exit codes 0/1/2/3/130).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mechfix.cli import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    TrustOpt,
+    _clean_nan,
+    _do_attribute,
+    _do_record,
+    _emit_json,
+    _fmt_ci,
+    _load_model,
+    _params,
+    _print_attribution,
+    _print_record_summary,
+    _progress,
+    app,
+    err,
+)
+
+KindOpt = Annotated[
+    str,
+    typer.Option(
+        help="heads: edit the top attention heads only; vector: subtract a direction from a layer's output "
+        "(exportable to llama.cpp)."
+    ),
+]
+OpOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="heads: project (default), steer, restore or scale; vector: subtract. See the README for what each does."
+    ),
+]
+TopHeadsOpt = Annotated[int, typer.Option("--top-heads", min=1, help="How many of the top heads a heads fix edits.")]
+LayersOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated decoder layers to act on (vector: exactly these; heads: only heads there).")
+]
+StrengthsOpt = Annotated[str | None, typer.Option(help="Comma-separated coarse strength grid for the sweep (default per operation).")]
+MaxKlOpt = Annotated[float, typer.Option("--max-kl", min=0.0, help="Side-effect budget: KL per token on neutral text (nats).")]
+MinCleanOpt = Annotated[
+    float,
+    typer.Option("--min-clean-agreement", min=0.0, max=1.0, help="Share of clean decisions whose answer must stay the same."),
+]
+MinReductionOpt = Annotated[
+    float, typer.Option("--min-reduction", help="Gate: the held-out behaviour effect must shrink by at least this share.")
+]
+NeutralOpt = Annotated[
+    Path | None, typer.Option(help="Neutral passages for the KL check (blank-line separated). Default: the set shipped with mechfix.")
+]
+JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    from mechfix.errors import BadInputError
+
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(f"{name} takes comma-separated numbers such as 0.5,1,2, not '{text}'.") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise BadInputError(f"{name} needs positive numbers, such as 0.5,1,2 (got '{text}').")
+    return vals
+
+
+def _ints(text: str | None, name: str) -> list[int] | None:
+    from mechfix.errors import BadInputError
+
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(f"{name} takes comma-separated layer numbers such as 10,12, not '{text}'.") from None
+
+
+def _neutral(lm, path: Path | None):
+    from mechfix.errors import BadInputError
+    from mechfix.evaluate import neutral_passages, neutral_set
+
+    if path is not None and not path.is_file():
+        raise BadInputError(f"--neutral '{path}' does not exist. Give a text file of passages separated by blank lines.")
+    passages = neutral_passages(str(path) if path else None)
+    neutral = neutral_set(lm, passages)
+    if neutral.n_tokens == 0:
+        raise BadInputError(f"--neutral '{path}' holds no text to measure KL on. Give passages separated by blank lines.")
+    return neutral
+
+
+def _find_record(att, record: Path | None):
+    """The recording an attribution was made from: --record, the recorded path, or its name beside the attribution."""
+    from mechfix.artifacts import load_artifact
+    from mechfix.errors import ArtifactError
+
+    inp = att.manifest.get("inputs", {}).get("record", {})
+    if record is None:
+        named = Path(str(inp.get("path", "")))
+        beside = Path(att.path).parent / named.name
+        record = next((p for p in (named, beside) if str(p) and p.is_file()), None)
+        if record is None:
+            raise ArtifactError(
+                f"cannot find the recording '{inp.get('path')}' that '{att.path}' was made from. "
+                "Pass it with --record REC.safetensors."
+            )
+    rec = load_artifact(record, expect="record")
+    if inp.get("sha256") and rec.sha256 != inp["sha256"]:
+        raise ArtifactError(
+            f"'{record}' is not the recording '{att.path}' was made from (its sha256 differs). Pass the right one "
+            "with --record, or run `mechfix attribute` again on this recording."
+        )
+    return rec
+
+
+def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict[str, float], title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    t.add_column("strength", justify="right")
+    t.add_column("behaviour left [95% CI]", justify="right")
+    t.add_column("reduction", justify="right")
+    t.add_column(f"KL/token (<= {budget['max_kl']:g})", justify="right")
+    t.add_column(f"clean agreement (>= {budget['min_clean_agreement']:.0%})", justify="right")
+    t.add_column("")
+    for p in sweep:
+        mark = "[bold green]chosen[/bold green]" if chosen is not None and p["strength"] == chosen else (
+            "" if p["within_budget"] else "[yellow]over budget[/yellow]"
+        )
+        red = "-" if p["reduction"] is None else f"{p['reduction']:.0%}"
+        t.add_row(f"{p['strength']:g}", _fmt_ci(p["effect"]), red, f"{p['kl']:.4f}", f"{p['clean_agreement']:.0%}", mark)
+    err.print(t)
+
+
+def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, max_kl: float,
+              min_clean: float, neutral_path: Path | None, batch_size: int):
+    """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
+    from mechfix.artifacts import save_artifact
+    from mechfix.errors import GateError
+    from mechfix.steer import Budget, steer
+    from mechfix.steer import to_artifact as fix_artifact
+
+    neutral = _neutral(lm, neutral_path)
+    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean)
+    with err.status("sweeping the fix strength on the training split") as st:
+        def on_step(s: float) -> None:
+            st.update(f"sweeping the fix strength on the training split (measured {s:g})")
+
+        try:
+            steering = steer(lm, att, rec, neutral, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
+                             budget=budget, batch_size=batch_size, on_step=on_step)
+        except GateError as exc:
+            if exc.detail is not None:
+                _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None,
+                             {"max_kl": max_kl, "min_clean_agreement": min_clean}, "strength sweep (training split)")
+            raise
+    params = _params(lm, kind=kind, op=steering.fix.op, top_heads=top_heads, layers=layers, strengths=strengths,
+                     max_kl=max_kl, min_clean_agreement=min_clean, neutral=str(neutral_path) if neutral_path else "builtin",
+                     batch_size=batch_size)
+    artifact = fix_artifact(steering, lm, att, rec, params)
+    save_artifact(target, artifact)
+    return artifact
+
+
+def _steer_summary(artifact) -> dict[str, Any]:
+    m = artifact.manifest
+    return _clean_nan({"artifact": artifact.path, "sha256": artifact.sha256, **{k: m["fix"][k] for k in ("kind", "op", "site", "targets", "strength", "why")},
+                       "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"]})
+
+
+def _print_steer(summary: dict[str, Any]) -> None:
+    _print_sweep(summary["sweep"], summary["strength"], summary["budget"], "strength sweep (training split)")
+    err.print(f"fix: {summary['kind']} / {summary['op']} on {', '.join(summary['targets'])} at strength {summary['strength']:g}")
+    err.print(f"targets: {escape(summary['why'])}", soft_wrap=True)
+    ch = summary["chosen"]
+    err.print(
+        f"training split: behaviour {_fmt_ci(ch['effect'])} left, reduction {ch['reduction']:.0%}, "
+        f"KL {ch['kl']:.4f} nats/token, clean agreement {ch['clean_agreement']:.0%}. Verify it on held-out episodes "
+        "with `mechfix verify`."
+    )
+    err.print(f"wrote {summary['artifact']}")
+
+
+def _default_fix_path(att_path: Path) -> Path:
+    name = att_path.name
+    stem = name[: -len(".attr.safetensors")] if name.endswith(".attr.safetensors") else att_path.stem
+    return Path(f"{stem}.fix.safetensors")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix steer conformity.attr.safetensors\n\n"
+        "  mechfix steer conformity.attr.safetensors --kind vector --out conf.vec.safetensors\n\n"
+        "  mechfix steer conformity.attr.safetensors --kind heads --op scale --top-heads 3 --max-kl 0.05 --json"
+    )
+)
+def steer(
+    attribution: Annotated[Path, typer.Argument(help="An attribution artifact (from `mechfix attribute`).")],
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Fix to write. Default: NAME.fix.safetensors here.")] = None,
+    kind: KindOpt = "heads",
+    op: OpOpt = None,
+    top_heads: TopHeadsOpt = 5,
+    layers: LayersOpt = None,
+    strengths: StrengthsOpt = None,
+    max_kl: MaxKlOpt = 0.1,
+    min_clean_agreement: MinCleanOpt = 0.95,
+    record: Annotated[Path | None, typer.Option(help="The recording the attribution came from (default: the path it names).")] = None,
+    neutral: NeutralOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = 16,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn an attribution into a fix; pick its strength under a side-effect budget.
+
+    Sweeps the strength on the training split and keeps the one that removes
+    the most behaviour while KL on neutral text and clean agreement stay inside
+    the budget. Exit 1 (nothing written) when no strength does.
+    """
+    from mechfix.artifacts import check_same_model, check_writable, load_artifact
+
+    att = load_artifact(attribution, expect="attribution")
+    target = check_writable(out_path or _default_fix_path(attribution))
+    layer_list, grid = _ints(layers, "--layers"), _floats(strengths, "--strengths")
+    rec = _find_record(att, record)
+    spec = model if model is not None else att.manifest.get("model", {}).get("source")
+    lm = _load_model(spec, device, dtype, trust_remote_code)
+    check_same_model(att.manifest, lm.identity, attribution)
+    artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, max_kl, min_clean_agreement, neutral, batch_size)
+    summary = _steer_summary(artifact)
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_steer(summary)
+
+
+def _print_verify(report: dict[str, Any], title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    t.add_column("held-out", justify="left")
+    t.add_column("without fix", justify="right")
+    t.add_column("with fix", justify="right")
+    b, a = report["before"], report["after"]
+    t.add_row("behaviour effect (pressure - clean)", _fmt_ci(b["effect"]), _fmt_ci(a["effect"]))
+    fr = lambda r: "-" if r["rate"] is None else f"{r['rate']:.0%} ({r['flipped']}/{r['eligible']})"  # noqa: E731
+    t.add_row("flip rate", fr(b["rate"]), fr(a["rate"]))
+    if b.get("control_effect"):
+        t.add_row("control effect (control - clean)", _fmt_ci(b["control_effect"]), _fmt_ci(a["control_effect"]))
+    err.print(t)
+    red = report["reduction"]
+    ci = red.get("ci95") or [None, None]
+    ci_txt = f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else ""
+    val = "n/a" if red["value"] is None else f"{red['value']:.0%}"
+    err.print(f"reduction {val}{ci_txt} over {report['heldout']} held-out decisions")
+    err.print(f"KL on neutral text {report['kl']['value']:.4f} nats/token ({report['kl']['tokens']} tokens)")
+    err.print(f"clean agreement {report['clean_agreement']['value']:.0%}")
+    anti = report["anti_steerable"]
+    err.print(f"anti-steerable: {anti['count']} of {anti['n']} held-out decisions get worse with the fix ({anti['share']:.0%})")
+    cc = report.get("control_change")
+    if cc:
+        err.print(f"control: {cc['before']:+.2f} -> {cc['after']:+.2f}; {cc['reading']}")
+    g = Table(title="gates", title_justify="left")
+    g.add_column("gate")
+    g.add_column("value", justify="right")
+    g.add_column("result")
+    for gate in report["gates"]:
+        value = "-" if gate["value"] is None else f"{gate['value']:.4g}"
+        res = "[red]error[/red]" if gate.get("error") else ("[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]")
+        g.add_row(gate["name"], value, res)
+    err.print(g)
+    for w in report.get("warnings", []):
+        err.print(f"[yellow]![/yellow] {escape(w)}", soft_wrap=True)
+    err.print("[bold green]PASSED[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    from mechfix.artifacts import publish_mode
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _do_verify(lm, loaded, fix, neutral_path: Path | None, gates, batch_size: int) -> dict[str, Any]:
+    from mechfix.verify import verify as run_verify
+
+    neutral = _neutral(lm, neutral_path)
+    with _progress() as progress:
+        report = run_verify(lm, loaded.recipe, fix, neutral, gates=gates, batch_size=batch_size, on_progress=progress)
+    trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
+    report["recipe"] = {"name": loaded.recipe.name, "path": loaded.path, "sha256": loaded.sha256,
+                        "same_as_training": trained_on == loaded.sha256 if trained_on else None}
+    if trained_on and trained_on != loaded.sha256:
+        report["warnings"].append(
+            "this recipe differs from the one the fix was made from: its held-out split is not the one steer left out."
+        )
+    report["fix"] = {"path": fix.path, "kind": fix.kind, "op": fix.op, "targets": fix.targets, "strength": fix.strength}
+    report["model"] = lm.identity["name"]
+    return _clean_nan(report)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix verify recipes/conformity.yaml --fix conformity.fix.safetensors\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --min-reduction 0.5 --max-kl 0.1 --junit verify.xml\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json"
+    )
+)
+def verify(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe.")],
+    fix_path: Annotated[Path, typer.Option("--fix", help="A fix artifact (from `mechfix steer`).")],
+    min_reduction: MinReductionOpt = 0.5,
+    max_kl: MaxKlOpt = 0.1,
+    min_clean_agreement: MinCleanOpt = 0.95,
+    junit: JunitOpt = None,
+    neutral: NeutralOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = 16,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prove a fix on held-out episodes: behaviour before/after, side effects, and pass/fail gates.
+
+    Exit 0 when every gate passes, 1 when one fails, 2 on bad input (including
+    a fix made for another model than the one given, reported as such).
+    """
+    from mechfix.artifacts import check_same_model, check_writable
+    from mechfix.errors import ArtifactError
+    from mechfix.fix import load_fix
+    from mechfix.recipe import load_recipe
+    from mechfix.verify import error_report, gates_for, junit_xml
+
+    loaded = load_recipe(recipe)
+    fix = load_fix(fix_path)
+    if junit is not None:
+        check_writable(junit)
+    gates = gates_for(min_reduction, max_kl, min_clean_agreement)
+    spec = model if model is not None else fix.model.get("source")
+    lm = _load_model(spec, device, dtype, trust_remote_code)
+    suite = f"mechfix.verify.{loaded.recipe.name}"
+    try:
+        check_same_model(fix.manifest, lm.identity, fix_path)
+    except ArtifactError as exc:
+        report = error_report(f"model mismatch: {exc}", gates)
+        if junit is not None:
+            _write_text_atomic(junit, junit_xml(report, suite))
+        if as_json:
+            _emit_json(report)
+        raise
+    report = _do_verify(lm, loaded, fix, neutral, gates, batch_size)
+    if junit is not None:
+        _write_text_atomic(junit, junit_xml(report, suite))
+    if as_json:
+        _emit_json(report)
+    else:
+        _print_verify(report, f"{loaded.recipe.name} on {lm.identity['name']}: {fix.kind} fix ({fix.op} on {', '.join(fix.targets)}, strength {fix.strength:g})")
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix run recipes/conformity.yaml --out conformity/\n\n"
+        "  mechfix run conformity --out runs/vec --kind vector --json\n\n"
+        "  mechfix run conformity --out runs/ci --junit runs/ci/verify.xml --max-kl 0.05"
+    )
+)
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for every artifact (created if missing).")],
+    kind: KindOpt = "heads",
+    op: OpOpt = None,
+    top_heads: TopHeadsOpt = 5,
+    layers: LayersOpt = None,
+    baseline: Annotated[str, typer.Option(help="Condition the fix pulls the pressure run towards: clean or control.")] = "clean",
+    min_reduction: MinReductionOpt = 0.5,
+    max_kl: MaxKlOpt = 0.1,
+    min_clean_agreement: MinCleanOpt = 0.95,
+    junit: JunitOpt = None,
+    neutral: NeutralOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = 16,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record, attribute, steer and verify in one go; every artifact goes into --out.
+
+    Writes NAME.rec.safetensors, NAME.attr.safetensors, NAME-heads.png,
+    NAME.fix.safetensors and NAME.verify.json, then prints one summary.
+    Exit codes as for verify.
+    """
+    from mechfix.artifacts import check_writable
+    from mechfix.errors import BadInputError
+    from mechfix.fix import fix_from_artifact
+    from mechfix.recipe import load_recipe
+    from mechfix.verify import gates_for, junit_xml
+
+    loaded = load_recipe(recipe)
+    name = loaded.recipe.name
+    if baseline not in loaded.recipe.condition_names or baseline == "pressure":
+        raise BadInputError(f"--baseline '{baseline}' is not a condition of recipe '{name}' other than pressure; use clean or control.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"--out '{out_dir}' is a file; give a folder.")
+    layer_list = _ints(layers, "--layers")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {k: out_dir / f"{name}{suffix}" for k, suffix in (
+        ("record", ".rec.safetensors"), ("attribution", ".attr.safetensors"), ("plot", "-heads.png"),
+        ("fix", ".fix.safetensors"), ("verify", ".verify.json"))}
+    for p in paths.values():
+        check_writable(p)
+    if junit is not None:
+        check_writable(junit)
+    lm = _load_model(model, device, dtype, trust_remote_code)
+    err.rule("1/4 record")
+    rec, _ = _do_record(lm, loaded, paths["record"], batch_size)
+    rec_summary = _clean_nan(rec.manifest["summary"])
+    _print_record_summary(rec_summary, lm.identity["name"], name, wrote=str(paths["record"]))
+    err.rule("2/4 attribute")
+    att = _do_attribute(lm, rec, paths["attribution"], "both", 10, baseline, batch_size, paths["plot"])
+    _print_attribution(_clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
+    err.rule("3/4 steer")
+    fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, max_kl, min_clean_agreement, neutral, batch_size)
+    steer_summary = _steer_summary(fix_art)
+    _print_steer(steer_summary)
+    err.rule("4/4 verify")
+    fix = fix_from_artifact(fix_art)
+    gates = gates_for(min_reduction, max_kl, min_clean_agreement)
+    report = _do_verify(lm, loaded, fix, neutral, gates, batch_size)
+    _write_text_atomic(paths["verify"], json_dumps(report))
+    if junit is not None:
+        _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
+    _print_verify(report, f"{name}: held-out check of the {fix.kind} fix")
+    summary = _run_summary(rec_summary, att.manifest["summary"], steer_summary, report, paths)
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_run_summary(summary, name, lm.identity["name"])
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+
+def _run_summary(rec: dict, att: dict, steer_s: dict, report: dict, paths: dict[str, Path]) -> dict[str, Any]:
+    top = [e["component"] for e in att["top"][:5]]
+    return _clean_nan({
+        "passed": report["passed"],
+        "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},
+        "top_components": top,
+        "fix": {k: steer_s[k] for k in ("kind", "op", "targets", "strength")},
+        "verify": {k: report[k] for k in ("before", "after", "reduction", "kl", "clean_agreement", "control_change", "anti_steerable", "gates")},
+        "artifacts": {k: str(v) for k, v in paths.items()},
+    })
+
+
+def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
+    err.rule("summary")
+    v = s["verify"]
+    t = Table(title=f"mechfix run: {recipe} on {model}", title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row("behaviour (all items)", f"effect {_fmt_ci(s['behaviour']['effect'])}, flip rate "
+              + ("-" if s["behaviour"]["rate"] is None else f"{s['behaviour']['rate']:.0%}"))
+    t.add_row("carried by", ", ".join(s["top_components"]))
+    f = s["fix"]
+    t.add_row("fix", f"{f['kind']} / {f['op']} on {', '.join(f['targets'])}, strength {f['strength']:g}")
+    red = v["reduction"]["value"]
+    t.add_row("held-out effect", f"{_fmt_ci(v['before']['effect'])} -> {_fmt_ci(v['after']['effect'])}"
+              + ("" if red is None else f"  ({red:.0%} less)"))
+    t.add_row("side effects", f"KL {v['kl']['value']:.4f} nats/token, clean agreement {v['clean_agreement']['value']:.0%}, "
+              f"anti-steerable {v['anti_steerable']['share']:.0%}")
+    if v.get("control_change"):
+        t.add_row("control", f"{v['control_change']['before']:+.2f} -> {v['control_change']['after']:+.2f} ({v['control_change']['reading']})")
+    t.add_row("gates", ", ".join(f"{g['name']}: " + ("pass" if g["passed"] else "FAIL") for g in v["gates"]))
+    t.add_row("verdict", "[bold green]PASSED[/bold green]" if s["passed"] else "[bold red]FAILED[/bold red]")
+    t.add_row("artifacts", ", ".join(s["artifacts"].values()))
+    err.print(t)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix export conformity.fix.safetensors --out conformity.gguf\n\n"
+        "  llama-cli -m model.gguf --control-vector conformity.gguf"
+    )
+)
+def export(
+    fix_path: Annotated[Path, typer.Argument(help="A vector fix artifact (from `mechfix steer --kind vector`).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="gguf: a llama.cpp control vector.")] = "gguf",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a vector fix as a llama.cpp control vector (the strength is baked in)."""
+    from mechfix.artifacts import sha256_file
+    from mechfix.errors import BadInputError
+    from mechfix.export import FORMATS, write_gguf
+    from mechfix.fix import load_fix
+
+    if fmt not in FORMATS:
+        raise BadInputError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    fix = load_fix(fix_path)
+    path = write_gguf(fix, out_path)
+    info = {"path": str(path), "sha256": sha256_file(path), "format": fmt, "layers": fix.layers,
+            "strength": fix.strength, "model_hint": None}
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.get_field("controlvector.model_hint")
+    info["model_hint"] = field.contents() if field is not None else None
+    if as_json:
+        _emit_json(info)
+    else:
+        err.print(f"wrote {path}: llama.cpp control vector for {info['model_hint']} ({', '.join(fix.targets)}, "
+                  f"strength {fix.strength:g} baked in). Use it with `llama-cli --control-vector {path}`.")

@@ -1,0 +1,88 @@
+"""Export a vector fix as a llama.cpp control vector (GGUF).
+
+llama.cpp adds tensor ``direction.N`` (F32, length hidden) to the output of
+decoder layer N, at every position: the same hook site and positions as a
+mechfix vector fix. A fix *subtracts* ``strength × v``, so the file holds
+``-strength × v``. Layer 0 cannot be steered by llama.cpp (its loader starts at
+``direction.1``); every layer from 1 to L-1 is written, zero where the fix does
+nothing, as llama.cpp's own control-vector generator does.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mechfix.architectures import ARCHITECTURES
+from mechfix.artifacts import check_writable, publish_mode
+from mechfix.errors import BadInputError
+from mechfix.fix import Fix
+
+FORMATS = ("gguf",)
+
+
+def control_vector(fix: Fix) -> dict[int, np.ndarray]:
+    """The per-layer vectors llama.cpp must add to reproduce the fix: ``{layer: -strength × v}``.
+
+    Raises:
+        BadInputError: For a heads fix, or a vector on layer 0.
+    """
+    if fix.kind != "vector":
+        raise BadInputError(
+            f"only vector fixes export to a llama.cpp control vector; this is a {fix.kind} fix ({fix.op} on "
+            f"{', '.join(fix.targets)}), which edits single attention heads. Make one with "
+            "`mechfix steer ATTR --kind vector`, or apply this fix with the Python API."
+        )
+    if 0 in fix.layers:
+        raise BadInputError(
+            "this fix acts on decoder layer 0, which llama.cpp control vectors cannot reach (they start at "
+            "direction.1). Make the fix on a later layer with `mechfix steer ATTR --kind vector --layers N`."
+        )
+    out: dict[int, np.ndarray] = {}
+    for layer, v in zip(fix.layers, fix.vectors):
+        add = (-fix.strength * v.double()).float().numpy()
+        out[layer] = out.get(layer, 0) + add
+    return out
+
+
+def write_gguf(fix: Fix, path: str | Path) -> Path:
+    """Write a vector fix as a llama.cpp control vector, atomically.
+
+    Args:
+        fix: A vector fix loaded from its artifact (its manifest gives the layer count and family).
+        path: The ``.gguf`` file to write.
+
+    Raises:
+        BadInputError: For a heads fix, layer 0, or a fix without model shape information.
+    """
+    import gguf
+
+    path = check_writable(path)
+    vectors = control_vector(fix)
+    n_layers = fix.manifest.get("shape", {}).get("layers")
+    if not n_layers:
+        raise BadInputError(f"'{fix.path}' does not record the model's layer count; make the fix again with `mechfix steer`.")
+    spec = ARCHITECTURES.get(fix.model.get("architecture", ""))
+    hint = (spec.gguf_arch if spec and spec.gguf_arch else None) or str(fix.model.get("architecture"))
+    width = next(iter(vectors.values())).shape[0]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch="controlvector")
+        writer.add_string("controlvector.model_hint", hint)
+        writer.add_uint32("controlvector.layer_count", int(n_layers) - 1)
+        for layer in range(1, int(n_layers)):
+            writer.add_tensor(f"direction.{layer}", vectors.get(layer, np.zeros(width, dtype=np.float32)).astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,259 @@
+"""A fix: what steer emits, and the Python API that applies it to a loaded model.
+
+A fix is a small edit of the forward pass, applied at every position (so it
+works the same while scoring a decision, generating a reply, or in llama.cpp):
+
+- ``vector``: subtract ``strength × direction`` from the output of chosen
+  decoder layers (the residual stream). The direction is the
+  difference of means between the pressure and clean runs at the decision position.
+- ``heads``: edit the output of chosen attention heads (the input of their
+  layer's output projection), by one of the operations in :data:`OPS`.
+
+Use it from Python::
+
+    from mechfix import load_fix, apply_fix
+    fix = load_fix("conformity.fix.safetensors")
+    with apply_fix(lm, fix):          # lm: a mechfix LoadedModel
+        lm.model.generate(...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechfix.artifacts import Artifact, check_same_model, load_artifact
+from mechfix.errors import ArtifactError
+from mechfix.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Op:
+    """One way to edit activations: ``apply(x, v, mu, strength)``.
+
+    ``x`` is ``[..., n]``; ``v`` is the direction mean(pressure) − mean(baseline)
+    and ``mu`` the mean baseline activation, both ``[n]`` (or one per head,
+    broadcasting over ``x``).
+
+    Attributes:
+        kind: The fix kind it belongs to (``vector`` or ``heads``).
+        site: Where it acts (``resid``: decoder layer output; ``heads``: per-head attention output).
+        apply: The edit.
+        doc: One line for help texts and manifests.
+    """
+
+    kind: str
+    site: str
+    apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    doc: str
+
+
+def _project(x: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, s: float) -> torch.Tensor:
+    # Only the part beyond the baseline mean, on the pressure side, is removed:
+    # activations that do not lean towards the pressure are left as they are.
+    u = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    lean = ((x - mu) * u).sum(-1, keepdim=True)
+    return x - s * torch.relu(lean) * u
+
+
+# The operations, as data. Strength 0 is always the unchanged model.
+OPS: dict[str, Op] = {
+    "subtract": Op(
+        "vector",
+        "resid",
+        lambda x, v, mu, s: x - s * v,
+        "layer output - strength * (mean pressure - mean baseline output)",
+    ),
+    "project": Op(
+        "heads",
+        "heads",
+        _project,
+        "head output minus strength * its lean beyond the mean baseline output along (mean pressure - mean baseline)",
+    ),
+    "steer": Op(
+        "heads",
+        "heads",
+        lambda x, v, mu, s: x - s * v,
+        "head output - strength * (mean pressure - mean baseline output), as in Inference-Time Intervention",
+    ),
+    "restore": Op(
+        "heads",
+        "heads",
+        lambda x, v, mu, s: x + s * (mu - x),
+        "head output moved a share `strength` of the way to its mean baseline output",
+    ),
+    "scale": Op(
+        "heads",
+        "heads",
+        lambda x, v, mu, s: x * (1.0 - s),
+        "head output * (1 - strength); strength 1 switches the head off",
+    ),
+}
+FIX_KINDS = ("vector", "heads")
+DEFAULT_OP = {"vector": "subtract", "heads": "project"}
+
+
+@dataclass
+class Fix:
+    """A fix in memory.
+
+    Attributes:
+        op: Name of the operation (a key of :data:`OPS`).
+        layers: Decoder layer of each vector (vector fixes) or head (heads fixes).
+        heads: Head index of each vector (heads fixes), else empty.
+        vectors: Directions, mean(pressure) − mean(baseline) at the decision position:
+            ``[n, d]`` for vector fixes, ``[n, head_dim]`` for heads fixes.
+        means: Mean baseline activations, same shape as ``vectors``.
+        strength: The multiplier chosen by steer.
+        model: Identity of the model it was made for.
+        manifest: The artifact manifest (empty for a fix built in memory).
+        path: Where it was loaded from, if anywhere.
+    """
+
+    op: str
+    layers: list[int]
+    heads: list[int]
+    vectors: torch.Tensor
+    means: torch.Tensor
+    strength: float
+    model: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return OPS[self.op].kind
+
+    @property
+    def site(self) -> str:
+        return OPS[self.op].site
+
+    @property
+    def targets(self) -> list[str]:
+        """Human names of what it edits: ``L12`` (layer output) or ``L12.H1`` (head)."""
+        if self.kind == "vector":
+            return [f"L{layer}" for layer in self.layers]
+        return [f"L{layer}.H{h}" for layer, h in zip(self.layers, self.heads)]
+
+
+def _out_hook(op: Op, v: torch.Tensor, mu: torch.Tensor, strength: float):
+    cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per device and dtype, made once
+
+    def hook(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        key = (h.device, h.dtype)
+        if key not in cast:
+            cast[key] = (v.to(device=h.device, dtype=h.dtype), mu.to(device=h.device, dtype=h.dtype))
+        new = op.apply(h, *cast[key], strength)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    return hook
+
+
+def _heads_pre_hook(op: Op, heads: list[int], v: torch.Tensor, mu: torch.Tensor, n_heads: int, head_dim: int, strength: float):
+    index = torch.tensor(heads, dtype=torch.long)
+    cast: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def hook(module, args):
+        x = args[0]
+        key = (x.device, x.dtype)
+        if key not in cast:
+            cast[key] = (index.to(x.device), v.to(device=x.device, dtype=x.dtype), mu.to(device=x.device, dtype=x.dtype))
+        idx, vv, mm = cast[key]
+        view = x.reshape(*x.shape[:-1], n_heads, head_dim)
+        edited = view.clone()
+        edited[..., idx, :] = op.apply(view[..., idx, :], vv, mm, strength)
+        return (edited.reshape(x.shape), *args[1:])
+
+    return hook
+
+
+@contextmanager
+def apply_fix(lm: LoadedModel, fix: Fix, strength: float | None = None, *, check_model: bool = True) -> Iterator[Fix]:
+    """Apply a fix to a loaded model inside a ``with`` block (hooks removed on exit).
+
+    Args:
+        lm: The model.
+        fix: The fix (from :func:`load_fix` or steer).
+        strength: Override the fix's strength (steer's sweep uses this).
+        check_model: Refuse a fix made for another model (on by default).
+
+    Raises:
+        ArtifactError: When the fix was made for another model.
+    """
+    if check_model and fix.model:
+        check_same_model({"model": fix.model}, lm.identity, fix.path or "the fix")
+    s = float(fix.strength if strength is None else strength)
+    op = OPS[fix.op]
+    handles = []
+    try:
+        if op.kind == "vector":
+            for layer, vec, mu in zip(fix.layers, fix.vectors, fix.means):
+                handles.append(lm.layers[layer].register_forward_hook(_out_hook(op, vec, mu, s)))
+        else:
+            by_layer: dict[int, list[int]] = {}
+            for j, layer in enumerate(fix.layers):
+                by_layer.setdefault(layer, []).append(j)
+            for layer, rows in by_layer.items():
+                heads = [fix.heads[j] for j in rows]
+                hook = _heads_pre_hook(op, heads, fix.vectors[rows], fix.means[rows], lm.n_heads, lm.head_dim, s)
+                handles.append(lm.attn_out(layer).register_forward_pre_hook(hook))
+        yield fix
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fix_tensors(fix: Fix) -> dict[str, torch.Tensor]:
+    """The tensors a fix artifact stores."""
+    return {
+        "vectors": fix.vectors.float(),
+        "means": fix.means.float(),
+        "layers": torch.tensor(fix.layers, dtype=torch.int32),
+        "heads": torch.tensor(fix.heads, dtype=torch.int32),
+    }
+
+
+def fix_from_artifact(art: Artifact) -> Fix:
+    """Rebuild a :class:`Fix` from a loaded ``fix`` artifact.
+
+    Raises:
+        ArtifactError: When the artifact's fix description is incomplete or inconsistent.
+    """
+    desc = art.manifest.get("fix", {})
+    op = desc.get("op")
+    if op not in OPS or "strength" not in desc or any(k not in art.tensors for k in ("vectors", "means", "layers")):
+        raise ArtifactError(
+            f"'{art.path}' is a fix artifact without a usable fix description (operation {op!r}). "
+            "It may come from a newer mechfix; make it again with `mechfix steer`."
+        )
+    layers = [int(x) for x in art.tensors["layers"].tolist()]
+    heads = [int(x) for x in art.tensors.get("heads", torch.zeros(0)).tolist()]
+    vectors, means = art.tensors["vectors"], art.tensors["means"]
+    if vectors.shape != means.shape or vectors.shape[0] != len(layers) or (OPS[op].kind == "heads" and len(heads) != len(layers)):
+        raise ArtifactError(f"'{art.path}' is inconsistent: {vectors.shape[0]} vectors for {len(layers)} targets. Make it again with `mechfix steer`.")
+    return Fix(
+        op=op,
+        layers=layers,
+        heads=heads,
+        vectors=vectors.float(),
+        means=means.float(),
+        strength=float(desc["strength"]),
+        model=art.manifest.get("model", {}),
+        manifest=art.manifest,
+        path=art.path,
+    )
+
+
+def load_fix(path: str | Path) -> Fix:
+    """Load a fix artifact written by ``mechfix steer``.
+
+    Raises:
+        ArtifactError: For a missing, corrupt or wrong-kind file.
+    """
+    return fix_from_artifact(load_artifact(path, expect="fix"))

@@ -1,0 +1,226 @@
+"""The verify stage: does a fix remove the behaviour on held-out episodes, and break nothing else?
+
+Runs the recipe's held-out split with and without the fix and measures:
+- the behaviour effect (pressure − clean) and flip rate, before and after, with 95% intervals;
+- the relative reduction of the effect (bootstrap interval over decisions);
+- KL per token on the neutral set;
+- clean agreement: the share of clean decisions whose preferred option is unchanged;
+- the change under the ``control`` condition (does the fix target social
+  pressure, or does it just stop the model copying what it read?);
+- the anti-steerable share: held-out decisions whose effect the fix makes larger.
+
+Gates turn the numbers into pass/fail for CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
+from mechfix.fix import Fix
+from mechfix.models import LoadedModel
+from mechfix.recipe import Recipe
+from mechfix.record import decision_requests, split_items
+from mechfix.stats import decision_scores, flip_rate, mean_ci
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """One pass/fail check: ``value <op> threshold``."""
+
+    name: str
+    metric: str  # key of the report whose "value" is compared
+    op: str  # ">=" or "<="
+    threshold: float
+
+    def check(self, value: float | None) -> dict[str, Any]:
+        """The gate's result: passed, or an error when the value could not be measured."""
+        out: dict[str, Any] = {"name": self.name, "metric": self.metric, "op": self.op, "threshold": self.threshold, "value": value}
+        if value is None or not np.isfinite(value):
+            out.update(passed=False, error=f"{self.metric} could not be measured")
+        else:
+            out.update(passed=bool(value >= self.threshold if self.op == ">=" else value <= self.threshold), error=None)
+        return out
+
+
+def gates_for(min_reduction: float, max_kl: float, min_clean_agreement: float) -> list[GateSpec]:
+    """The three gates verify applies."""
+    return [
+        GateSpec(f"reduction >= {min_reduction:g}", "reduction", ">=", min_reduction),
+        GateSpec(f"kl <= {max_kl:g}", "kl", "<=", max_kl),
+        GateSpec(f"clean_agreement >= {min_clean_agreement:g}", "clean_agreement", ">=", min_clean_agreement),
+    ]
+
+
+def _reduction_ci(before: np.ndarray, after: np.ndarray, seed: int, n_boot: int = 2000) -> list[float]:
+    """Percentile bootstrap interval of 1 − mean(after)/mean(before), resampling decisions in pairs."""
+    if len(before) < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(before), size=(n_boot, len(before)))
+    b, a = before[idx].mean(1), after[idx].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(b > 0, 1.0 - a / b, np.nan)
+    r = r[np.isfinite(r)]
+    if len(r) < n_boot // 2:  # the effect itself is often not positive: no stable ratio
+        return [float("nan"), float("nan")]
+    lo, hi = np.quantile(r, [0.025, 0.975])
+    return [float(lo), float(hi)]
+
+
+def _side(scores: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
+    d = {c: decision_scores(s) for c, s in scores.items()}
+    out: dict[str, Any] = {
+        "effect": mean_ci(d["pressure"] - d["clean"], seed),
+        "rate": flip_rate(scores["clean"], scores["pressure"]),
+        "per_condition": {c: float(v.mean()) for c, v in d.items()},
+    }
+    if "control" in d:
+        out["control_effect"] = mean_ci(d["control"] - d["clean"], seed)
+    return out
+
+
+def verify(
+    lm: LoadedModel,
+    recipe: Recipe,
+    fix: Fix,
+    neutral: NeutralSet,
+    *,
+    gates: list[GateSpec],
+    items: list[int] | None = None,
+    batch_size: int = 16,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the verify stage.
+
+    Args:
+        lm: The model (the fix must have been checked against it).
+        recipe: The recipe; its held-out split is used.
+        fix: The fix.
+        neutral: Neutral text for KL.
+        gates: Pass/fail checks.
+        items: Decisions to use instead of the held-out split (tests).
+        batch_size: Sequences per forward pass.
+        on_progress: Called as ``(phase, advance, total)``.
+
+    Returns:
+        The report: ``passed``, ``before``, ``after``, ``reduction``, ``kl``,
+        ``clean_agreement``, ``control_change``, ``anti_steerable``, ``gates``, ``warnings``.
+    """
+    seed = recipe.split.seed
+    if items is None:
+        split = split_items(len(recipe.items), recipe.split.heldout, seed)
+        items = [int(i) for i in torch.nonzero(split == 1).flatten()]
+    if not items:
+        from mechfix.errors import BadInputError
+
+        raise BadInputError(
+            f"recipe '{recipe.name}' has no held-out items (split.heldout = {recipe.split.heldout}); "
+            "raise split.heldout or add items."
+        )
+    step = (lambda phase, total: (lambda k: on_progress(phase, k, total))) if on_progress else (lambda phase, total: None)
+    n_cond = len(recipe.condition_names)
+    _, _, requests = decision_requests(lm, recipe, items, step("generating turns", len(items) * n_cond))
+    before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", len(items) * n_cond))
+    after = score_requests(lm, requests, fix, batch_size=batch_size, on_batch=step("scoring with the fix", len(items) * n_cond))
+    kl = neutral_kl(lm, fix, [fix.strength], neutral, on_batch=step("KL on neutral text", len(neutral.batches)))[0]
+
+    eff_b = (decision_scores(before["pressure"]) - decision_scores(before["clean"])).double().numpy()
+    eff_a = (decision_scores(after["pressure"]) - decision_scores(after["clean"])).double().numpy()
+    warnings: list[str] = []
+    b_mean = float(eff_b.mean())
+    if b_mean > 0:
+        reduction = 1.0 - float(eff_a.mean()) / b_mean
+    else:
+        reduction = float("nan")
+        warnings.append(
+            f"the held-out behaviour effect without the fix is {b_mean:+.2f} (not positive): there is nothing to reduce."
+        )
+    report: dict[str, Any] = {
+        "heldout": len(items),
+        "items": items,
+        "before": _side(before, seed),
+        "after": _side(after, seed),
+        "reduction": {"value": reduction, "ci95": _reduction_ci(eff_b, eff_a, seed)},
+        "kl": {"value": kl, "tokens": neutral.n_tokens},
+        "clean_agreement": {"value": clean_agreement(before["clean"], after["clean"]), "n": len(items)},
+        "anti_steerable": {
+            "share": float((eff_a > eff_b).mean()),
+            "count": int((eff_a > eff_b).sum()),
+            "n": len(items),
+        },
+        "control_change": None,
+    }
+    if "control" in before:
+        cb, ca = report["before"]["control_effect"]["mean"], report["after"]["control_effect"]["mean"]
+        report["control_change"] = {
+            "before": cb,
+            "after": ca,
+            "change": ca - cb,
+            "reduction": 1.0 - ca / cb if cb > 0 else float("nan"),
+            "reading": _control_reading(reduction, 1.0 - ca / cb if cb > 0 else float("nan")),
+        }
+    if len(items) < 20:
+        warnings.append(
+            f"only {len(items)} held-out decisions: one changed decision moves clean agreement by "
+            f"{1 / len(items):.0%}, and the intervals are wide."
+        )
+    values = {"reduction": reduction, "kl": kl, "clean_agreement": report["clean_agreement"]["value"]}
+    report["gates"] = [g.check(values.get(g.metric)) for g in gates]
+    report["passed"] = all(g["passed"] for g in report["gates"])
+    report["warnings"] = warnings
+    return report
+
+
+def _control_reading(reduction: float, control_reduction: float) -> str:
+    """One sentence on whether the fix is specific to the social frame."""
+    if not np.isfinite(reduction) or not np.isfinite(control_reduction):
+        return "no copying effect under control to compare with"
+    if control_reduction >= 0.75 * reduction:
+        return "the fix also removes plain copying (control): it is not specific to social pressure"
+    if control_reduction <= 0.25 * reduction:
+        return "the fix leaves plain copying (control) mostly in place: it is specific to the social frame"
+    return "the fix removes some plain copying (control) too: partly specific to social pressure"
+
+
+def junit_xml(report: dict[str, Any], suite: str) -> str:
+    """A JUnit XML document with one testcase per gate (a failed gate is a failure; an unmeasurable one an error)."""
+    from xml.sax.saxutils import escape, quoteattr
+
+    cases = []
+    failures = errors = 0
+    for g in report.get("gates", []):
+        value = g.get("value")
+        shown = "n/a" if value is None or not np.isfinite(value) else f"{value:.4g}"
+        body = ""
+        if g.get("error"):
+            errors += 1
+            body = f"<error message={quoteattr(g['error'])}>{escape(g['error'])}</error>"
+        elif not g["passed"]:
+            failures += 1
+            msg = f"{g['metric']} = {shown}, needs {g['op']} {g['threshold']:g}"
+            body = f"<failure message={quoteattr(msg)}>{escape(msg)}</failure>"
+        out = f"<system-out>{escape(g['metric'])} = {shown}</system-out>"
+        cases.append(f'  <testcase classname={quoteattr(suite)} name={quoteattr(g["name"])}>{body}{out}</testcase>')
+    head = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name={quoteattr(suite)} '
+        f'tests="{len(cases)}" failures="{failures}" errors="{errors}">\n'
+    )
+    return head + "\n".join(cases) + "\n</testsuite>\n"
+
+
+def error_report(message: str, gates: list[GateSpec]) -> dict[str, Any]:
+    """The report of a verify that could not run (another model, say): every gate is an error."""
+    return {
+        "passed": False,
+        "error": message,
+        "gates": [
+            {"name": g.name, "metric": g.metric, "op": g.op, "threshold": g.threshold, "value": None, "passed": False, "error": message}
+            for g in gates
+        ],
+    }

@@ -1,0 +1,130 @@
+"""The CLI of steer, verify, run and export on a tiny planted model: JSON keys, exit codes, files."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import gguf
+import pytest
+from test_attribute import _planted_model
+from test_cli import run
+from test_steer import PLANT_MORE
+
+LOOSE = ("--max-kl", "5")  # the planted head is far cruder than a real one (see test_steer)
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    lm = _planted_model()
+    d = tmp_path_factory.mktemp("planted-model")
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture()
+def pipeline(monkeypatch, capsys, tmp_path, planted_dir):
+    """A recipe, recording and attribution of the planted model, made through the CLI."""
+    recipe = tmp_path / "plant.yaml"
+    recipe.write_text(PLANT_MORE)
+    rec, att = tmp_path / "plant.rec.safetensors", tmp_path / "plant.attr.safetensors"
+    assert run(monkeypatch, capsys, "record", str(recipe), "--model", str(planted_dir), "--out", str(rec))[0] == 0
+    assert run(monkeypatch, capsys, "attribute", str(rec), "--out", str(att), "--method", "atp")[0] == 0
+    return recipe, rec, att
+
+
+def test_steer_then_verify_print_the_promised_json_and_junit(monkeypatch, capsys, tmp_path, pipeline):
+    recipe, rec, att = pipeline
+    fix = tmp_path / "plant.fix.safetensors"
+    code, stdout, _ = run(monkeypatch, capsys, "steer", str(att), "--out", str(fix), "--op", "scale", "--top-heads", "1",
+                          *LOOSE, "--json")
+    assert code == 0
+    obj = json.loads(stdout)
+    assert obj["kind"] == "heads" and obj["op"] == "scale" and obj["targets"] == ["L1.H2"]
+    assert obj["sweep"][0]["strength"] == 0 and obj["chosen"]["strength"] == obj["strength"] > 0
+    assert obj["artifact"] == str(fix) and fix.is_file()
+
+    code, stdout, stderr = run(monkeypatch, capsys, "show", str(fix))
+    assert code == 0 and "fix artifact" in stderr and "input attribution" in stderr
+
+    junit = tmp_path / "verify.xml"
+    code, stdout, _ = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(fix), "--min-reduction", "0.3",
+                          "--min-clean-agreement", "0.9", *LOOSE, "--junit", str(junit), "--json")
+    report = json.loads(stdout)
+    for key in ("passed", "before", "after", "reduction", "kl", "clean_agreement", "control_change", "anti_steerable", "gates"):
+        assert key in report
+    assert code == (0 if report["passed"] else 1)
+    assert report["recipe"]["same_as_training"] is True
+    suite = ET.parse(junit).getroot()
+    assert suite.get("tests") == "3" and int(suite.get("failures")) == sum(not g["passed"] for g in report["gates"])
+
+    code, stdout, stderr = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(fix), "--min-reduction", "2",
+                               *LOOSE, "--junit", str(junit))
+    assert code == 1 and stdout == "" and "FAILED" in stderr
+    assert ET.parse(junit).getroot().get("failures") != "0"
+
+
+def test_verify_against_another_model_reports_the_mismatch_and_exits_2(monkeypatch, capsys, tmp_path, pipeline, tiny_model_dir):
+    recipe, rec, att = pipeline
+    fix = tmp_path / "f.fix.safetensors"
+    assert run(monkeypatch, capsys, "steer", str(att), "--out", str(fix), "--top-heads", "1", *LOOSE)[0] == 0
+    junit = tmp_path / "v.xml"
+    code, stdout, stderr = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(fix), "--model", str(tiny_model_dir),
+                               "--junit", str(junit), "--json")
+    assert code == 2
+    assert "was made with model" in " ".join(stderr.split())
+    report = json.loads(stdout)
+    assert report["passed"] is False and report["error"].startswith("model mismatch")
+    assert ET.parse(junit).getroot().get("errors") == "3"
+
+
+def test_steer_refuses_bad_input_and_an_impossible_budget_writing_nothing(monkeypatch, capsys, tmp_path, pipeline):
+    recipe, rec, att = pipeline
+    out = tmp_path / "x.fix.safetensors"
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(rec), "--out", str(out))
+    assert code == 2 and "needs a attribution artifact" in " ".join(stderr.split())
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--op", "subtract")
+    assert code == 2 and "does not fit a heads fix" in stderr
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--strengths", "a,b")
+    assert code == 2 and "comma-separated numbers" in stderr
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--record", str(att))
+    assert code == 2
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--max-kl", "0")
+    assert code == 1 and "strength sweep" in stderr and "no strength of this heads fix" in " ".join(stderr.split())
+    assert not out.exists()
+
+
+def test_export_writes_a_vector_fix_and_refuses_a_heads_fix(monkeypatch, capsys, tmp_path, pipeline):
+    recipe, rec, att = pipeline
+    vec, heads = tmp_path / "v.fix.safetensors", tmp_path / "h.fix.safetensors"
+    assert run(monkeypatch, capsys, "steer", str(att), "--out", str(vec), "--kind", "vector", "--max-kl", "50",
+               "--min-clean-agreement", "0")[0] == 0
+    code, stdout, _ = run(monkeypatch, capsys, "export", str(vec), "--out", str(tmp_path / "cv.gguf"), "--json")
+    assert code == 0
+    info = json.loads(stdout)
+    assert info["model_hint"] == "llama"
+    reader = gguf.GGUFReader(str(tmp_path / "cv.gguf"))
+    assert reader.get_field("general.architecture").contents() == "controlvector"
+    assert run(monkeypatch, capsys, "steer", str(att), "--out", str(heads), "--top-heads", "1", *LOOSE)[0] == 0
+    code, _, stderr = run(monkeypatch, capsys, "export", str(heads), "--out", str(tmp_path / "h.gguf"))
+    assert code == 2 and "only vector fixes export" in stderr and not (tmp_path / "h.gguf").exists()
+    code, _, stderr = run(monkeypatch, capsys, "export", str(vec), "--out", str(tmp_path / "x.gguf"), "--format", "onnx")
+    assert code == 2 and "--format" in stderr
+
+
+def test_run_chains_every_stage_into_one_folder(monkeypatch, capsys, tmp_path, planted_dir):
+    recipe = tmp_path / "plant.yaml"
+    recipe.write_text(PLANT_MORE)
+    out = tmp_path / "runs" / "a"
+    code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
+                               "--op", "scale", "--top-heads", "1", "--min-reduction", "0.3", "--min-clean-agreement", "0.9",
+                               *LOOSE, "--json")
+    summary = json.loads(stdout)
+    assert code == (0 if summary["passed"] else 1)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["plant-heads.png", "plant.attr.safetensors", "plant.fix.safetensors", "plant.rec.safetensors", "plant.verify.json"]
+    assert summary["top_components"][0] == "L1.H2" and summary["fix"]["targets"] == ["L1.H2"]
+    saved = json.loads((out / "plant.verify.json").read_text())
+    assert saved["reduction"] == summary["verify"]["reduction"]
+    assert "1/4 record" in stderr and "4/4 verify" in stderr

@@ -1,0 +1,159 @@
+"""Steer and verify on a tiny model with a planted conformity head."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from test_attribute import PLANT_RECIPE, _loaded, _planted_model, _recording
+from tiny import tiny_model
+
+from mechfix.attribute import attribute, decisions_from_record
+from mechfix.attribute import to_artifact as attribution_artifact
+from mechfix.errors import GateError
+from mechfix.evaluate import clean_agreement, neutral_kl, neutral_passages, neutral_set, score_requests
+from mechfix.fix import Fix, apply_fix
+from mechfix.forward import Request
+from mechfix.steer import Budget, pick_targets, steer
+from mechfix.stats import decision_scores
+from mechfix.verify import error_report, gates_for, junit_xml, verify
+
+# Twelve items, half held out, so both splits have room; the same planted setup as test_attribute.
+PLANT_MORE = PLANT_RECIPE.replace("split: {heldout: 0.25, seed: 1}", "split: {heldout: 0.5, seed: 2}") + """\
+  - {question: "what about it?", correct: V, wrong: Z}
+  - {question: "say it again", correct: K, wrong: W}
+  - {question: "is that so?", correct: Z, wrong: J}
+  - {question: "once more now", correct: W, wrong: X}
+"""
+# The planted head dominates its residual stream and also copies the odd capital
+# letter of neutral text, so switching it off costs far more KL than in a real
+# model: these tests check targeting and the sweep, under a loose KL budget.
+LOOSE = Budget(max_kl=5.0, min_clean_agreement=0.95)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    lm = _planted_model()
+    rec = _recording(lm, PLANT_MORE)
+    att = attribution_artifact(attribute(lm, rec, method="both", top=5), lm, rec, {"baseline": "clean"}, top=5)
+    att.path, att.sha256 = "att.safetensors", "2" * 64
+    neutral = neutral_set(lm, neutral_passages()[:6])
+    return lm, rec, att, neutral
+
+
+def test_heads_fix_on_the_planted_head_removes_the_behaviour_inside_the_budget(planted):
+    lm, rec, att, neutral = planted
+    st = steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=LOOSE)
+    assert st.fix.targets == ["L1.H2"]
+    strengths = [p.strength for p in st.sweep]
+    assert strengths[0] == 0.0 and strengths == sorted(strengths)
+    chosen = st.sweep[st.chosen]
+    # The same head also carries the clean answers (peers say the right letter there), so the
+    # clean-agreement budget stops short of switching it off: about half the behaviour goes.
+    assert chosen.within_budget and chosen.reduction > 0.4
+    assert chosen.kl <= LOOSE.max_kl and chosen.clean_agreement >= 0.95
+    # The point's numbers are real: re-measure the chosen strength directly.
+    dec = decisions_from_record(rec, lm.tokenizer, ["pressure", "clean"], split=0)
+    reqs = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in ("pressure", "clean")}
+    after = score_requests(lm, reqs, st.fix)
+    effect = decision_scores(after["pressure"]) - decision_scores(after["clean"])
+    assert effect.mean().item() == pytest.approx(chosen.effect["mean"], abs=1e-4)
+    assert neutral_kl(lm, st.fix, [st.fix.strength], neutral)[0] == pytest.approx(chosen.kl, rel=1e-5)
+
+
+def test_the_chosen_strength_removes_the_most_behaviour_among_those_inside_the_budget(planted):
+    lm, rec, att, neutral = planted
+    st = steer(lm, att, rec, neutral, kind="heads", op="project", top=2)
+    inside = [p for p in st.sweep if p.within_budget and p.strength > 0]
+    best = max(min(p.reduction, 1.0) for p in inside)
+    assert min(st.sweep[st.chosen].reduction, 1.0) == pytest.approx(best)
+
+
+def test_vector_fix_is_the_difference_of_means_at_the_layer_the_attribution_points_to(planted):
+    lm, rec, att, neutral = planted
+    layers, heads, why = pick_targets(att, "vector")
+    resid = att.tensors["resid"]
+    assert layers == [int(torch.nonzero(resid >= 0.8 * resid.max())[0])] and heads == [] and "carries" in why
+    st = steer(lm, att, rec, neutral, kind="vector", budget=Budget(max_kl=10.0, min_clean_agreement=0.0))
+    train = rec.tensors["split"] == 0
+    layer = layers[0]
+    expected = (rec.tensors["acts/pressure/resid"][train, layer] - rec.tensors["acts/clean/resid"][train, layer]).mean(0)
+    torch.testing.assert_close(st.fix.vectors[0], expected)
+    assert st.fix.layers == [layer] and st.fix.op == "subtract"
+
+
+def test_steer_refuses_when_no_strength_fits_the_budget(planted):
+    lm, rec, att, neutral = planted
+    with pytest.raises(GateError, match="no strength of this heads fix") as exc:
+        steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=Budget(max_kl=0.0))
+    assert len(exc.value.detail.sweep) >= 5  # the sweep still comes back, to be shown
+
+
+def test_verify_reports_the_reduction_and_side_effects_on_held_out_decisions(planted):
+    lm, rec, att, neutral = planted
+    st = steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=LOOSE)
+    recipe = _loaded(PLANT_MORE).recipe
+    report = verify(lm, recipe, st.fix, neutral, gates=gates_for(0.3, LOOSE.max_kl, 0.9))
+    held = [int(i) for i in torch.nonzero(rec.tensors["split"] == 1).flatten()]
+    assert report["items"] == held and report["heldout"] == len(held)
+    before, after = report["before"]["effect"]["mean"], report["after"]["effect"]["mean"]
+    assert before > 1.0 and report["reduction"]["value"] == pytest.approx(1 - after / before)
+    assert report["reduction"]["value"] > 0.3
+    assert report["kl"]["value"] == pytest.approx(st.sweep[st.chosen].kl, rel=1e-5)  # same neutral set, same strength
+    assert report["control_change"] is None  # this recipe has no control condition
+    assert 0 <= report["anti_steerable"]["share"] <= 1
+    assert [g["metric"] for g in report["gates"]] == ["reduction", "kl", "clean_agreement"]
+    assert report["passed"] == all(g["passed"] for g in report["gates"])
+    assert report["passed"]
+    strict = verify(lm, recipe, st.fix, neutral, gates=gates_for(2.0, LOOSE.max_kl, 0.9))  # a reduction above 100% is impossible
+    assert not strict["passed"] and strict["gates"][0]["passed"] is False and strict["gates"][0]["error"] is None
+
+
+def test_verify_measures_control_change_and_clean_agreement_per_decision(tiny_llama):
+    from conftest import MINI_RECIPE
+
+    recipe = _loaded(MINI_RECIPE).recipe
+    g = torch.Generator().manual_seed(0)
+    fix = Fix(op="subtract", layers=[1], heads=[], vectors=torch.randn(1, tiny_llama.hidden, generator=g) * 2,
+              means=torch.zeros(1, tiny_llama.hidden), strength=1.0)
+    neutral = neutral_set(tiny_llama, neutral_passages()[:3])
+    report = verify(tiny_llama, recipe, fix, neutral, gates=gates_for(0.5, 0.1, 0.95), items=[0, 1, 2, 3, 4])
+    cc = report["control_change"]
+    assert cc["change"] == pytest.approx(cc["after"] - cc["before"])
+    assert cc["before"] == pytest.approx(report["before"]["control_effect"]["mean"])
+    from mechfix.record import decision_requests
+
+    _, _, reqs = decision_requests(tiny_llama, recipe, [0, 1, 2, 3, 4])
+    b = score_requests(tiny_llama, {"clean": reqs["clean"]})["clean"]
+    a = score_requests(tiny_llama, {"clean": reqs["clean"]}, fix)["clean"]
+    assert report["clean_agreement"]["value"] == pytest.approx(clean_agreement(b, a))
+    eff_b = report["before"]["effect"]["mean"]
+    assert isinstance(eff_b, float)
+
+
+def test_junit_keeps_failed_gates_apart_from_unmeasurable_ones():
+    gates = gates_for(0.5, 0.1, 0.95)
+    report = {"gates": [gates[0].check(0.7), gates[1].check(0.3), gates[2].check(float("nan"))]}
+    suite = ET.fromstring(junit_xml(report, "mechfix.verify.x"))
+    assert suite.get("tests") == "3" and suite.get("failures") == "1" and suite.get("errors") == "1"
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["reduction >= 0.5", "kl <= 0.1", "clean_agreement >= 0.95"]
+    assert cases[0].find("failure") is None and cases[0].find("error") is None
+    assert "kl = 0.3" in cases[1].find("failure").get("message")
+    assert cases[2].find("error") is not None
+    mismatch = ET.fromstring(junit_xml(error_report("model mismatch: other model", gates), "s"))
+    assert mismatch.get("errors") == "3" and mismatch.get("failures") == "0"
+
+
+def test_applying_a_fix_during_generation_changes_the_text_only_while_applied():
+    lm = tiny_model("llama")
+    fix = Fix(op="subtract", layers=[2], heads=[], vectors=torch.randn(1, lm.hidden) * 5,
+              means=torch.zeros(1, lm.hidden), strength=1.0, model=lm.identity)
+    ids = lm.tokenizer("Ana: Lyon. Sam:", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    plain = lm.model.generate(ids, **kw)
+    with apply_fix(lm, fix):
+        fixed = lm.model.generate(ids, **kw)
+    assert not torch.equal(plain, fixed)
+    assert torch.equal(lm.model.generate(ids, **kw), plain)
