@@ -1,3 +1,23 @@
-"""mechfix: find why multi-agent LLM misbehaviour happens inside the model, and patch it."""
+"""mechfix: find why multi-agent LLM misbehaviour happens inside the model, and patch it.
+
+The Python API for fixes (imported lazily, so that the CLI's ``--help`` stays instant)::
+
+    from mechfix import load_model, load_fix, apply_fix
+    lm = load_model()                                  # the embedded Gemma 3 270M
+    fix = load_fix("conformity.fix.safetensors")
+    with apply_fix(lm, fix):
+        out = lm.model.generate(...)
+"""
 
 __version__ = "0.1.0.dev0"
+
+_LAZY = {"load_fix": "mechfix.fix", "apply_fix": "mechfix.fix", "Fix": "mechfix.fix", "load_model": "mechfix.models"}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mechfix' has no attribute {name!r}")

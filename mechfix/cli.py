@@ -422,7 +422,11 @@ def show(
         err.print("params: " + ", ".join(f"{k}={v}" for k, v in manifest["params"].items()))
     if manifest.get("libraries"):
         err.print("libraries: " + ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
-    if kind == "attribution" and "summary" in manifest:
+    if kind == "fix" and "fix" in manifest:
+        from mechfix.cli_fix import print_fix
+
+        print_fix(manifest)
+    elif kind == "attribution" and "summary" in manifest:
         _print_attribution(_clean_nan(manifest["summary"]), str(model.get("name")), str(manifest.get("recipe")))
     elif "summary" in manifest and "recipe" in manifest:
         _print_record_summary(_clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))

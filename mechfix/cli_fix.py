@@ -129,16 +129,19 @@ def _find_record(att, record: Path | None):
 
 
 def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict[str, float], title: str) -> None:
-    t = Table(title=title, title_justify="left")
+    t = Table(
+        title=f"{title}; budget: KL <= {budget['max_kl']:g}, clean agreement >= {budget['min_clean_agreement']:.0%}",
+        title_justify="left",
+    )
     t.add_column("strength", justify="right")
-    t.add_column("behaviour left [95% CI]", justify="right")
+    t.add_column("effect left [95% CI]", justify="right", no_wrap=True)
     t.add_column("reduction", justify="right")
-    t.add_column(f"KL/token (<= {budget['max_kl']:g})", justify="right")
-    t.add_column(f"clean agreement (>= {budget['min_clean_agreement']:.0%})", justify="right")
+    t.add_column("KL/token", justify="right")
+    t.add_column("clean", justify="right")
     t.add_column("")
     for p in sweep:
         mark = "[bold green]chosen[/bold green]" if chosen is not None and p["strength"] == chosen else (
-            "" if p["within_budget"] else "[yellow]over budget[/yellow]"
+            "" if p["within_budget"] else "[yellow]over[/yellow]"
         )
         red = "-" if p["reduction"] is None else f"{p['reduction']:.0%}"
         t.add_row(f"{p['strength']:g}", _fmt_ci(p["effect"]), red, f"{p['kl']:.4f}", f"{p['clean_agreement']:.0%}", mark)
@@ -192,6 +195,15 @@ def _print_steer(summary: dict[str, Any]) -> None:
         "with `mechfix verify`."
     )
     err.print(f"wrote {summary['artifact']}")
+
+
+def print_fix(manifest: dict[str, Any]) -> None:
+    """What a fix artifact applies, and the sweep that chose its strength (for `mechfix show`)."""
+    f = manifest["fix"]
+    err.print(f"fix: {f.get('kind')} / {f.get('op')} on {', '.join(f.get('targets', []))} at strength {f.get('strength')}")
+    err.print(f"hook: {f.get('hook')}, at {f.get('positions')} positions; {escape(str(f.get('formula')))}", soft_wrap=True)
+    if manifest.get("sweep") and manifest.get("budget"):
+        _print_sweep(_clean_nan(manifest["sweep"]), f.get("strength"), manifest["budget"], "strength sweep (training split)")
 
 
 def _default_fix_path(att_path: Path) -> Path:
@@ -253,14 +265,14 @@ def steer(
 def _print_verify(report: dict[str, Any], title: str) -> None:
     t = Table(title=title, title_justify="left")
     t.add_column("held-out", justify="left")
-    t.add_column("without fix", justify="right")
-    t.add_column("with fix", justify="right")
+    t.add_column("without fix", justify="right", no_wrap=True)
+    t.add_column("with fix", justify="right", no_wrap=True)
     b, a = report["before"], report["after"]
-    t.add_row("behaviour effect (pressure - clean)", _fmt_ci(b["effect"]), _fmt_ci(a["effect"]))
+    t.add_row("effect (pressure - clean)", _fmt_ci(b["effect"]), _fmt_ci(a["effect"]))
     fr = lambda r: "-" if r["rate"] is None else f"{r['rate']:.0%} ({r['flipped']}/{r['eligible']})"  # noqa: E731
     t.add_row("flip rate", fr(b["rate"]), fr(a["rate"]))
     if b.get("control_effect"):
-        t.add_row("control effect (control - clean)", _fmt_ci(b["control_effect"]), _fmt_ci(a["control_effect"]))
+        t.add_row("control - clean", _fmt_ci(b["control_effect"]), _fmt_ci(a["control_effect"]))
     err.print(t)
     red = report["reduction"]
     ci = red.get("ci95") or [None, None]

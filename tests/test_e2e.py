@@ -113,3 +113,21 @@ def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemm
     value = conformity_recording.tensors["acts/clean/heads"][item, comp.layer, comp.head]
     total = _naive_patched_score(gemma, prompt, options, "heads", comp.layer, comp.head, value)
     assert comp.kind == "heads" and abs(float(att.pressure[0]) - total - float(att.exact[comp][0])) < 1e-3
+
+
+def test_run_on_the_embedded_model_cuts_held_out_conformity_inside_the_side_effect_budget(monkeypatch, capsys, tmp_path):
+    """The issue's bar: held-out effect cut by >= 50%, KL <= 0.1 nats/token, clean agreement >= 95%."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["mechfix", "run", "recipes/conformity.yaml", "--out", str(out), "--json"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    summary = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0 and summary["passed"] is True
+    v = summary["verify"]
+    assert v["reduction"]["value"] >= 0.5
+    assert v["kl"]["value"] <= 0.1
+    assert v["clean_agreement"]["value"] >= 0.95
+    assert v["before"]["effect"]["mean"] > 1 and v["after"]["effect"]["mean"] < v["before"]["effect"]["mean"]
+    assert summary["fix"]["kind"] == "heads" and len(summary["fix"]["targets"]) == 5
+    for path in summary["artifacts"].values():
+        assert (tmp_path / "run" / path.split("/")[-1]).is_file()
