@@ -12,7 +12,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -105,6 +106,29 @@ def publish_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+@contextmanager
+def atomic_target(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary file beside ``path`` to write into; renamed onto ``path`` only if the block succeeds.
+
+    On any failure (including Ctrl-C) the temporary file is removed, so nothing
+    half-written is ever left. The finished file gets ordinary permissions.
+
+    Args:
+        path: The final file.
+        suffix: Suffix of the temporary file (some writers pick the format from it).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        yield tmp
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_artifact(path: str | Path, artifact: Artifact) -> str:
     """Write an artifact atomically and return the file's sha256.
 
@@ -126,20 +150,11 @@ def save_artifact(path: str | Path, artifact: Artifact) -> str:
         _META_MANIFEST: json.dumps(artifact.manifest, allow_nan=False),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         save_file(tensors, tmp, metadata=metadata_)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        # Reached with the temp file still there only when something failed
-        # (including Ctrl-C): leave nothing half-written behind.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     artifact.path, artifact.sha256 = str(path), digest
     return digest
 

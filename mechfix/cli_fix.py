@@ -301,20 +301,10 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from mechfix.artifacts import atomic_target
 
-    from mechfix.artifacts import publish_mode
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _do_verify(lm, loaded, fix, neutral_path: Path | None, gates, batch_size: int) -> dict[str, Any]:

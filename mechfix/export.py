@@ -10,14 +10,12 @@ nothing, as llama.cpp's own control-vector generator does.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mechfix.architectures import ARCHITECTURES
-from mechfix.artifacts import check_writable, publish_mode
+from mechfix.artifacts import atomic_target, check_writable
 from mechfix.errors import BadInputError
 from mechfix.fix import Fix
 
@@ -68,9 +66,7 @@ def write_gguf(fix: Fix, path: str | Path) -> Path:
     spec = ARCHITECTURES.get(fix.model.get("architecture", ""))
     hint = (spec.gguf_arch if spec and spec.gguf_arch else None) or str(fix.model.get("architecture"))
     width = next(iter(vectors.values())).shape[0]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch="controlvector")
         writer.add_string("controlvector.model_hint", hint)
         writer.add_uint32("controlvector.layer_count", int(n_layers) - 1)
@@ -80,9 +76,4 @@ def write_gguf(fix: Fix, path: str | Path) -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

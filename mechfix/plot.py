@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mechfix.artifacts import publish_mode
+from mechfix.artifacts import atomic_target
 
 
 def heatmap(tensors: dict[str, torch.Tensor], path: str | Path, title: str, label: str) -> Path:
@@ -54,14 +52,9 @@ def heatmap(tensors: dict[str, torch.Tensor], path: str | Path, title: str, labe
     fig.suptitle(title, fontsize=10)
     fig.text(0.01, 0.01, "* resid on its own colour scale", fontsize=6)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130)
-        publish_mode(tmp)
-        os.replace(tmp, path)
+        with atomic_target(path, suffix=path.suffix) as tmp:  # savefig picks the format from the suffix
+            fig.savefig(tmp, dpi=130)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
