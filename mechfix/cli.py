@@ -71,8 +71,13 @@ def _root(
     pass
 
 
+def _json_text(obj: Any) -> str:
+    """The JSON mechfix prints and saves: indented, no NaN (see :func:`_clean_nan`)."""
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+
+
 def _emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
+    print(_json_text(obj))
 
 
 def _json_default(o: Any) -> Any:

@@ -23,6 +23,7 @@ from mechfix.cli import (
     _do_attribute,
     _do_record,
     _emit_json,
+    _json_text,
     _fmt_ci,
     _load_model,
     _params,
@@ -458,7 +459,7 @@ def run(
     fix = fix_from_artifact(fix_art)
     gates = gates_for(min_reduction, max_kl, min_clean_agreement)
     report = _do_verify(lm, loaded, fix, neutral, gates, batch_size)
-    _write_text_atomic(paths["verify"], json_dumps(report))
+    _write_text_atomic(paths["verify"], _json_text(report) + "\n")
     if junit is not None:
         _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
     _print_verify(report, f"{name}: held-out check of the {fix.kind} fix")
@@ -469,12 +470,6 @@ def run(
         _print_run_summary(summary, name, lm.identity["name"])
     if not report["passed"]:
         raise typer.Exit(1)
-
-
-def json_dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
 def _run_summary(rec: dict, att: dict, steer_s: dict, report: dict, paths: dict[str, Path]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import torch
 from mechfix.fix import Fix, apply_fix
 from mechfix.forward import Request, pad_batch, run_requests
 from mechfix.models import LoadedModel
-from mechfix.recipe import MISALIGNED
 
 # Positions of neutral text whose full-vocabulary log-probabilities are held at once
 # (262k-wide rows: 128 rows are 134 MB in float32).
@@ -75,11 +74,6 @@ def clean_agreement(before: torch.Tensor, after: torch.Tensor) -> float:
     if not len(before):
         return float("nan")
     return float((before.argmax(1) == after.argmax(1)).float().mean())
-
-
-def misaligned_preferred(scores: torch.Tensor) -> torch.Tensor:
-    """``[N]`` bool: the misaligned option is the preferred one."""
-    return scores.argmax(1) == MISALIGNED
 
 
 @dataclass

@@ -80,6 +80,11 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def reduction(before: float, after: float) -> float:
+    """Share of a positive effect that is gone: ``1 - after / before``; NaN when ``before`` is not positive."""
+    return 1.0 - after / before if before > 0 else float("nan")
+
+
 def mean_ci(values: Any, seed: int = 0) -> dict[str, Any]:
     """``{"mean", "ci95", "n"}`` of a set of per-decision values."""
     x = np.asarray(values, dtype=np.float64).reshape(-1)

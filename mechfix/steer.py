@@ -27,7 +27,7 @@ from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requ
 from mechfix.fix import DEFAULT_OP, OPS, Fix, fix_tensors
 from mechfix.forward import Request
 from mechfix.models import LoadedModel
-from mechfix.stats import decision_scores, mean_ci
+from mechfix.stats import decision_scores, mean_ci, reduction
 
 # Coarse strength grids: ops bounded by 1 (scale, restore) and unbounded ones.
 GRIDS = {"bounded": (0.25, 0.5, 0.75, 1.0), "unbounded": (0.5, 1.0, 2.0, 4.0)}
@@ -171,17 +171,15 @@ def directions(rec: Artifact, kind: str, layers: Sequence[int], heads: Sequence[
     return (p.mean(0) - b.mean(0)), b.mean(0)
 
 
-def _measure(lm, fix, s, requests, before, neutral, budget, batch_size) -> SweepPoint:
+def _measure(lm, fix, s, kl, requests, before, budget, batch_size) -> SweepPoint:
+    """One sweep point; ``kl`` comes from the caller, which measures a whole grid in one pass over neutral text."""
     base_c = [c for c in requests if c != "pressure"][0]
     scores = before if s == 0 else score_requests(lm, requests, fix, s, batch_size=batch_size)
     eff = decision_scores(scores["pressure"]) - decision_scores(scores[base_c])
     eff0 = decision_scores(before["pressure"]) - decision_scores(before[base_c])
-    kl = 0.0 if s == 0 else neutral_kl(lm, fix, [s], neutral)[0]
     agree = clean_agreement(before[base_c], scores[base_c])
-    b0 = float(eff0.mean())
-    reduction = 1.0 - float(eff.mean()) / b0 if b0 > 0 else float("nan")
     ok = kl <= budget.max_kl and agree >= budget.min_clean_agreement
-    return SweepPoint(s, mean_ci(eff), reduction, kl, agree, ok)
+    return SweepPoint(s, mean_ci(eff), reduction(float(eff0.mean()), float(eff.mean())), kl, agree, ok)
 
 
 def _objective(p: SweepPoint) -> tuple[float, float]:
@@ -210,9 +208,11 @@ def sweep_strengths(
         The points, ordered by strength.
     """
     before = score_requests(lm, requests, batch_size=batch_size)
-    points = [_measure(lm, fix, 0.0, requests, before, neutral, budget, batch_size)]
-    for s in grid:
-        points.append(_measure(lm, fix, float(s), requests, before, neutral, budget, batch_size))
+    points = [_measure(lm, fix, 0.0, 0.0, requests, before, budget, batch_size)]
+    # The unfixed model's neutral-text distributions are computed once for the whole grid.
+    grid_kl = neutral_kl(lm, fix, [float(s) for s in grid], neutral)
+    for s, kl in zip(grid, grid_kl):
+        points.append(_measure(lm, fix, float(s), kl, requests, before, budget, batch_size))
         if on_step:
             on_step(s)
     for _ in range(refine):
@@ -222,7 +222,8 @@ def sweep_strengths(
         if best + 1 >= len(points) or (points[best].reduction >= 1.0):
             break
         mid = round((points[best].strength + points[best + 1].strength) / 2, 4)
-        points.append(_measure(lm, fix, mid, requests, before, neutral, budget, batch_size))
+        kl = neutral_kl(lm, fix, [mid], neutral)[0]
+        points.append(_measure(lm, fix, mid, kl, requests, before, budget, batch_size))
         if on_step:
             on_step(mid)
     points.sort(key=lambda p: p.strength)

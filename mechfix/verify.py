@@ -26,7 +26,7 @@ from mechfix.fix import Fix
 from mechfix.models import LoadedModel
 from mechfix.recipe import Recipe
 from mechfix.record import decision_requests, split_items
-from mechfix.stats import decision_scores, flip_rate, mean_ci
+from mechfix.stats import behaviour_summary, decision_scores, reduction
 
 
 @dataclass(frozen=True)
@@ -71,18 +71,6 @@ def _reduction_ci(before: np.ndarray, after: np.ndarray, seed: int, n_boot: int 
         return [float("nan"), float("nan")]
     lo, hi = np.quantile(r, [0.025, 0.975])
     return [float(lo), float(hi)]
-
-
-def _side(scores: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
-    d = {c: decision_scores(s) for c, s in scores.items()}
-    out: dict[str, Any] = {
-        "effect": mean_ci(d["pressure"] - d["clean"], seed),
-        "rate": flip_rate(scores["clean"], scores["pressure"]),
-        "per_condition": {c: float(v.mean()) for c, v in d.items()},
-    }
-    if "control" in d:
-        out["control_effect"] = mean_ci(d["control"] - d["clean"], seed)
-    return out
 
 
 def verify(
@@ -134,19 +122,17 @@ def verify(
     eff_a = (decision_scores(after["pressure"]) - decision_scores(after["clean"])).double().numpy()
     warnings: list[str] = []
     b_mean = float(eff_b.mean())
-    if b_mean > 0:
-        reduction = 1.0 - float(eff_a.mean()) / b_mean
-    else:
-        reduction = float("nan")
+    reduced = reduction(b_mean, float(eff_a.mean()))
+    if b_mean <= 0:
         warnings.append(
             f"the held-out behaviour effect without the fix is {b_mean:+.2f} (not positive): there is nothing to reduce."
         )
     report: dict[str, Any] = {
         "heldout": len(items),
         "items": items,
-        "before": _side(before, seed),
-        "after": _side(after, seed),
-        "reduction": {"value": reduction, "ci95": _reduction_ci(eff_b, eff_a, seed)},
+        "before": behaviour_summary(before, seed),
+        "after": behaviour_summary(after, seed),
+        "reduction": {"value": reduced, "ci95": _reduction_ci(eff_b, eff_a, seed)},
         "kl": {"value": kl, "tokens": neutral.n_tokens},
         "clean_agreement": {"value": clean_agreement(before["clean"], after["clean"]), "n": len(items)},
         "anti_steerable": {
@@ -162,15 +148,15 @@ def verify(
             "before": cb,
             "after": ca,
             "change": ca - cb,
-            "reduction": 1.0 - ca / cb if cb > 0 else float("nan"),
-            "reading": _control_reading(reduction, 1.0 - ca / cb if cb > 0 else float("nan")),
+            "reduction": reduction(cb, ca),
+            "reading": _control_reading(reduced, reduction(cb, ca)),
         }
     if len(items) < 20:
         warnings.append(
             f"only {len(items)} held-out decisions: one changed decision moves clean agreement by "
             f"{1 / len(items):.0%}, and the intervals are wide."
         )
-    values = {"reduction": reduction, "kl": kl, "clean_agreement": report["clean_agreement"]["value"]}
+    values = {"reduction": reduced, "kl": kl, "clean_agreement": report["clean_agreement"]["value"]}
     report["gates"] = [g.check(values.get(g.metric)) for g in gates]
     report["passed"] = all(g["passed"] for g in report["gates"])
     report["warnings"] = warnings
@@ -219,8 +205,5 @@ def error_report(message: str, gates: list[GateSpec]) -> dict[str, Any]:
     return {
         "passed": False,
         "error": message,
-        "gates": [
-            {"name": g.name, "metric": g.metric, "op": g.op, "threshold": g.threshold, "value": None, "passed": False, "error": message}
-            for g in gates
-        ],
+        "gates": [{**g.check(None), "error": message} for g in gates],
     }
