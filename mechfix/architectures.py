@@ -28,6 +28,9 @@ class ArchSpec:
         logit_softcap: Config key of a final logit soft-cap (Gemma 2/3), if any.
         gguf_arch: The family's name in llama.cpp (``general.architecture`` of its
             GGUF files), written as a control vector's ``model_hint``.
+        attn_out_fan_in_fan_out: The attention output projection stores its
+            weight as ``[in, out]`` (GPT-2's Conv1D), which a LoRA adapter's
+            config must say.
     """
 
     backbone: str
@@ -39,6 +42,7 @@ class ArchSpec:
     hidden: tuple[str, ...] = ("hidden_size",)
     logit_softcap: str | None = None
     gguf_arch: str | None = None
+    attn_out_fan_in_fan_out: bool = False
 
 
 _LLAMA_LIKE = ArchSpec(backbone="model", layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp", gguf_arch="llama")
@@ -70,6 +74,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         head_dim=(),
         hidden=("n_embd",),
         gguf_arch="gpt2",
+        attn_out_fan_in_fan_out=True,
     ),
     "gpt_neox": ArchSpec(
         backbone="gpt_neox",

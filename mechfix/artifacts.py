@@ -4,6 +4,10 @@ Tensors hold numbers; ``__metadata__`` (string to string) holds the kind, the
 schema version and a JSON manifest (model identity, resolved recipe,
 parameters, library versions, and the sha256 of every input artifact).
 Writes are atomic: a temporary file in the target folder, then a rename.
+
+A LoRA fix is a folder instead, a PEFT adapter (``adapter_config.json`` and
+``adapter_model.safetensors``); its safetensors file carries the same
+metadata, so every function here takes either the file or the folder.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,6 +43,9 @@ _META_KIND = "mechfix.kind"
 _META_SCHEMA = "mechfix.schema"
 _META_MANIFEST = "mechfix.manifest"
 _LIBRARIES = ("mechfix", "torch", "transformers", "nnsight", "safetensors", "numpy")
+# The files of an artifact that is a folder (a PEFT adapter).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -129,6 +137,88 @@ def atomic_target(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
             os.unlink(tmp)
 
 
+def check_writable_dir(path: str | Path) -> Path:
+    """Fail early if a folder artifact cannot be written at ``path``.
+
+    The folder may be missing, empty, or an earlier adapter folder (which is
+    replaced); anything else there is refused rather than deleted.
+
+    Raises:
+        BadInputError: When the parent folder is missing or not writable, or ``path`` holds something else.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and not path.is_dir():
+        raise BadInputError(f"output '{path}' is a file, but a LoRA fix is a folder. Give a folder name such as {path.with_suffix('')}.lora.")
+    if path.is_dir() and any(path.iterdir()) and not (path / ADAPTER_CONFIG).is_file():
+        raise BadInputError(
+            f"output folder '{path}' already holds files that are not an adapter; mechfix will not replace it. "
+            "Choose another --out, or empty the folder."
+        )
+    if not parent.is_dir():
+        raise BadInputError(f"cannot write '{path}': the folder '{parent}' does not exist. Create it or choose another --out.")
+    if not os.access(parent, os.W_OK):
+        raise BadInputError(f"cannot write '{path}': the folder '{parent}' is not writable. Choose another --out.")
+    return path
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to write into; it takes ``path``'s place only if the block succeeds.
+
+    An earlier folder at ``path`` is moved aside first and deleted once the new
+    one is in place, so a reader sees either the old folder or the new one.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    old: Path | None = None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            publish_mode(f)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def artifact_metadata(artifact: Artifact) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of an artifact: kind, schema and manifest."""
+    return {
+        "format": "pt",  # what transformers and PEFT expect of a PyTorch safetensors file
+        _META_KIND: artifact.kind,
+        _META_SCHEMA: str(SCHEMA_VERSION),
+        # Unsorted: insertion order keeps conditions as pressure, clean, control.
+        _META_MANIFEST: json.dumps(artifact.manifest, allow_nan=False),
+    }
+
+
+def artifact_file(path: str | Path) -> Path:
+    """The safetensors file of an artifact: the path itself, or an adapter folder's weights file.
+
+    Raises:
+        ArtifactError: For a folder that is not an adapter.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise ArtifactError(
+                f"'{path}' is a folder without {ADAPTER_WEIGHTS}, so it is not a LoRA fix. Give a .safetensors "
+                "artifact, or a folder written by `mechfix steer --kind lora`."
+            )
+        return weights
+    return path
+
+
 def save_artifact(path: str | Path, artifact: Artifact) -> str:
     """Write an artifact atomically and return the file's sha256.
 
@@ -143,12 +233,7 @@ def save_artifact(path: str | Path, artifact: Artifact) -> str:
     if artifact.kind not in KINDS:
         raise ValueError(f"unknown artifact kind {artifact.kind!r}")
     path = check_writable(path)
-    metadata_ = {
-        _META_KIND: artifact.kind,
-        _META_SCHEMA: str(SCHEMA_VERSION),
-        # Unsorted: insertion order keeps conditions as pressure, clean, control.
-        _META_MANIFEST: json.dumps(artifact.manifest, allow_nan=False),
-    }
+    metadata_ = artifact_metadata(artifact)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
     with atomic_target(path) as tmp:
         save_file(tensors, tmp, metadata=metadata_)
@@ -166,8 +251,9 @@ def read_header(path: str | Path) -> tuple[str, dict[str, Any], dict[str, tuple[
         ArtifactError: For a missing, corrupt or foreign file, or an unknown schema.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"artifact '{path}' does not exist. Check the path, or make it with `mechfix record`.")
+    path = artifact_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -203,7 +289,7 @@ def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
     """Load an artifact, checking its kind.
 
     Args:
-        path: The ``.safetensors`` file.
+        path: The ``.safetensors`` file, or a LoRA fix's folder.
         expect: The kind the caller needs, or None for any.
 
     Raises:
@@ -216,7 +302,8 @@ def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
             f"Make one with `{MAKE_KIND[expect]}`."
         )
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
+    file = artifact_file(path)
+    with safe_open(str(file), framework="pt") as f:
         for k in f.keys():
             t = f.get_tensor(k)
             if t.is_floating_point() and not torch.isfinite(t).all():
@@ -225,7 +312,7 @@ def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
                     "The run that made it went wrong (often fp16 overflow); make it again, e.g. with --dtype float32."
                 )
             tensors[k] = t
-    return Artifact(kind=kind, manifest=manifest, tensors=tensors, path=str(path), sha256=sha256_file(path))
+    return Artifact(kind=kind, manifest=manifest, tensors=tensors, path=str(path), sha256=sha256_file(file))
 
 
 def check_same_model(manifest: Mapping[str, Any], identity: Mapping[str, Any], path: str | Path) -> None:

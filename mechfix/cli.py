@@ -99,7 +99,12 @@ def _clean_nan(x: Any) -> Any:
 
 @contextmanager
 def _progress():
-    """A progress bar on stderr; yields a callback ``(phase, advance, total)``."""
+    """A progress bar on stderr; yields a callback ``(phase, advance, total, key=None)``.
+
+    Each phase gets its own bar. With ``key``, one bar is kept under that key
+    and ``phase`` becomes its changing description (a loss, say); a total of
+    None is a bar of unknown length.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -112,10 +117,11 @@ def _progress():
     ) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(phase: str, advance: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.advance(tasks[phase], advance)
+        def update(phase: str, advance: int, total: int | None, key: str | None = None) -> None:
+            name = key or phase
+            if name not in tasks:
+                tasks[name] = bar.add_task(phase, total=total)
+            bar.update(tasks[name], advance=advance, description=phase)
 
         yield update
 
@@ -394,12 +400,12 @@ def attribute(
     epilog="Examples:\n\n  mechfix show conformity.rec.safetensors\n\n  mechfix show conformity.rec.safetensors --json"
 )
 def show(
-    path: Annotated[Path, typer.Argument(help="Any mechfix artifact (.safetensors).")],
+    path: Annotated[Path, typer.Argument(help="Any mechfix artifact (.safetensors, or a LoRA fix's folder).")],
     transcripts: Annotated[int, typer.Option(help="How many transcripts per condition to print (records).")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Print an artifact's manifest and tensor table."""
-    from mechfix.artifacts import read_header, sha256_file
+    from mechfix.artifacts import artifact_file, read_header, sha256_file
 
     kind, manifest, table = read_header(path)
     if as_json:
@@ -407,7 +413,7 @@ def show(
             _clean_nan(
                 {
                     "path": str(path),
-                    "sha256": sha256_file(path),
+                    "sha256": sha256_file(artifact_file(path)),
                     "kind": kind,
                     "manifest": manifest,
                     "tensors": {k: {"dtype": d, "shape": s} for k, (d, s) in table.items()},

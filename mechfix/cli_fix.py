@@ -38,15 +38,32 @@ KindOpt = Annotated[
     str,
     typer.Option(
         help="heads: edit the top attention heads only; vector: subtract a direction from a layer's output "
-        "(exportable to llama.cpp)."
+        "(exportable to llama.cpp); lora: train a small adapter on the top heads' output projections "
+        "(a PEFT adapter folder)."
     ),
 ]
 OpOpt = Annotated[
     str | None,
     typer.Option(
-        help="heads: project (default), steer, restore or scale; vector: subtract. See the README for what each does."
+        help="heads: project (default), steer, restore or scale; vector: subtract; lora: lora. See the README for what each does."
     ),
 ]
+_LORA = "LoRA training (--kind lora)"
+RankOpt = Annotated[int, typer.Option(min=1, help="Rank of each module's update.", rich_help_panel=_LORA)]
+StepsOpt = Annotated[int, typer.Option(min=1, help="Optimiser steps.", rich_help_panel=_LORA)]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.", rich_help_panel=_LORA)]
+KlWeightOpt = Annotated[
+    float, typer.Option("--kl-weight", min=0.0, help="Weight of KL to the base model in the loss.", rich_help_panel=_LORA)
+]
+ScopeOpt = Annotated[
+    str,
+    typer.Option(
+        "--lora-scope",
+        help="heads: the update reads only the found heads' columns; modules: whole output projections.",
+        rich_help_panel=_LORA,
+    ),
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of initialisation, batches and sampled positions.", rich_help_panel=_LORA)]
 TopHeadsOpt = Annotated[int, typer.Option("--top-heads", min=1, help="How many of the top heads a heads fix edits.")]
 LayersOpt = Annotated[
     str | None, typer.Option(help="Comma-separated decoder layers to act on (vector: exactly these; heads: only heads there).")
@@ -150,44 +167,70 @@ def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict
 
 
 def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, max_kl: float,
-              min_clean: float, neutral_path: Path | None, batch_size: int):
+              min_clean: float, neutral_path: Path | None, batch_size: int, lora=None):
     """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
-    from mechfix.artifacts import save_artifact
     from mechfix.errors import GateError
+    from mechfix.fix import save_fix
+    from mechfix.lora import LoraSettings
     from mechfix.steer import Budget, steer
     from mechfix.steer import to_artifact as fix_artifact
 
     neutral = _neutral(lm, neutral_path)
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean)
-    with err.status("sweeping the fix strength on the training split") as st:
+    lora = lora or LoraSettings()
+    with _progress() as progress:
+        def on_train(step: int, losses: dict[str, float]) -> None:
+            progress(f"training the LoRA fix (loss {losses['loss']:.3f}: behaviour {losses['behaviour']:.3f}, "
+                     f"KL {losses['kl']:.4f})", 1, lora.steps, key="train")
+
         def on_step(s: float) -> None:
-            st.update(f"sweeping the fix strength on the training split (measured {s:g})")
+            progress(f"sweeping the fix strength on the training split (measured {s:g})", 1, None, key="sweep")
 
         try:
             steering = steer(lm, att, rec, neutral, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
-                             budget=budget, batch_size=batch_size, on_step=on_step)
+                             budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train)
         except GateError as exc:
             if exc.detail is not None:
                 _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None,
                              {"max_kl": max_kl, "min_clean_agreement": min_clean}, "strength sweep (training split)")
             raise
+    extra = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} if kind == "lora" else {}
     params = _params(lm, kind=kind, op=steering.fix.op, top_heads=top_heads, layers=layers, strengths=strengths,
                      max_kl=max_kl, min_clean_agreement=min_clean, neutral=str(neutral_path) if neutral_path else "builtin",
-                     batch_size=batch_size)
+                     batch_size=batch_size, **extra)
     artifact = fix_artifact(steering, lm, att, rec, params)
-    save_artifact(target, artifact)
+    save_fix(target, artifact)
     return artifact
 
 
 def _steer_summary(artifact) -> dict[str, Any]:
     m = artifact.manifest
-    return _clean_nan({"artifact": artifact.path, "sha256": artifact.sha256, **{k: m["fix"][k] for k in ("kind", "op", "site", "targets", "strength", "why")},
-                       "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"]})
+    f = m["fix"]
+    out = {"artifact": artifact.path, "sha256": artifact.sha256, **{k: f[k] for k in ("kind", "op", "site", "targets", "strength", "why")},
+           "parameters": f.get("parameters"), "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"]}
+    if "training" in m:
+        steps = m["training"]["steps"]
+        out["training"] = {"steps": len(steps), "seconds": m["training"]["seconds"], "first": steps[0] if steps else None,
+                           "last": steps[-1] if steps else None, "folded_strength": f.get("folded_strength")}
+    return _clean_nan(out)
+
+
+def _print_training(t: dict[str, Any]) -> None:
+    first, last = t.get("first") or {}, t.get("last") or {}
+    err.print(
+        f"training: {t['steps']} steps in {t['seconds']:.0f} s, loss {first.get('loss', float('nan')):.3f} -> "
+        f"{last.get('loss', float('nan')):.3f} (behaviour {last.get('behaviour', float('nan')):.3f}, KL {last.get('kl', float('nan')):.4f}); "
+        f"strength {t.get('folded_strength')} folded into the adapter's B"
+    )
 
 
 def _print_steer(summary: dict[str, Any]) -> None:
-    _print_sweep(summary["sweep"], summary["strength"], summary["budget"], "strength sweep (training split)")
-    err.print(f"fix: {summary['kind']} / {summary['op']} on {', '.join(summary['targets'])} at strength {summary['strength']:g}")
+    chosen_strength = summary["chosen"]["strength"]
+    _print_sweep(summary["sweep"], chosen_strength, summary["budget"], "strength sweep (training split)")
+    if summary.get("training"):
+        _print_training(summary["training"])
+    err.print(f"fix: {summary['kind']} / {summary['op']} on {', '.join(summary['targets'])} at strength {chosen_strength:g}"
+              f" ({summary.get('parameters')} parameters)")
     err.print(f"targets: {escape(summary['why'])}", soft_wrap=True)
     ch = summary["chosen"]
     err.print(
@@ -195,22 +238,36 @@ def _print_steer(summary: dict[str, Any]) -> None:
         f"KL {ch['kl']:.4f} nats/token, clean agreement {ch['clean_agreement']:.0%}. Verify it on held-out episodes "
         "with `mechfix verify`."
     )
-    err.print(f"wrote {summary['artifact']}")
+    extra = " (a PEFT adapter folder: peft.PeftModel.from_pretrained(model, folder) loads it)" if summary["kind"] == "lora" else ""
+    err.print(f"wrote {summary['artifact']}{extra}")
 
 
 def print_fix(manifest: dict[str, Any]) -> None:
     """What a fix artifact applies, and the sweep that chose its strength (for `mechfix show`)."""
     f = manifest["fix"]
-    err.print(f"fix: {f.get('kind')} / {f.get('op')} on {', '.join(f.get('targets', []))} at strength {f.get('strength')}")
+    err.print(f"fix: {f.get('kind')} / {f.get('op')} on {', '.join(f.get('targets', []))} at strength {f.get('strength')}"
+              + (f" ({f['parameters']} parameters)" if "parameters" in f else ""))
     err.print(f"hook: {f.get('hook')}, at {f.get('positions')} positions; {escape(str(f.get('formula')))}", soft_wrap=True)
+    if f.get("loss"):
+        err.print(f"loss: {escape(str(f['loss']))}", soft_wrap=True)
+    if manifest.get("training"):
+        steps = manifest["training"].get("steps", [])
+        _print_training({"steps": len(steps), "seconds": manifest["training"].get("seconds", 0.0), "first": steps[0] if steps else None,
+                         "last": steps[-1] if steps else None, "folded_strength": f.get("folded_strength")})
     if manifest.get("sweep") and manifest.get("budget"):
-        _print_sweep(_clean_nan(manifest["sweep"]), f.get("strength"), manifest["budget"], "strength sweep (training split)")
+        chosen = (manifest.get("chosen") or {}).get("strength", f.get("strength"))
+        _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "strength sweep (training split)")
 
 
-def _default_fix_path(att_path: Path) -> Path:
+def _fix_target(out: Path | None, att_path: Path, kind: str) -> Path:
+    """Where steer writes: --out, or NAME.fix.safetensors (NAME.lora/ for a LoRA fix) here; checked before any work."""
+    from mechfix.artifacts import check_writable, check_writable_dir
+
     name = att_path.name
     stem = name[: -len(".attr.safetensors")] if name.endswith(".attr.safetensors") else att_path.stem
-    return Path(f"{stem}.fix.safetensors")
+    if kind == "lora":
+        return check_writable_dir(out or Path(f"{stem}.lora"))
+    return check_writable(out or Path(f"{stem}.fix.safetensors"))
 
 
 @app.command(
@@ -218,12 +275,15 @@ def _default_fix_path(att_path: Path) -> Path:
         "Examples:\n\n"
         "  mechfix steer conformity.attr.safetensors\n\n"
         "  mechfix steer conformity.attr.safetensors --kind vector --out conf.vec.safetensors\n\n"
+        "  mechfix steer conformity.attr.safetensors --kind lora --out conformity.lora --rank 4 --steps 40\n\n"
         "  mechfix steer conformity.attr.safetensors --kind heads --op scale --top-heads 3 --max-kl 0.05 --json"
     )
 )
 def steer(
     attribution: Annotated[Path, typer.Argument(help="An attribution artifact (from `mechfix attribute`).")],
-    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Fix to write. Default: NAME.fix.safetensors here.")] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Fix to write. Default: NAME.fix.safetensors here (a folder NAME.lora for --kind lora).")
+    ] = None,
     kind: KindOpt = "heads",
     op: OpOpt = None,
     top_heads: TopHeadsOpt = 5,
@@ -233,6 +293,12 @@ def steer(
     min_clean_agreement: MinCleanOpt = 0.95,
     record: Annotated[Path | None, typer.Option(help="The recording the attribution came from (default: the path it names).")] = None,
     neutral: NeutralOpt = None,
+    rank: RankOpt = 4,
+    steps: StepsOpt = 40,
+    lr: LrOpt = 5e-3,
+    kl_weight: KlWeightOpt = 10.0,
+    lora_scope: ScopeOpt = "heads",
+    seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -242,20 +308,28 @@ def steer(
 ) -> None:
     """Turn an attribution into a fix; pick its strength under a side-effect budget.
 
-    Sweeps the strength on the training split and keeps the one that removes
-    the most behaviour while KL on neutral text and clean agreement stay inside
-    the budget. Exit 1 (nothing written) when no strength does.
+    A heads or vector fix is computed from the recording; a lora fix is trained
+    on the training split (a few minutes on a CPU for the embedded model) and
+    written as a PEFT adapter folder. Then the strength is swept on the training
+    split, keeping the one that removes the most behaviour while KL on neutral
+    text and clean agreement stay inside the budget. Exit 1 (nothing written)
+    when no strength does.
     """
-    from mechfix.artifacts import check_same_model, check_writable, load_artifact
+    from mechfix.artifacts import check_same_model, load_artifact
+    from mechfix.lora import LoraSettings, lora_settings_check
+    from mechfix.steer import check_kind_op
 
+    check_kind_op(kind, op)
     att = load_artifact(attribution, expect="attribution")
-    target = check_writable(out_path or _default_fix_path(attribution))
+    target = _fix_target(out_path, attribution, kind)
     layer_list, grid = _ints(layers, "--layers"), _floats(strengths, "--strengths")
+    settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     rec = _find_record(att, record)
     spec = model if model is not None else att.manifest.get("model", {}).get("source")
     lm = _load_model(spec, device, dtype, trust_remote_code)
     check_same_model(att.manifest, lm.identity, attribution)
-    artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, max_kl, min_clean_agreement, neutral, batch_size)
+    artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, max_kl, min_clean_agreement, neutral,
+                         batch_size, settings)
     summary = _steer_summary(artifact)
     if as_json:
         _emit_json(summary)
@@ -282,6 +356,8 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     err.print(f"reduction {val}{ci_txt} over {report['heldout']} held-out decisions")
     err.print(f"KL on neutral text {report['kl']['value']:.4f} nats/token ({report['kl']['tokens']} tokens)")
     err.print(f"clean agreement {report['clean_agreement']['value']:.0%}")
+    if report.get("parameters") is not None:
+        err.print(f"the fix adds {report['parameters']:,} numbers to the model")
     anti = report["anti_steerable"]
     err.print(f"anti-steerable: {anti['count']} of {anti['n']} held-out decisions get worse with the fix ({anti['share']:.0%})")
     cc = report.get("control_change")
@@ -308,22 +384,65 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _do_verify(lm, loaded, fix, neutral_path: Path | None, gates, batch_size: int) -> dict[str, Any]:
-    from mechfix.verify import verify as run_verify
+def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int) -> list[dict[str, Any]]:
+    """Verify one or more fixes on the recipe's held-out split: one report per fix."""
+    from mechfix.verify import verify_fixes
 
     neutral = _neutral(lm, neutral_path)
     with _progress() as progress:
-        report = run_verify(lm, loaded.recipe, fix, neutral, gates=gates, batch_size=batch_size, on_progress=progress)
-    trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
-    report["recipe"] = {"name": loaded.recipe.name, "path": loaded.path, "sha256": loaded.sha256,
-                        "same_as_training": trained_on == loaded.sha256 if trained_on else None}
-    if trained_on and trained_on != loaded.sha256:
-        report["warnings"].append(
-            "this recipe differs from the one the fix was made from: its held-out split is not the one steer left out."
-        )
-    report["fix"] = {"path": fix.path, "kind": fix.kind, "op": fix.op, "targets": fix.targets, "strength": fix.strength}
-    report["model"] = lm.identity["name"]
-    return _clean_nan(report)
+        reports = verify_fixes(lm, loaded.recipe, fixes, neutral, gates=gates, batch_size=batch_size, on_progress=progress)
+    out = []
+    for fix, report in zip(fixes, reports):
+        trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
+        report["recipe"] = {"name": loaded.recipe.name, "path": loaded.path, "sha256": loaded.sha256,
+                            "same_as_training": trained_on == loaded.sha256 if trained_on else None}
+        if trained_on and trained_on != loaded.sha256:
+            report["warnings"].append(
+                "this recipe differs from the one the fix was made from: its held-out split is not the one steer left out."
+            )
+        report["fix"] = {"path": fix.path, "kind": fix.kind, "op": fix.op, "targets": fix.targets, "strength": fix.strength}
+        report["model"] = lm.identity["name"]
+        out.append(_clean_nan(report))
+    return out
+
+
+def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fix, in the terms `verify --compare` prints side by side."""
+    rows = []
+    for r in reports:
+        cc = r.get("control_change") or {}
+        rows.append({
+            "fix": r["fix"]["path"],
+            "kind": r["fix"]["kind"],
+            "op": r["fix"]["op"],
+            "targets": r["fix"]["targets"],
+            "parameters": r.get("parameters"),
+            "reduction": r["reduction"]["value"],
+            "reduction_ci95": r["reduction"].get("ci95"),
+            "kl": r["kl"]["value"],
+            "clean_agreement": r["clean_agreement"]["value"],
+            "control_before": cc.get("before"),
+            "control_after": cc.get("after"),
+            "anti_steerable": r["anti_steerable"]["share"],
+            "passed": r["passed"],
+        })
+    return rows
+
+
+def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    for col, just in (("fix", "left"), ("kind / op", "left"), ("parameters", "right"), ("reduction [95% CI]", "right"),
+                      ("KL/token", "right"), ("clean", "right"), ("control - clean", "right"), ("anti", "right"), ("gates", "left")):
+        t.add_column(col, justify=just, no_wrap=col != "fix")
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    for r in rows:
+        ci = r.get("reduction_ci95") or [None, None]
+        red = pct(r["reduction"]) + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else "")
+        ctrl = "-" if r["control_before"] is None else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"
+        t.add_row(escape(str(r["fix"])), f"{r['kind']} / {r['op']}", f"{r['parameters']:,}" if r["parameters"] is not None else "-",
+                  red, f"{r['kl']:.4f}", pct(r["clean_agreement"]), ctrl, pct(r["anti_steerable"]),
+                  "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]")
+    err.print(t)
 
 
 @app.command(
@@ -331,12 +450,18 @@ def _do_verify(lm, loaded, fix, neutral_path: Path | None, gates, batch_size: in
         "Examples:\n\n"
         "  mechfix verify recipes/conformity.yaml --fix conformity.fix.safetensors\n\n"
         "  mechfix verify conformity --fix conformity.fix.safetensors --min-reduction 0.5 --max-kl 0.1 --junit verify.xml\n\n"
-        "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json\n\n"
+        "  mechfix verify conformity --fix conformity.lora --compare conformity.fix.safetensors --compare conf.vec.safetensors"
     )
 )
 def verify(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe.")],
-    fix_path: Annotated[Path, typer.Option("--fix", help="A fix artifact (from `mechfix steer`).")],
+    fix_path: Annotated[Path, typer.Option("--fix", help="A fix (from `mechfix steer`): a .safetensors file or a LoRA fix's folder.")],
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(help="Another fix to verify on the same held-out decisions and print side by side (repeat it). "
+                     "The exit code follows --fix only."),
+    ] = None,
     min_reduction: MinReductionOpt = 0.5,
     max_kl: MaxKlOpt = 0.1,
     min_clean_agreement: MinCleanOpt = 0.95,
@@ -352,7 +477,9 @@ def verify(
     """Prove a fix on held-out episodes: behaviour before/after, side effects, and pass/fail gates.
 
     Exit 0 when every gate passes, 1 when one fails, 2 on bad input (including
-    a fix made for another model than the one given, reported as such).
+    a fix made for another model than the one given, reported as such). With
+    --compare, every fix is measured on the same decisions and a table puts
+    them side by side: reduction, KL, clean agreement, control, parameters.
     """
     from mechfix.artifacts import check_same_model, check_writable
     from mechfix.errors import ArtifactError
@@ -362,6 +489,7 @@ def verify(
 
     loaded = load_recipe(recipe)
     fix = load_fix(fix_path)
+    others = [load_fix(p) for p in compare or []]
     if junit is not None:
         check_writable(junit)
     gates = gates_for(min_reduction, max_kl, min_clean_agreement)
@@ -377,13 +505,20 @@ def verify(
         if as_json:
             _emit_json(report)
         raise
-    report = _do_verify(lm, loaded, fix, neutral, gates, batch_size)
+    for other in others:
+        check_same_model(other.manifest, lm.identity, other.path or "a --compare fix")
+    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size)
+    if compared:
+        report["compare"] = compared
+        report["comparison"] = comparison_rows([report, *compared])
     if junit is not None:
         _write_text_atomic(junit, junit_xml(report, suite))
     if as_json:
         _emit_json(report)
     else:
         _print_verify(report, f"{loaded.recipe.name} on {lm.identity['name']}: {fix.kind} fix ({fix.op} on {', '.join(fix.targets)}, strength {fix.strength:g})")
+        if compared:
+            _print_comparison(report["comparison"], f"{loaded.recipe.name}: fixes side by side on the same {report['heldout']} held-out decisions")
     if not report["passed"]:
         raise typer.Exit(1)
 
@@ -393,6 +528,7 @@ def verify(
         "Examples:\n\n"
         "  mechfix run recipes/conformity.yaml --out conformity/\n\n"
         "  mechfix run conformity --out runs/vec --kind vector --json\n\n"
+        "  mechfix run conformity --out runs/lora --kind lora\n\n"
         "  mechfix run conformity --out runs/ci --junit runs/ci/verify.xml --max-kl 0.05"
     )
 )
@@ -409,6 +545,12 @@ def run(
     min_clean_agreement: MinCleanOpt = 0.95,
     junit: JunitOpt = None,
     neutral: NeutralOpt = None,
+    rank: RankOpt = 4,
+    steps: StepsOpt = 40,
+    lr: LrOpt = 5e-3,
+    kl_weight: KlWeightOpt = 10.0,
+    lora_scope: ScopeOpt = "heads",
+    seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -419,10 +561,12 @@ def run(
     """Record, attribute, steer and verify in one go; every artifact goes into --out.
 
     Writes NAME.rec.safetensors, NAME.attr.safetensors, NAME-heads.png,
-    NAME.fix.safetensors and NAME.verify.json, then prints one summary.
-    Exit codes as for verify.
+    NAME.fix.safetensors (the folder NAME.lora for --kind lora) and
+    NAME.verify.json, then prints one summary. Exit codes as for verify.
     """
-    from mechfix.artifacts import check_writable
+    from mechfix.artifacts import check_writable, check_writable_dir
+    from mechfix.lora import LoraSettings, lora_settings_check
+    from mechfix.steer import check_kind_op
     from mechfix.errors import BadInputError
     from mechfix.fix import fix_from_artifact
     from mechfix.recipe import load_recipe
@@ -435,12 +579,14 @@ def run(
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"--out '{out_dir}' is a file; give a folder.")
     layer_list = _ints(layers, "--layers")
+    check_kind_op(kind, op)
+    settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{name}{suffix}" for k, suffix in (
         ("record", ".rec.safetensors"), ("attribution", ".attr.safetensors"), ("plot", "-heads.png"),
-        ("fix", ".fix.safetensors"), ("verify", ".verify.json"))}
-    for p in paths.values():
-        check_writable(p)
+        ("fix", ".lora" if kind == "lora" else ".fix.safetensors"), ("verify", ".verify.json"))}
+    for k, p in paths.items():
+        check_writable_dir(p) if k == "fix" and kind == "lora" else check_writable(p)
     if junit is not None:
         check_writable(junit)
     lm = _load_model(model, device, dtype, trust_remote_code)
@@ -452,13 +598,14 @@ def run(
     att = _do_attribute(lm, rec, paths["attribution"], "both", 10, baseline, batch_size, paths["plot"])
     _print_attribution(_clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
     err.rule("3/4 steer")
-    fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, max_kl, min_clean_agreement, neutral, batch_size)
+    fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, max_kl, min_clean_agreement, neutral,
+                        batch_size, settings)
     steer_summary = _steer_summary(fix_art)
     _print_steer(steer_summary)
     err.rule("4/4 verify")
     fix = fix_from_artifact(fix_art)
     gates = gates_for(min_reduction, max_kl, min_clean_agreement)
-    report = _do_verify(lm, loaded, fix, neutral, gates, batch_size)
+    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size)
     _write_text_atomic(paths["verify"], _json_text(report) + "\n")
     if junit is not None:
         _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
@@ -478,7 +625,7 @@ def _run_summary(rec: dict, att: dict, steer_s: dict, report: dict, paths: dict[
         "passed": report["passed"],
         "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},
         "top_components": top,
-        "fix": {k: steer_s[k] for k in ("kind", "op", "targets", "strength")},
+        "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")},
         "verify": {k: report[k] for k in ("before", "after", "reduction", "kl", "clean_agreement", "control_change", "anti_steerable", "gates")},
         "artifacts": {k: str(v) for k, v in paths.items()},
     })
@@ -494,7 +641,7 @@ def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
               + ("-" if s["behaviour"]["rate"] is None else f"{s['behaviour']['rate']:.0%}"))
     t.add_row("carried by", ", ".join(s["top_components"]))
     f = s["fix"]
-    t.add_row("fix", f"{f['kind']} / {f['op']} on {', '.join(f['targets'])}, strength {f['strength']:g}")
+    t.add_row("fix", f"{f['kind']} / {f['op']} on {', '.join(f['targets'])}, strength {f['strength']:g}, {f['parameters']:,} parameters")
     red = v["reduction"]["value"]
     t.add_row("held-out effect", f"{_fmt_ci(v['before']['effect'])} -> {_fmt_ci(v['after']['effect'])}"
               + ("" if red is None else f"  ({red:.0%} less)"))

@@ -22,6 +22,14 @@ from mechfix.fix import Fix
 FORMATS = ("gguf",)
 
 
+# Why each other kind has no control vector, and what to use instead.
+_NOT_EXPORTED = {
+    "heads": "which edits single attention heads (a control vector adds to a whole layer's output).",
+    "lora": "which changes weights, not activations. Its folder already is a PEFT adapter: load it with "
+    "peft.PeftModel.from_pretrained, or convert it with llama.cpp's convert_lora_to_gguf.py.",
+}
+
+
 def control_vector(fix: Fix) -> dict[int, np.ndarray]:
     """The per-layer vectors llama.cpp must add to reproduce the fix: ``{layer: -strength × v}``.
 
@@ -31,7 +39,7 @@ def control_vector(fix: Fix) -> dict[int, np.ndarray]:
     if fix.kind != "vector":
         raise BadInputError(
             f"only vector fixes export to a llama.cpp control vector; this is a {fix.kind} fix ({fix.op} on "
-            f"{', '.join(fix.targets)}), which edits single attention heads. Make one with "
+            f"{', '.join(fix.targets)}), {_NOT_EXPORTED.get(fix.kind, '')} Make a vector fix with "
             "`mechfix steer ATTR --kind vector`, or apply this fix with the Python API."
         )
     if 0 in fix.layers:

@@ -8,6 +8,9 @@ works the same while scoring a decision, generating a reply, or in llama.cpp):
   difference of means between the pressure and clean runs at the decision position.
 - ``heads``: edit the output of chosen attention heads (the input of their
   layer's output projection), by one of the operations in :data:`OPS`.
+- ``lora``: a trained low-rank update ``W x + B A x`` of chosen linear modules
+  (the attention output projections of the layers holding the top heads),
+  saved as a PEFT adapter folder; see :mod:`mechfix.lora` and :mod:`mechfix.adapter`.
 
 Use it from Python::
 
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mechfix.architectures import get_path
 from mechfix.artifacts import Artifact, check_same_model, load_artifact
 from mechfix.errors import ArtifactError
 from mechfix.models import LoadedModel
@@ -38,19 +42,25 @@ class Op:
 
     ``x`` is ``[..., n]``; ``v`` is the direction mean(pressure) − mean(baseline)
     and ``mu`` the mean baseline activation, both ``[n]`` (or one per head,
-    broadcasting over ``x``).
+    broadcasting over ``x``). At the ``lora`` site ``x`` is a module's input,
+    ``v`` and ``mu`` are the adapter's A ``[r, in]`` and B ``[out, r]``, and
+    the result is added to the module's output.
 
     Attributes:
-        kind: The fix kind it belongs to (``vector`` or ``heads``).
-        site: Where it acts (``resid``: decoder layer output; ``heads``: per-head attention output).
+        kind: The fix kind it belongs to (``vector``, ``heads`` or ``lora``).
+        site: Where it acts (``resid``: decoder layer output; ``heads``: per-head
+            attention output; ``lora``: a linear module's output).
         apply: The edit.
         doc: One line for help texts and manifests.
+        uses: Which stored tensors the edit reads (``vectors``, ``means``), for
+            counting the numbers a fix adds to the model.
     """
 
     kind: str
     site: str
     apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
     doc: str
+    uses: tuple[str, ...] = ("vectors",)
 
 
 def _project(x: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, s: float) -> torch.Tensor:
@@ -74,6 +84,7 @@ OPS: dict[str, Op] = {
         "heads",
         _project,
         "head output minus strength * its lean beyond the mean baseline output along (mean pressure - mean baseline)",
+        ("vectors", "means"),
     ),
     "steer": Op(
         "heads",
@@ -86,16 +97,51 @@ OPS: dict[str, Op] = {
         "heads",
         lambda x, v, mu, s: x + s * (mu - x),
         "head output moved a share `strength` of the way to its mean baseline output",
+        ("means",),
     ),
     "scale": Op(
         "heads",
         "heads",
         lambda x, v, mu, s: x * (1.0 - s),
         "head output * (1 - strength); strength 1 switches the head off",
+        (),
+    ),
+    "lora": Op(
+        "lora",
+        "lora",
+        lambda x, a, b, s: s * ((x @ a.T) @ b.T),
+        "module output + strength * B A x (a LoRA update; the saved adapter has the strength folded into B)",
+        ("lora",),
     ),
 }
-FIX_KINDS = ("vector", "heads")
-DEFAULT_OP = {"vector": "subtract", "heads": "project"}
+FIX_KINDS = ("vector", "heads", "lora")
+DEFAULT_OP = {"vector": "subtract", "heads": "project", "lora": "lora"}
+
+
+@dataclass
+class LoraWeights:
+    """A low-rank update of some linear modules, as PEFT's LoRA computes it: ``W x + B A x``.
+
+    PEFT's ``lora_alpha / r`` scaling is folded into ``B`` (mechfix writes
+    ``lora_alpha = r``), so ``B A`` is the whole update.
+
+    Attributes:
+        modules: Dotted path of each module from the causal-LM module
+            (``model.layers.12.self_attn.o_proj``), as PEFT names its targets.
+        a: ``[r, in]`` per module. Columns outside ``heads`` are zero.
+        b: ``[out, r]`` per module.
+        heads: Per module, the heads whose input columns the update reads, or
+            None for every column.
+    """
+
+    modules: list[str]
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+    heads: list[list[int] | None]
+
+    @property
+    def rank(self) -> int:
+        return int(self.a[0].shape[0]) if self.a else 0
 
 
 @dataclass
@@ -104,12 +150,14 @@ class Fix:
 
     Attributes:
         op: Name of the operation (a key of :data:`OPS`).
-        layers: Decoder layer of each vector (vector fixes) or head (heads fixes).
+        layers: Decoder layer of each vector (vector fixes), head (heads fixes)
+            or adapted module (lora fixes).
         heads: Head index of each vector (heads fixes), else empty.
         vectors: Directions, mean(pressure) − mean(baseline) at the decision position:
-            ``[n, d]`` for vector fixes, ``[n, head_dim]`` for heads fixes.
+            ``[n, d]`` for vector fixes, ``[n, head_dim]`` for heads fixes; empty for lora fixes.
         means: Mean baseline activations, same shape as ``vectors``.
-        strength: The multiplier chosen by steer.
+        strength: The multiplier chosen by steer (1 for a saved lora fix: its
+            strength is folded into the adapter).
         model: Identity of the model it was made for.
         manifest: The artifact manifest (empty for a fix built in memory).
         path: Where it was loaded from, if anywhere.
@@ -124,6 +172,7 @@ class Fix:
     model: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    lora: LoraWeights | None = None
 
     @property
     def kind(self) -> str:
@@ -135,10 +184,30 @@ class Fix:
 
     @property
     def targets(self) -> list[str]:
-        """Human names of what it edits: ``L12`` (layer output) or ``L12.H1`` (head)."""
+        """Human names of what it edits: ``L12`` (layer output), ``L12.H1`` (head),
+        ``L12.o_proj[H1,H2]`` (adapted module, and the heads whose columns it reads)."""
         if self.kind == "vector":
             return [f"L{layer}" for layer in self.layers]
+        if self.kind == "lora" and self.lora is not None:
+            return [
+                f"L{layer}.{module.rsplit('.', 1)[-1]}" + ("" if heads is None else "[" + ",".join(f"H{h}" for h in heads) + "]")
+                for layer, module, heads in zip(self.layers, self.lora.modules, self.lora.heads)
+            ]
         return [f"L{layer}.H{h}" for layer, h in zip(self.layers, self.heads)]
+
+    @property
+    def n_parameters(self) -> int:
+        """How many numbers the fix adds to the model (trained or fitted), for comparing fixes.
+
+        Vector and heads fixes: the directions and means their operation reads.
+        LoRA fixes: the entries of B and the unmasked columns of A.
+        """
+        uses = OPS[self.op].uses
+        if "lora" in uses:
+            if self.lora is None:
+                return 0
+            return sum(int((a != 0).any(0).sum()) * a.shape[0] + b.numel() for a, b in zip(self.lora.a, self.lora.b))
+        return (self.vectors.numel() if "vectors" in uses else 0) + (self.means.numel() if "means" in uses else 0)
 
 
 def _out_hook(op: Op, v: torch.Tensor, mu: torch.Tensor, strength: float):
@@ -173,6 +242,54 @@ def _heads_pre_hook(op: Op, heads: list[int], v: torch.Tensor, mu: torch.Tensor,
     return hook
 
 
+def _lora_hook(op: Op, a: torch.Tensor, b: torch.Tensor, strength: float):
+    cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(module, args, out):
+        x = args[0]
+        key = (x.device, x.dtype)
+        if key not in cast:
+            cast[key] = (a.to(device=x.device, dtype=x.dtype), b.to(device=x.device, dtype=x.dtype))
+        return out + op.apply(x, *cast[key], strength)
+
+    return hook
+
+
+# Each installer appends its hook handles to ``handles`` as it goes, so that a
+# failure half-way still lets apply_fix remove what was put on.
+def _install_resid(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) -> None:
+    for layer, vec, mu in zip(fix.layers, fix.vectors, fix.means):
+        handles.append(lm.layers[layer].register_forward_hook(_out_hook(op, vec, mu, s)))
+
+
+def _install_heads(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) -> None:
+    by_layer: dict[int, list[int]] = {}
+    for j, layer in enumerate(fix.layers):
+        by_layer.setdefault(layer, []).append(j)
+    for layer, rows in by_layer.items():
+        heads = [fix.heads[j] for j in rows]
+        hook = _heads_pre_hook(op, heads, fix.vectors[rows], fix.means[rows], lm.n_heads, lm.head_dim, s)
+        handles.append(lm.attn_out(layer).register_forward_pre_hook(hook))
+
+
+def _install_lora(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) -> None:
+    if fix.lora is None:
+        raise ArtifactError(f"{fix.path or 'the fix'} is a lora fix without adapter weights.")
+    for module, a, b in zip(fix.lora.modules, fix.lora.a, fix.lora.b):
+        try:
+            target = get_path(lm.model, module)
+        except AttributeError:
+            raise ArtifactError(
+                f"{fix.path or 'the fix'} adapts module '{module}', which this model does not have. "
+                "Use the model the fix was made for."
+            ) from None
+        handles.append(target.register_forward_hook(_lora_hook(op, a, b, s)))
+
+
+# How each site's hooks are put on the model.
+_INSTALL = {"resid": _install_resid, "heads": _install_heads, "lora": _install_lora}
+
+
 @contextmanager
 def apply_fix(lm: LoadedModel, fix: Fix, strength: float | None = None, *, check_model: bool = True) -> Iterator[Fix]:
     """Apply a fix to a loaded model inside a ``with`` block (hooks removed on exit).
@@ -190,19 +307,9 @@ def apply_fix(lm: LoadedModel, fix: Fix, strength: float | None = None, *, check
         check_same_model({"model": fix.model}, lm.identity, fix.path or "the fix")
     s = float(fix.strength if strength is None else strength)
     op = OPS[fix.op]
-    handles = []
+    handles: list = []
     try:
-        if op.kind == "vector":
-            for layer, vec, mu in zip(fix.layers, fix.vectors, fix.means):
-                handles.append(lm.layers[layer].register_forward_hook(_out_hook(op, vec, mu, s)))
-        else:
-            by_layer: dict[int, list[int]] = {}
-            for j, layer in enumerate(fix.layers):
-                by_layer.setdefault(layer, []).append(j)
-            for layer, rows in by_layer.items():
-                heads = [fix.heads[j] for j in rows]
-                hook = _heads_pre_hook(op, heads, fix.vectors[rows], fix.means[rows], lm.n_heads, lm.head_dim, s)
-                handles.append(lm.attn_out(layer).register_forward_pre_hook(hook))
+        _INSTALL[op.site](lm, fix, op, s, handles)
         yield fix
     finally:
         for h in handles:
@@ -210,7 +317,11 @@ def apply_fix(lm: LoadedModel, fix: Fix, strength: float | None = None, *, check
 
 
 def fix_tensors(fix: Fix) -> dict[str, torch.Tensor]:
-    """The tensors a fix artifact stores."""
+    """The tensors a fix artifact stores (a lora fix: its adapter, under PEFT's key names)."""
+    if fix.lora is not None:
+        from mechfix.adapter import adapter_tensors
+
+        return adapter_tensors(fix.lora)
     return {
         "vectors": fix.vectors.float(),
         "means": fix.means.float(),
@@ -227,6 +338,13 @@ def fix_from_artifact(art: Artifact) -> Fix:
     """
     desc = art.manifest.get("fix", {})
     op = desc.get("op")
+    if op in OPS and OPS[op].kind == "lora":
+        from mechfix.adapter import lora_from_artifact
+
+        lora, layers = lora_from_artifact(art)
+        return Fix(op=op, layers=layers, heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
+                   strength=float(desc.get("strength", 1.0)), model=art.manifest.get("model", {}),
+                   manifest=art.manifest, path=art.path, lora=lora)
     if op not in OPS or "strength" not in desc or any(k not in art.tensors for k in ("vectors", "means", "layers")):
         raise ArtifactError(
             f"'{art.path}' is a fix artifact without a usable fix description (operation {op!r}). "
@@ -250,8 +368,23 @@ def fix_from_artifact(art: Artifact) -> Fix:
     )
 
 
+def save_fix(path: str | Path, artifact: Artifact) -> str:
+    """Write a fix artifact: a ``.safetensors`` file, or for a lora fix a PEFT adapter folder.
+
+    Returns:
+        The sha256 of the (weights) file.
+    """
+    from mechfix.artifacts import save_artifact
+
+    if artifact.manifest.get("fix", {}).get("kind") == "lora":
+        from mechfix.adapter import save_adapter
+
+        return save_adapter(path, artifact, artifact.manifest["adapter_config"])
+    return save_artifact(path, artifact)
+
+
 def load_fix(path: str | Path) -> Fix:
-    """Load a fix artifact written by ``mechfix steer``.
+    """Load a fix written by ``mechfix steer``: a ``.safetensors`` file, or a LoRA fix's adapter folder.
 
     Raises:
         ArtifactError: For a missing, corrupt or wrong-kind file.

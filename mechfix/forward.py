@@ -146,6 +146,37 @@ class _Capture:
         return out
 
 
+def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, batch: Sequence[_Row]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Log-probability of every option token of a batch of rows, from the backbone's hidden states.
+
+    Returns:
+        ``(row, option)`` of each target, and its log-probability (float32, on the model's device).
+    """
+    where = [(b, pos, k, tok) for b, r in enumerate(batch) for k, pos, tok in r.targets]
+    bi = torch.tensor([w[0] for w in where], device=hidden.device)
+    pi = torch.tensor([w[1] for w in where], device=hidden.device)
+    logp = torch.log_softmax(lm.logits(hidden[bi, pi]).float(), dim=-1)
+    tok = torch.tensor([w[3] for w in where], device=logp.device)
+    return [(w[0], w[2]) for w in where], logp.gather(1, tok[:, None])[:, 0]
+
+
+def option_scores(lm: LoadedModel, requests: Sequence[Request]) -> torch.Tensor:
+    """Summed log-probability of each option, ``[N, K]``, in one forward pass that keeps the graph.
+
+    The differentiable twin of :func:`run_requests` (same rows, same padding),
+    for training: gradients flow to whatever requires them (an adapter's weights).
+    All requests must have the same number of options.
+    """
+    rows = _rows(requests)
+    ids, mask = pad_batch(lm, [r.ids for r in rows])
+    out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    where, picked = _target_logprobs(lm, hidden, rows)
+    n_opt = len(requests[0].options)
+    flat = torch.tensor([rows[b].request * n_opt + k for b, k in where], device=picked.device)
+    return torch.zeros(len(requests) * n_opt, device=picked.device).index_add(0, flat, picked).view(len(requests), n_opt)
+
+
 def pad_batch(lm: LoadedModel, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of sequences padded to one width (on the right, or on the left).
 
@@ -207,13 +238,8 @@ def run_requests(
             cap.lengths = plen if all_positions else None
             out = lm.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            where = [(b, pos, k, tok) for b, r in enumerate(batch) for k, pos, tok in r.targets]
-            bi = torch.tensor([w[0] for w in where], device=hidden.device)
-            pi = torch.tensor([w[1] for w in where], device=hidden.device)
-            logp = torch.log_softmax(lm.logits(hidden[bi, pi]).float(), dim=-1)
-            tok = torch.tensor([w[3] for w in where], device=logp.device)
-            picked = logp.gather(1, tok[:, None])[:, 0].double().cpu()
-            for (b, _, k, _), lp in zip(where, picked):
+            where, picked = _target_logprobs(lm, hidden, batch)
+            for (b, k), lp in zip(where, picked.double().cpu()):
                 scores[batch[b].request][k] += lp
             if sites and keep:
                 got = cap.take()

@@ -2,14 +2,18 @@
 
 1. Targets come from the attribution: for a ``vector`` fix, the first layer
    whose residual stream carries most of the behaviour; for a ``heads`` fix,
-   the top heads by effect.
+   the top heads by effect; for a ``lora`` fix, the attention output
+   projections of the layers holding the top heads.
 2. Directions come from the recording's activations at the decision position,
-   training split only: mean(pressure) − mean(baseline condition).
+   training split only: mean(pressure) − mean(baseline condition). A ``lora``
+   fix is trained instead (:mod:`mechfix.lora`), on the same split.
 3. A sweep over strengths measures, on the training split, the behaviour left
    with the fix on, KL per token on neutral text, and the share of clean
    decisions whose answer is unchanged. A coarse grid is refined by bisection
    between the last strength inside the budget and the first one outside.
 4. The strength that removes the most behaviour inside the budget is kept.
+   A lora fix's strength scales its update and is then folded into the
+   adapter's weights, so PEFT applies exactly what verify measured.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from mechfix.errors import BadInputError, GateError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import DEFAULT_OP, OPS, Fix, fix_tensors
 from mechfix.forward import Request
+from mechfix.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
 from mechfix.models import LoadedModel
 from mechfix.stats import decision_scores, mean_ci, reduction
 
 # Coarse strength grids: ops bounded by 1 (scale, restore) and unbounded ones.
 GRIDS = {"bounded": (0.25, 0.5, 0.75, 1.0), "unbounded": (0.5, 1.0, 2.0, 4.0)}
-_GRID_OF_OP = {"subtract": "unbounded", "steer": "unbounded", "project": "unbounded", "restore": "bounded", "scale": "bounded"}
+# A trained adapter is swept up to its trained size: past it, it does what it never learned.
+_GRID_OF_OP = {"subtract": "unbounded", "steer": "unbounded", "project": "unbounded", "restore": "bounded", "scale": "bounded",
+               "lora": "bounded"}
 # A layer "carries" the behaviour once its residual stream holds this share of the largest effect.
 RESID_SHARE = 0.8
 DEFAULT_TOP_HEADS = 5
@@ -88,6 +95,9 @@ class Steering:
         baseline: The condition the directions point away from (the attribution's baseline).
         why: How the targets were picked, in words.
         budget: The side-effect budget.
+        training: How a lora fix was trained (None for other kinds).
+        modules: The modules a lora fix adapts.
+        folded: The strength folded into a lora fix's weights (its ``strength`` is then 1).
     """
 
     fix: Fix
@@ -96,6 +106,9 @@ class Steering:
     baseline: str
     why: str
     budget: Budget = field(default_factory=Budget)
+    training: TrainingLog | None = None
+    modules: list[LoraTarget] = field(default_factory=list)
+    folded: float | None = None
 
 
 def pick_targets(att: Artifact, kind: str, top: int = DEFAULT_TOP_HEADS, layers: Sequence[int] | None = None):
@@ -230,6 +243,21 @@ def sweep_strengths(
     return points
 
 
+def check_kind_op(kind: str, op: str | None) -> str:
+    """The operation a fix of ``kind`` uses (``op`` or the kind's default).
+
+    Raises:
+        BadInputError: For an unknown kind, or an operation of another kind.
+    """
+    if kind not in DEFAULT_OP:
+        raise BadInputError(f"--kind must be one of {', '.join(DEFAULT_OP)}, not '{kind}'.")
+    op = op or DEFAULT_OP[kind]
+    if op not in OPS or OPS[op].kind != kind:
+        ops = [name for name, o in OPS.items() if o.kind == kind]
+        raise BadInputError(f"--op '{op}' does not fit a {kind} fix; use one of {', '.join(ops)}.")
+    return op
+
+
 def steer(
     lm: LoadedModel,
     att: Artifact,
@@ -245,6 +273,8 @@ def steer(
     refine: int = REFINE_STEPS,
     batch_size: int = 16,
     on_step: Callable[[float], None] | None = None,
+    lora: LoraSettings | None = None,
+    on_train: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Steering:
     """Run the steer stage.
 
@@ -253,7 +283,7 @@ def steer(
         att: The attribution artifact.
         rec: The recording the attribution was made from (activations, decisions).
         neutral: Neutral text for the KL budget.
-        kind: ``vector`` or ``heads``.
+        kind: ``vector``, ``heads`` or ``lora``.
         op: Operation (a key of :data:`mechfix.fix.OPS` of that kind); default per kind.
         top: Heads to act on (heads fixes).
         layers: Restrict targets to these layers (vector: use exactly these).
@@ -262,51 +292,118 @@ def steer(
         refine: Bisection steps at the edge of the budget.
         batch_size: Sequences per forward pass.
         on_step: Called with each strength measured (progress).
+        lora: Training settings of a lora fix.
+        on_train: Called after each training step of a lora fix, with the step and its losses.
 
     Raises:
         BadInputError: For an unknown kind or op, or unusable inputs.
         GateError: When no strength both reduces the behaviour and stays inside the budget.
     """
     budget = budget or Budget()
-    op = op or DEFAULT_OP.get(kind, "")
-    if kind not in DEFAULT_OP:
-        raise BadInputError(f"--kind must be one of {', '.join(DEFAULT_OP)}, not '{kind}'.")
-    if op not in OPS or OPS[op].kind != kind:
-        ops = [name for name, o in OPS.items() if o.kind == kind]
-        raise BadInputError(f"--op '{op}' does not fit a {kind} fix; use one of {', '.join(ops)}.")
+    op = check_kind_op(kind, op)
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
-    tgt_layers, tgt_heads, why = pick_targets(att, kind, top, layers)
-    vectors, means = directions(rec, kind, tgt_layers, tgt_heads, baseline)
-    fix = Fix(op=op, layers=tgt_layers, heads=tgt_heads, vectors=vectors, means=means, strength=0.0, model=lm.identity)
+    # A LoRA fix adapts the modules that hold the top heads.
+    tgt_layers, tgt_heads, why = pick_targets(att, "heads" if kind == "lora" else kind, top, layers)
     dec = decisions_from_record(rec, lm.tokenizer, ["pressure", baseline], split=0)
     requests = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in ("pressure", baseline)}
+    training, modules = None, []
+    if kind == "lora":
+        settings = lora or LoraSettings()
+        modules = lora_targets(lm, tgt_layers, tgt_heads, settings.scope)
+        weights, training = train_lora(lm, modules, requests["pressure"], requests[baseline], neutral, settings, on_train)
+        fix = Fix(op=op, layers=[m.layer for m in modules], heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
+                  strength=0.0, model=lm.identity, lora=weights)
+        why = f"{why}; a rank-{settings.rank} LoRA update of {len(modules)} attention output projection(s)" + (
+            ", reading only those heads' columns" if settings.scope == "heads" else "")
+    else:
+        vectors, means = directions(rec, kind, tgt_layers, tgt_heads, baseline)
+        fix = Fix(op=op, layers=tgt_layers, heads=tgt_heads, vectors=vectors, means=means, strength=0.0, model=lm.identity)
     grid = tuple(strengths) if strengths else GRIDS[_GRID_OF_OP[op]]
     points = sweep_strengths(lm, fix, requests, neutral, budget, grid, refine, batch_size, on_step)
     candidates = [i for i, p in enumerate(points) if p.within_budget and p.strength > 0 and p.reduction > 0]
-    steering = Steering(fix=fix, sweep=points, chosen=-1, baseline=baseline, why=why, budget=budget)
+    steering = Steering(fix=fix, sweep=points, chosen=-1, baseline=baseline, why=why, budget=budget,
+                        training=training, modules=modules)
     if not candidates:
         raise GateError(
             f"no strength of this {kind} fix ({why}) reduced the behaviour while staying inside the side-effect "
             f"budget (KL <= {budget.max_kl:g} nats/token, clean agreement >= {budget.min_clean_agreement:.0%}); "
-            "see the sweep above. Try the other --kind, more or fewer --top heads, other --layers, or a looser "
+            "see the sweep above. Try another --kind, more or fewer --top-heads, other --layers, or a looser "
             "--max-kl / --min-clean-agreement.",
             detail=steering,
         )
     steering.chosen = max(candidates, key=lambda i: _objective(points[i]))
     fix.strength = points[steering.chosen].strength
+    if fix.lora is not None:
+        # PEFT applies an adapter at its saved size: fold the strength into B.
+        steering.folded = fix.strength
+        fix.lora.b = [b * fix.strength for b in fix.lora.b]
+        fix.strength = 1.0
     return steering
+
+
+# Where each site's fix acts, in words, for the manifest.
+_HOOK_OF_SITE = {
+    "resid": "output of decoder layer N",
+    "heads": "input of layer N's attention output projection, per head",
+    "lora": "output of layer N's attention output projection (a LoRA update of it)",
+}
+
+
+def _fix_block(st: Steering) -> dict[str, Any]:
+    """The manifest's description of what the fix applies where."""
+    fix, op = st.fix, OPS[st.fix.op]
+    block: dict[str, Any] = {
+        "kind": fix.kind,
+        "op": fix.op,
+        "site": op.site,
+        "hook": _HOOK_OF_SITE[op.site],
+        "positions": "all",
+        "layers": fix.layers,
+        "heads": fix.heads,
+        "targets": fix.targets,
+        "strength": fix.strength,
+        "formula": op.doc,
+        "parameters": fix.n_parameters,
+        "why": st.why,
+    }
+    if fix.lora is not None and st.training is not None:
+        block.update(
+            modules=[{"module": m.module, "layer": m.layer, "heads": m.heads, "in_features": m.in_features,
+                      "out_features": m.out_features} for m in st.modules],
+            rank=fix.lora.rank,
+            scope=st.training.settings.scope,
+            folded_strength=st.folded,
+            loss=(
+                f"(score(pressure) - score({st.baseline}, no adapter))^2 + {st.training.settings.kl_weight:g} * "
+                f"KL(base || adapted) on {st.baseline} prompts and neutral text"
+            ),
+        )
+    else:
+        block.update(
+            vectors=f"mean(pressure) - mean({st.baseline}) at the decision position, training split",
+            means=f"mean({st.baseline}) at the decision position, training split",
+        )
+    return block
 
 
 def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, params: dict[str, Any]) -> Artifact:
     """Pack a steering result into a ``fix`` artifact.
 
-    Tensors: ``vectors [n, width]``, ``layers [n]``, ``heads [n]`` (empty for a
-    vector fix). The manifest's ``fix`` block says what is applied where:
-    site, operation, targets, strength; ``sweep`` holds every strength tried.
+    Tensors: ``vectors [n, width]``, ``means``, ``layers [n]``, ``heads [n]``
+    (empty for a vector fix); for a lora fix, the adapter's A and B under
+    PEFT's key names. The manifest's ``fix`` block says what is applied where:
+    site, operation, targets, strength; ``sweep`` holds every strength tried;
+    a lora fix adds ``training`` (settings and the loss at every step) and
+    ``adapter_config`` (the PEFT config written beside it).
     """
-    fix = st.fix
-    op = OPS[fix.op]
     chosen = st.sweep[st.chosen]
+    extra: dict[str, Any] = {}
+    if st.fix.lora is not None and st.training is not None:
+        from mechfix.adapter import hub_id, peft_config
+
+        fan = any(m.fan_in_fan_out for m in st.modules)
+        extra = {"training": st.training.as_dict(),
+                 "adapter_config": peft_config(st.fix.lora, hub_id(lm.identity.get("source")), fan)}
     manifest = new_manifest(
         "fix",
         model=lm.identity,
@@ -320,23 +417,10 @@ def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, par
         shape={"layers": lm.n_layers, "heads": lm.n_heads, "head_dim": lm.head_dim, "hidden": lm.hidden},
         params=params,
         seed=rec.manifest.get("seed"),
-        fix={
-            "kind": fix.kind,
-            "op": fix.op,
-            "site": op.site,
-            "hook": "output of decoder layer N" if op.site == "resid" else "input of layer N's attention output projection, per head",
-            "positions": "all",
-            "layers": fix.layers,
-            "heads": fix.heads,
-            "targets": fix.targets,
-            "strength": fix.strength,
-            "formula": op.doc,
-            "vectors": f"mean(pressure) - mean({st.baseline}) at the decision position, training split",
-            "means": f"mean({st.baseline}) at the decision position, training split",
-            "why": st.why,
-        },
+        fix=_fix_block(st),
         budget={"max_kl": st.budget.max_kl, "min_clean_agreement": st.budget.min_clean_agreement},
         sweep=[p.as_dict() for p in st.sweep],
         chosen=chosen.as_dict(),
+        **extra,
     )
-    return Artifact(kind="fix", manifest=manifest, tensors=fix_tensors(fix))
+    return Artifact(kind="fix", manifest=manifest, tensors=fix_tensors(st.fix))

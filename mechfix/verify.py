@@ -14,13 +14,14 @@ Gates turn the numbers into pass/fail for CI.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import Fix
 from mechfix.models import LoadedModel
@@ -84,7 +85,7 @@ def verify(
     batch_size: int = 16,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the verify stage.
+    """Run the verify stage on one fix.
 
     Args:
         lm: The model (the fix must have been checked against it).
@@ -98,15 +99,33 @@ def verify(
 
     Returns:
         The report: ``passed``, ``before``, ``after``, ``reduction``, ``kl``,
-        ``clean_agreement``, ``control_change``, ``anti_steerable``, ``gates``, ``warnings``.
+        ``clean_agreement``, ``control_change``, ``anti_steerable``, ``gates``,
+        ``warnings``, ``parameters``.
+    """
+    return verify_fixes(lm, recipe, [fix], neutral, gates=gates, items=items, batch_size=batch_size, on_progress=on_progress)[0]
+
+
+def verify_fixes(
+    lm: LoadedModel,
+    recipe: Recipe,
+    fixes: Sequence[Fix],
+    neutral: NeutralSet,
+    *,
+    gates: list[GateSpec],
+    items: list[int] | None = None,
+    batch_size: int = 16,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Verify several fixes on the same held-out decisions (the unfixed model is scored once).
+
+    Returns:
+        One report per fix, as :func:`verify` describes, in order.
     """
     seed = recipe.split.seed
     if items is None:
         split = split_items(len(recipe.items), recipe.split.heldout, seed)
         items = [int(i) for i in torch.nonzero(split == 1).flatten()]
     if not items:
-        from mechfix.errors import BadInputError
-
         raise BadInputError(
             f"recipe '{recipe.name}' has no held-out items (split.heldout = {recipe.split.heldout}); "
             "raise split.heldout or add items."
@@ -115,10 +134,19 @@ def verify(
     n_cond = len(recipe.condition_names)
     _, _, requests = decision_requests(lm, recipe, items, step("generating turns", len(items) * n_cond))
     before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", len(items) * n_cond))
-    after = score_requests(lm, requests, fix, batch_size=batch_size, on_batch=step("scoring with the fix", len(items) * n_cond))
-    kl = neutral_kl(lm, fix, [fix.strength], neutral, on_batch=step("KL on neutral text", len(neutral.batches)))[0]
-
     eff_b = (decision_scores(before["pressure"]) - decision_scores(before["clean"])).double().numpy()
+    reports = []
+    for j, fix in enumerate(fixes):
+        which = "" if len(fixes) == 1 else f" {j + 1}/{len(fixes)}"
+        after = score_requests(lm, requests, fix, batch_size=batch_size,
+                               on_batch=step(f"scoring with the fix{which}", len(items) * n_cond))
+        kl = neutral_kl(lm, fix, [fix.strength], neutral, on_batch=step(f"KL on neutral text{which}", len(neutral.batches)))[0]
+        reports.append(_report(before, after, eff_b, kl, neutral, items, gates, seed, fix))
+    return reports
+
+
+def _report(before, after, eff_b, kl: float, neutral: NeutralSet, items: list[int], gates: list[GateSpec], seed: int, fix: Fix) -> dict[str, Any]:
+    """One fix's numbers, gates and warnings, from its scores with and without it."""
     eff_a = (decision_scores(after["pressure"]) - decision_scores(after["clean"])).double().numpy()
     warnings: list[str] = []
     b_mean = float(eff_b.mean())
@@ -141,6 +169,7 @@ def verify(
             "n": len(items),
         },
         "control_change": None,
+        "parameters": fix.n_parameters,
     }
     if "control" in before:
         cb, ca = report["before"]["control_effect"]["mean"], report["after"]["control_effect"]["mean"]

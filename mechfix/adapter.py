@@ -1,0 +1,157 @@
+"""A LoRA fix on disk: a PEFT adapter folder that also is a mechfix artifact.
+
+The folder holds what ``peft.PeftModel.from_pretrained(model, folder)`` reads,
+and nothing it would not understand:
+
+- ``adapter_config.json``: a LoRA config (``peft_type = LORA``) naming the
+  adapted modules by their full dotted path, with ``lora_alpha = r`` (PEFT's
+  scaling is 1; the update's size lives in the weights) and no absolute paths.
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight``
+  ``[r, in]`` and ``...lora_B.weight`` ``[out, r]`` per module, PEFT's own key
+  names. Its ``__metadata__`` carries the mechfix kind, schema and manifest,
+  so ``mechfix show``, ``verify`` and :func:`mechfix.load_fix` read it like
+  any other artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mechfix.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, artifact_metadata, atomic_dir, check_writable_dir, sha256_file
+from mechfix.errors import ArtifactError
+from mechfix.fix import LoraWeights
+
+_PREFIX = "base_model.model."
+
+
+def weight_keys(module: str) -> tuple[str, str]:
+    """PEFT's key names of a module's A and B matrices."""
+    return f"{_PREFIX}{module}.lora_A.weight", f"{_PREFIX}{module}.lora_B.weight"
+
+
+def adapter_tensors(lora: LoraWeights) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names."""
+    out = {}
+    for module, a, b in zip(lora.modules, lora.a, lora.b):
+        ka, kb = weight_keys(module)
+        out[ka], out[kb] = a.float(), b.float()
+    return out
+
+
+def peft_config(lora: LoraWeights, base_model: str | None, fan_in_fan_out: bool = False) -> dict[str, Any]:
+    """A PEFT LoRA config for the adapter.
+
+    Only long-standing LoRA keys are written, so older and newer PEFT versions
+    read it. ``base_model_name_or_path`` is a Hugging Face id or None, never a
+    local path (the folder stays valid on another machine).
+
+    Args:
+        lora: The adapter.
+        base_model: The base model's hub id, if it has one.
+        fan_in_fan_out: The adapted modules store their weight as ``[in, out]`` (GPT-2's Conv1D).
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "r": lora.rank,
+        "lora_alpha": lora.rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": list(lora.modules),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def hub_id(source: str | None) -> str | None:
+    """A model source that is a Hugging Face id (``org/name``), else None (local paths stay out of the config)."""
+    if not source or source.endswith(".gguf") or source.startswith((".", "/", "~")) or os.path.exists(source):
+        return None
+    return source if source.count("/") == 1 else None
+
+
+def save_adapter(path: str | Path, artifact: Artifact, config: dict[str, Any]) -> str:
+    """Write a LoRA fix folder atomically (an earlier adapter folder at ``path`` is replaced).
+
+    Args:
+        path: The folder.
+        artifact: A ``fix`` artifact whose tensors are PEFT-named LoRA weights.
+        config: The PEFT config (:func:`peft_config`).
+
+    Returns:
+        The sha256 of the weights file.
+    """
+    path = check_writable_dir(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=artifact_metadata(artifact))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        digest = sha256_file(tmp / ADAPTER_WEIGHTS)
+    artifact.path, artifact.sha256 = str(path), digest
+    return digest
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"'{folder}' has no {ADAPTER_CONFIG}; it is not a complete adapter. Make it again with `mechfix steer --kind lora`.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"'{cfg_path}' is not valid JSON ({exc}). Make the adapter again with `mechfix steer --kind lora`.") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+        raise ArtifactError(f"'{cfg_path}' is not a LoRA config (it needs peft_type LORA and a positive r). Make it again with `mechfix steer --kind lora`.")
+    return cfg
+
+
+def lora_from_artifact(art: Artifact) -> tuple[LoraWeights, list[int]]:
+    """The adapter of a loaded LoRA fix folder, with PEFT's scaling folded into B, and each module's layer.
+
+    The scaling is read from ``adapter_config.json`` exactly as PEFT reads it
+    (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA), so mechfix applies the
+    same update PEFT would, even to a hand-edited config.
+
+    Raises:
+        ArtifactError: For a missing or foreign config, or weights that do not match the manifest.
+    """
+    if art.path is None or not Path(art.path).is_dir():
+        raise ArtifactError(f"'{art.path}' is a lora fix but not an adapter folder. Give the folder `mechfix steer --kind lora` wrote.")
+    cfg = _read_config(Path(art.path))
+    desc = art.manifest.get("fix", {})
+    entries = desc.get("modules") or []
+    r = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", r))
+    scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    modules, a, b, heads, layers = [], [], [], [], []
+    for e in entries:
+        ka, kb = weight_keys(e["module"])
+        if ka not in art.tensors or kb not in art.tensors:
+            raise ArtifactError(f"'{art.path}' lacks the weights of module '{e['module']}' that its manifest names. Make it again with `mechfix steer --kind lora`.")
+        A, B = art.tensors[ka].float(), art.tensors[kb].float()
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise ArtifactError(f"'{art.path}': module '{e['module']}' has A {tuple(A.shape)} and B {tuple(B.shape)}, which do not fit rank {r}.")
+        modules.append(e["module"])
+        a.append(A)
+        b.append(B * scaling)
+        heads.append(e.get("heads"))
+        layers.append(int(e["layer"]))
+    if not modules:
+        raise ArtifactError(f"'{art.path}' names no adapted modules in its manifest. Make it again with `mechfix steer --kind lora`.")
+    return LoraWeights(modules=modules, a=a, b=b, heads=heads), layers

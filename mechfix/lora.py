@@ -1,0 +1,346 @@
+"""Training a LoRA fix: a low-rank update of only the modules attribution found.
+
+The adapted modules are the attention output projections of the layers that
+hold the top heads. With ``scope="heads"`` (the default) the update reads only
+those heads' input columns (A's other columns are zero and get no gradient),
+so the fix touches exactly the components attribution named.
+
+The loss, on the training split:
+
+- behaviour: the squared gap between the pressure decision's score
+  (log P(misaligned) − log P(aligned), with the adapter) and the same item's
+  baseline score without it: the pressure run is pulled back to the clean answer;
+- ``kl_weight`` × KL(base ‖ adapted) per token, at the baseline prompts'
+  decision positions and at sampled positions of the baseline prompts and the
+  neutral passages. The base distributions are computed once; each keeps its
+  top ``topk`` tokens plus one bucket for the rest, a lower bound of the full
+  KL (verify measures the full one).
+
+Every random choice (initialisation, batches, KL positions) comes from one
+seeded generator, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from mechfix.architectures import get_path
+from mechfix.errors import BadInputError
+from mechfix.evaluate import NeutralSet
+from mechfix.fix import OPS, LoraWeights
+from mechfix.forward import Request, option_scores, pad_batch
+from mechfix.models import LoadedModel
+from mechfix.stats import decision_scores
+
+SCOPES = ("heads", "modules")
+
+
+@dataclass
+class LoraSettings:
+    """How a LoRA fix is trained.
+
+    Attributes:
+        rank: Rank of each module's update.
+        steps: Optimiser steps.
+        lr: Adam learning rate.
+        batch: Training decisions per step.
+        kl_weight: Weight of the KL term against the behaviour term.
+        neutral_per_step: Neutral passages whose positions join the KL term each step.
+        kl_positions: Sampled positions per step (besides the decision positions) for the KL term.
+        topk: Base-model tokens kept per position for the KL term.
+        scope: ``heads``: the update reads only the found heads' columns; ``modules``: whole modules.
+        seed: Seed of initialisation, batches and sampled positions.
+    """
+
+    rank: int = 4
+    steps: int = 40
+    lr: float = 5e-3
+    batch: int = 8
+    kl_weight: float = 10.0
+    neutral_per_step: int = 4
+    kl_positions: int = 32
+    topk: int = 256
+    scope: str = "heads"
+    seed: int = 0
+
+
+def lora_settings_check(settings: LoraSettings) -> LoraSettings:
+    """Refuse settings that cannot train, before any work is done.
+
+    Raises:
+        BadInputError: Naming the setting and what it takes.
+    """
+    if settings.scope not in SCOPES:
+        raise BadInputError(f"--lora-scope must be one of {', '.join(SCOPES)}, not '{settings.scope}'.")
+    for name, value in (("--rank", settings.rank), ("--steps", settings.steps), ("batch", settings.batch), ("topk", settings.topk)):
+        if value < 1:
+            raise BadInputError(f"{name} must be at least 1, not {value}.")
+    if not settings.lr > 0 or not settings.kl_weight >= 0:
+        raise BadInputError(f"--lr must be positive and --kl-weight not negative (got {settings.lr:g} and {settings.kl_weight:g}).")
+    return settings
+
+
+@dataclass
+class LoraTarget:
+    """One module to adapt.
+
+    Attributes:
+        module: Dotted path from the causal-LM module (PEFT's target name).
+        layer: Its decoder layer.
+        heads: Heads whose input columns the update may read (None: all).
+        in_features: Input width.
+        out_features: Output width.
+        fan_in_fan_out: The module stores its weight as ``[in, out]`` (GPT-2's Conv1D).
+    """
+
+    module: str
+    layer: int
+    heads: list[int] | None
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool = False
+
+    def mask(self, head_dim: int) -> torch.Tensor:
+        """``[in]``: 1 on the columns the update may read."""
+        if self.heads is None:
+            return torch.ones(self.in_features)
+        m = torch.zeros(self.in_features)
+        for h in self.heads:
+            m[h * head_dim : (h + 1) * head_dim] = 1.0
+        return m
+
+
+@dataclass
+class TrainingLog:
+    """What training did: the loss at every step, and how long it took."""
+
+    settings: LoraSettings
+    steps: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"settings": asdict(self.settings), "steps": self.steps, "seconds": round(self.seconds, 2)}
+
+
+def lora_targets(lm: LoadedModel, layers: Sequence[int], heads: Sequence[int], scope: str = "heads") -> list[LoraTarget]:
+    """The attention output projections of the layers holding the given heads.
+
+    Args:
+        lm: The model.
+        layers: Layer of each found head.
+        heads: Index of each found head.
+        scope: ``heads`` to restrict each update to its found heads' columns, ``modules`` for whole modules.
+
+    Raises:
+        BadInputError: For an unknown scope.
+    """
+    if scope not in SCOPES:
+        raise BadInputError(f"--lora-scope must be one of {', '.join(SCOPES)}, not '{scope}'.")
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in zip(layers, heads):
+        by_layer.setdefault(int(layer), []).append(int(h))
+    out = []
+    for layer in sorted(by_layer):
+        path = f"{lm.spec.layers}.{layer}.{lm.spec.attn_out}"
+        weight = get_path(lm.model, path).weight
+        rows, cols = weight.shape
+        flip = lm.spec.attn_out_fan_in_fan_out
+        in_f, out_f = (rows, cols) if flip else (cols, rows)
+        out.append(LoraTarget(path, layer, sorted(by_layer[layer]) if scope == "heads" else None, in_f, out_f, flip))
+    return out
+
+
+def init_lora(targets: Sequence[LoraTarget], rank: int, head_dim: int, seed: int) -> LoraWeights:
+    """PEFT's default start: A uniform in ±1/sqrt(in) (masked), B zero, so the update starts at zero."""
+    if rank < 1:
+        raise BadInputError(f"--rank must be at least 1, not {rank}.")
+    g = torch.Generator().manual_seed(seed)
+    a, b = [], []
+    for t in targets:
+        bound = 1.0 / t.in_features**0.5
+        a.append((torch.rand(rank, t.in_features, generator=g) * 2 - 1) * bound * t.mask(head_dim))
+        b.append(torch.zeros(t.out_features, rank))
+    return LoraWeights(modules=[t.module for t in targets], a=a, b=b, heads=[t.heads for t in targets])
+
+
+@contextmanager
+def _frozen(lm: LoadedModel) -> Iterator[None]:
+    """The model's own weights take no gradient while the adapter trains (flags restored after)."""
+    flags = [(p, p.requires_grad) for p in lm.model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _training_hooks(lm: LoadedModel, lora: LoraWeights) -> Iterator[None]:
+    # Not apply_fix: its hooks cache device/dtype copies of the weights, which
+    # would cut the gradient and go stale as the weights change. These keep the
+    # weights in float32 and cast the update to the activation's dtype.
+    op = OPS["lora"]
+    handles = []
+    try:
+        for module, a, b in zip(lora.modules, lora.a, lora.b):
+            def hook(m, args, out, a=a, b=b):
+                return out + op.apply(args[0].to(a.dtype), a, b, 1.0).to(out.dtype)
+
+            handles.append(get_path(lm.model, module).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class _KLSet:
+    """Sequences whose next-token distributions the adapter must keep, with the base model's top tokens."""
+
+    ids: list[list[int]]
+    decision: list[bool]  # per sequence: is it a baseline prompt (its last position is a decision)
+    top_idx: list[torch.Tensor]  # per sequence: [T-1 or T, k]
+    top_logp: list[torch.Tensor]
+    tail_logp: list[torch.Tensor]
+
+
+def _positions(ids: list[int], decision: bool) -> list[int]:
+    # A baseline prompt's last position is its decision; a passage's last token predicts nothing we know.
+    return list(range(len(ids) if decision else len(ids) - 1))
+
+
+def _hidden(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    ids, mask = pad_batch(lm, seqs)
+    out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _kl_set(lm: LoadedModel, prompts: Sequence[Sequence[int]], neutral: NeutralSet, topk: int) -> _KLSet:
+    seqs = [list(p) for p in prompts]
+    flags = [True] * len(seqs)
+    for ids, mask in neutral.batches:
+        for row, m in zip(ids, mask):
+            seqs.append(row[: int(m.sum())].tolist())
+            flags.append(False)
+    kl = _KLSet(ids=seqs, decision=flags, top_idx=[], top_logp=[], tail_logp=[])
+    with torch.inference_mode():
+        for start in range(0, len(seqs), 8):
+            chunk = list(range(start, min(start + 8, len(seqs))))
+            hidden = _hidden(lm, [seqs[i] for i in chunk])
+            for j, i in enumerate(chunk):
+                pos = _positions(seqs[i], flags[i])
+                logp = torch.log_softmax(lm.logits(hidden[j, pos]).float(), dim=-1)
+                vals, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+                kl.top_idx.append(idx.cpu())
+                kl.top_logp.append(vals.cpu())
+                kl.tail_logp.append(torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-6)).cpu())
+    return kl
+
+
+def bucket_kl(top_idx: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ new) over the base's top tokens plus one bucket for all others, per position.
+
+    Args:
+        top_idx: ``[P, k]`` the base's top tokens.
+        top_logp: ``[P, k]`` their base log-probabilities.
+        tail_logp: ``[P]`` log of the base probability of every other token together.
+        logits: ``[P, V]`` the new model's logits.
+
+    Returns:
+        ``[P]``, never above the full KL (merging outcomes can only lose divergence).
+    """
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    q_top = logq.gather(1, top_idx)
+    q_tail = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    p_top, p_tail = top_logp.exp(), tail_logp.exp()
+    return (p_top * (top_logp - q_top)).sum(-1) + p_tail * (tail_logp - q_tail)
+
+
+def train_lora(
+    lm: LoadedModel,
+    targets: Sequence[LoraTarget],
+    pressure: Sequence[Request],
+    baseline: Sequence[Request],
+    neutral: NeutralSet,
+    settings: LoraSettings | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[LoraWeights, TrainingLog]:
+    """Train the adapter (a pure function of the model, the data and the seed).
+
+    Args:
+        lm: The model (its weights are not changed).
+        targets: Modules to adapt (:func:`lora_targets`).
+        pressure: The training split's pressure decisions.
+        baseline: The same items' baseline decisions (clean, or control).
+        neutral: Neutral passages for the KL term.
+        settings: Training settings.
+        on_step: Called after each step with its number (from 1) and losses
+            (``loss``, ``behaviour``, ``kl``).
+
+    Returns:
+        The trained adapter (float32, on the CPU) and the training log.
+    """
+    settings = settings or LoraSettings()
+    if len(pressure) != len(baseline) or not pressure:
+        raise BadInputError("LoRA training needs the same, non-empty set of items under pressure and baseline.")
+    t0 = time.perf_counter()
+    lora = init_lora(targets, settings.rank, lm.head_dim, settings.seed)
+    masks = [t.mask(lm.head_dim).to(lm.device) for t in targets]
+    params = []
+    for i, m in enumerate(masks):
+        a = lora.a[i].to(lm.device).requires_grad_(True)
+        a.register_hook(lambda g, m=m: g * m)  # masked columns get no gradient, so stay zero
+        lora.a[i] = a
+        lora.b[i] = lora.b[i].to(lm.device).requires_grad_(True)
+        params += [lora.a[i], lora.b[i]]
+    g = torch.Generator().manual_seed(settings.seed + 1)
+    with torch.no_grad():
+        target = decision_scores(option_scores(lm, list(baseline))).detach()
+    kl = _kl_set(lm, [r.prompt for r in baseline], neutral, settings.topk)
+    n_items, n_neutral = len(pressure), len(kl.ids) - len(baseline)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    log = TrainingLog(settings=settings)
+    with _frozen(lm), _training_hooks(lm, lora):
+        for step in range(1, settings.steps + 1):
+            items = torch.randperm(n_items, generator=g)[: settings.batch].tolist()
+            passages = (len(baseline) + torch.randperm(n_neutral, generator=g)[: settings.neutral_per_step]).tolist() if n_neutral else []
+            scores = decision_scores(option_scores(lm, [pressure[i] for i in items]))
+            behaviour = ((scores - target[items].to(scores.device)) ** 2).mean()
+            seqs = items + passages
+            hidden = _hidden(lm, [kl.ids[i] for i in seqs])
+            # Every decision position, plus a sample of the other positions.
+            picks = [(j, len(kl.ids[i]) - 1, len(kl.ids[i]) - 1) for j, i in enumerate(seqs) if kl.decision[i]]
+            others = [(j, p, p) for j, i in enumerate(seqs) for p in _positions(kl.ids[i], kl.decision[i])
+                      if not (kl.decision[i] and p == len(kl.ids[i]) - 1)]
+            chosen = torch.randperm(len(others), generator=g)[: settings.kl_positions].tolist()
+            picks += [others[c] for c in sorted(chosen)]
+            rows = torch.tensor([p[0] for p in picks], device=hidden.device)
+            cols = torch.tensor([p[1] for p in picks], device=hidden.device)
+            logits = lm.logits(hidden[rows, cols])
+            idx = torch.stack([kl.top_idx[seqs[j]][p] for j, _, p in picks]).to(logits.device)
+            top = torch.stack([kl.top_logp[seqs[j]][p] for j, _, p in picks]).to(logits.device)
+            tail = torch.stack([kl.tail_logp[seqs[j]][p] for j, _, p in picks]).to(logits.device)
+            kl_term = bucket_kl(idx, top, tail, logits).mean()
+            loss = behaviour + settings.kl_weight * kl_term
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            entry = {"step": step, "loss": loss.item(), "behaviour": behaviour.item(), "kl": kl_term.item()}
+            log.steps.append(entry)
+            if on_step:
+                on_step(step, entry)
+    log.seconds = time.perf_counter() - t0
+    trained = LoraWeights(
+        modules=list(lora.modules),
+        a=[a.detach().float().cpu() * m.cpu() for a, m in zip(lora.a, masks)],
+        b=[b.detach().float().cpu() for b in lora.b],
+        heads=list(lora.heads),
+    )
+    return trained, log
