@@ -430,18 +430,29 @@ def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
+    # One column per fix, so that three or four fixes fit a terminal side by side.
     t = Table(title=title, title_justify="left")
-    for col, just in (("fix", "left"), ("kind / op", "left"), ("parameters", "right"), ("reduction [95% CI]", "right"),
-                      ("KL/token", "right"), ("clean", "right"), ("control - clean", "right"), ("anti", "right"), ("gates", "left")):
-        t.add_column(col, justify=just, no_wrap=col != "fix")
-    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    t.add_column("held-out")
     for r in rows:
+        t.add_column(escape(Path(str(r["fix"])).name), justify="right")
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+
+    def red(r: dict[str, Any]) -> str:
         ci = r.get("reduction_ci95") or [None, None]
-        red = pct(r["reduction"]) + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else "")
-        ctrl = "-" if r["control_before"] is None else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"
-        t.add_row(escape(str(r["fix"])), f"{r['kind']} / {r['op']}", f"{r['parameters']:,}" if r["parameters"] is not None else "-",
-                  red, f"{r['kl']:.4f}", pct(r["clean_agreement"]), ctrl, pct(r["anti_steerable"]),
-                  "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]")
+        return pct(r["reduction"]) + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else "")
+
+    lines = [
+        ("kind / op", lambda r: f"{r['kind']} / {r['op']}"),
+        ("parameters", lambda r: "-" if r["parameters"] is None else f"{r['parameters']:,}"),
+        ("reduction", red),
+        ("KL/token", lambda r: f"{r['kl']:.4f}"),
+        ("clean agreement", lambda r: pct(r["clean_agreement"])),
+        ("control - clean", lambda r: "-" if r["control_before"] is None else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"),
+        ("anti-steerable", lambda r: pct(r["anti_steerable"])),
+        ("gates", lambda r: "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]"),
+    ]
+    for name, cell in lines:
+        t.add_row(name, *[cell(r) for r in rows])
     err.print(t)
 
 

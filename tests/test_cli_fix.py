@@ -128,3 +128,78 @@ def test_run_chains_every_stage_into_one_folder(monkeypatch, capsys, tmp_path, p
     saved = json.loads((out / "plant.verify.json").read_text())
     assert saved["reduction"] == summary["verify"]["reduction"]
     assert "1/4 record" in stderr and "4/4 verify" in stderr
+
+
+LORA_FAST = ("--rank", "2", "--steps", "12", "--lr", "0.02", "--kl-weight", "1")
+
+
+def test_steer_lora_writes_an_adapter_folder_that_show_verify_and_compare_read(monkeypatch, capsys, tmp_path, pipeline):
+    recipe, rec, att = pipeline
+    folder, heads = tmp_path / "plant.lora", tmp_path / "h.fix.safetensors"
+    code, stdout, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(folder), "--top-heads", "1",
+                               *LORA_FAST, *LOOSE, "--json")
+    assert code == 0, stderr
+    obj = json.loads(stdout)
+    assert obj["kind"] == "lora" and obj["targets"] == ["L1.o_proj[H2]"] and obj["strength"] == 1.0
+    assert obj["training"]["steps"] == 12 and obj["training"]["folded_strength"] == obj["chosen"]["strength"]
+    # One rank-2 update reading head 2's 16 columns of a 64-wide projection: 2*16 + 64*2 numbers.
+    assert obj["parameters"] == 2 * 16 + 64 * 2
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    code, _, stderr = run(monkeypatch, capsys, "show", str(folder))
+    assert code == 0 and "lora / lora on L1.o_proj[H2]" in stderr and "training: 12 steps" in stderr
+
+    assert run(monkeypatch, capsys, "steer", str(att), "--out", str(heads), "--op", "scale", "--top-heads", "1", *LOOSE)[0] == 0
+    code, stdout, stderr = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(folder), "--compare", str(heads),
+                               "--min-reduction", "0.1", "--min-clean-agreement", "0.5", *LOOSE, "--json")
+    report = json.loads(stdout)
+    assert code == (0 if report["passed"] else 1)
+    rows = report["comparison"]
+    assert [r["kind"] for r in rows] == ["lora", "heads"] and len(report["compare"]) == 1
+    assert rows[0]["parameters"] == obj["parameters"] and rows[1]["parameters"] == 0  # scale reads no stored numbers
+    assert rows[0]["reduction"] == report["reduction"]["value"]
+    assert rows[1]["reduction"] == report["compare"][0]["reduction"]["value"]
+    # The fixes were measured on the same decisions, against the same unfixed model.
+    assert report["compare"][0]["before"] == report["before"]
+
+    code, _, stderr = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(folder), "--compare", str(heads),
+                          "--min-reduction", "0.1", "--min-clean-agreement", "0.5", *LOOSE)
+    assert "side by side" in stderr and "lora / lora" in stderr and "heads / scale" in stderr
+
+    code, _, stderr = run(monkeypatch, capsys, "export", str(folder), "--out", str(tmp_path / "l.gguf"))
+    assert code == 2 and "PEFT adapter" in " ".join(stderr.split()) and not (tmp_path / "l.gguf").exists()
+
+
+def test_steer_lora_refuses_bad_output_and_settings_writing_nothing(monkeypatch, capsys, tmp_path, pipeline):
+    recipe, rec, att = pipeline
+    a_file = tmp_path / "taken.lora"
+    a_file.write_text("x")
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(a_file))
+    assert code == 2 and "is a file" in stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(mine))
+    assert code == 2 and "will not replace" in " ".join(stderr.split())
+    out = tmp_path / "new.lora"
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(out), "--lora-scope", "all")
+    assert code == 2 and "--lora-scope" in stderr
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(out), "--op", "scale")
+    assert code == 2 and "does not fit a lora fix" in stderr
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(out), *LORA_FAST, "--max-kl", "0")
+    assert code == 1 and "no strength of this lora fix" in " ".join(stderr.split())
+    assert not out.exists() and (mine / "notes.txt").read_text() == "keep"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_run_with_a_lora_fix_writes_the_adapter_folder(monkeypatch, capsys, tmp_path, planted_dir):
+    recipe = tmp_path / "plant.yaml"
+    recipe.write_text(PLANT_MORE)
+    out = tmp_path / "runs"
+    code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
+                               "--kind", "lora", "--top-heads", "1", *LORA_FAST, "--min-reduction", "0.1",
+                               "--min-clean-agreement", "0.5", *LOOSE, "--json")
+    summary = json.loads(stdout)
+    assert code == (0 if summary["passed"] else 1), stderr
+    assert (out / "plant.lora" / "adapter_config.json").is_file() and not (out / "plant.fix.safetensors").exists()
+    assert summary["fix"]["kind"] == "lora" and summary["fix"]["parameters"] == 2 * 16 + 64 * 2
