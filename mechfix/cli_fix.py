@@ -434,7 +434,7 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     t = Table(title=title, title_justify="left")
     t.add_column("held-out")
     for r in rows:
-        t.add_column(escape(Path(str(r["fix"])).name), justify="right")
+        t.add_column(escape(Path(str(r["fix"])).name), justify="right", overflow="fold")
     pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
 
     def red(r: dict[str, Any]) -> str:

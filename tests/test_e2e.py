@@ -115,14 +115,31 @@ def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemm
     assert comp.kind == "heads" and abs(float(att.pressure[0]) - total - float(att.exact[comp][0])) < 1e-3
 
 
-def test_run_on_the_embedded_model_cuts_held_out_conformity_inside_the_side_effect_budget(monkeypatch, capsys, tmp_path):
+def _cli(*args: str) -> tuple[int, str]:
+    """Run the CLI in-process (for module-scoped fixtures, which cannot take monkeypatch or capsys)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(sys, "argv", ["mechfix", *args])
+        with pytest.raises(SystemExit) as exc:
+            main()
+    return exc.value.code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def conformity_run(tmp_path_factory):
+    """`mechfix run` on the built-in conformity recipe (the README's main command)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    code, stdout = _cli("run", "recipes/conformity.yaml", "--out", str(out), "--json")
+    return code, json.loads(stdout), out
+
+
+def test_run_on_the_embedded_model_cuts_held_out_conformity_inside_the_side_effect_budget(conformity_run):
     """The issue's bar: held-out effect cut by >= 50%, KL <= 0.1 nats/token, clean agreement >= 95%."""
-    out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["mechfix", "run", "recipes/conformity.yaml", "--out", str(out), "--json"])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    summary = json.loads(capsys.readouterr().out)
-    assert exc.value.code == 0 and summary["passed"] is True
+    code, summary, out = conformity_run
+    assert code == 0 and summary["passed"] is True
     v = summary["verify"]
     assert v["reduction"]["value"] >= 0.5
     assert v["kl"]["value"] <= 0.1
@@ -130,4 +147,36 @@ def test_run_on_the_embedded_model_cuts_held_out_conformity_inside_the_side_effe
     assert v["before"]["effect"]["mean"] > 1 and v["after"]["effect"]["mean"] < v["before"]["effect"]["mean"]
     assert summary["fix"]["kind"] == "heads" and len(summary["fix"]["targets"]) == 5
     for path in summary["artifacts"].values():
-        assert (tmp_path / "run" / path.split("/")[-1]).is_file()
+        assert (out / path.split("/")[-1]).is_file()
+
+
+def test_lora_fix_on_the_embedded_model_passes_verify_and_peft_reads_it_unchanged(conformity_run, gemma, tmp_path):
+    """A LoRA fix on the found heads' output projections: trained, verified beside the heads fix, loaded by PEFT."""
+    import copy
+
+    from peft import PeftModel
+
+    from mechfix.fix import apply_fix, load_fix
+
+    _, summary, out = conformity_run
+    folder = tmp_path / "conformity.lora"
+    code, stdout = _cli("steer", str(out / "conformity.attr.safetensors"), "--kind", "lora", "--out", str(folder), "--json")
+    steer = json.loads(stdout)
+    assert code == 0 and steer["kind"] == "lora" and len(steer["targets"]) >= 1
+    assert all(t.split(".")[1].startswith("o_proj[") for t in steer["targets"])
+    code, stdout = _cli("verify", "recipes/conformity.yaml", "--fix", str(folder), "--compare",
+                        str(out / "conformity.fix.safetensors"), "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["passed"] is True
+    assert report["reduction"]["value"] >= 0.5 and report["kl"]["value"] <= 0.1 and report["clean_agreement"]["value"] >= 0.95
+    lora_row, heads_row = report["comparison"]
+    assert (lora_row["kind"], heads_row["kind"]) == ("lora", "heads")
+    assert heads_row["reduction"] == pytest.approx(summary["verify"]["reduction"]["value"])
+
+    fix = load_fix(folder)
+    ids = torch.tensor([gemma.tokenizer("Ana: Rome. Ben: Rome. Sam: The capital of Italy is").input_ids])
+    with torch.no_grad(), apply_fix(gemma, fix):
+        ours = gemma.model(input_ids=ids).logits
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(copy.deepcopy(gemma.model), str(folder))(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
