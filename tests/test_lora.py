@@ -248,3 +248,16 @@ def test_parameter_counts_follow_what_each_fix_reads():
     a[:, :4] = 1.0
     lora = LoraWeights(modules=["m"], a=[a], b=[torch.ones(6, 2)], heads=[[0]])
     assert Fix("lora", [1], [], torch.zeros(0), torch.zeros(0), 1.0, lora=lora).n_parameters == 2 * 4 + 12
+
+
+def test_cli_defaults_of_the_lora_options_match_the_training_defaults():
+    import inspect
+
+    from mechfix import cli_fix
+
+    want = LoraSettings()
+    names = {"rank": "rank", "steps": "steps", "lr": "lr", "kl_weight": "kl_weight", "lora_scope": "scope", "seed": "seed"}
+    for command in (cli_fix.steer, cli_fix.run):
+        params = inspect.signature(command).parameters
+        for cli_name, field_name in names.items():
+            assert params[cli_name].default == getattr(want, field_name), (command.__name__, cli_name)

@@ -1,0 +1,93 @@
+"""How long a LoRA fix takes to train, and what it costs in memory, measured in one run.
+
+    python benchmarks/bench_lora.py ATTR.safetensors [--record REC.safetensors] [--steps 40]
+
+Trains the default LoRA fix (``mechfix steer --kind lora`` settings) on the
+attribution's recording, training split, and reports: the training time and
+time per step; a training step against one plain forward pass (no gradient)
+over the same decisions, pressure and baseline (the ratio); and the process's
+peak resident memory before and after training.
+
+Target: training the embedded model's conformity fix in at most 300 s on a
+2-core CPU ("a few minutes at most").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from mechfix.artifacts import load_artifact  # noqa: E402
+from mechfix.attribute import decisions_from_record  # noqa: E402
+from mechfix.evaluate import neutral_set  # noqa: E402
+from mechfix.forward import Request, option_scores  # noqa: E402
+from mechfix.lora import LoraSettings, lora_targets, train_lora  # noqa: E402
+from mechfix.models import load_model  # noqa: E402
+from mechfix.steer import pick_targets  # noqa: E402
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("attribution", help="an attribution artifact (from mechfix attribute or run)")
+    ap.add_argument("--record", default=None, help="its recording (default: the name it records, beside it)")
+    ap.add_argument("--steps", type=int, default=LoraSettings.steps)
+    ap.add_argument("--top-heads", type=int, default=5)
+    args = ap.parse_args()
+    att = load_artifact(args.attribution, expect="attribution")
+    rec_path = args.record or str(Path(args.attribution).parent / Path(att.manifest["inputs"]["record"]["path"]).name)
+    rec = load_artifact(rec_path, expect="record")
+    lm = load_model(att.manifest["model"].get("source"))
+    baseline = att.manifest.get("params", {}).get("baseline", "clean")
+    dec = decisions_from_record(rec, lm.tokenizer, ["pressure", baseline], split=0)
+    reqs = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in ("pressure", baseline)}
+    layers, heads, _ = pick_targets(att, "heads", args.top_heads)
+    targets = lora_targets(lm, layers, heads)
+    neutral = neutral_set(lm)
+    settings = LoraSettings(steps=args.steps)
+
+    forward = []
+    for _ in range(3):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            option_scores(lm, reqs["pressure"][: settings.batch])
+            option_scores(lm, reqs[baseline][: settings.batch])
+        forward.append(time.perf_counter() - t)
+    mem_before = _peak_mib()
+    t = time.perf_counter()
+    _, log = train_lora(lm, targets, reqs["pressure"], reqs[baseline], neutral, settings)
+    total = time.perf_counter() - t
+    per_step = total / settings.steps
+    fwd = statistics.median(forward)
+    out = {
+        "model": lm.identity["name"],
+        "device": str(lm.device),
+        "threads": torch.get_num_threads(),
+        "modules": [m.module for m in targets],
+        "settings": {"rank": settings.rank, "steps": settings.steps, "batch": settings.batch},
+        "train_s": round(total, 1),
+        "per_step_s": round(per_step, 3),
+        "forward_s": round(fwd, 3),
+        "step_over_forward": round(per_step / fwd, 2),
+        "loss_first_last": [round(log.steps[0]["loss"], 4), round(log.steps[-1]["loss"], 4)],
+        "peak_rss_mib_before": round(mem_before),
+        "peak_rss_mib_after": round(_peak_mib()),
+        "target_train_s": 300,
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
