@@ -1,6 +1,8 @@
 """Generation speed with a fix applied against without, as ratios from one run.
 
-    python benchmarks/bench_fix.py FIX.safetensors [FIX2 ...] [--tokens 64] [--repeats 7]
+    python benchmarks/bench_fix.py FIX [FIX2 ...] [--tokens 64] [--repeats 7]
+
+A FIX is a fix artifact or a LoRA fix's folder.
 
 Greedy generation (``model.generate``, key/value cache on) of ``--tokens`` new
 tokens from the conformity recipe's first pressure prompt, with no fix and with
@@ -31,7 +33,7 @@ from mechfix.recipe import load_recipe  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("fixes", nargs="+", help="fix artifacts (from mechfix steer)")
+    ap.add_argument("fixes", nargs="+", help="fix artifacts or LoRA fix folders (from mechfix steer)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)

@@ -4,9 +4,11 @@ The Python API for fixes (imported lazily, so that the CLI's ``--help`` stays in
 
     from mechfix import load_model, load_fix, apply_fix
     lm = load_model()                                  # the embedded Gemma 3 270M
-    fix = load_fix("conformity.fix.safetensors")
+    fix = load_fix("conformity.fix.safetensors")      # or a LoRA fix's folder, "conformity.lora"
     with apply_fix(lm, fix):
         out = lm.model.generate(...)
+
+A LoRA fix's folder is also a PEFT adapter: ``PeftModel.from_pretrained(lm.model, folder)``.
 """
 
 __version__ = "0.1.0.dev0"
