@@ -40,6 +40,10 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+ModeOpt = Annotated[
+    str | None,
+    typer.Option(help="score or generate: run the recipe in this mode instead of its own (generate suits instruct models)."),
+]
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -176,7 +180,8 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
         "Examples:\n\n"
         "  mechfix record recipes/conformity.yaml\n\n"
         "  mechfix record conformity --out conf.rec.safetensors --json\n\n"
-        "  mechfix record my.yaml --model Qwen/Qwen2.5-0.5B-Instruct --all-positions"
+        "  mechfix record my.yaml --model Qwen/Qwen2.5-0.5B-Instruct --all-positions\n\n"
+        "  mechfix record sycophancy --model ./my-instruct-model --mode generate"
     )
 )
 def record(
@@ -191,6 +196,7 @@ def record(
     all_positions: Annotated[
         bool, typer.Option("--all-positions", help="Keep activations at every position, not only the decision.")
     ] = False,
+    mode: ModeOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -202,7 +208,7 @@ def record(
     from mechfix.artifacts import check_writable
     from mechfix.recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, mode)
     target = check_writable(out_path or Path(f"{loaded.recipe.name}.rec.safetensors"))
     lm = _load_model(model, device, dtype, trust_remote_code)
     artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions)

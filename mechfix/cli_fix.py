@@ -18,6 +18,7 @@ from mechfix.cli import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    ModeOpt,
     TrustOpt,
     _clean_nan,
     _do_attribute,
@@ -482,6 +483,7 @@ def verify(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     batch_size: BatchOpt = 16,
+    mode: ModeOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -498,7 +500,7 @@ def verify(
     from mechfix.recipe import load_recipe
     from mechfix.verify import error_report, gates_for, junit_xml
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, mode)
     fix = load_fix(fix_path)
     others = [load_fix(p) for p in compare or []]
     if junit is not None:
@@ -566,6 +568,7 @@ def run(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     batch_size: BatchOpt = 16,
+    mode: ModeOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -583,7 +586,7 @@ def run(
     from mechfix.recipe import load_recipe
     from mechfix.verify import gates_for, junit_xml
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, mode)
     name = loaded.recipe.name
     if baseline not in loaded.recipe.condition_names or baseline == "pressure":
         raise BadInputError(f"--baseline '{baseline}' is not a condition of recipe '{name}' other than pressure; use clean or control.")

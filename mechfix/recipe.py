@@ -414,18 +414,25 @@ def resolve_recipe_path(spec: str | Path) -> Path:
     )
 
 
-def load_recipe(spec: str | Path) -> LoadedRecipe:
+MODES = ("score", "generate")
+
+
+def load_recipe(spec: str | Path, mode: str | None = None) -> LoadedRecipe:
     """Load a recipe from a path or built-in name.
 
     Args:
         spec: A file path or a built-in recipe name.
+        mode: Run it in this mode instead of its own (``score`` or ``generate``):
+            every recipe runs both ways, e.g. ``generate`` for instruct models.
 
     Returns:
         The validated recipe with its path and the sha256 of its file.
 
     Raises:
-        RecipeError: When the file is missing or invalid.
+        RecipeError: When the file is missing or invalid, or the mode unknown.
     """
+    if mode is not None and mode not in MODES:
+        raise RecipeError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'.")
     path = resolve_recipe_path(spec)
     try:
         raw = path.read_bytes()
@@ -435,4 +442,6 @@ def load_recipe(spec: str | Path) -> LoadedRecipe:
     except OSError as exc:
         raise RecipeError(f"{path}: cannot be read ({exc.strerror}). Check the path and its permissions.") from None
     recipe = parse_recipe(text, path)
+    if mode is not None and mode != recipe.mode:
+        recipe = recipe.model_copy(update={"mode": mode})
     return LoadedRecipe(recipe=recipe, path=str(path), sha256=hashlib.sha256(raw).hexdigest())

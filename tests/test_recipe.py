@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from conftest import MINI_RECIPE
 
 from mechfix.errors import RecipeError
@@ -143,3 +144,46 @@ def test_every_builtin_recipe_loads():
     assert paths
     for p in paths:
         assert load_recipe(p).recipe.name == p.stem
+
+
+FAMILIES = {"conformity", "sycophancy", "collusion", "principal_agent", "privacy", "commons", "handoff"}
+
+
+def test_builtin_recipes_cover_all_seven_failure_families():
+    families = {load_recipe(p).recipe.family for p in builtin_recipes()}
+    assert families >= FAMILIES
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_builtin_recipe_has_24_items_three_conditions_and_distinct_options(name):
+    from mechfix.episodes import render_episode
+
+    r = load_recipe(name).recipe
+    assert len(r.items) >= 24
+    assert set(r.conditions) == {"pressure", "clean", "control"}
+    assert any(t.when == ["pressure"] for t in r.turns) and any(t.when and "control" in t.when for t in r.turns)
+    for i in range(len(r.items)):
+        episodes = {c: render_episode(r, i, c) for c in r.condition_names}
+        aligned, misaligned = episodes["pressure"].options[:2]
+        assert aligned.strip() and misaligned.strip() and aligned != misaligned
+        # The same decision in every condition; only the context differs.
+        assert all(ep.options == episodes["pressure"].options for ep in episodes.values())
+        assert len({ep.text for ep in episodes.values()}) == 3
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_every_builtin_recipe_records_in_score_and_generate_mode(tiny_llama, mode):
+    from mechfix.record import record, summarize
+
+    for path in builtin_recipes():
+        loaded = load_recipe(path, mode=mode)
+        assert loaded.recipe.mode == mode
+        small = loaded.recipe.model_copy(update={"items": loaded.recipe.items[:2]})
+        rec = record(tiny_llama, small, batch_size=8, sites=("resid",))
+        assert all(rec.scores[c].shape == (2, 2) and torch.isfinite(rec.scores[c]).all() for c in rec.conditions)
+        assert ("generated_choices" in summarize(rec)) == (mode == "generate")
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(RecipeError, match="--mode must be one of score, generate"):
+        load_recipe("conformity", mode="chat")

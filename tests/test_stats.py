@@ -23,6 +23,16 @@ def test_flip_rate_counts_only_decisions_that_were_not_already_misaligned():
     assert flip_rate(clean, pressure) == {"rate": 2 / 3, "flipped": 2, "eligible": 3}
 
 
+def test_flip_rate_is_none_when_every_clean_decision_was_already_misaligned():
+    # A model that leaks in every condition (privacy on a small base model): no decision can flip.
+    clean = torch.tensor([[-1.0, 0.0], [-2.0, 0.0]])
+    summary = behaviour_summary({"pressure": clean.clone(), "clean": clean})
+    assert summary["rate"] == {"rate": None, "flipped": 0, "eligible": 0}
+    import json
+
+    json.dumps(summary, allow_nan=False)  # an artifact's manifest must stay valid JSON
+
+
 def test_behaviour_summary_effects_are_per_item_differences():
     clean = torch.tensor([[0.0, -2.0], [0.0, -1.0]])
     pressure = torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # scores +1 and 0: effects +3 and +1
