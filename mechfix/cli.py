@@ -44,6 +44,16 @@ ModeOpt = Annotated[
     str | None,
     typer.Option(help="score or generate: run the recipe in this mode instead of its own (generate suits instruct models)."),
 ]
+TranscriptOpt = Annotated[
+    Path | None,
+    typer.Option(help="Replay conversations you already have instead of a recipe: OpenAI-style messages "
+                 "(.json/.jsonl) or an Inspect AI log (.eval/.json). Needs --decision."),
+]
+DecisionOpt = Annotated[
+    Path | None,
+    typer.Option(help="With --transcript: a YAML file naming the target message, the options and the edits "
+                 "that make the clean (and control) condition."),
+]
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -181,11 +191,14 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
         "  mechfix record recipes/conformity.yaml\n\n"
         "  mechfix record conformity --out conf.rec.safetensors --json\n\n"
         "  mechfix record my.yaml --model Qwen/Qwen2.5-0.5B-Instruct --all-positions\n\n"
-        "  mechfix record sycophancy --model ./my-instruct-model --mode generate"
+        "  mechfix record sycophancy --model ./my-instruct-model --mode generate\n\n"
+        "  mechfix record --transcript chats.jsonl --decision decision.yaml --out chats.rec.safetensors"
     )
 )
 def record(
-    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe (see `mechfix recipes`).")],
+    recipe: Annotated[
+        str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe (see `mechfix recipes`).")
+    ] = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Artifact to write. Default: NAME.rec.safetensors here.")
     ] = None,
@@ -197,18 +210,20 @@ def record(
         bool, typer.Option("--all-positions", help="Keep activations at every position, not only the decision.")
     ] = False,
     mode: ModeOpt = None,
+    transcript: TranscriptOpt = None,
+    decision: DecisionOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every recipe item under every condition; save option scores and activations.
 
     Prints the behaviour effect (pressure - clean) with a 95% bootstrap
-    interval, the flip rate, and the control effect.
+    interval, the flip rate, and the control effect. With --transcript and
+    --decision, the conversations in the transcript are the items.
     """
     from mechfix.artifacts import check_writable
-    from mechfix.recipe import load_recipe
 
-    loaded = load_recipe(recipe, mode)
+    loaded = _load_source(recipe, transcript, decision, mode)
     target = check_writable(out_path or Path(f"{loaded.recipe.name}.rec.safetensors"))
     lm = _load_model(model, device, dtype, trust_remote_code)
     artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions)
@@ -229,6 +244,27 @@ def record(
         )
     else:
         _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
+
+
+def _load_source(recipe: str | None, transcript: Path | None, decision: Path | None, mode: str | None):
+    """The recipe to run: a recipe file or built-in name, or a transcript with its decision file."""
+    from mechfix.errors import BadInputError
+    from mechfix.recipe import load_recipe
+
+    if transcript is None and decision is None:
+        if recipe is None:
+            raise BadInputError("give a RECIPE (a file or a built-in name, see `mechfix recipes`), or --transcript with --decision.")
+        return load_recipe(recipe, mode)
+    if recipe is not None or transcript is None or decision is None:
+        raise BadInputError(
+            "give either a RECIPE, or --transcript FILE together with --decision FILE (not both). "
+            "Example: mechfix record --transcript chat.json --decision decision.yaml"
+        )
+    if mode == "generate":
+        raise BadInputError("--mode generate does not apply to --transcript: the conversation is replayed as it happened.")
+    from mechfix.transcript import load_transcript
+
+    return load_transcript(transcript, decision)
 
 
 def _params(lm, **kw: Any) -> dict[str, Any]:

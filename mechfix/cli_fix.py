@@ -16,9 +16,11 @@ from rich.table import Table
 from mechfix.cli import (
     DeviceOpt,
     DtypeOpt,
+    DecisionOpt,
     JsonOpt,
     ModelOpt,
     ModeOpt,
+    TranscriptOpt,
     TrustOpt,
     _clean_nan,
     _do_attribute,
@@ -27,6 +29,7 @@ from mechfix.cli import (
     _json_text,
     _fmt_ci,
     _load_model,
+    _load_source,
     _params,
     _print_attribution,
     _print_record_summary,
@@ -467,8 +470,10 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     )
 )
 def verify(
-    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe.")],
-    fix_path: Annotated[Path, typer.Option("--fix", help="A fix (from `mechfix steer`): a .safetensors file or a LoRA fix's folder.")],
+    recipe: Annotated[str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe.")] = None,
+    fix_path: Annotated[
+        Path | None, typer.Option("--fix", help="A fix (from `mechfix steer`): a .safetensors file or a LoRA fix's folder.")
+    ] = None,
     compare: Annotated[
         list[Path] | None,
         typer.Option(help="Another fix to verify on the same held-out decisions and print side by side (repeat it). "
@@ -484,6 +489,8 @@ def verify(
     dtype: DtypeOpt = None,
     batch_size: BatchOpt = 16,
     mode: ModeOpt = None,
+    transcript: TranscriptOpt = None,
+    decision: DecisionOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -497,10 +504,12 @@ def verify(
     from mechfix.artifacts import check_same_model, check_writable
     from mechfix.errors import ArtifactError
     from mechfix.fix import load_fix
-    from mechfix.recipe import load_recipe
+    from mechfix.errors import BadInputError
     from mechfix.verify import error_report, gates_for, junit_xml
 
-    loaded = load_recipe(recipe, mode)
+    if fix_path is None:
+        raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
+    loaded = _load_source(recipe, transcript, decision, mode)
     fix = load_fix(fix_path)
     others = [load_fix(p) for p in compare or []]
     if junit is not None:

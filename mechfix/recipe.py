@@ -191,9 +191,9 @@ def _dotted(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    """The keys the schema allows in the mapping that holds ``loc``'s last key."""
-    model: Any = Recipe
+def _allowed_keys(loc: tuple, root: Any = None) -> list[str]:
+    """The keys the schema (``root``, default :class:`Recipe`) allows in the mapping that holds ``loc``'s last key."""
+    model: Any = root or Recipe
     free_key = False  # the next part is a user-chosen key of a dict field (a condition name)
     for part in loc[:-1]:
         if isinstance(part, int):
@@ -220,13 +220,13 @@ def _model_in(ann: Any) -> Any:
     return None
 
 
-def _describe(err: dict, filename: str, lines: dict[tuple, int]) -> str:
+def _describe(err: dict, filename: str, lines: dict[tuple, int], root: Any = None) -> str:
     loc = tuple(err["loc"])
     where = _where(filename, lines, loc)
     key = _dotted(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(loc, root)
         hint = f" Allowed keys here: {', '.join(allowed)}." if allowed else ""
         return f"{where}: unknown key '{loc[-1]}' (at {key}).{hint} Rename or remove it."
     if kind == "missing":
@@ -348,6 +348,34 @@ def _check_semantics(r: Recipe, filename: str, lines: dict[tuple, int]) -> None:
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def validate_yaml(text: str, filename: str, model: type[BaseModel]) -> BaseModel:
+    """Parse YAML text into a strict pydantic model, with file, line, key and fix in every error.
+
+    Raises:
+        RecipeError: For invalid YAML or a value the model refuses.
+    """
+    data, lines = _compose_lines(text, filename)
+    if not isinstance(data, dict):
+        keys = ", ".join(model.model_fields)
+        raise RecipeError(f"{filename}: expected a YAML mapping (keys: {keys}); this file holds something else.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        msgs = [_describe(e, filename, lines, model) for e in exc.errors()[:8]]
+        head = "This file is not valid:\n  " if len(msgs) > 1 else ""
+        raise RecipeError(head + "\n  ".join(msgs)) from None
+
+
+def check_recipe(recipe: Recipe, filename: str) -> Recipe:
+    """The semantic checks of :func:`parse_recipe` for a recipe built in code (from a transcript, say).
+
+    Raises:
+        RecipeError: Naming ``filename`` and the problem.
+    """
+    _check_semantics(recipe, filename, {})
+    return recipe
 
 
 def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
