@@ -131,16 +131,19 @@ def _json_error(path: Path, exc: json.JSONDecodeError, line_offset: int = 0) -> 
     )
 
 
-def read_openai(path: Path) -> list[list[Message]]:
+def read_openai(path: Path, data: Any = None) -> list[list[Message]]:
     """Conversations from an OpenAI-style messages file (``.json`` or ``.jsonl``).
+
+    Args:
+        path: The file.
+        data: Its parsed JSON, when the caller has read it already (``.json`` only).
 
     Raises:
         TranscriptError: With the file and the line, or the conversation and message, of the problem.
     """
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         convs = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -151,14 +154,21 @@ def read_openai(path: Path) -> list[list[Message]]:
         if not convs:
             raise TranscriptError(f"{path}: holds no conversations.")
         return convs
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _json_error(path, exc) from None
+    if data is None:
+        data = _load_json(path)
     # One conversation (a list of messages), or a list of conversations.
     if isinstance(data, list) and data and all(isinstance(c, list) or (isinstance(c, dict) and "messages" in c) for c in data):
         return [_conversation(c, f"{path}: conversation {i}") for i, c in enumerate(data)]
     return [_conversation(data, f"{path}: conversation 0")]
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise _json_error(path, exc) from None
+    except UnicodeDecodeError:
+        raise TranscriptError(f"{path}: is not UTF-8 text.") from None
 
 
 def read_inspect(path: Path) -> list[list[Message]]:
@@ -188,10 +198,9 @@ def read_inspect(path: Path) -> list[list[Message]]:
     return convs
 
 
-def _is_inspect_json(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(4096)
-    return path.suffix == ".json" and b'"eval"' in head and head.lstrip().startswith(b"{")
+def _is_inspect_log(data: Any) -> bool:
+    # An Inspect AI log in JSON is an object with its eval spec at the top; a messages file never is.
+    return isinstance(data, dict) and isinstance(data.get("eval"), dict) and "messages" not in data
 
 
 def read_transcripts(path: str | Path) -> list[list[Message]]:
@@ -203,9 +212,12 @@ def read_transcripts(path: str | Path) -> list[list[Message]]:
     path = Path(path)
     if not path.is_file():
         raise TranscriptError(f"transcript '{path}' does not exist. Check the path.")
-    if path.suffix == ".eval" or (path.suffix == ".json" and _is_inspect_json(path)):
+    if path.suffix == ".eval":
         return read_inspect(path)
-    if path.suffix in (".json", ".jsonl"):
+    if path.suffix == ".json":
+        data = _load_json(path)
+        return read_inspect(path) if _is_inspect_log(data) else read_openai(path, data)
+    if path.suffix == ".jsonl":
         try:
             return read_openai(path)
         except UnicodeDecodeError:

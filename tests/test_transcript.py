@@ -62,6 +62,9 @@ def test_openai_messages_give_speakers_from_name_prefix_and_role(tmp_path):
     single = tmp_path / "one.json"
     single.write_text(json.dumps({"messages": _chat("Q?", "X", "Y")}))
     assert len(read_transcripts(single)) == 1
+    # A messages file that mentions "eval" is still a messages file, not an Inspect log.
+    single.write_text(json.dumps({"messages": _chat('Is "eval" a word?', "X", "Y"), "eval": "no"}))
+    assert read_transcripts(single)[0][1].text == 'Is "eval" a word?'
 
 
 def test_a_transcript_becomes_a_recipe_whose_conditions_are_the_edits(tmp_path):
