@@ -14,7 +14,7 @@ from importlib import resources
 import torch
 
 from mechfix.fix import Fix, apply_fix
-from mechfix.forward import Request, pad_batch, run_requests
+from mechfix.forward import Request, final_hidden, pad_batch, run_requests
 from mechfix.models import LoadedModel
 
 # Positions of neutral text whose full-vocabulary log-probabilities are held at once
@@ -104,8 +104,7 @@ def neutral_set(lm: LoadedModel, passages: Sequence[str] | None = None) -> Neutr
 
 def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary log-probabilities at every position that has a next token, ``[P, V]``."""
-    out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden = final_hidden(lm, ids, mask)
     keep = mask.clone()
     keep[torch.arange(len(mask)), mask.sum(1) - 1] = 0  # the last token predicts nothing we can check
     return torch.log_softmax(lm.logits(hidden[keep.bool().to(hidden.device)]).float(), dim=-1)

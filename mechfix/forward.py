@@ -160,6 +160,12 @@ def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, batch: Sequence[_Row
     return [(w[0], w[2]) for w in where], logp.gather(1, tok[:, None])[:, 0]
 
 
+def final_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's final, normed hidden states ``[B, T, d]`` for a padded batch (no key/value cache)."""
+    out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
 def option_scores(lm: LoadedModel, requests: Sequence[Request]) -> torch.Tensor:
     """Summed log-probability of each option, ``[N, K]``, in one forward pass that keeps the graph.
 
@@ -168,9 +174,7 @@ def option_scores(lm: LoadedModel, requests: Sequence[Request]) -> torch.Tensor:
     All requests must have the same number of options.
     """
     rows = _rows(requests)
-    ids, mask = pad_batch(lm, [r.ids for r in rows])
-    out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden = final_hidden(lm, *pad_batch(lm, [r.ids for r in rows]))
     where, picked = _target_logprobs(lm, hidden, rows)
     n_opt = len(requests[0].options)
     flat = torch.tensor([rows[b].request * n_opt + k for b, k in where], device=picked.device)
@@ -226,7 +230,6 @@ def run_requests(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     scores = [torch.zeros(len(r.options), dtype=torch.float64) for r in requests]
     acts: list[dict[str, torch.Tensor]] = [{} for _ in requests]
-    device = lm.device
     with torch.inference_mode(), _Capture(lm, sites) as cap:
         for start in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[start : start + batch_size]]
@@ -236,8 +239,7 @@ def run_requests(
             plen = [len(requests[batch[b].request].prompt) for b in keep]
             cap.pos = torch.tensor([n - 1 for n in plen], dtype=torch.long)
             cap.lengths = plen if all_positions else None
-            out = lm.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            hidden = final_hidden(lm, ids, mask)
             where, picked = _target_logprobs(lm, hidden, batch)
             for (b, k), lp in zip(where, picked.double().cpu()):
                 scores[batch[b].request][k] += lp

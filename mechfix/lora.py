@@ -33,7 +33,7 @@ from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet
 from mechfix.fix import OPS, LoraWeights
-from mechfix.forward import Request, option_scores, pad_batch
+from mechfix.forward import Request, final_hidden, option_scores, pad_batch
 from mechfix.models import LoadedModel
 from mechfix.stats import decision_scores
 
@@ -217,9 +217,7 @@ def _positions(ids: list[int], decision: bool) -> list[int]:
 
 
 def _hidden(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-    ids, mask = pad_batch(lm, seqs)
-    out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return final_hidden(lm, *pad_batch(lm, seqs))
 
 
 def _kl_set(lm: LoadedModel, prompts: Sequence[Sequence[int]], neutral: NeutralSet, topk: int) -> _KLSet:
