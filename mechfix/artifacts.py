@@ -97,9 +97,14 @@ def check_writable(path: str | Path) -> Path:
         BadInputError: When the folder is missing or not writable, or path is a folder.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise BadInputError(f"output '{path}' is a folder; give a file name such as {path / 'out.safetensors'}.")
+    return _check_parent(path)
+
+
+def _check_parent(path: Path) -> Path:
+    """``path``, once its folder is known to exist and be writable."""
+    parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise BadInputError(f"cannot write '{path}': the folder '{parent}' does not exist. Create it or choose another --out.")
     if not os.access(parent, os.W_OK):
@@ -107,11 +112,12 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def publish_mode(path: str | Path) -> None:
-    """Give a finished temporary file the permissions a plain ``open()`` would (mkstemp makes it private)."""
+def publish_mode(path: str | Path, mode: int = 0o666) -> None:
+    """Give a finished temporary file (or, with ``mode=0o777``, folder) the permissions a plain
+    ``open()`` (or ``mkdir``) would; mkstemp and mkdtemp make them private."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, mode & ~umask)
 
 
 @contextmanager
@@ -147,7 +153,6 @@ def check_writable_dir(path: str | Path) -> Path:
         BadInputError: When the parent folder is missing or not writable, or ``path`` holds something else.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
     if path.exists() and not path.is_dir():
         raise BadInputError(f"output '{path}' is a file, but a LoRA fix is a folder. Give a folder name such as {path.with_suffix('')}.lora.")
     if path.is_dir() and any(path.iterdir()) and not (path / ADAPTER_CONFIG).is_file():
@@ -155,11 +160,7 @@ def check_writable_dir(path: str | Path) -> Path:
             f"output folder '{path}' already holds files that are not an adapter; mechfix will not replace it. "
             "Choose another --out, or empty the folder."
         )
-    if not parent.is_dir():
-        raise BadInputError(f"cannot write '{path}': the folder '{parent}' does not exist. Create it or choose another --out.")
-    if not os.access(parent, os.W_OK):
-        raise BadInputError(f"cannot write '{path}': the folder '{parent}' is not writable. Choose another --out.")
-    return path
+    return _check_parent(path)
 
 
 @contextmanager
@@ -175,9 +176,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        publish_mode(tmp, 0o777)
         for f in tmp.iterdir():
             publish_mode(f)
         if path.exists():
