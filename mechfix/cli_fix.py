@@ -263,15 +263,19 @@ def print_fix(manifest: dict[str, Any]) -> None:
         _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "strength sweep (training split)")
 
 
-def _fix_target(out: Path | None, att_path: Path, kind: str) -> Path:
-    """Where steer writes: --out, or NAME.fix.safetensors (NAME.lora/ for a LoRA fix) here; checked before any work."""
+def _fix_target(out: Path | None, stem: Path, kind: str) -> Path:
+    """Where a fix is written: ``out``, or STEM.fix.safetensors (the folder STEM.lora for a LoRA fix); checked before any work."""
     from mechfix.artifacts import check_writable, check_writable_dir
 
-    name = att_path.name
-    stem = name[: -len(".attr.safetensors")] if name.endswith(".attr.safetensors") else att_path.stem
     if kind == "lora":
-        return check_writable_dir(out or Path(f"{stem}.lora"))
-    return check_writable(out or Path(f"{stem}.fix.safetensors"))
+        return check_writable_dir(out or stem.with_name(f"{stem.name}.lora"))
+    return check_writable(out or stem.with_name(f"{stem.name}.fix.safetensors"))
+
+
+def _attribution_stem(att_path: Path) -> Path:
+    """NAME of NAME.attr.safetensors, in the current folder (where steer writes by default)."""
+    name = att_path.name
+    return Path(name[: -len(".attr.safetensors")] if name.endswith(".attr.safetensors") else att_path.stem)
 
 
 @app.command(
@@ -325,7 +329,7 @@ def steer(
 
     check_kind_op(kind, op)
     att = load_artifact(attribution, expect="attribution")
-    target = _fix_target(out_path, attribution, kind)
+    target = _fix_target(out_path, _attribution_stem(attribution), kind)
     layer_list, grid = _ints(layers, "--layers"), _floats(strengths, "--strengths")
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     rec = _find_record(att, record)
@@ -587,7 +591,7 @@ def run(
     NAME.fix.safetensors (the folder NAME.lora for --kind lora) and
     NAME.verify.json, then prints one summary. Exit codes as for verify.
     """
-    from mechfix.artifacts import check_writable, check_writable_dir
+    from mechfix.artifacts import check_writable
     from mechfix.lora import LoraSettings, lora_settings_check
     from mechfix.steer import check_kind_op
     from mechfix.errors import BadInputError
@@ -605,11 +609,13 @@ def run(
     check_kind_op(kind, op)
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {k: out_dir / f"{name}{suffix}" for k, suffix in (
-        ("record", ".rec.safetensors"), ("attribution", ".attr.safetensors"), ("plot", "-heads.png"),
-        ("fix", ".lora" if kind == "lora" else ".fix.safetensors"), ("verify", ".verify.json"))}
-    for k, p in paths.items():
-        check_writable_dir(p) if k == "fix" and kind == "lora" else check_writable(p)
+    stem = out_dir / name
+    paths = {
+        **{k: check_writable(f"{stem}{suffix}") for k, suffix in (
+            ("record", ".rec.safetensors"), ("attribution", ".attr.safetensors"), ("plot", "-heads.png"))},
+        "fix": _fix_target(None, stem, kind),
+        "verify": check_writable(f"{stem}.verify.json"),
+    }
     if junit is not None:
         check_writable(junit)
     lm = _load_model(model, device, dtype, trust_remote_code)
