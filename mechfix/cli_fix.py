@@ -213,10 +213,15 @@ def _steer_summary(artifact) -> dict[str, Any]:
     out = {"artifact": artifact.path, "sha256": artifact.sha256, **{k: f[k] for k in ("kind", "op", "site", "targets", "strength", "why")},
            "parameters": f.get("parameters"), "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"]}
     if "training" in m:
-        steps = m["training"]["steps"]
-        out["training"] = {"steps": len(steps), "seconds": m["training"]["seconds"], "first": steps[0] if steps else None,
-                           "last": steps[-1] if steps else None, "folded_strength": f.get("folded_strength")}
+        out["training"] = _training_summary(m)
     return _clean_nan(out)
+
+
+def _training_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA fix's training in brief: steps, seconds, first and last losses, the folded strength."""
+    steps = manifest["training"].get("steps", [])
+    return {"steps": len(steps), "seconds": manifest["training"].get("seconds", 0.0), "first": steps[0] if steps else None,
+            "last": steps[-1] if steps else None, "folded_strength": manifest["fix"].get("folded_strength")}
 
 
 def _print_training(t: dict[str, Any]) -> None:
@@ -255,9 +260,7 @@ def print_fix(manifest: dict[str, Any]) -> None:
     if f.get("loss"):
         err.print(f"loss: {escape(str(f['loss']))}", soft_wrap=True)
     if manifest.get("training"):
-        steps = manifest["training"].get("steps", [])
-        _print_training({"steps": len(steps), "seconds": manifest["training"].get("seconds", 0.0), "first": steps[0] if steps else None,
-                         "last": steps[-1] if steps else None, "folded_strength": f.get("folded_strength")})
+        _print_training(_training_summary(manifest))
     if manifest.get("sweep") and manifest.get("budget"):
         chosen = (manifest.get("chosen") or {}).get("strength", f.get("strength"))
         _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "strength sweep (training split)")
