@@ -360,11 +360,18 @@ def validate_yaml(text: str, filename: str, model: type[BaseModel]) -> BaseModel
     if not isinstance(data, dict):
         keys = ", ".join(model.model_fields)
         raise RecipeError(f"{filename}: expected a YAML mapping (keys: {keys}); this file holds something else.")
+    return _validated(model, data, filename, lines, "file")
+
+
+def _validated(model: type[BaseModel], data: dict, filename: str, lines: dict[tuple, int], what: str) -> Any:
+    """``model.model_validate(data)``, its errors turned into one RecipeError (up to 8, each with file, line, key and fix)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        msgs = [_describe(e, filename, lines, model) for e in exc.errors()[:8]]
-        head = "This file is not valid:\n  " if len(msgs) > 1 else ""
+        errs = exc.errors()
+        msgs = [_describe(e, filename, lines, model) for e in errs[:8]]
+        more = f" (and {len(errs) - 8} more)" if len(errs) > 8 else ""
+        head = f"This {what} is not valid" + more + ":\n  " if len(msgs) > 1 else ""
         raise RecipeError(head + "\n  ".join(msgs)) from None
 
 
@@ -404,14 +411,7 @@ def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
         data = {**data, "items": _normalise_items(_load_items_file(items, path, lines), str(path))}
     elif isinstance(items, list):
         data = {**data, "items": _normalise_items(items, f"{filename}, line {lines.get(('items',), '?')}")}
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        errs = exc.errors()
-        msgs = [_describe(e, filename, lines) for e in errs[:8]]
-        more = f" (and {len(errs) - 8} more)" if len(errs) > 8 else ""
-        head = "This recipe is not valid" + more + ":\n  " if len(msgs) > 1 else ""
-        raise RecipeError(head + "\n  ".join(msgs)) from None
+    recipe = _validated(Recipe, data, filename, lines, "recipe")
     _check_semantics(recipe, filename, lines)
     return recipe
 
