@@ -375,12 +375,13 @@ def _validated(model: type[BaseModel], data: dict, filename: str, lines: dict[tu
         raise RecipeError(head + "\n  ".join(msgs)) from None
 
 
-def check_recipe(recipe: Recipe, filename: str) -> Recipe:
-    """The semantic checks of :func:`parse_recipe` for a recipe built in code (from a transcript, say).
+def recipe_from_data(data: dict[str, Any], filename: str) -> Recipe:
+    """A recipe built in code (from a transcript, say), with the validation and checks of :func:`parse_recipe`.
 
     Raises:
-        RecipeError: Naming ``filename`` and the problem.
+        RecipeError: Naming ``filename``, the key and the problem.
     """
+    recipe = _validated(Recipe, data, filename, {}, "recipe")
     _check_semantics(recipe, filename, {})
     return recipe
 

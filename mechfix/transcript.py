@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from mechfix.errors import BadInputError, RecipeError
-from mechfix.recipe import Format, LoadedRecipe, Recipe, Split, _Strict, check_recipe, validate_yaml
+from mechfix.recipe import Format, LoadedRecipe, Recipe, Split, _Strict, recipe_from_data, validate_yaml
 
 _NAME_PREFIX = re.compile(r"^\s*([A-Z][\w.'-]*(?: [A-Z][\w.'-]*){0,2}):\s+")
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool", "developer": "Developer"}
@@ -289,11 +289,7 @@ def transcript_recipe(convs: list[list[Message]], dec: DecisionFile, source: str
         "items": items,
         "split": dec.split.model_dump(),
     }
-    try:
-        recipe = Recipe.model_validate(data)
-    except Exception as exc:
-        raise RecipeError(f"{decision_path}: the transcript does not make a valid recipe ({str(exc).splitlines()[0]}).") from None
-    return check_recipe(recipe, decision_path)
+    return recipe_from_data(data, decision_path)
 
 
 def load_transcript(transcript: str | Path, decision: str | Path) -> LoadedRecipe:
