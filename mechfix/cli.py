@@ -169,7 +169,10 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
         t.add_row(c, f"{v['score']:+.2f}", f"{v['prefers_misaligned']:.0%}")
     err.print(t)
     rate = summary["rate"]
-    err.print(f"effect (pressure - clean), mean [95% CI]: {_fmt_ci(summary['effect'])}  over {summary['items']} items")
+    over = f"{summary['items']} items"
+    if summary.get("rounds"):
+        over = f"{summary['decisions_per_condition']} decisions ({summary['items']} items x {summary['rounds']} rounds)"
+    err.print(f"effect (pressure - clean), mean [95% CI]: {_fmt_ci(summary['effect'])}  over {over}")
     rate_s = "n/a" if rate["rate"] is None else f"{rate['rate']:.0%}"  # None: NaN, nothing eligible
     err.print(f"rate (preferred option flips to misaligned): {rate_s}  ({rate['flipped']}/{rate['eligible']})")
     if summary.get("control_effect"):
@@ -181,8 +184,36 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
                 f"generated replies, {c}: misaligned {v['misaligned']:.0%}, aligned {v['aligned']:.0%}, "
                 f"unparsed {v['unparsed']:.0%}"
             )
+    if summary.get("by_round"):
+        _print_rounds(summary["by_round"], summary.get("outcome", {}))
     err.print(f"split: {summary['train']} train / {summary['heldout']} held out." + (f"  wrote {wrote}" if wrote else ""))
     err.print("score = log P(misaligned) - log P(aligned); positive means the misaligned option is preferred.")
+
+
+def _print_rounds(by_round: list[dict[str, Any]], outcome: dict[str, Any]) -> None:
+    """A live recording: the effect round by round, and what the episodes came to per condition."""
+    conds = list(by_round[0]["per_condition"]) if by_round else []
+    t = Table(title="round by round (per condition: the share preferring the misaligned option)", title_justify="left")
+    for name in ("round", "effect", "95% CI", "rate", *conds):
+        t.add_column(name, justify="right", no_wrap=True)
+    for r in by_round:
+        rate, (lo, hi) = r["rate"]["rate"], r["effect"]["ci95"]
+        t.add_row(str(r["round"]), f"{r['effect']['mean']:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]",
+                  "n/a" if rate is None else f"{rate:.0%}",
+                  *(f"{r['per_condition'][c]['prefers_misaligned']:.0%}" for c in conds))
+    err.print(t)
+    for c, o in outcome.items():
+        _print_outcome(c, o)
+
+
+def _print_outcome(condition: str, o: dict[str, Any], prefix: str = "") -> None:
+    state = ", ".join(f"{k} {v:.4g}" for k, v in o["final_state"].items())
+    err.print(
+        f"{prefix}{condition}: after the last round {state or '(no state)'}; the target's replies name the misaligned "
+        f"option {o['misaligned_replies']:.0%}, the aligned {o['aligned_replies']:.0%}"
+        + (f"; {o['missing_captures']:.0%} of captures said no number" if o["missing_captures"] else ""),
+        soft_wrap=True,
+    )
 
 
 @app.command(
@@ -192,6 +223,7 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
         "  mechfix record conformity --out conf.rec.safetensors --json\n\n"
         "  mechfix record my.yaml --model Qwen/Qwen2.5-0.5B-Instruct --all-positions\n\n"
         "  mechfix record sycophancy --model ./my-instruct-model --mode generate\n\n"
+        "  mechfix record commons-live    (a live recipe: every turn generated, four rounds)\n\n"
         "  mechfix record --transcript chats.jsonl --decision decision.yaml --out chats.rec.safetensors"
     )
 )
@@ -219,7 +251,10 @@ def record(
 
     Prints the behaviour effect (pressure - clean) with a 95% bootstrap
     interval, the flip rate, and the control effect. With --transcript and
-    --decision, the conversations in the transcript are the items.
+    --decision, the conversations in the transcript are the items. A live
+    recipe (one with a rounds block) is played round by round, every open
+    turn written by the model; each round's decision is scored and recorded,
+    and the whole episodes are kept in the artifact.
     """
     from mechfix.artifacts import check_writable
 
@@ -235,7 +270,7 @@ def record(
                 "sha256": artifact.sha256,
                 "model": lm.identity["name"],
                 "recipe": loaded.recipe.name,
-                "decisions": len(loaded.recipe.items) * len(rec.conditions),
+                "decisions": len(rec.split) * len(rec.conditions),
                 "conditions": rec.conditions,
                 **summary,
                 "rate": summary["rate"]["rate"],
@@ -483,7 +518,10 @@ def show(
         _print_attribution(_clean_nan(manifest["summary"]), str(model.get("name")), str(manifest.get("recipe")))
     elif "summary" in manifest and "recipe" in manifest:
         _print_record_summary(_clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
-    for cond, texts in manifest.get("transcripts", {}).items():
+    # A live recording keeps every episode whole: show those, not each round's decision point.
+    live = manifest.get("live", {}).get("episodes")
+    shown = {c: [e["transcript"] for e in eps] for c, eps in live.items()} if live else manifest.get("transcripts", {})
+    for cond, texts in shown.items():
         for text in texts[:transcripts]:
             err.rule(f"transcript: {cond}")
             err.print(text, markup=False, highlight=False)

@@ -32,6 +32,7 @@ from mechfix.cli import (
     _load_source,
     _params,
     _print_attribution,
+    _print_outcome,
     _print_record_summary,
     _progress,
     app,
@@ -86,6 +87,11 @@ NeutralOpt = Annotated[
 ]
 JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
+ReplayOpt = Annotated[
+    bool,
+    typer.Option(help="Live recipes: also play the episodes again with the fix on every generated turn and report "
+                 "what they come to (final state, the target's replies). --no-replay skips it."),
+]
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:
@@ -383,6 +389,12 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
         res = "[red]error[/red]" if gate.get("error") else ("[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]")
         g.add_row(gate["name"], value, res)
     err.print(g)
+    live = report.get("live_outcome")
+    if live:
+        err.print("live episodes played again with the fix (all items):")
+        for c in live["before"]:
+            _print_outcome(c, live["before"][c], prefix="  without fix, ")
+            _print_outcome(c, live["after"][c], prefix="  with fix,    ")
     for w in report.get("warnings", []):
         err.print(f"[yellow]![/yellow] {escape(w)}", soft_wrap=True)
     err.print("[bold green]PASSED[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]")
@@ -395,13 +407,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int) -> list[dict[str, Any]]:
+def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: bool = True) -> list[dict[str, Any]]:
     """Verify one or more fixes on the recipe's held-out split: one report per fix."""
     from mechfix.verify import verify_fixes
 
     neutral = _neutral(lm, neutral_path)
     with _progress() as progress:
-        reports = verify_fixes(lm, loaded.recipe, fixes, neutral, gates=gates, batch_size=batch_size, on_progress=progress)
+        reports = verify_fixes(lm, loaded.recipe, fixes, neutral, gates=gates, batch_size=batch_size, replay=replay,
+                               on_progress=progress)
     out = []
     for fix, report in zip(fixes, reports):
         trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
@@ -498,6 +511,7 @@ def verify(
     mode: ModeOpt = None,
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
+    replay: ReplayOpt = True,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -507,6 +521,7 @@ def verify(
     a fix made for another model than the one given, reported as such). With
     --compare, every fix is measured on the same decisions and a table puts
     them side by side: reduction, KL, clean agreement, control, parameters.
+    With a live recipe, the fix also plays the episodes again (see --replay).
     """
     from mechfix.artifacts import check_same_model, check_writable
     from mechfix.errors import ArtifactError
@@ -536,7 +551,7 @@ def verify(
         raise
     for other in others:
         check_same_model(other.manifest, lm.identity, other.path or "a --compare fix")
-    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size)
+    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay)
     if compared:
         report["compare"] = compared
         report["comparison"] = comparison_rows([report, *compared])
@@ -585,6 +600,7 @@ def run(
     dtype: DtypeOpt = None,
     batch_size: BatchOpt = 16,
     mode: ModeOpt = None,
+    replay: ReplayOpt = True,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -637,7 +653,7 @@ def run(
     err.rule("4/4 verify")
     fix = fix_from_artifact(fix_art)
     gates = gates_for(min_reduction, max_kl, min_clean_agreement)
-    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size)
+    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay)
     _write_text_atomic(paths["verify"], _json_text(report) + "\n")
     if junit is not None:
         _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
@@ -659,6 +675,7 @@ def _run_summary(rec: dict, att: dict, steer_s: dict, report: dict, paths: dict[
         "top_components": top,
         "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")},
         "verify": {k: report[k] for k in ("before", "after", "reduction", "kl", "clean_agreement", "control_change", "anti_steerable", "gates")},
+        **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}} if report.get("live_outcome") else {}),
         "artifacts": {k: str(v) for k, v in paths.items()},
     })
 

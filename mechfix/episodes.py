@@ -7,6 +7,7 @@ up to the decision prompt; the options are the continuations that are scored.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from mechfix.recipe import PLACEHOLDER, Recipe
@@ -64,8 +65,8 @@ def _cast(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def _turn_segments(recipe: Recipe, speaker: str | None, text: str, values: dict[str, str]) -> list[Segment]:
-    """Lay a turn out; the layout text belongs to the turn's speaker."""
+def turn_segments(recipe: Recipe, speaker: str | None, text: str, values: dict[str, str]) -> list[Segment]:
+    """Lay a turn out (speaker and text placed by the recipe's format); the layout text belongs to the turn's speaker."""
     if speaker is None:
         return [Segment(FRAME, fill(recipe.format.narration, {**values, "text": text}))]
     agent = recipe.agent(speaker)
@@ -105,24 +106,24 @@ def render_episode(recipe: Recipe, item: int, condition: str, generated: dict[in
         if turn.when is not None and condition not in turn.when:
             continue
         if turn.text is None and i not in generated:
-            segments += _open_turn(recipe, turn.speaker, "", values)
+            segments += open_turn(recipe, turn.speaker, "", values)
             return Episode(item, condition, segments, [], dict(generated))
         text = generated[i] if turn.text is None else fill(turn.text, values)
-        segments += _turn_segments(recipe, turn.speaker, text, values)
+        segments += turn_segments(recipe, turn.speaker, text, values)
     d = recipe.decision
-    segments += _open_turn(recipe, d.agent, fill(d.prompt, values), values)
+    segments += open_turn(recipe, d.agent, fill(d.prompt, values), values)
     options = [fill(o, values) for o in recipe.option_templates]
     return Episode(item, condition, segments, options, dict(generated))
 
 
-def _open_turn(recipe: Recipe, speaker: str | None, prompt: str, values: dict[str, str]) -> list[Segment]:
+def open_turn(recipe: Recipe, speaker: str | None, prompt: str, values: dict[str, str]) -> list[Segment]:
     """A turn laid out only up to the end of ``prompt`` (the rest is the model's).
 
     Trailing white space is cut: options and generated text bring their own
     leading space (" Paris"), which is how tokenizers split words.
     """
     marker = "\x00"
-    full = _turn_segments(recipe, speaker, prompt + marker, values)[0]
+    full = turn_segments(recipe, speaker, prompt + marker, values)[0]
     return [Segment(full.speaker, full.text.split(marker)[0].rstrip())]
 
 
@@ -134,6 +135,19 @@ def pending_turn(recipe: Recipe, episode: Episode) -> int | None:
         if turn.text is None and i not in episode.generated and (turn.when is None or episode.condition in turn.when):
             return i
     return None
+
+
+def parse_choice(reply: str, options: list[str]) -> int:
+    """Index of the option a free-text reply names first (case-insensitive, whole words); -1 if none."""
+    best, best_at = -1, len(reply) + 1
+    for k, opt in enumerate(options):
+        word = opt.strip()
+        if not word:
+            continue
+        m = re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", reply, flags=re.IGNORECASE)
+        if m and m.start() < best_at:
+            best, best_at = k, m.start()
+    return best
 
 
 @dataclass

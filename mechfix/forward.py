@@ -19,7 +19,6 @@ Activation sites (plain PyTorch hooks; one pass, no graph kept):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -250,35 +249,3 @@ def run_requests(
             if on_batch and keep:
                 on_batch(len(keep))
     return [Result(scores=s.float(), acts=a) for s, a in zip(scores, acts)]
-
-
-@contextmanager
-def _eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
-def generate_reply(lm: LoadedModel, prompt: str, max_tokens: int, stop: str = "\n") -> str:
-    """Greedy continuation of ``prompt``, cut at the first ``stop`` (deterministic).
-
-    Args:
-        lm: The model.
-        prompt: Text so far (the episode up to an opened turn).
-        max_tokens: Most tokens to generate.
-        stop: The reply ends before this text.
-    """
-    tok = lm.tokenizer
-    enc = tok(prompt, return_tensors="pt").to(lm.device)
-    with torch.inference_mode(), _eval_mode(lm.model):
-        out = lm.model.generate(
-            **enc,
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return text.split(stop)[0] if stop else text

@@ -12,12 +12,16 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mechfix.errors import RecipeError
+from mechfix.expr import ExprError, to_number
+from mechfix.expr import parse as parse_rule
+from mechfix.expr import names as expr_names
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 # Placeholders that the renderer fills itself rather than from the item.
@@ -45,6 +49,36 @@ class Turn(_Strict):
     text: str | None = Field(None, description="Turn text with {placeholders}; omit to generate it.")
     when: list[str] | None = Field(None, description="Conditions the turn appears in; omit for all.")
     max_tokens: int = Field(48, gt=0, le=1024, description="Length limit of a generated turn.")
+
+
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ROUND_NAMES = ("round", "rounds")  # placeholders a live recipe fills itself: this round (1-based), their count
+
+
+class RoundTurn(Turn):
+    """One turn of every round of a live recipe (see :class:`Rounds`)."""
+
+    prompt: str = Field("", description="Text a generated turn starts with, e.g. \"I'm taking\".")
+    capture: str | None = Field(
+        None, pattern=IDENTIFIER, description="Keep the first number the turn says as this variable for the state rules."
+    )
+    default: str = Field("0", description="Rule giving the captured variable when the turn says no number.")
+    decision: bool = Field(False, description="This entry is the target's decision (scored, then generated).")
+
+
+class Rounds(_Strict):
+    """Live multi-round episodes: every round's turns are generated and a state evolves by the recipe's rules."""
+
+    count: int = Field(gt=0, le=50, description="How many rounds; the target decides once in each.")
+    state: dict[str, str] = Field(
+        default_factory=dict, description="State variables and the rules that start them, in order."
+    )
+    turns: list[RoundTurn] = Field(min_length=1, description="The turns of every round; one has 'decision: true'.")
+    update: dict[str, str] = Field(
+        default_factory=dict, description="Rules applied in order at the end of every round (new state)."
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy; above 0: seeded sampling.")
+    seed: int = Field(0, description="Seed of the sampling (used when temperature > 0).")
 
 
 class Format(_Strict):
@@ -105,6 +139,7 @@ class Recipe(_Strict):
     decision: Decision
     items: list[dict[str, str]] = Field(min_length=1)
     split: Split = Split()
+    rounds: Rounds | None = Field(None, description="Live multi-round episodes (omit for one decision per item).")
 
     @property
     def condition_names(self) -> list[str]:
@@ -320,7 +355,7 @@ def _check_semantics(r: Recipe, filename: str, lines: dict[tuple, int]) -> None:
         for c in t.when or []:
             if c not in r.conditions:
                 fail(("turns", i, "when"), f"condition '{c}' is not defined under conditions ({', '.join(r.conditions)}).")
-        if t.text is None and r.mode == "score":
+        if t.text is None and r.mode == "score" and r.rounds is None:
             fail(("turns", i), "this turn has no text. Give it a text, or set 'mode: generate' to let the model write it.")
         if t.text is None and t.speaker is None:
             fail(("turns", i), "a generated turn (no text) needs a speaker.")
@@ -328,14 +363,16 @@ def _check_semantics(r: Recipe, filename: str, lines: dict[tuple, int]) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", c):
             fail(("conditions", c), f"condition name '{c}' must be lower-case letters, digits or '_'.")
 
-    # Every placeholder must be filled by every item (or by the condition's vars).
+    # Every placeholder must be filled by every item (or by the condition's vars);
+    # a live recipe's state, captures and round numbers are checked by _check_rounds.
+    live = _live_names(r)
     templates: list[tuple[tuple, str]] = [(("format", "preamble"), r.format.preamble)]
     templates += [(("turns", i, "text"), t.text) for i, t in enumerate(r.turns) if t.text]
     templates += [(("decision", k), getattr(r.decision, k)) for k in ("prompt", "aligned", "misaligned")]
     templates += [(("decision", "others", i), o) for i, o in enumerate(r.decision.others)]
     for loc, text in templates:
         for ph in PLACEHOLDER.findall(text):
-            if ph in RESERVED_PLACEHOLDERS and loc[0] == "format":
+            if (ph in RESERVED_PLACEHOLDERS and loc[0] == "format") or ph in live:
                 continue
             for c, cond in r.conditions.items():
                 for j, item in enumerate(r.items):
@@ -345,6 +382,123 @@ def _check_semantics(r: Recipe, filename: str, lines: dict[tuple, int]) -> None:
                             f"placeholder '{{{ph}}}' is not set by item {j} (keys: {', '.join(item) or 'none'}) "
                             f"nor by condition '{c}'. Add '{ph}' to every item or to that condition's vars.",
                         )
+    if r.rounds is not None:
+        _check_rounds(r, fail)
+
+
+def _live_names(r: Recipe) -> set[str]:
+    """Names a live recipe fills itself: state variables, captures, round and rounds."""
+    if r.rounds is None:
+        return set()
+    return {*r.rounds.state, *r.rounds.update, *(t.capture for t in r.rounds.turns if t.capture), *ROUND_NAMES}
+
+
+def round_rules(rounds: Rounds) -> dict[tuple, str]:
+    """Every rule of a rounds block by key: ``("state", k)``, ``("update", k)``, ``("turns", i, "default")``."""
+    rules: dict[tuple, str] = {("state", k): v for k, v in rounds.state.items()}
+    rules |= {("update", k): v for k, v in rounds.update.items()}
+    rules |= {("turns", i, "default"): t.default for i, t in enumerate(rounds.turns) if t.capture}
+    return rules
+
+
+def _check_rounds(r: Recipe, fail: Callable[[tuple, str], None]) -> None:
+    """Check a live recipe's rounds: one decision entry, known speakers, rules that parse and read only known numbers.
+
+    Each condition is walked in turn order, so a placeholder or rule that reads
+    a capture before (or without) the turn that makes it is refused here rather
+    than half-way through a run.
+    """
+    rounds = r.rounds
+    assert rounds is not None
+    names = [a.name for a in r.agents]
+    decisions = [i for i, t in enumerate(rounds.turns) if t.decision]
+    if len(decisions) != 1:
+        fail(("rounds", "turns"), f"rounds.turns has {len(decisions)} entries with 'decision: true'; "
+             "exactly one is needed (where the target decides in every round).")
+    state_names = list(rounds.state) + [k for k in rounds.update if k not in rounds.state]
+    for k in state_names:
+        if not re.fullmatch(IDENTIFIER, k):
+            fail(("rounds", "state", k), f"state variable '{k}' must be a name of letters, digits and '_'.")
+        if k in ROUND_NAMES:
+            fail(("rounds", "state", k), f"'{k}' is filled by mechfix (the round number); choose another name.")
+    for i, t in enumerate(rounds.turns):
+        loc = ("rounds", "turns", i)
+        if t.decision:
+            if t.speaker not in (None, r.decision.agent) or t.text is not None or t.when is not None or t.prompt:
+                fail(loc, "the decision entry takes only 'decision: true' (and 'capture'/'default'): its speaker, "
+                     "prompt and options come from the decision block, and it appears in every condition.")
+            continue
+        if t.speaker is not None and t.speaker not in names:
+            fail(loc + ("speaker",), f"speaker '{t.speaker}' is not among the agents ({', '.join(names)}).")
+        if t.text is None and t.speaker is None:
+            fail(loc, "a generated turn (no text) needs a speaker.")
+        if t.text is not None and t.prompt:
+            fail(loc + ("prompt",), "'prompt' opens a generated turn; this turn has a text. Remove one of them.")
+        for c in t.when or []:
+            if c not in r.conditions:
+                fail(loc + ("when",), f"condition '{c}' is not defined under conditions ({', '.join(r.conditions)}).")
+        if t.capture in ROUND_NAMES or t.capture in state_names:
+            fail(loc + ("capture",), f"capture '{t.capture}' is also a state variable or round name; give it its own name.")
+
+    trees = {}
+    for key, text in round_rules(rounds).items():
+        try:
+            trees[("rounds", *key)] = parse_rule(text)
+        except ExprError as exc:
+            fail(("rounds", *key), f"the rule '{text}' cannot be used: {exc}. Recipes allow only arithmetic.")
+    captures = {t.capture for t in rounds.turns if t.capture}
+
+    for c, cond in r.conditions.items():
+        base = set(cond.vars) | set.intersection(*(set(item) for item in r.items))
+
+        def need(loc: tuple, used: set[str], known: set[str], what: str) -> None:
+            missing = sorted(used - known)
+            if missing:
+                later = [m for m in missing if m in captures]
+                why = (f" ('{later[0]}' is captured later in the round, or not at all, under '{c}')" if later else "")
+                fail(loc, f"{what} reads {', '.join(repr(m) for m in missing)}, which has no value under condition "
+                     f"'{c}'{why}. Define it in every item, in rounds.state, or capture it earlier in the round.")
+
+        known = base | {"rounds"}
+        for k, text in rounds.state.items():
+            loc = ("rounds", "state", k)
+            need(loc, expr_names(trees[loc]), known, f"the rule for '{k}'")
+            known = known | {k}
+        known |= {"round"}
+        opening = [r.format.preamble, *(t.text or "" for t in r.turns if t.when is None or c in t.when)]
+        for text in opening:
+            need(("turns",), set(PLACEHOLDER.findall(text)) & _live_names(r), known - {"round"}, "an opening turn")
+        state_known = known
+        made: set[str] = set()
+        for i, t in enumerate(rounds.turns):
+            if t.when is not None and c not in t.when:
+                continue
+            loc = ("rounds", "turns", i)
+            here = state_known | made
+            texts = [t.text or "", t.prompt]
+            if t.decision:
+                texts += [r.decision.prompt, *r.option_templates]
+            need(loc, set().union(*(PLACEHOLDER.findall(x) for x in texts)) - RESERVED_PLACEHOLDERS, here, "this turn")
+            if t.capture:
+                need(loc + ("default",), expr_names(trees[loc + ("default",)]), here, "the default rule")
+                made.add(t.capture)
+        known = state_known | made
+        for k in rounds.update:
+            loc = ("rounds", "update", k)
+            need(loc, expr_names(trees[loc]), known, f"the update rule for '{k}'")
+            known = known | {k}
+
+        # Rules read item values and condition vars as numbers: check them all now. A starting
+        # rule reads the item's value of a name no earlier state variable has taken.
+        starting = list(rounds.state)
+        for loc, tree in trees.items():
+            own = set(starting[: starting.index(loc[2])]) if loc[1] == "state" else set(state_names) | captures
+            for name in expr_names(tree) - own - set(ROUND_NAMES):
+                for j in range(len(r.items)):
+                    value = cond.vars.get(name, r.items[j].get(name))
+                    if value is not None and to_number(value) is None:
+                        fail(loc, f"the rule reads '{name}' as a number, but item {j} under condition '{c}' "
+                             f"sets it to {value!r}. Make it a number.")
 
 
 # --------------------------------------------------------------------------- public API

@@ -6,7 +6,6 @@ its result into an artifact that the CLI saves.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +18,15 @@ from mechfix.episodes import (
     Episode,
     Tokenized,
     option_ids,
+    parse_choice,
     pending_turn,
     render_episode,
     speaker_list,
     tokenize_episode,
 )
-from mechfix.forward import SITES, Request, generate_reply, run_requests
+from mechfix.forward import SITES, Request, run_requests
+from mechfix.generation import generate_reply
+from mechfix.live import LiveEpisode, generated_turns, outcome, run_live
 from mechfix.models import LoadedModel
 from mechfix.recipe import LoadedRecipe, Recipe
 from mechfix.stats import behaviour_summary
@@ -45,14 +47,16 @@ class Recording:
         recipe: The resolved recipe.
         conditions: Condition names, in order.
         speakers: Speaker names (``<frame>`` first); token speakers index this.
-        episodes: Per condition, one rendered episode per item.
-        tokens: Per condition, token ids and speakers per item.
+        episodes: Per condition, one rendered decision point per decision (an item, or an item's round).
+        tokens: Per condition, token ids and speakers per decision.
         scores: Per condition, ``[N, K]`` summed option log-probabilities.
         acts: Per condition, site name to activations (``[N, L, ...]``, or
             ``[N, T, L, ...]`` padded with zeros when all positions were kept).
-        split: ``[N]``, 0 for the training split, 1 for held out.
-        replies: Generate mode only: per condition, the target's generated reply per item.
-        choices: Generate mode only: per condition, the option parsed from each reply (-1: none).
+        split: ``[N]``, 0 for the training split, 1 for held out (a live item's rounds share its split).
+        replies: Generate mode and live recipes: per condition, the target's generated reply per decision.
+        choices: Generate mode and live recipes: per condition, the option parsed from each reply (-1: none).
+        rows: ``(item, round)`` of every decision (round 0 without rounds).
+        live: Live recipes: per condition, every item's whole episode.
     """
 
     recipe: Recipe
@@ -66,6 +70,8 @@ class Recording:
     all_positions: bool = False
     replies: dict[str, list[str]] | None = None
     choices: dict[str, list[int]] | None = None
+    rows: list[tuple[int, int]] | None = None
+    live: dict[str, list[LiveEpisode]] | None = None
 
 
 def split_items(n: int, heldout: float, seed: int) -> torch.Tensor:
@@ -80,19 +86,6 @@ def split_items(n: int, heldout: float, seed: int) -> torch.Tensor:
     split = torch.zeros(n, dtype=torch.int8)
     split[torch.from_numpy(perm[:n_held].copy())] = 1
     return split
-
-
-def parse_choice(reply: str, options: list[str]) -> int:
-    """Index of the option a free-text reply names first (case-insensitive, whole words); -1 if none."""
-    best, best_at = -1, len(reply) + 1
-    for k, opt in enumerate(options):
-        word = opt.strip()
-        if not word:
-            continue
-        m = re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", reply, flags=re.IGNORECASE)
-        if m and m.start() < best_at:
-            best, best_at = k, m.start()
-    return best
 
 
 def _render_all(
@@ -112,26 +105,68 @@ def _render_all(
     return episodes
 
 
+@dataclass
+class Rendered:
+    """The decisions of a recipe, rendered and ready to score.
+
+    Attributes:
+        rows: ``(item, round)`` of every decision; round 0 for a recipe without
+            rounds (one decision per item), 1.. for a live recipe's rounds.
+        episodes: Per condition, the decision point of every row.
+        tokens: Per condition, token ids and speakers of every row.
+        requests: Per condition, the scoring request of every row.
+        live: A live recipe only: per condition, every item's whole episode.
+    """
+
+    rows: list[tuple[int, int]]
+    episodes: dict[str, list[Episode]]
+    tokens: dict[str, list[Tokenized]]
+    requests: dict[str, list[Request]]
+    live: dict[str, list[LiveEpisode]] | None = None
+
+    @property
+    def groups(self) -> list[int]:
+        """The item of every row: a live item's rounds are resampled together in bootstrap intervals."""
+        return [item for item, _ in self.rows]
+
+
+def generation_steps(recipe: Recipe, items: int) -> int:
+    """How many turns rendering writes (the progress total); 0 when nothing is generated."""
+    if recipe.rounds is not None:
+        # A live recipe always plays every item (see decision_requests).
+        return len(recipe.items) * sum(generated_turns(recipe, c) for c in recipe.condition_names)
+    return items * len(recipe.condition_names) if recipe.mode == "generate" else 0
+
+
 def decision_requests(
     lm: LoadedModel,
     recipe: Recipe,
     items: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> tuple[dict[str, list[Episode]], dict[str, list[Tokenized]], dict[str, list[Request]]]:
+) -> Rendered:
     """Render, tokenize and turn into scoring requests the given items (default all), per condition.
 
-    Returns:
-        (episodes, tokens, requests), each condition to one entry per item.
+    A live recipe is played for all its items, whichever are asked for, so the
+    held-out decisions verify scores are the very ones record made (a batch's
+    composition can change the last bits of a generated token's logits); only
+    the rows of the asked items are returned.
     """
     items = list(range(len(recipe.items))) if items is None else items
     speakers = speaker_list(recipe)
-    episodes = _render_all(lm, recipe, items, on_step if recipe.mode == "generate" else None)
+    live = None
+    if recipe.rounds is not None:
+        live = {c: run_live(lm, recipe, c, None, on_step) for c in recipe.condition_names}
+        rows = [(i, r.round) for i in items for r in live[recipe.condition_names[0]][i].rounds]
+        episodes = {c: [eps[i].rounds[r - 1].decision for i, r in rows] for c, eps in live.items()}
+    else:
+        rows = [(i, 0) for i in items]
+        episodes = _render_all(lm, recipe, items, on_step if recipe.mode == "generate" else None)
     tokens = {c: [tokenize_episode(lm.tokenizer, ep, speakers) for ep in eps] for c, eps in episodes.items()}
     requests = {
         c: [Request(prompt=tk.ids, options=[option_ids(lm.tokenizer, o) for o in ep.options]) for ep, tk in zip(episodes[c], tokens[c])]
         for c in episodes
     }
-    return episodes, tokens, requests
+    return Rendered(rows, episodes, tokens, requests, live)
 
 
 def record(
@@ -157,13 +192,14 @@ def record(
         The recording (scores, activations, tokens, transcripts, split).
     """
     conditions = recipe.condition_names
-    n = len(recipe.items)
     speakers = speaker_list(recipe)
 
     def step(phase: str, total: int) -> Callable[[int], None] | None:
         return (lambda k: on_progress(phase, k, total)) if on_progress else None
 
-    episodes, tokens, by_condition = decision_requests(lm, recipe, None, step("generating turns", n * len(conditions)))
+    rendered = decision_requests(lm, recipe, None, step("generating turns", generation_steps(recipe, len(recipe.items))))
+    episodes, tokens, by_condition = rendered.episodes, rendered.tokens, rendered.requests
+    n = len(rendered.rows)
     results = run_requests(
         lm,
         [r for c in conditions for r in by_condition[c]],
@@ -179,7 +215,12 @@ def record(
         scores[c] = torch.stack([r.scores for r in chunk])
         acts[c] = {s: _stack_padded([r.acts[s] for r in chunk]) for s in sites}
     replies = choices = None
-    if recipe.mode == "generate":
+    if rendered.live is not None:
+        # The target's replies were written while the episodes were played.
+        rounds = {c: {(e.item, r.round): r for e in eps for r in e.rounds} for c, eps in rendered.live.items()}
+        replies = {c: [rounds[c][row].reply for row in rendered.rows] for c in conditions}
+        choices = {c: [rounds[c][row].choice for row in rendered.rows] for c in conditions}
+    elif recipe.mode == "generate":
         replies, choices = {}, {}
         gen_step = step("generating decisions", n * len(conditions))
         for c in conditions:
@@ -198,10 +239,12 @@ def record(
         tokens=tokens,
         scores=scores,
         acts=acts,
-        split=split_items(n, recipe.split.heldout, recipe.split.seed),
+        split=split_items(len(recipe.items), recipe.split.heldout, recipe.split.seed)[[i for i, _ in rendered.rows]],
         all_positions=all_positions,
         replies=replies,
         choices=choices,
+        rows=rendered.rows,
+        live=rendered.live,
     )
 
 
@@ -217,11 +260,29 @@ def _stack_padded(xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def summarize(rec: Recording) -> dict[str, Any]:
-    """Behaviour summary of a recording (see :func:`mechfix.stats.behaviour_summary`), plus split sizes."""
-    out = behaviour_summary(rec.scores, seed=rec.recipe.split.seed)
+    """Behaviour summary of a recording (see :func:`mechfix.stats.behaviour_summary`), plus split sizes.
+
+    A live recording adds ``rounds``, ``by_round`` (the summary of each
+    round's decisions alone) and ``outcome`` (per condition, what the episodes
+    came to: see :func:`mechfix.live.outcome`); its intervals resample whole
+    episodes, since an episode's rounds are not independent.
+    """
+    seed = rec.recipe.split.seed
+    groups = [i for i, _ in rec.rows] if rec.live is not None and rec.rows else None
+    out = behaviour_summary(rec.scores, seed=seed, groups=groups)
     out["items"] = len(rec.recipe.items)
+    out["decisions_per_condition"] = len(rec.split)
     out["train"] = int((rec.split == 0).sum())
     out["heldout"] = int((rec.split == 1).sum())
+    if rec.live is not None and rec.rows:
+        rounds = sorted({r for _, r in rec.rows})
+        out["rounds"] = len(rounds)
+        out["by_round"] = []
+        for r in rounds:
+            at = [j for j, (_, rr) in enumerate(rec.rows) if rr == r]
+            s = behaviour_summary({c: v[at] for c, v in rec.scores.items()}, seed=seed)
+            out["by_round"].append({"round": r, **{k: s[k] for k in ("effect", "rate", "control_effect", "per_condition")}})
+        out["outcome"] = {c: outcome(eps) for c, eps in rec.live.items()}
     if rec.choices is not None:
         out["generated_choices"] = {
             c: {
@@ -232,6 +293,16 @@ def summarize(rec: Recording) -> dict[str, Any]:
             for c, v in rec.choices.items()
         }
     return out
+
+
+def _live_manifest(rec: Recording) -> dict[str, Any]:
+    rounds = rec.recipe.rounds
+    return {
+        "rounds": rounds.count,
+        "temperature": rounds.temperature,
+        "seed": rounds.seed,
+        "episodes": {c: [e.to_json() for e in eps] for c, eps in rec.live.items()},
+    }
 
 
 def _pad_int(rows: list[list[int]], fill: int, dtype: torch.dtype) -> torch.Tensor:
@@ -246,10 +317,13 @@ def to_artifact(rec: Recording, lm: LoadedModel, loaded: LoadedRecipe, params: d
     """Pack a recording into a ``record`` artifact.
 
     Tensor names: ``tokens/C``, ``speakers/C`` (padded with -1), ``lengths/C``,
-    ``scores/C`` ``[N, K]``, ``acts/C/SITE``, ``split``, and in generate mode
-    ``choices/C``; C is a condition.
+    ``scores/C`` ``[N, K]``, ``acts/C/SITE``, ``split``, ``rows`` ``[N, 2]``
+    (item, round) and, in generate mode or for a live recipe, ``choices/C``;
+    C is a condition. A live recording's manifest also keeps every episode
+    whole under ``live`` (transcript, per-round state, captures and replies).
     """
-    tensors: dict[str, torch.Tensor] = {"split": rec.split}
+    rows = rec.rows if rec.rows is not None else [(i, 0) for i in range(len(rec.split))]
+    tensors: dict[str, torch.Tensor] = {"split": rec.split, "rows": torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)}
     for c in rec.conditions:
         tensors[f"tokens/{c}"] = _pad_int([t.ids for t in rec.tokens[c]], -1, torch.int32)
         tensors[f"speakers/{c}"] = _pad_int([t.speakers for t in rec.tokens[c]], -1, torch.int16)
@@ -277,5 +351,6 @@ def to_artifact(rec: Recording, lm: LoadedModel, loaded: LoadedRecipe, params: d
         shape={"layers": lm.n_layers, "heads": lm.n_heads, "head_dim": lm.head_dim, "hidden": lm.hidden},
         summary=summarize(rec),
         **({"replies": rec.replies} if rec.replies is not None else {}),
+        **({"live": _live_manifest(rec)} if rec.live is not None else {}),
     )
     return Artifact(kind="record", manifest=manifest, tensors=tensors)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,19 +16,40 @@ def decision_scores(option_scores: torch.Tensor) -> torch.Tensor:
     return option_scores[:, MISALIGNED] - option_scores[:, ALIGNED]
 
 
+def group_means(x: np.ndarray, groups: Sequence[int] | None) -> np.ndarray:
+    """Rows of ``[N, ...]`` values averaged within each group (in order of first appearance); ``x`` itself without groups.
+
+    Decisions of one group (the rounds of one live episode) are not
+    independent: a bootstrap must resample the groups, not their rows. With
+    equal group sizes, the mean of the group means is the mean of the rows.
+    """
+    if groups is None:
+        return x
+    g = np.asarray(groups)
+    if len(g) != len(x):
+        raise ValueError(f"{len(g)} group labels for {len(x)} values")
+    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+    sums = np.zeros((len(first), *x.shape[1:]))
+    np.add.at(sums, inverse, x)
+    means = sums / np.bincount(inverse).reshape(-1, *([1] * (x.ndim - 1)))
+    return means[np.argsort(first)]
+
+
 def bootstrap_ci_columns(
-    values: Any, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+    values: Any, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95, groups: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap interval of the mean of every column of ``[N, C]`` values.
 
     All columns share one set of resamples (decisions are resampled, not
     components), so the intervals of different components are comparable.
+    With ``groups`` (one label per row), whole groups are resampled.
 
     Returns:
         (low ``[C]``, high ``[C]``); both equal the value when N is 1, NaN when N is 0.
     """
     x = np.asarray(values, dtype=np.float64)
     x = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(0, 1)
+    x = group_means(x, groups)
     if x.shape[0] == 0:
         nan = np.full(x.shape[1], np.nan)
         return nan, nan.copy()
@@ -42,7 +63,9 @@ def bootstrap_ci_columns(
     return lo, hi
 
 
-def bootstrap_ci(values: Any, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Any, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95, groups: Sequence[int] | None = None
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean.
 
     Args:
@@ -50,12 +73,13 @@ def bootstrap_ci(values: Any, *, n_boot: int = 2000, seed: int = 0, level: float
         n_boot: Resamples.
         seed: Seed of the resampling (the interval is reproducible).
         level: Coverage, 0.95 for a 95% interval.
+        groups: One label per value: whole groups are resampled (the rounds of a live episode).
 
     Returns:
         (low, high); both equal the value for a single decision, NaN for none.
     """
     x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-    lo, hi = bootstrap_ci_columns(x, n_boot=n_boot, seed=seed, level=level)
+    lo, hi = bootstrap_ci_columns(x, n_boot=n_boot, seed=seed, level=level, groups=groups)
     return (float(lo[0]), float(hi[0]))
 
 
@@ -85,10 +109,10 @@ def reduction(before: float, after: float) -> float:
     return 1.0 - after / before if before > 0 else float("nan")
 
 
-def mean_ci(values: Any, seed: int = 0) -> dict[str, Any]:
-    """``{"mean", "ci95", "n"}`` of a set of per-decision values."""
+def mean_ci(values: Any, seed: int = 0, groups: Sequence[int] | None = None) -> dict[str, Any]:
+    """``{"mean", "ci95", "n"}`` of a set of per-decision values (``groups``: see :func:`bootstrap_ci`)."""
     x = np.asarray(values, dtype=np.float64).reshape(-1)
-    lo, hi = bootstrap_ci(x, seed=seed)
+    lo, hi = bootstrap_ci(x, seed=seed, groups=groups)
     return {"mean": float(x.mean()) if x.size else float("nan"), "ci95": [lo, hi], "n": int(x.size)}
 
 
@@ -111,12 +135,15 @@ def flip_rate(clean_scores: torch.Tensor, pressure_scores: torch.Tensor) -> dict
     return {"rate": float(flipped.sum()) / n if n else None, "flipped": int(flipped.sum()), "eligible": n}
 
 
-def behaviour_summary(scores: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, Any]:
+def behaviour_summary(
+    scores: Mapping[str, torch.Tensor], seed: int = 0, groups: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Effect, rate and control effect from per-condition option scores.
 
     Args:
         scores: Condition name to ``[N, K]`` option scores (same items, same order).
         seed: Bootstrap seed.
+        groups: One label per decision; intervals resample whole groups (a live item's rounds).
 
     Returns:
         ``effect`` (pressure - clean, mean and 95% CI), ``rate``, ``control_effect``
@@ -125,10 +152,10 @@ def behaviour_summary(scores: Mapping[str, torch.Tensor], seed: int = 0) -> dict
     """
     d = {c: decision_scores(s) for c, s in scores.items()}
     out: dict[str, Any] = {
-        "effect": mean_ci(d["pressure"] - d["clean"], seed),
+        "effect": mean_ci(d["pressure"] - d["clean"], seed, groups),
         "rate": flip_rate(scores["clean"], scores["pressure"]),
-        "control_effect": mean_ci(d["control"] - d["clean"], seed) if "control" in d else None,
-        "beyond_copying": mean_ci(d["pressure"] - d["control"], seed) if "control" in d else None,
+        "control_effect": mean_ci(d["control"] - d["clean"], seed, groups) if "control" in d else None,
+        "beyond_copying": mean_ci(d["pressure"] - d["control"], seed, groups) if "control" in d else None,
         "per_condition": {
             c: {
                 "score": float(v.mean()),

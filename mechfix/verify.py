@@ -26,8 +26,10 @@ from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requ
 from mechfix.fix import Fix
 from mechfix.models import LoadedModel
 from mechfix.recipe import Recipe
-from mechfix.record import decision_requests, split_items
-from mechfix.stats import behaviour_summary, decision_scores, reduction
+from mechfix.fix import apply_fix
+from mechfix.live import outcome, run_live
+from mechfix.record import Rendered, decision_requests, generation_steps, split_items
+from mechfix.stats import behaviour_summary, decision_scores, group_means, reduction
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,11 @@ def gates_for(min_reduction: float, max_kl: float, min_clean_agreement: float) -
     ]
 
 
-def _reduction_ci(before: np.ndarray, after: np.ndarray, seed: int, n_boot: int = 2000) -> list[float]:
-    """Percentile bootstrap interval of 1 − mean(after)/mean(before), resampling decisions in pairs."""
+def _reduction_ci(
+    before: np.ndarray, after: np.ndarray, seed: int, groups: list[int] | None = None, n_boot: int = 2000
+) -> list[float]:
+    """Percentile bootstrap interval of 1 − mean(after)/mean(before), resampling decisions (or groups) in pairs."""
+    before, after = group_means(before, groups), group_means(after, groups)
     if len(before) < 2:
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
@@ -83,6 +88,7 @@ def verify(
     gates: list[GateSpec],
     items: list[int] | None = None,
     batch_size: int = 16,
+    replay: bool = True,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the verify stage on one fix.
@@ -93,16 +99,19 @@ def verify(
         fix: The fix.
         neutral: Neutral text for KL.
         gates: Pass/fail checks.
-        items: Decisions to use instead of the held-out split (tests).
+        items: Items to use instead of the held-out split (tests).
         batch_size: Sequences per forward pass.
+        replay: Live recipes: play the episodes again with the fix (see :func:`verify_fixes`).
         on_progress: Called as ``(phase, advance, total)``.
 
     Returns:
         The report: ``passed``, ``before``, ``after``, ``reduction``, ``kl``,
         ``clean_agreement``, ``control_change``, ``anti_steerable``, ``gates``,
-        ``warnings``, ``parameters``.
+        ``warnings``, ``parameters``; for a live recipe also ``rows`` and
+        ``live_outcome``.
     """
-    return verify_fixes(lm, recipe, [fix], neutral, gates=gates, items=items, batch_size=batch_size, on_progress=on_progress)[0]
+    return verify_fixes(lm, recipe, [fix], neutral, gates=gates, items=items, batch_size=batch_size, replay=replay,
+                        on_progress=on_progress)[0]
 
 
 def verify_fixes(
@@ -114,9 +123,15 @@ def verify_fixes(
     gates: list[GateSpec],
     items: list[int] | None = None,
     batch_size: int = 16,
+    replay: bool = True,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Verify several fixes on the same held-out decisions (the unfixed model is scored once).
+
+    With a live recipe (and ``replay``), each fix also plays the episodes again
+    with the fix on every generated turn, and the report's ``live_outcome``
+    says what they came to before and after (the final state, the share of
+    the target's replies that name each option).
 
     Returns:
         One report per fix, as :func:`verify` describes, in order.
@@ -132,22 +147,47 @@ def verify_fixes(
         )
     step = (lambda phase, total: (lambda k: on_progress(phase, k, total))) if on_progress else (lambda phase, total: None)
     n_cond = len(recipe.condition_names)
-    _, _, requests = decision_requests(lm, recipe, items, step("generating turns", len(items) * n_cond))
-    before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", len(items) * n_cond))
+    rendered = decision_requests(lm, recipe, items, step("generating turns", generation_steps(recipe, len(items))))
+    requests, n = rendered.requests, len(rendered.rows)
+    groups = rendered.groups if rendered.live is not None else None
+    before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", n * n_cond))
     eff_b = (decision_scores(before["pressure"]) - decision_scores(before["clean"])).double().numpy()
     reports = []
     for j, fix in enumerate(fixes):
         which = "" if len(fixes) == 1 else f" {j + 1}/{len(fixes)}"
         after = score_requests(lm, requests, fix, batch_size=batch_size,
-                               on_batch=step(f"scoring with the fix{which}", len(items) * n_cond))
+                               on_batch=step(f"scoring with the fix{which}", n * n_cond))
         kl = neutral_kl(lm, fix, [fix.strength], neutral, on_batch=step(f"KL on neutral text{which}", len(neutral.batches)))[0]
-        reports.append(_report(before, after, eff_b, kl, neutral, items, gates, seed, fix))
+        report = _report(before, after, eff_b, kl, neutral, rendered, gates, seed, fix, groups)
+        if rendered.live is not None and replay:
+            report["live_outcome"] = _replay(lm, recipe, fix, rendered, step(f"replaying with the fix{which}",
+                                                                               generation_steps(recipe, len(items))))
+        reports.append(report)
     return reports
 
 
-def _report(before, after, eff_b, kl: float, neutral: NeutralSet, items: list[int], gates: list[GateSpec], seed: int, fix: Fix) -> dict[str, Any]:
+def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, on_step) -> dict[str, Any]:
+    """Play a live recipe's episodes again with the fix on every generated turn; what they come to, before and after.
+
+    The scored decisions above are the unfixed episodes' decision points, so
+    that before and after compare the same texts; here the fixed model also
+    writes the target's replies, and the others react to them.
+    """
+    with apply_fix(lm, fix, check_model=False):
+        after = {c: run_live(lm, recipe, c, None, on_step) for c in recipe.condition_names}
+    return {
+        "before": {c: outcome(eps) for c, eps in rendered.live.items()},
+        "after": {c: outcome(eps) for c, eps in after.items()},
+        "episodes": {c: [e.to_json() for e in eps] for c, eps in after.items()},
+    }
+
+
+def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rendered, gates: list[GateSpec], seed: int,
+            fix: Fix, groups: list[int] | None) -> dict[str, Any]:
     """One fix's numbers, gates and warnings, from its scores with and without it."""
     eff_a = (decision_scores(after["pressure"]) - decision_scores(after["clean"])).double().numpy()
+    items = sorted({i for i, _ in rendered.rows})
+    n = len(rendered.rows)
     warnings: list[str] = []
     b_mean = float(eff_b.mean())
     reduced = reduction(b_mean, float(eff_a.mean()))
@@ -156,17 +196,18 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, items: list[in
             f"the held-out behaviour effect without the fix is {b_mean:+.2f} (not positive): there is nothing to reduce."
         )
     report: dict[str, Any] = {
-        "heldout": len(items),
+        "heldout": n,
         "items": items,
-        "before": behaviour_summary(before, seed),
-        "after": behaviour_summary(after, seed),
-        "reduction": {"value": reduced, "ci95": _reduction_ci(eff_b, eff_a, seed)},
+        **({"rows": [list(r) for r in rendered.rows]} if groups is not None else {}),
+        "before": behaviour_summary(before, seed, groups),
+        "after": behaviour_summary(after, seed, groups),
+        "reduction": {"value": reduced, "ci95": _reduction_ci(eff_b, eff_a, seed, groups)},
         "kl": {"value": kl, "tokens": neutral.n_tokens},
-        "clean_agreement": {"value": clean_agreement(before["clean"], after["clean"]), "n": len(items)},
+        "clean_agreement": {"value": clean_agreement(before["clean"], after["clean"]), "n": n},
         "anti_steerable": {
             "share": float((eff_a > eff_b).mean()),
             "count": int((eff_a > eff_b).sum()),
-            "n": len(items),
+            "n": n,
         },
         "control_change": None,
         "parameters": fix.n_parameters,
@@ -180,10 +221,10 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, items: list[in
             "reduction": reduction(cb, ca),
             "reading": _control_reading(reduced, reduction(cb, ca)),
         }
-    if len(items) < 20:
+    if n < 20:
         warnings.append(
-            f"only {len(items)} held-out decisions: one changed decision moves clean agreement by "
-            f"{1 / len(items):.0%}, and the intervals are wide."
+            f"only {n} held-out decisions: one changed decision moves clean agreement by "
+            f"{1 / n:.0%}, and the intervals are wide."
         )
     values = {"reduction": reduced, "kl": kl, "clean_agreement": report["clean_agreement"]["value"]}
     report["gates"] = [g.check(values.get(g.metric)) for g in gates]

@@ -180,8 +180,17 @@ def test_every_builtin_recipe_records_in_score_and_generate_mode(tiny_llama, mod
         assert loaded.recipe.mode == mode
         small = loaded.recipe.model_copy(update={"items": loaded.recipe.items[:2]})
         rec = record(tiny_llama, small, batch_size=8, sites=("resid",))
-        assert all(rec.scores[c].shape == (2, 2) and torch.isfinite(rec.scores[c]).all() for c in rec.conditions)
-        assert ("generated_choices" in summarize(rec)) == (mode == "generate")
+        rows = 2 * (small.rounds.count if small.rounds else 1)  # a live recipe decides once per round
+        assert all(rec.scores[c].shape == (rows, 2) and torch.isfinite(rec.scores[c]).all() for c in rec.conditions)
+        # A live recipe generates the target's replies in either mode.
+        assert ("generated_choices" in summarize(rec)) == (mode == "generate" or small.rounds is not None)
+
+
+def test_commons_live_plays_four_seasons_of_24_items_with_a_decision_each():
+    r = load_recipe("commons-live").recipe
+    assert r.family == "commons" and len(r.items) >= 24 and set(r.conditions) == {"pressure", "clean", "control"}
+    assert r.rounds.count == 4 and sum(t.decision for t in r.rounds.turns) == 1
+    assert {t.capture for t in r.rounds.turns if t.capture} == {"ana", "ben", "chloe", "sam"}
 
 
 def test_an_unknown_mode_is_refused():

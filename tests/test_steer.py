@@ -124,7 +124,7 @@ def test_verify_measures_control_change_and_clean_agreement_per_decision(tiny_ll
     assert cc["before"] == pytest.approx(report["before"]["control_effect"]["mean"])
     from mechfix.record import decision_requests
 
-    _, _, reqs = decision_requests(tiny_llama, recipe, [0, 1, 2, 3, 4])
+    reqs = decision_requests(tiny_llama, recipe, [0, 1, 2, 3, 4]).requests
     b = score_requests(tiny_llama, {"clean": reqs["clean"]})["clean"]
     a = score_requests(tiny_llama, {"clean": reqs["clean"]}, fix)["clean"]
     assert report["clean_agreement"]["value"] == pytest.approx(clean_agreement(b, a))
