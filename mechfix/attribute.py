@@ -549,7 +549,8 @@ def _flag(atp: float | None, exact: float | None, total: float) -> str | None:
     if atp * exact < 0 and min(abs(atp), abs(exact)) >= floor:
         return "estimate and exact effect differ in sign (saturated attention or cancellation)"
     small, big = sorted((abs(atp), abs(exact)))
-    if small < floor or big / small > DISAGREE_FACTOR:
+    # A ratio, not the floor, decides: a value just under the floor beside one just over it agrees.
+    if small == 0 or big / small > DISAGREE_FACTOR:
         which = "over" if abs(atp) > abs(exact) else "under"
         return f"the estimate {which}states the exact effect by more than {DISAGREE_FACTOR:g}x (saturated attention or cancellation)"
     return None

@@ -272,3 +272,15 @@ def test_attribution_artifact_round_trips_with_its_provenance(tiny_llama, tmp_pa
     first = next(t for t in top if t["kind"] == "heads")
     ci = back.tensors["heads_ci95"][first["layer"], first["head"]].tolist()
     assert ci == pytest.approx(first["atp_ci95"], abs=1e-5)
+
+
+def test_flag_marks_a_disagreement_by_ratio_or_sign_not_by_straddling_the_noise_floor():
+    from mechfix.attribute import _flag
+
+    total = 8.6  # noise floor 0.172
+    assert _flag(0.167, 0.172, total) is None  # one just under the floor, one just over: they agree
+    assert "understates" in _flag(0.05, 0.6, total)
+    assert "overstates" in _flag(0.9, 0.2, total)
+    assert "understates" in _flag(0.0, 0.5, total)
+    assert "differ in sign" in _flag(-0.3, 0.4, total)
+    assert _flag(0.01, -0.02, total) is None  # both below the floor: noise
