@@ -547,6 +547,7 @@ def recipes(as_json: JsonOpt = False) -> None:
                 "name": r.name,
                 "family": r.family,
                 "items": len(r.items),
+                "rounds": r.rounds.count if r.rounds else None,  # None: one decision per item
                 "conditions": r.condition_names,
                 "mode": r.mode,
                 "path": str(p),
@@ -557,10 +558,11 @@ def recipes(as_json: JsonOpt = False) -> None:
         _emit_json({"recipes": rows})
         return
     t = Table()
-    for col in ("name", "family", "items", "conditions", "description"):
+    for col in ("name", "family", "items", "rounds", "conditions", "description"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], r["family"], str(r["items"]), ", ".join(r["conditions"]), r["description"])
+        rounds = f"{r['rounds']} (live)" if r["rounds"] else "-"
+        t.add_row(r["name"], r["family"], str(r["items"]), rounds, ", ".join(r["conditions"]), r["description"])
     out.print(t)
 
 

@@ -122,6 +122,8 @@ class Writer:
     def _generate(self, texts: Sequence[str], max_tokens: int, stop: str) -> list[str]:
         tok = self.lm.tokenizer
         full = [list(tok(t)["input_ids"]) for t in texts]
+        if not all(full):
+            raise ValueError("every text must have at least one token to continue from")
         longest = max(len(f) for f in full)
         pending = self._pending(full)
         width = max(len(p) for p in pending)

@@ -579,7 +579,7 @@ def builtin_recipe_dir() -> Path:
 
 def builtin_recipes() -> list[Path]:
     """Paths of the built-in recipes, sorted by name."""
-    return sorted(builtin_recipe_dir().glob("*.yaml"))
+    return sorted(builtin_recipe_dir().glob("*.yaml"), key=lambda p: p.stem)
 
 
 def resolve_recipe_path(spec: str | Path) -> Path:

@@ -80,8 +80,8 @@ def test_show_refuses_a_file_that_is_not_an_artifact(monkeypatch, capsys, tmp_pa
 def test_recipes_lists_the_builtins_as_json(monkeypatch, capsys):
     code, stdout, _ = run(monkeypatch, capsys, "recipes", "--json")
     assert code == 0
-    names = [r["name"] for r in json.loads(stdout)["recipes"]]
-    assert "conformity" in names
+    rows = {r["name"]: r for r in json.loads(stdout)["recipes"]}
+    assert rows["conformity"]["rounds"] is None and rows["commons-live"]["rounds"] == 4
 
 
 def test_usage_errors_exit_2_and_help_shows_examples(monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cli import run as _cli
 from tiny import tiny_model
 
 from mechfix.artifacts import load_artifact, save_artifact
@@ -221,18 +222,6 @@ def test_verify_on_a_live_recipe_scores_every_held_out_round_and_replays_the_epi
     assert [r["reply"] for e in fixed_eps for r in e["rounds"]] != unfixed
     no_replay = verify(tiny_llama, recipe, fix, neutral, gates=gates_for(0.5, 0.1, 0.9), replay=False)
     assert "live_outcome" not in no_replay and no_replay["after"]["effect"] == report["after"]["effect"]
-
-
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    import sys
-
-    from mechfix.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["mechfix", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def test_record_cli_on_a_live_recipe_prints_rounds_and_show_prints_whole_episodes(monkeypatch, capsys, tmp_path, tiny_model_dir):
