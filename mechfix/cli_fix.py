@@ -486,7 +486,8 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
         "  mechfix verify recipes/conformity.yaml --fix conformity.fix.safetensors\n\n"
         "  mechfix verify conformity --fix conformity.fix.safetensors --min-reduction 0.5 --max-kl 0.1 --junit verify.xml\n\n"
         "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json\n\n"
-        "  mechfix verify conformity --fix conformity.lora --compare conformity.fix.safetensors --compare conf.vec.safetensors"
+        "  mechfix verify conformity --fix conformity.lora --compare conformity.fix.safetensors --compare conf.vec.safetensors\n\n"
+        "  mechfix verify commons-live --fix commons-live.lora    (live: also replays the episodes with the fix)"
     )
 )
 def verify(
@@ -698,6 +699,12 @@ def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
               f"anti-steerable {v['anti_steerable']['share']:.0%}")
     if v.get("control_change"):
         t.add_row("control", f"{v['control_change']['before']:+.2f} -> {v['control_change']['after']:+.2f} ({v['control_change']['reading']})")
+    live = s.get("live_outcome")
+    if live:
+        b, a = live["before"]["pressure"], live["after"]["pressure"]
+        state = ", ".join(f"{k} {b['final_state'][k]:.4g} -> {a['final_state'][k]:.4g}" for k in b["final_state"])
+        t.add_row("live episodes (pressure)", f"after the last round {state}; the target names the misaligned option "
+                  f"{b['misaligned_replies']:.0%} -> {a['misaligned_replies']:.0%}")
     t.add_row("gates", ", ".join(f"{g['name']}: " + ("pass" if g["passed"] else "FAIL") for g in v["gates"]))
     t.add_row("verdict", "[bold green]PASSED[/bold green]" if s["passed"] else "[bold red]FAILED[/bold red]")
     t.add_row("artifacts", ", ".join(s["artifacts"].values()))

@@ -253,3 +253,17 @@ def test_a_live_recipe_whose_rule_fails_mid_run_exits_2_and_writes_nothing(monke
     assert code == 2 and stdout == ""
     assert "divides by zero" in " ".join(stderr.split()) and "round 3" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-live.yaml"]
+
+
+def test_run_on_a_live_recipe_chains_every_stage_and_reports_the_replayed_episodes(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import json
+
+    recipe = tmp_path / "tiny-live.yaml"
+    recipe.write_text(LIVE)
+    code, stdout, _ = _cli(monkeypatch, capsys, "run", str(recipe), "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "r"), "--kind", "vector", "--json")
+    obj = json.loads(stdout)
+    assert code == (0 if obj["passed"] else 1)
+    assert set(obj["live_outcome"]) == {"before", "after"} and "stock" in obj["live_outcome"]["after"]["pressure"]["final_state"]
+    report = json.loads((tmp_path / "r" / "tiny-live.verify.json").read_text())
+    assert report["heldout"] == 6 and len(report["live_outcome"]["episodes"]["clean"]) == 4
