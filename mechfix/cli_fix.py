@@ -88,9 +88,10 @@ NeutralOpt = Annotated[
 JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
 ReplayOpt = Annotated[
-    bool,
-    typer.Option(help="Live recipes: also play the episodes again with the fix on every generated turn and report "
-                 "what they come to (final state, the target's replies). --no-replay skips it."),
+    str,
+    typer.Option(help="Live recipes: play the episodes again with the fix and report what they come to (final "
+                 "state, the target's replies). all: every agent runs the fixed model (one model plays them all); "
+                 "target: only the target does; none: skip."),
 ]
 
 
@@ -391,7 +392,8 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     err.print(g)
     live = report.get("live_outcome")
     if live:
-        err.print("live episodes played again with the fix (all items):")
+        who = "every agent" if live.get("fixed_agents") == "all" else "the target only"
+        err.print(f"live episodes played again with the fix on {who} (all items):")
         for c in live["before"]:
             _print_outcome(c, live["before"][c], prefix="  without fix, ")
             _print_outcome(c, live["after"][c], prefix="  with fix,    ")
@@ -407,7 +409,16 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: bool = True) -> list[dict[str, Any]]:
+def _check_replay(replay: str) -> None:
+    """Refuse an unknown --replay before any model is loaded."""
+    from mechfix.errors import BadInputError
+    from mechfix.verify import REPLAY
+
+    if replay not in REPLAY:
+        raise BadInputError(f"--replay must be one of {', '.join(REPLAY)}, not '{replay}'.")
+
+
+def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all") -> list[dict[str, Any]]:
     """Verify one or more fixes on the recipe's held-out split: one report per fix."""
     from mechfix.verify import verify_fixes
 
@@ -487,7 +498,7 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
         "  mechfix verify conformity --fix conformity.fix.safetensors --min-reduction 0.5 --max-kl 0.1 --junit verify.xml\n\n"
         "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json\n\n"
         "  mechfix verify conformity --fix conformity.lora --compare conformity.fix.safetensors --compare conf.vec.safetensors\n\n"
-        "  mechfix verify commons-live --fix commons-live.lora    (live: also replays the episodes with the fix)"
+        "  mechfix verify commons-live --fix commons-live.lora --replay target    (live: replay with only the target fixed)"
     )
 )
 def verify(
@@ -512,7 +523,7 @@ def verify(
     mode: ModeOpt = None,
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
-    replay: ReplayOpt = True,
+    replay: ReplayOpt = "all",
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -522,7 +533,7 @@ def verify(
     a fix made for another model than the one given, reported as such). With
     --compare, every fix is measured on the same decisions and a table puts
     them side by side: reduction, KL, clean agreement, control, parameters.
-    With a live recipe, the fix also plays the episodes again (see --replay).
+    With a live recipe, the episodes are also played again with the fix (see --replay).
     """
     from mechfix.artifacts import check_same_model, check_writable
     from mechfix.errors import ArtifactError
@@ -532,6 +543,7 @@ def verify(
 
     if fix_path is None:
         raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
+    _check_replay(replay)
     loaded = _load_source(recipe, transcript, decision, mode)
     fix = load_fix(fix_path)
     others = [load_fix(p) for p in compare or []]
@@ -601,7 +613,7 @@ def run(
     dtype: DtypeOpt = None,
     batch_size: BatchOpt = 16,
     mode: ModeOpt = None,
-    replay: ReplayOpt = True,
+    replay: ReplayOpt = "all",
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -619,6 +631,7 @@ def run(
     from mechfix.recipe import load_recipe
     from mechfix.verify import gates_for, junit_xml
 
+    _check_replay(replay)
     loaded = load_recipe(recipe, mode)
     name = loaded.recipe.name
     if baseline not in loaded.recipe.condition_names or baseline == "pressure":

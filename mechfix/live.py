@@ -29,6 +29,7 @@ from typing import Any
 
 from mechfix.episodes import FRAME, Episode, Segment, fill, item_values, open_turn, parse_choice, turn_segments
 from mechfix.errors import RecipeError
+from mechfix.fix import Fix, apply_fix
 from mechfix.expr import ExprError, compile_rule, evaluate, first_number, fmt, to_number
 from mechfix.generation import Writer, row_seed
 from mechfix.models import LoadedModel
@@ -175,6 +176,7 @@ def run_live(
     condition: str,
     items: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
+    target_fix: Fix | None = None,
 ) -> list[LiveEpisode]:
     """Play a live recipe's items under one condition.
 
@@ -184,6 +186,10 @@ def run_live(
         condition: The condition.
         items: Item indices (default all). They are played together in one batch.
         on_step: Called with the number of turns just written (progress).
+        target_fix: Only the target agent's turns are written with this fix;
+            the other agents are the model as it is. The target has a writer
+            (and key/value cache) of its own, since a fixed model reads the
+            history differently.
 
     Returns:
         One episode per item, in order: the transcript, and per round the
@@ -197,12 +203,20 @@ def run_live(
     games = [_Game(recipe, i, condition, rules) for i in items]
     seeds = [row_seed(rounds.seed, recipe.name, i, condition) for i in items]
     writer = Writer(lm, len(games), rounds.temperature, seeds)
+    target_writer = None
+    if target_fix is not None:
+        target_writer = Writer(lm, len(games), rounds.temperature, [row_seed(s, "target") for s in seeds])
 
     def write(speaker: str | None, prompt: str, max_tokens: int) -> list[tuple[str, str]]:
         """Open a turn in every game, let the model write it; returns (prompt, reply) per game."""
         prompts = [fill(prompt, g.values()) for g in games]
         opened = [open_turn(recipe, speaker, p, g.values())[0].text for p, g in zip(prompts, games)]
-        replies = writer.generate([g.text + o for g, o in zip(games, opened)], max_tokens)
+        texts = [g.text + o for g, o in zip(games, opened)]
+        if target_writer is not None and speaker == recipe.decision.agent:
+            with apply_fix(lm, target_fix, check_model=False):
+                replies = target_writer.generate(texts, max_tokens)
+        else:
+            replies = writer.generate(texts, max_tokens)
         if on_step:
             on_step(len(games))
         return list(zip(prompts, replies))

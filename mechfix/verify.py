@@ -51,6 +51,9 @@ class GateSpec:
         return out
 
 
+REPLAY = ("all", "target", "none")  # who runs the fixed model when a live recipe's episodes are played again
+
+
 def gates_for(min_reduction: float, max_kl: float, min_clean_agreement: float) -> list[GateSpec]:
     """The three gates verify applies."""
     return [
@@ -88,7 +91,7 @@ def verify(
     gates: list[GateSpec],
     items: list[int] | None = None,
     batch_size: int = 16,
-    replay: bool = True,
+    replay: str = "all",
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the verify stage on one fix.
@@ -101,7 +104,7 @@ def verify(
         gates: Pass/fail checks.
         items: Items to use instead of the held-out split (tests).
         batch_size: Sequences per forward pass.
-        replay: Live recipes: play the episodes again with the fix (see :func:`verify_fixes`).
+        replay: Live recipes: ``all``, ``target`` or ``none`` (see :func:`verify_fixes`).
         on_progress: Called as ``(phase, advance, total)``.
 
     Returns:
@@ -123,19 +126,22 @@ def verify_fixes(
     gates: list[GateSpec],
     items: list[int] | None = None,
     batch_size: int = 16,
-    replay: bool = True,
+    replay: str = "all",
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Verify several fixes on the same held-out decisions (the unfixed model is scored once).
 
-    With a live recipe (and ``replay``), each fix also plays the episodes again
-    with the fix on every generated turn, and the report's ``live_outcome``
-    says what they came to before and after (the final state, the share of
-    the target's replies that name each option).
+    With a live recipe, each fix also plays the episodes again with the fix
+    (``replay``: ``all`` agents run the fixed model, only the ``target`` does,
+    or ``none`` to skip), and the report's ``live_outcome`` says what they came
+    to before and after (the final state, the share of the target's replies
+    that name each option).
 
     Returns:
         One report per fix, as :func:`verify` describes, in order.
     """
+    if replay not in REPLAY:
+        raise ValueError(f"replay must be one of {', '.join(REPLAY)}, not '{replay}'")
     seed = recipe.split.seed
     if items is None:
         split = split_items(len(recipe.items), recipe.split.heldout, seed)
@@ -159,23 +165,29 @@ def verify_fixes(
                                on_batch=step(f"scoring with the fix{which}", n * n_cond))
         kl = neutral_kl(lm, fix, [fix.strength], neutral, on_batch=step(f"KL on neutral text{which}", len(neutral.batches)))[0]
         report = _report(before, after, eff_b, kl, neutral, rendered, gates, seed, fix, groups)
-        if rendered.live is not None and replay:
-            report["live_outcome"] = _replay(lm, recipe, fix, rendered, step(f"replaying with the fix{which}",
-                                                                               generation_steps(recipe, len(items))))
+        if rendered.live is not None and replay != "none":
+            report["live_outcome"] = _replay(lm, recipe, fix, rendered, replay,
+                                             step(f"replaying with the fix{which}", generation_steps(recipe, len(items))))
         reports.append(report)
     return reports
 
 
-def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, on_step) -> dict[str, Any]:
-    """Play a live recipe's episodes again with the fix on every generated turn; what they come to, before and after.
+def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, who: str, on_step) -> dict[str, Any]:
+    """Play a live recipe's episodes again with the fix; what they come to, before and after.
 
     The scored decisions above are the unfixed episodes' decision points, so
     that before and after compare the same texts; here the fixed model also
-    writes the target's replies, and the others react to them.
+    writes the target's replies, and the others react to them. ``who`` is
+    ``all`` (every agent runs the fixed model, as when one model plays them
+    all) or ``target`` (only the target does; the others are the model as it is).
     """
-    with apply_fix(lm, fix, check_model=False):
-        after = {c: run_live(lm, recipe, c, None, on_step) for c in recipe.condition_names}
+    if who == "target":
+        after = {c: run_live(lm, recipe, c, None, on_step, target_fix=fix) for c in recipe.condition_names}
+    else:
+        with apply_fix(lm, fix, check_model=False):
+            after = {c: run_live(lm, recipe, c, None, on_step) for c in recipe.condition_names}
     return {
+        "fixed_agents": who,
         "before": {c: outcome(eps) for c, eps in rendered.live.items()},
         "after": {c: outcome(eps) for c, eps in after.items()},
         "episodes": {c: [e.to_json() for e in eps] for c, eps in after.items()},

@@ -220,8 +220,30 @@ def test_verify_on_a_live_recipe_scores_every_held_out_round_and_replays_the_epi
     # The fix acts on every generated turn: Sam's replies differ from the unfixed episodes'.
     unfixed = [r.reply for e in rec.live["pressure"] for r in e.rounds]
     assert [r["reply"] for e in fixed_eps for r in e["rounds"]] != unfixed
-    no_replay = verify(tiny_llama, recipe, fix, neutral, gates=gates_for(0.5, 0.1, 0.9), replay=False)
+    assert live["fixed_agents"] == "all"
+    no_replay = verify(tiny_llama, recipe, fix, neutral, gates=gates_for(0.5, 0.1, 0.9), replay="none")
     assert "live_outcome" not in no_replay and no_replay["after"]["effect"] == report["after"]["effect"]
+
+
+def test_replaying_with_only_the_target_fixed_leaves_the_other_agents_the_model_as_it_is(tiny_llama):
+    from mechfix.fix import Fix, apply_fix
+
+    recipe = _recipe(**{'    - {speaker: Ana, text: "I take {fair}.", capture: ana, when: [clean, control]}':
+                        '    - {speaker: Ana, prompt: "I take", capture: ana, default: "fair", max_tokens: 4, when: [clean, control]}'})
+    g = torch.Generator().manual_seed(1)
+    fix = Fix(op="subtract", layers=[1], heads=[], vectors=torch.randn(1, tiny_llama.hidden, generator=g) * 4,
+              means=torch.zeros(1, tiny_llama.hidden), strength=1.0)
+    target_only = run_live(tiny_llama, recipe, "clean", [0], target_fix=fix)[0]
+    with apply_fix(tiny_llama, fix):
+        everyone = run_live(tiny_llama, recipe, "clean", [0])[0]
+    plain = run_live(tiny_llama, recipe, "clean", [0])[0]
+    # Round 1: Sam speaks first, fixed in both replays, on the same text.
+    assert target_only.rounds[0].reply == everyone.rounds[0].reply != plain.rounds[0].reply
+    # Ana, unfixed when only the target is, continues that same text as the plain model would.
+    ana = target_only.rounds[0].decision.text + " " + target_only.rounds[0].reply.strip() + "\nAna: I take"
+    from mechfix.generation import generate_reply
+
+    assert target_only.text.split("\nAna: I take", 1)[1].split("\n")[0].strip() == generate_reply(tiny_llama, ana, 4).strip()
 
 
 def test_record_cli_on_a_live_recipe_prints_rounds_and_show_prints_whole_episodes(monkeypatch, capsys, tmp_path, tiny_model_dir):
