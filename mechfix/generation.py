@@ -86,10 +86,10 @@ class Writer:
             seeds = list(seeds) if seeds is not None else list(range(n_rows))
             self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         cfg = lm.model.config
-        windows = [getattr(cfg, "sliding_window", None) or 0]
+        # 0: no sliding window (a config may name one that no layer uses, as Qwen2's does).
+        self.window = getattr(cfg, "sliding_window", None) or 0
         if getattr(cfg, "layer_types", None) and "sliding_attention" not in cfg.layer_types:
-            windows = [0]
-        self.window = min([w for w in windows if w > 0], default=0)
+            self.window = 0
         self._reset()
 
     def _reset(self) -> None:

@@ -125,9 +125,9 @@ class Rendered:
     live: dict[str, list[LiveEpisode]] | None = None
 
     @property
-    def groups(self) -> list[int]:
-        """The item of every row: a live item's rounds are resampled together in bootstrap intervals."""
-        return [item for item, _ in self.rows]
+    def groups(self) -> list[int] | None:
+        """A live recipe's item of every row (its rounds are resampled together in bootstrap intervals); else None."""
+        return [item for item, _ in self.rows] if self.live is not None else None
 
 
 def generation_steps(recipe: Recipe, items: int) -> int:

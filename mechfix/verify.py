@@ -155,7 +155,7 @@ def verify_fixes(
     n_cond = len(recipe.condition_names)
     rendered = decision_requests(lm, recipe, items, step("generating turns", generation_steps(recipe, len(items))))
     requests, n = rendered.requests, len(rendered.rows)
-    groups = rendered.groups if rendered.live is not None else None
+    groups = rendered.groups
     before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", n * n_cond))
     eff_b = (decision_scores(before["pressure"]) - decision_scores(before["clean"])).double().numpy()
     reports = []
