@@ -178,6 +178,8 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
     if summary.get("control_effect"):
         err.print(f"control effect (control - clean):          {_fmt_ci(summary['control_effect'])}")
         err.print(f"beyond copying (pressure - control):        {_fmt_ci(summary['beyond_copying'])}")
+    if summary.get("helpful_influence"):
+        err.print(f"helpful influence (clean - helpful):        {_fmt_ci(summary['helpful_influence'])}")
     if summary.get("generated_choices"):
         for c, v in summary["generated_choices"].items():
             err.print(

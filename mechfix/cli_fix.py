@@ -50,7 +50,8 @@ KindOpt = Annotated[
 OpOpt = Annotated[
     str | None,
     typer.Option(
-        help="heads: project (default), steer, restore or scale; vector: subtract; lora: lora. See the README for what each does."
+        help="heads: project, steer, restore or scale (default: try them all and keep what carries over); vector: "
+        "subtract; lora: lora. See the README for what each does."
     ),
 ]
 _LORA = "LoRA training (--kind lora)"
@@ -68,8 +69,19 @@ ScopeOpt = Annotated[
         rich_help_panel=_LORA,
     ),
 ]
-SeedOpt = Annotated[int, typer.Option(help="Seed of initialisation, batches and sampled positions.", rich_help_panel=_LORA)]
-TopHeadsOpt = Annotated[int, typer.Option("--top-heads", min=1, help="How many of the top heads a heads fix edits.")]
+SeedOpt = Annotated[
+    int, typer.Option(help="Seed of the cross-validation folds, and of a LoRA fix's initialisation, batches and sampled positions.")
+]
+FoldsOpt = Annotated[
+    int,
+    typer.Option(min=0, help="Cross-validation folds over the training items: the fix is chosen by what carries over to "
+                 "items it was not fitted on (0 or 1: choose on the training fit, as a LoRA fix always does)."),
+]
+TopHeadsOpt = Annotated[
+    int,
+    typer.Option("--top-heads", min=1, help="The most top heads a heads fix edits: the top 1, 3 and this many are tried, "
+                 "and cross-validation picks."),
+]
 LayersOpt = Annotated[
     str | None, typer.Option(help="Comma-separated decoder layers to act on (vector: exactly these; heads: only heads there).")
 ]
@@ -83,7 +95,30 @@ MinReductionOpt = Annotated[
     float, typer.Option("--min-reduction", help="Gate: the held-out behaviour effect must shrink by at least this share.")
 ]
 NeutralOpt = Annotated[
-    Path | None, typer.Option(help="Neutral passages for the KL check (blank-line separated). Default: the set shipped with mechfix.")
+    Path | None,
+    typer.Option(help="Neutral passages for the KL check (blank-line separated). Default: a set shipped with mechfix "
+                 "(steer chooses on one, verify checks on another that steer never sees)."),
+]
+CapabilitiesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--capabilities", help="Capability tasks whose accuracy the fix must keep: .jsonl files, folders of "
+                 "them, or 'builtin' (repeat it; default builtin). Each line: "
+                 '{"prompt": ..., "answer": ..., "distractors": [...]}.'),
+]
+MinCapabilityOpt = Annotated[
+    float,
+    typer.Option("--min-capability", min=0.0, help="Share of the model's accuracy on every capability task that the "
+                 "fix must keep (tasks the model does no better than chance are reported, not gated)."),
+]
+MaxHelpfulLossOpt = Annotated[
+    float,
+    typer.Option("--max-helpful-loss", min=0.0, help="The most of the helpful condition's pull (others giving the "
+                 "right answer) that the fix may remove. Recipes without a helpful condition skip it."),
+]
+MinCleanMarginOpt = Annotated[
+    float,
+    typer.Option("--min-clean-margin", min=0.0, help="Share of the clean decisions' margin for the aligned option that "
+                 "the fix must keep: a fix that only makes the model less sure of everything fails it."),
 ]
 JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
@@ -120,14 +155,14 @@ def _ints(text: str | None, name: str) -> list[int] | None:
         raise BadInputError(f"{name} takes comma-separated layer numbers such as 10,12, not '{text}'.") from None
 
 
-def _neutral(lm, path: Path | None):
+def _neutral(lm, path: Path | None, part: str = "select", stride: int = 1):
     from mechfix.errors import BadInputError
     from mechfix.evaluate import neutral_passages, neutral_set
 
     if path is not None and not path.is_file():
         raise BadInputError(f"--neutral '{path}' does not exist. Give a text file of passages separated by blank lines.")
-    passages = neutral_passages(str(path) if path else None)
-    neutral = neutral_set(lm, passages)
+    passages = neutral_passages(str(path) if path else None, part)
+    neutral = neutral_set(lm, passages, stride)
     if neutral.n_tokens == 0:
         raise BadInputError(f"--neutral '{path}' holds no text to measure KL on. Give passages separated by blank lines.")
     return neutral
@@ -157,58 +192,111 @@ def _find_record(att, record: Path | None):
     return rec
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v:.0%}"
+
+
+def _budget_title(budget: dict[str, Any]) -> str:
+    parts = [f"KL <= {budget['max_kl']:g}", f"clean agreement >= {budget['min_clean_agreement']:.0%}"]
+    if budget.get("min_clean_margin") is not None:
+        parts.append(f"clean margin kept >= {budget['min_clean_margin']:.0%}")
+    if budget.get("min_capability") is not None:
+        parts.append(f"capability kept >= {budget['min_capability']:.0%}")
+    if budget.get("max_helpful_loss") is not None:
+        parts.append(f"helpful loss <= {budget['max_helpful_loss']:.0%}")
+    return ", ".join(parts)
+
+
+_SHORT = {"clean_agreement": "clean", "clean_margin": "margin", "helpful_loss": "helpful", "capability": "capab"}
+
+
 def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict[str, float], title: str) -> None:
-    t = Table(
-        title=f"{title}; budget: KL <= {budget['max_kl']:g}, clean agreement >= {budget['min_clean_agreement']:.0%}",
-        title_justify="left",
-    )
-    t.add_column("strength", justify="right")
-    t.add_column("effect left [95% CI]", justify="right", no_wrap=True)
-    t.add_column("reduction", justify="right")
-    t.add_column("KL/token", justify="right")
-    t.add_column("clean", justify="right")
-    t.add_column("")
+    ops = sorted({f"{p.get('op')}" + (f" on {p['heads']} heads" if p.get("heads") else "") for p in sweep if p.get("op")})
+    t = Table(title=f"{title}{': ' + ', '.join(ops) if ops else ''}; budget: {_budget_title(budget)}; fit/cv = "
+              "reduction on the training fit / cross-validated over items; helpf- = helpful influence removed",
+              title_justify="left")
+    # Narrow headers, so that the table fits 80 columns: fit = training-fit reduction, cv = cross-validated one.
+    for name in ("s", "fit", "cv", "KL", "clean", "margin", "capab", "helpf-", ""):
+        t.add_column(name, justify="left" if name == "" else "right", no_wrap=True)
     for p in sweep:
-        mark = "[bold green]chosen[/bold green]" if chosen is not None and p["strength"] == chosen else (
-            "" if p["within_budget"] else "[yellow]over[/yellow]"
-        )
-        red = "-" if p["reduction"] is None else f"{p['reduction']:.0%}"
-        t.add_row(f"{p['strength']:g}", _fmt_ci(p["effect"]), red, f"{p['kl']:.4f}", f"{p['clean_agreement']:.0%}", mark)
+        if chosen is not None and p["strength"] == chosen:
+            mark = "[bold green]chosen[/bold green]"
+        elif p.get("over"):
+            mark = "[yellow]over " + ",".join(_SHORT.get(o, o) for o in p["over"]) + "[/yellow]"
+        elif p.get("measured") == "scored":
+            mark = "[dim]-[/dim]"
+        else:
+            mark = "" if p["within_budget"] else "[yellow]over[/yellow]"
+        kl = "-" if p["kl"] is None else (">" if p.get("kl_lower_bound") else "") + f"{p['kl']:.4f}"
+        t.add_row(f"{p['strength']:g}", _pct(p["reduction"]), _pct(p.get("cv_reduction")), kl, _pct(p["clean_agreement"]),
+                  _pct(p.get("clean_margin")), _pct(p.get("capability")), _pct(p.get("helpful_loss")), mark)
     err.print(t)
 
 
-def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, max_kl: float,
-              min_clean: float, neutral_path: Path | None, batch_size: int, lora=None):
+def _print_candidates(selection: dict[str, Any]) -> None:
+    """One line per candidate (operation, heads): its best cross-validated reduction inside the budget."""
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for p in selection.get("candidates", []):
+        rows.setdefault((p["op"], p["heads"]), []).append(p)
+    if len(rows) < 2:
+        return
+    t = Table(title=f"candidates, by {selection.get('by')} ({selection.get('folds')} folds of items)", title_justify="left")
+    for name in ("op", "heads", "best inside the budget", "at strength", "points measured"):
+        t.add_column(name, justify="left" if name == "op" else "right")
+    for (op, heads), pts in rows.items():
+        if all(p.get("measured") == "cv" for p in pts):
+            p = pts[0]
+            t.add_row(op, str(heads or "-"), f"not searched: {_pct(p.get('cv_reduction'))} cross-validated at "
+                      f"{p['strength']:g}", "-", str(len(pts)))
+            continue
+        ok = [p for p in pts if p["within_budget"] and p["strength"] > 0]
+        key = "cv_reduction" if pts[0].get("cv_reduction") is not None else "reduction"
+        best = max(ok, key=lambda p: -1 if p[key] is None else p[key]) if ok else None
+        t.add_row(op, str(heads or "-"), "none" if best is None else _pct(best[key]),
+                  "-" if best is None else f"{best['strength']:g}", str(len(pts)))
+    err.print(t)
+
+
+def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, budget,
+              neutral_path: Path | None, capabilities: list[str] | None, tasks, folds: int, seed: int, batch_size: int,
+              lora=None):
     """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
+    from mechfix import capabilities as caps
     from mechfix.errors import GateError
     from mechfix.fix import save_fix
     from mechfix.lora import LoraSettings
-    from mechfix.steer import Budget, steer
+    from mechfix.steer import steer
     from mechfix.steer import to_artifact as fix_artifact
 
-    neutral = _neutral(lm, neutral_path)
-    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean)
+    from mechfix.steer import SEARCH_KL_STRIDE
+
+    neutral = _neutral(lm, neutral_path, "select", SEARCH_KL_STRIDE)
+    suite = caps.build_suite(lm, tasks, "select")
     lora = lora or LoraSettings()
     with _progress() as progress:
         def on_train(step: int, losses: dict[str, float]) -> None:
             progress(f"training the LoRA fix (loss {losses['loss']:.3f}: behaviour {losses['behaviour']:.3f}, "
                      f"KL {losses['kl']:.4f})", 1, lora.steps, key="train")
 
-        def on_step(s: float) -> None:
-            progress(f"sweeping the fix strength on the training split (measured {s:g})", 1, None, key="sweep")
+        def on_step(label: str) -> None:
+            progress(f"choosing the fix (measured {label})", 1, None, key="sweep")
 
         try:
             steering = steer(lm, att, rec, neutral, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
-                             budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train)
+                             budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train,
+                             capabilities=suite, folds=folds, seed=seed)
         except GateError as exc:
             if exc.detail is not None:
-                _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None,
-                             {"max_kl": max_kl, "min_clean_agreement": min_clean}, "strength sweep (training split)")
+                _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(),
+                             "every point measured (training split)")
+                if exc.detail.search:
+                    _print_candidates({"folds": exc.detail.folds, "by": "cross-validated reduction" if exc.detail.folds
+                                       else "training-fit reduction", "candidates": _clean_nan([p.as_dict() for p in exc.detail.search])})
             raise
     extra = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} if kind == "lora" else {}
-    params = _params(lm, kind=kind, op=steering.fix.op, top_heads=top_heads, layers=layers, strengths=strengths,
-                     max_kl=max_kl, min_clean_agreement=min_clean, neutral=str(neutral_path) if neutral_path else "builtin",
-                     batch_size=batch_size, **extra)
+    params = _params(lm, kind=kind, op=op, top_heads=top_heads, layers=layers, strengths=strengths, **budget.as_dict(),
+                     neutral=str(neutral_path) if neutral_path else "builtin:select",
+                     capabilities=capabilities or ["builtin"], folds=folds, seed=seed, batch_size=batch_size, **extra)
     artifact = fix_artifact(steering, lm, att, rec, params)
     save_fix(target, artifact)
     return artifact
@@ -218,7 +306,8 @@ def _steer_summary(artifact) -> dict[str, Any]:
     m = artifact.manifest
     f = m["fix"]
     out = {"artifact": artifact.path, "sha256": artifact.sha256, **{k: f[k] for k in ("kind", "op", "site", "targets", "strength", "why")},
-           "parameters": f.get("parameters"), "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"]}
+           "parameters": f.get("parameters"), "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"],
+           "selection": m.get("selection")}
     if "training" in m:
         out["training"] = _training_summary(m)
     return _clean_nan(out)
@@ -242,15 +331,20 @@ def _print_training(t: dict[str, Any]) -> None:
 
 def _print_steer(summary: dict[str, Any]) -> None:
     chosen_strength = summary["chosen"]["strength"]
-    _print_sweep(summary["sweep"], chosen_strength, summary["budget"], "strength sweep (training split)")
+    if summary.get("selection"):
+        _print_candidates(summary["selection"])
+    _print_sweep(summary["sweep"], chosen_strength, summary["budget"], "the chosen candidate's strengths (training split)")
+    for note in (summary.get("selection") or {}).get("notes", []):
+        err.print(f"note: {escape(note)}", soft_wrap=True)
     if summary.get("training"):
         _print_training(summary["training"])
     err.print(f"fix: {summary['kind']} / {summary['op']} on {', '.join(summary['targets'])} at strength {chosen_strength:g}"
               f" ({summary.get('parameters')} parameters)")
     err.print(f"targets: {escape(summary['why'])}", soft_wrap=True)
     ch = summary["chosen"]
+    cv = "" if ch.get("cv_reduction") is None else f" ({_pct(ch['cv_reduction'])} cross-validated over items)"
     err.print(
-        f"training split: behaviour {_fmt_ci(ch['effect'])} left, reduction {ch['reduction']:.0%}, "
+        f"training split: behaviour {_fmt_ci(ch['effect'])} left, reduction {_pct(ch['reduction'])}{cv}, "
         f"KL {ch['kl']:.4f} nats/token, clean agreement {ch['clean_agreement']:.0%}. Verify it on held-out episodes "
         "with `mechfix verify`."
     )
@@ -268,9 +362,11 @@ def print_fix(manifest: dict[str, Any]) -> None:
         err.print(f"loss: {escape(str(f['loss']))}", soft_wrap=True)
     if manifest.get("training"):
         _print_training(_training_summary(manifest))
+    if manifest.get("selection"):
+        _print_candidates(_clean_nan(manifest["selection"]))
     if manifest.get("sweep") and manifest.get("budget"):
         chosen = (manifest.get("chosen") or {}).get("strength", f.get("strength"))
-        _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "strength sweep (training split)")
+        _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "the chosen candidate's strengths (training split)")
 
 
 def _fix_target(out: Path | None, stem: Path, kind: str) -> Path:
@@ -294,7 +390,8 @@ def _attribution_stem(att_path: Path) -> Path:
         "  mechfix steer conformity.attr.safetensors\n\n"
         "  mechfix steer conformity.attr.safetensors --kind vector --out conf.vec.safetensors\n\n"
         "  mechfix steer conformity.attr.safetensors --kind lora --out conformity.lora --rank 4 --steps 40\n\n"
-        "  mechfix steer conformity.attr.safetensors --kind heads --op scale --top-heads 3 --max-kl 0.05 --json"
+        "  mechfix steer conformity.attr.safetensors --kind heads --op scale --top-heads 3 --max-kl 0.05 --json\n\n"
+        "  mechfix steer conformity.attr.safetensors --folds 8 --seed 1 --capabilities builtin --capabilities my-task.jsonl"
     )
 )
 def steer(
@@ -309,8 +406,13 @@ def steer(
     strengths: StrengthsOpt = None,
     max_kl: MaxKlOpt = 0.1,
     min_clean_agreement: MinCleanOpt = 0.95,
+    min_capability: MinCapabilityOpt = 0.9,
+    max_helpful_loss: MaxHelpfulLossOpt = 0.25,
+    min_clean_margin: MinCleanMarginOpt = 0.8,
     record: Annotated[Path | None, typer.Option(help="The recording the attribution came from (default: the path it names).")] = None,
     neutral: NeutralOpt = None,
+    capabilities: CapabilitiesOpt = None,
+    folds: FoldsOpt = 5,
     rank: RankOpt = 4,
     steps: StepsOpt = 40,
     lr: LrOpt = 5e-3,
@@ -324,20 +426,27 @@ def steer(
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Turn an attribution into a fix; pick its strength under a side-effect budget.
+    """Turn an attribution into a fix, chosen by what carries over to items it was not fitted on.
 
-    A heads or vector fix is computed from the recording; a lora fix is trained
-    on the training split (a few minutes on a CPU for the embedded model) and
-    written as a PEFT adapter folder. Then the strength is swept on the training
-    split, keeping the one that removes the most behaviour while KL on neutral
-    text and clean agreement stay inside the budget. Exit 1 (nothing written)
-    when no strength does.
+    A heads fix tries every operation (unless --op is given) on the top 1, 3
+    and --top-heads heads, each at a grid of strengths, and scores them by
+    cross-validation over the training items; it keeps the one that removes the
+    most behaviour on held-out folds while the side-effect budget holds: KL on
+    neutral text, capabilities kept, clean answers kept (agreement and margin)
+    and the helpful influence kept. A vector fix is computed from the recording;
+    a lora fix is trained on the training split (a few minutes on a CPU for the
+    embedded model), written as a PEFT adapter folder, and its strength chosen
+    on the training fit. Exit 1 (nothing written) when nothing fits the budget.
     """
+    from mechfix import capabilities as caps
     from mechfix.artifacts import check_same_model, load_artifact
     from mechfix.lora import LoraSettings, lora_settings_check
-    from mechfix.steer import check_kind_op
+    from mechfix.steer import Budget, check_kind_op
 
     check_kind_op(kind, op)
+    tasks = caps.load_tasks(capabilities)
+    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
+                    max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     att = load_artifact(attribution, expect="attribution")
     target = _fix_target(out_path, _attribution_stem(attribution), kind)
     layer_list, grid = _ints(layers, "--layers"), _floats(strengths, "--strengths")
@@ -346,8 +455,8 @@ def steer(
     spec = model if model is not None else att.manifest.get("model", {}).get("source")
     lm = _load_model(spec, device, dtype, trust_remote_code)
     check_same_model(att.manifest, lm.identity, attribution)
-    artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, max_kl, min_clean_agreement, neutral,
-                         batch_size, settings)
+    artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, budget, neutral, capabilities, tasks,
+                         folds, seed, batch_size, settings)
     summary = _steer_summary(artifact)
     if as_json:
         _emit_json(summary)
@@ -366,7 +475,25 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     t.add_row("flip rate", fr(b["rate"]), fr(a["rate"]))
     if b.get("control_effect"):
         t.add_row("control - clean", _fmt_ci(b["control_effect"]), _fmt_ci(a["control_effect"]))
+    if b.get("helpful_influence"):
+        t.add_row("clean - helpful (helpful influence)", _fmt_ci(b["helpful_influence"]), _fmt_ci(a["helpful_influence"]))
+    cm = report.get("clean_margin")
+    if cm:
+        t.add_row("clean margin (aligned - misaligned)", f"{cm['before']:+.2f}", f"{cm['after']:+.2f}")
+    pa = report.get("pressure_aligned")
+    if pa:
+        t.add_row("pressure decisions choosing aligned", _pct(pa["before"]), _pct(pa["after"]))
     err.print(t)
+    capab = report.get("capabilities")
+    if capab:
+        c = Table(title="capabilities (accuracy, 95% CI)", title_justify="left")
+        for name in ("task", "items", "chance", "without fix", "with fix", "kept"):
+            c.add_column(name, justify="left" if name == "task" else "right")
+        for name, task in capab["tasks"].items():
+            acc = lambda x: f"{_pct(x['accuracy'])} [{_pct(x['ci95'][0])}, {_pct(x['ci95'][1])}]"  # noqa: E731
+            kept = _pct(task["kept"]) if task["measurable"] else "not above chance"
+            c.add_row(name, str(task["items"]), _pct(task["chance"]), acc(task["before"]), acc(task["after"]), kept)
+        err.print(c)
     red = report["reduction"]
     ci = red.get("ci95") or [None, None]
     ci_txt = f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else ""
@@ -381,6 +508,9 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     cc = report.get("control_change")
     if cc:
         err.print(f"control: {cc['before']:+.2f} -> {cc['after']:+.2f}; {cc['reading']}")
+    hp = report.get("helpful")
+    if hp and hp.get("loss") is not None:
+        err.print(f"helpful influence: {hp['before']:+.2f} -> {hp['after']:+.2f} ({_pct(hp['loss'])} of it removed)")
     g = Table(title="gates", title_justify="left")
     g.add_column("gate")
     g.add_column("value", justify="right")
@@ -418,14 +548,17 @@ def _check_replay(replay: str) -> None:
         raise BadInputError(f"--replay must be one of {', '.join(REPLAY)}, not '{replay}'.")
 
 
-def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all") -> list[dict[str, Any]]:
+def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all",
+               tasks=None) -> list[dict[str, Any]]:
     """Verify one or more fixes on the recipe's held-out split: one report per fix."""
+    from mechfix import capabilities as caps
     from mechfix.verify import verify_fixes
 
-    neutral = _neutral(lm, neutral_path)
+    neutral = _neutral(lm, neutral_path, "verify")
+    suite = caps.build_suite(lm, tasks, "verify") if tasks is not None else None
     with _progress() as progress:
         reports = verify_fixes(lm, loaded.recipe, fixes, neutral, gates=gates, batch_size=batch_size, replay=replay,
-                               on_progress=progress)
+                               capabilities=suite, on_progress=progress)
     out = []
     for fix, report in zip(fixes, reports):
         trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
@@ -456,6 +589,9 @@ def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "reduction_ci95": r["reduction"].get("ci95"),
             "kl": r["kl"]["value"],
             "clean_agreement": r["clean_agreement"]["value"],
+            "clean_margin_kept": (r.get("clean_margin") or {}).get("kept"),
+            "capability_kept": (r.get("capabilities") or {}).get("kept"),
+            "helpful_loss": (r.get("helpful") or {}).get("loss"),
             "control_before": cc.get("before"),
             "control_after": cc.get("after"),
             "anti_steerable": r["anti_steerable"]["share"],
@@ -482,6 +618,9 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
         ("reduction", red),
         ("KL/token", lambda r: f"{r['kl']:.4f}"),
         ("clean agreement", lambda r: pct(r["clean_agreement"])),
+        ("clean margin kept", lambda r: pct(r.get("clean_margin_kept"))),
+        ("capability kept", lambda r: pct(r.get("capability_kept"))),
+        ("helpful loss", lambda r: pct(r.get("helpful_loss"))),
         ("control - clean", lambda r: "-" if r["control_before"] is None else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"),
         ("anti-steerable", lambda r: pct(r["anti_steerable"])),
         ("gates", lambda r: "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]"),
@@ -498,7 +637,9 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
         "  mechfix verify conformity --fix conformity.fix.safetensors --min-reduction 0.5 --max-kl 0.1 --junit verify.xml\n\n"
         "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json\n\n"
         "  mechfix verify conformity --fix conformity.lora --compare conformity.fix.safetensors --compare conf.vec.safetensors\n\n"
-        "  mechfix verify commons-live --fix commons-live.lora --replay target    (live: replay with only the target fixed)"
+        "  mechfix verify commons-live --fix commons-live.lora --replay target    (live: replay with only the target fixed)\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --capabilities builtin --capabilities my-task.jsonl "
+        "--min-capability 0.95 --max-helpful-loss 0.1"
     )
 )
 def verify(
@@ -514,8 +655,12 @@ def verify(
     min_reduction: MinReductionOpt = 0.5,
     max_kl: MaxKlOpt = 0.1,
     min_clean_agreement: MinCleanOpt = 0.95,
+    min_capability: MinCapabilityOpt = 0.9,
+    max_helpful_loss: MaxHelpfulLossOpt = 0.25,
+    min_clean_margin: MinCleanMarginOpt = 0.8,
     junit: JunitOpt = None,
     neutral: NeutralOpt = None,
+    capabilities: CapabilitiesOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -530,7 +675,11 @@ def verify(
     """Prove a fix on held-out episodes: behaviour before/after, side effects, and pass/fail gates.
 
     Exit 0 when every gate passes, 1 when one fails, 2 on bad input (including
-    a fix made for another model than the one given, reported as such). With
+    a fix made for another model than the one given, reported as such). The
+    gates: the behaviour's reduction, KL on neutral text steer never saw, clean
+    agreement, the clean margin kept (no flattening), accuracy kept on the
+    capability tasks (verify's half of them), and the helpful influence kept
+    (recipes with a helpful condition). With
     --compare, every fix is measured on the same decisions and a table puts
     them side by side: reduction, KL, clean agreement, control, parameters.
     With a live recipe, the episodes are also played again with the fix (see --replay).
@@ -539,6 +688,7 @@ def verify(
     from mechfix.errors import ArtifactError
     from mechfix.fix import load_fix
     from mechfix.errors import BadInputError
+    from mechfix import capabilities as caps
     from mechfix.verify import error_report, gates_for, junit_xml
 
     if fix_path is None:
@@ -546,10 +696,11 @@ def verify(
     _check_replay(replay)
     loaded = _load_source(recipe, transcript, decision, mode)
     fix = load_fix(fix_path)
+    tasks = caps.load_tasks(capabilities)
     others = [load_fix(p) for p in compare or []]
     if junit is not None:
         check_writable(junit)
-    gates = gates_for(min_reduction, max_kl, min_clean_agreement)
+    gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
     spec = model if model is not None else fix.model.get("source")
     lm = _load_model(spec, device, dtype, trust_remote_code)
     suite = f"mechfix.verify.{loaded.recipe.name}"
@@ -564,7 +715,7 @@ def verify(
         raise
     for other in others:
         check_same_model(other.manifest, lm.identity, other.path or "a --compare fix")
-    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay)
+    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay, tasks)
     if compared:
         report["compare"] = compared
         report["comparison"] = comparison_rows([report, *compared])
@@ -600,8 +751,13 @@ def run(
     min_reduction: MinReductionOpt = 0.5,
     max_kl: MaxKlOpt = 0.1,
     min_clean_agreement: MinCleanOpt = 0.95,
+    min_capability: MinCapabilityOpt = 0.9,
+    max_helpful_loss: MaxHelpfulLossOpt = 0.25,
+    min_clean_margin: MinCleanMarginOpt = 0.8,
     junit: JunitOpt = None,
     neutral: NeutralOpt = None,
+    capabilities: CapabilitiesOpt = None,
+    folds: FoldsOpt = 5,
     rank: RankOpt = 4,
     steps: StepsOpt = 40,
     lr: LrOpt = 5e-3,
@@ -623,9 +779,10 @@ def run(
     NAME.fix.safetensors (the folder NAME.lora for --kind lora) and
     NAME.verify.json, then prints one summary. Exit codes as for verify.
     """
+    from mechfix import capabilities as caps
     from mechfix.artifacts import check_writable
     from mechfix.lora import LoraSettings, lora_settings_check
-    from mechfix.steer import check_kind_op
+    from mechfix.steer import Budget, check_kind_op
     from mechfix.errors import BadInputError
     from mechfix.fix import fix_from_artifact
     from mechfix.recipe import load_recipe
@@ -640,6 +797,9 @@ def run(
         raise BadInputError(f"--out '{out_dir}' is a file; give a folder.")
     layer_list = _ints(layers, "--layers")
     check_kind_op(kind, op)
+    tasks = caps.load_tasks(capabilities)
+    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
+                    max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / name
@@ -660,14 +820,14 @@ def run(
     att = _do_attribute(lm, rec, paths["attribution"], "both", 10, baseline, batch_size, paths["plot"])
     _print_attribution(_clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
     err.rule("3/4 steer")
-    fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, max_kl, min_clean_agreement, neutral,
-                        batch_size, settings)
+    fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
+                        tasks, folds, seed, batch_size, settings)
     steer_summary = _steer_summary(fix_art)
     _print_steer(steer_summary)
     err.rule("4/4 verify")
     fix = fix_from_artifact(fix_art)
-    gates = gates_for(min_reduction, max_kl, min_clean_agreement)
-    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay)
+    gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
+    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay, tasks)
     _write_text_atomic(paths["verify"], _json_text(report) + "\n")
     if junit is not None:
         _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
@@ -688,7 +848,10 @@ def _run_summary(rec: dict, att: dict, steer_s: dict, report: dict, paths: dict[
         "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},
         "top_components": top,
         "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")},
-        "verify": {k: report[k] for k in ("before", "after", "reduction", "kl", "clean_agreement", "control_change", "anti_steerable", "gates")},
+        "verify": {k: report.get(k) for k in ("before", "after", "reduction", "kl", "clean_agreement", "clean_margin", "helpful",
+                                              "control_change", "anti_steerable", "gates")},
+        "capabilities_kept": (report.get("capabilities") or {}).get("kept"),
+        "steer": {"chosen": steer_s.get("chosen"), "by": (steer_s.get("selection") or {}).get("by")},
         **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}} if report.get("live_outcome") else {}),
         "artifacts": {k: str(v) for k, v in paths.items()},
     })
@@ -708,8 +871,15 @@ def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
     red = v["reduction"]["value"]
     t.add_row("held-out effect", f"{_fmt_ci(v['before']['effect'])} -> {_fmt_ci(v['after']['effect'])}"
               + ("" if red is None else f"  ({red:.0%} less)"))
+    ch = (s.get("steer") or {}).get("chosen") or {}
+    if ch.get("cv_reduction") is not None:
+        t.add_row("chosen on", f"training split: {_pct(ch['reduction'])} less (fit), {_pct(ch['cv_reduction'])} less "
+                  "(cross-validated over items)")
     t.add_row("side effects", f"KL {v['kl']['value']:.4f} nats/token, clean agreement {v['clean_agreement']['value']:.0%}, "
-              f"anti-steerable {v['anti_steerable']['share']:.0%}")
+              f"clean margin kept {_pct((v.get('clean_margin') or {}).get('kept'))}, "
+              f"capabilities kept {_pct(s.get('capabilities_kept'))} (worst task), "
+              + ("no helpful condition" if not v.get("helpful") else f"helpful influence removed {_pct(v['helpful'].get('loss'))}")
+              + f", anti-steerable {v['anti_steerable']['share']:.0%}")
     if v.get("control_change"):
         t.add_row("control", f"{v['control_change']['before']:+.2f} -> {v['control_change']['after']:+.2f} ({v['control_change']['reading']})")
     live = s.get("live_outcome")

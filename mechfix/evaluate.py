@@ -8,7 +8,7 @@ passes with the fix's hooks on, not patched decision positions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import torch
@@ -22,16 +22,21 @@ from mechfix.models import LoadedModel
 _KL_CHUNK = 128
 
 
-def neutral_passages(path: str | None = None) -> list[str]:
+NEUTRAL_SETS = {"select": "data/neutral-select.txt", "verify": "data/neutral-verify.txt"}
+
+
+def neutral_passages(path: str | None = None, part: str = "select") -> list[str]:
     """The neutral passages side effects are measured on.
 
     Args:
         path: A text file of passages separated by blank lines (``#`` lines are
-            comments); default the set that ships with mechfix (prose, dialogue
-            between several speakers, lists, numbers and code).
+            comments); default one of the two sets that ship with mechfix.
+        part: Which shipped set: ``select`` (steer's budget) or ``verify``
+            (verify's gate). They share no passage, so that verify's KL is an
+            independent check of a strength steer chose.
     """
     if path is None:
-        text = resources.files("mechfix").joinpath("data/neutral.txt").read_text(encoding="utf-8")
+        text = resources.files("mechfix").joinpath(NEUTRAL_SETS[part]).read_text(encoding="utf-8")
     else:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -78,14 +83,31 @@ def clean_agreement(before: torch.Tensor, after: torch.Tensor) -> float:
 
 @dataclass
 class NeutralSet:
-    """Neutral passages, tokenized, in batches of about :data:`_KL_CHUNK` scored positions."""
+    """Neutral passages, tokenized, in batches of about :data:`_KL_CHUNK` scored positions.
+
+    ``base`` caches, per batch, what KL needs of the unfixed model (see
+    :func:`neutral_kl`), so that every fix and strength measured on the same
+    set reuses one pass of the unfixed model.
+    """
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # (ids, mask), right-padded
     n_tokens: int
+    base: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stride: int = 1  # KL is measured at every stride-th position (every position still reads its whole context)
+    positions: int = 0  # positions that have a next token, measured or not
 
 
-def neutral_set(lm: LoadedModel, passages: Sequence[str] | None = None) -> NeutralSet:
-    """Tokenize neutral passages for :func:`neutral_kl` (default: the shipped set)."""
+def neutral_set(lm: LoadedModel, passages: Sequence[str] | None = None, stride: int = 1) -> NeutralSet:
+    """Tokenize neutral passages for :func:`neutral_kl` (default: the shipped selection set).
+
+    Args:
+        lm: The model.
+        passages: The passages.
+        stride: Measure KL at every ``stride``-th position only (counted through
+            each batch in order). Every position still reads its whole context;
+            only the output head, which dominates KL's cost for a large
+            vocabulary, runs less often. steer's search uses 4, verify 1.
+    """
     passages = list(passages) if passages is not None else neutral_passages()
     seqs = [lm.tokenizer(p).input_ids for p in passages]
     seqs = [s for s in seqs if len(s) >= 2]
@@ -98,16 +120,64 @@ def neutral_set(lm: LoadedModel, passages: Sequence[str] | None = None) -> Neutr
         width = max(width, len(s))
     if cur:
         batches.append(pad_batch(lm, cur))
+    measured = sum(len(range(0, int(_keep(m).sum()), stride)) for _, m in batches)
     # Every position but the last predicts a next token that exists.
-    return NeutralSet(batches=batches, n_tokens=sum(len(s) - 1 for s in seqs))
+    return NeutralSet(batches=batches, n_tokens=measured, stride=stride, positions=sum(len(s) - 1 for s in seqs))
 
 
-def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary log-probabilities at every position that has a next token, ``[P, V]``."""
-    hidden = final_hidden(lm, ids, mask)
+def _keep(mask: torch.Tensor) -> torch.Tensor:
     keep = mask.clone()
     keep[torch.arange(len(mask)), mask.sum(1) - 1] = 0  # the last token predicts nothing we can check
-    return torch.log_softmax(lm.logits(hidden[keep.bool().to(hidden.device)]).float(), dim=-1)
+    return keep.bool()
+
+
+def _kept_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Final hidden states ``[P, d]`` at every ``stride``-th position that has a next token."""
+    hidden = final_hidden(lm, ids, mask)
+    return hidden[_keep(mask).to(hidden.device)][::stride]
+
+
+def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Full-vocabulary log-probabilities at every ``stride``-th position that has a next token, ``[P, V]``."""
+    return torch.log_softmax(lm.logits(_kept_hidden(lm, ids, mask, stride)).float(), dim=-1)
+
+
+def _plain_head(lm: LoadedModel, fix: Fix) -> bool:
+    """Whether the logits are ``W h + b`` with the fix on: no soft-capping, and the fix leaves the output head alone."""
+    if lm.spec.logit_softcap and getattr(lm.model.config, lm.spec.logit_softcap, None):
+        return False
+    head = lm.model.get_output_embeddings()
+    if fix.lora is not None:
+        from mechfix.architectures import get_path
+
+        return not any(get_path(lm.model, m) is head for m in fix.lora.modules)
+    return True
+
+
+def _base_terms(lm: LoadedModel, neutral: NeutralSet, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfixed model's part of KL at every position of batch ``i``: ``(c, e)``, cached on the set.
+
+    With logits ``z = W h + b`` and base probabilities ``p``,
+    ``KL(p || q) = sum(p z) - lse(z) - (e . h_q + p . b) + lse(z_q)``
+    where ``e = p W`` and ``h_q``, ``z_q`` are the fixed model's hidden state and
+    logits; ``c`` holds ``sum(p z) - lse(z) - p . b`` per position.
+    """
+    if i not in neutral.base:
+        head = lm.model.get_output_embeddings()
+        w, bias = head.weight, getattr(head, "bias", None)
+        ids, mask = neutral.batches[i]
+        hidden = _kept_hidden(lm, ids, mask, neutral.stride)
+        cs, es = [], []
+        for chunk in hidden.split(_KL_CHUNK):
+            z = lm.logits(chunk).float()
+            p = torch.softmax(z, dim=-1)
+            c = (p * z).sum(-1) - torch.logsumexp(z, dim=-1)
+            if bias is not None:
+                c = c - p @ bias.float()
+            cs.append(c.double())
+            es.append((p.to(w.dtype) @ w).float())
+        neutral.base[i] = (torch.cat(cs), torch.cat(es))
+    return neutral.base[i]
 
 
 def neutral_kl(
@@ -116,24 +186,52 @@ def neutral_kl(
     strengths: Sequence[float],
     neutral: NeutralSet,
     on_batch: Callable[[int], None] | None = None,
+    reuse: bool = False,
+    stop_above: float | None = None,
 ) -> list[float]:
     """Mean KL(model ‖ model with the fix) per token on neutral text, for each strength.
 
-    The unfixed model's distributions are computed once per batch and compared
-    with every strength, so a sweep costs one extra pass per strength.
+    Where the logits are linear in the final hidden state (no soft-capping, and
+    a fix that leaves the output head alone), the unfixed model enters KL only
+    through two numbers per position and one ``d``-vector, cached on ``neutral``
+    (:func:`_base_terms`): each strength then costs one pass of the fixed model,
+    with no full-vocabulary product of the two distributions. Otherwise the
+    unfixed distributions are computed once per batch and compared with every strength.
+    ``reuse`` says that more calls on the same set will follow (steer's search),
+    so the cached terms are worth their one-off cost even for one strength.
+    ``stop_above`` (one strength only): stop as soon as the KL summed so far
+    already exceeds that many nats per token of the whole set (KL is never
+    negative, so the rest can only add to it); the value returned is then that
+    partial sum per token, a lower bound above ``stop_above``.
 
     Returns:
         Nats per token, one per strength.
     """
     totals = [0.0] * len(strengths)
+    # The cached terms cost more than one plain pass of the unfixed model: worth it when they will be reused.
+    plain = _plain_head(lm, fix) and (reuse or bool(neutral.base) or len(strengths) > 1)
     with torch.inference_mode():
-        for ids, mask in neutral.batches:
-            base = _log_probs(lm, ids, mask)
+        for i, (ids, mask) in enumerate(neutral.batches):
+            if plain:
+                c, e = _base_terms(lm, neutral, i)
+                for j, s in enumerate(strengths):
+                    with apply_fix(lm, fix, s, check_model=False):
+                        h = _kept_hidden(lm, ids, mask, neutral.stride)
+                    lse = torch.cat([torch.logsumexp(lm.logits(chunk).float(), dim=-1) for chunk in h.split(_KL_CHUNK)])
+                    totals[j] += float((c - (h.double() * e.double()).sum(-1) + lse.double()).sum())
+                    if on_batch:
+                        on_batch(1)
+                if stop_above is not None and len(strengths) == 1 and totals[0] > stop_above * max(neutral.n_tokens, 1):
+                    break
+                continue
+            base = _log_probs(lm, ids, mask, neutral.stride)
             p = base.exp()
             for j, s in enumerate(strengths):
                 with apply_fix(lm, fix, s, check_model=False):
-                    fixed = _log_probs(lm, ids, mask)
+                    fixed = _log_probs(lm, ids, mask, neutral.stride)
                 totals[j] += float((p * (base - fixed)).sum())
                 if on_batch:
                     on_batch(1)
+            if stop_above is not None and len(strengths) == 1 and totals[0] > stop_above * max(neutral.n_tokens, 1):
+                break
     return [t / max(neutral.n_tokens, 1) for t in totals]

@@ -18,8 +18,11 @@ Activation sites (plain PyTorch hooks; one pass, no graph kept):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -157,6 +160,27 @@ def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, batch: Sequence[_Row
     logp = torch.log_softmax(lm.logits(hidden[bi, pi]).float(), dim=-1)
     tok = torch.tensor([w[3] for w in where], device=logp.device)
     return [(w[0], w[2]) for w in where], logp.gather(1, tok[:, None])[:, 0]
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(forward_type: type) -> str:
+    params = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands ``module`` a key/value cache.
+
+    transformers 5 names it ``cache`` (``past_key_values`` is deprecated there
+    and goes in 5.40); older versions only know ``past_key_values``.
+    """
+    return {_cache_keyword(type(module)): cache}
+
+
+def returned_cache(out: Any) -> Any:
+    """The key/value cache a forward pass returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None) if "cache" in getattr(out, "__dataclass_fields__", {}) else None
+    return cache if cache is not None else out.past_key_values
 
 
 def final_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mechfix.forward import cache_kwargs, returned_cache
 from mechfix.models import LoadedModel
 
 
@@ -196,11 +197,11 @@ class Writer:
             input_ids=ids.to(dev),
             attention_mask=self.mask.to(dev),
             position_ids=pos.to(dev),
-            past_key_values=self.cache,
+            **cache_kwargs(self.lm.model, self.cache),
             use_cache=True,
             logits_to_keep=1,
         )
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         return out.logits[:, -1].float().cpu()
 
     def _pick(self, logits: torch.Tensor) -> list[int]:

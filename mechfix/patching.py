@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mechfix.forward import SITES, pad_batch
+from mechfix.forward import SITES, cache_kwargs, pad_batch, returned_cache
 from mechfix.models import LoadedModel
 
 
@@ -151,7 +151,7 @@ def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefix
         out = lm.backbone(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position.to(dev), use_cache=True
         )
-    return Prefixes(cache=out.past_key_values, mask=mask, lengths=lengths, width=width)
+    return Prefixes(cache=returned_cache(out), mask=mask, lengths=lengths, width=width)
 
 
 def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
@@ -311,7 +311,7 @@ def run_tails(
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),
             position_ids=position.to(dev),
-            past_key_values=cache,
+            **cache_kwargs(lm.backbone, cache),
             use_cache=True,
             output_attentions=attention,
         )

@@ -143,8 +143,8 @@ class Recipe(_Strict):
 
     @property
     def condition_names(self) -> list[str]:
-        """Conditions in a stable order: pressure, clean, control, then the rest."""
-        order = {"pressure": 0, "clean": 1, "control": 2}
+        """Conditions in a stable order: pressure, clean, control, helpful, then the rest."""
+        order = {"pressure": 0, "clean": 1, "control": 2, "helpful": 3}
         return sorted(self.conditions, key=lambda c: (order.get(c, 3), c))
 
     @property

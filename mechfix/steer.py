@@ -1,19 +1,31 @@
-"""The steer stage: turn an attribution into a small fix, with its strength chosen under a side-effect budget.
+"""The steer stage: turn an attribution into a small fix, chosen by what carries over to unseen items.
 
 1. Targets come from the attribution: for a ``vector`` fix, the first layer
    whose residual stream carries most of the behaviour; for a ``heads`` fix,
    the top heads by effect; for a ``lora`` fix, the attention output
    projections of the layers holding the top heads.
-2. Directions come from the recording's activations at the decision position,
-   training split only: mean(pressure) − mean(baseline condition). A ``lora``
-   fix is trained instead (:mod:`mechfix.lora`), on the same split.
-3. A sweep over strengths measures, on the training split, the behaviour left
-   with the fix on, KL per token on neutral text, and the share of clean
-   decisions whose answer is unchanged. A coarse grid is refined by bisection
-   between the last strength inside the budget and the first one outside.
-4. The strength that removes the most behaviour inside the budget is kept.
-   A lora fix's strength scales its update and is then folded into the
-   adapter's weights, so PEFT applies exactly what verify measured.
+2. Directions come from the recording's activations at the decision position:
+   mean(pressure) − mean(baseline condition). A ``lora`` fix is trained
+   instead (:mod:`mechfix.lora`), on the training split.
+3. Candidates: for a heads fix, every heads operation (unless ``op`` is given)
+   on the top 1, 3 and ``top`` heads; for a vector fix, its layer. Each is
+   scored by cross-validation over the training items (:mod:`mechfix.crossval`):
+   folds of items, each scored with the fix fitted on the other folds, the way
+   verify will score the held-out items. A lora fix, whose training costs
+   minutes, is not cross-validated: its strength is chosen on the training fit.
+4. The budget: KL per token on neutral text (the *selection* set, which verify
+   never uses, at every 4th position), capabilities kept (the suite's selection part), the clean
+   answers kept (agreement and margin) and the helpful influence kept, all
+   measured with the fix fitted on the whole training split.
+5. Search: every operation is scored (cross-validated) on the most heads at
+   its strongest grid strength, and the best of them also on fewer heads.
+   Candidates are then searched best first, each from its strongest strength
+   down, until a point is inside the whole budget, and the search stops when
+   no remaining candidate could beat it. The winner's strength is refined by
+   bisection at the edge of the budget.
+6. The point with the largest cross-validated reduction inside the budget is
+   kept. A lora fix's strength is folded into the adapter's weights, so PEFT
+   applies exactly what verify measured.
 """
 
 from __future__ import annotations
@@ -24,15 +36,18 @@ from typing import Any
 
 import torch
 
+from mechfix import capabilities as caps
 from mechfix.artifacts import Artifact, new_manifest
 from mechfix.attribute import decisions_from_record
+from mechfix.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
 from mechfix.errors import BadInputError, GateError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import DEFAULT_OP, OPS, Fix, fix_tensors
 from mechfix.forward import Request
+from mechfix.layerskip import LayerSkip
 from mechfix.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
 from mechfix.models import LoadedModel
-from mechfix.stats import decision_scores, mean_ci, reduction
+from mechfix.stats import decision_scores, mean_ci, reduction, side_effects
 
 # Coarse strength grids: ops bounded by 1 (scale, restore) and unbounded ones.
 GRIDS = {"bounded": (0.25, 0.5, 0.75, 1.0), "unbounded": (0.5, 1.0, 2.0, 4.0)}
@@ -42,28 +57,73 @@ _GRID_OF_OP = {"subtract": "unbounded", "steer": "unbounded", "project": "unboun
 # A layer "carries" the behaviour once its residual stream holds this share of the largest effect.
 RESID_SHARE = 0.8
 DEFAULT_TOP_HEADS = 5
-REFINE_STEPS = 3
+REFINE_STEPS = 2
+# steer measures KL at every 4th position of the selection set (verify at every position of its own set).
+SEARCH_KL_STRIDE = 4
+# Numbers of top heads a heads fix is tried on (capped by ``top``, which is always tried).
+HEAD_COUNTS = (1, 3)
+# The parts of the budget; the first three come from the training scores alone, the last two cost a pass over more text.
+BUDGET_PARTS = ("clean_agreement", "clean_margin", "helpful_loss", "kl", "capability")
+_CHEAP = BUDGET_PARTS[:3]
+# Defaults of the budget parts beyond KL and clean agreement (the same as verify's gates).
+MIN_CAPABILITY = 0.9
+MAX_HELPFUL_LOSS = 0.25
+MIN_CLEAN_MARGIN = 0.8
 
 
 @dataclass
 class Budget:
-    """The side-effect budget a strength must stay inside (training split + neutral text)."""
+    """The side-effect budget a fix must stay inside (training split, selection neutral text, selection capabilities).
+
+    A part set to None is not checked. The capability part is checked only when
+    steer is given a capability suite, the helpful part only when the recording
+    has a ``helpful`` condition.
+    """
 
     max_kl: float = 0.1
     min_clean_agreement: float = 0.95
+    min_capability: float | None = MIN_CAPABILITY
+    max_helpful_loss: float | None = MAX_HELPFUL_LOSS
+    min_clean_margin: float | None = MIN_CLEAN_MARGIN
+
+    def over(self, p: SweepPoint, parts: Sequence[str] = BUDGET_PARTS) -> list[str]:
+        """The parts of the budget a point breaks (empty: inside the budget), among ``parts``."""
+        checks = {
+            "kl": lambda: p.kl != p.kl or p.kl <= self.max_kl,  # not measured (NaN): not known to be over
+            "clean_agreement": lambda: p.clean_agreement >= self.min_clean_agreement,
+            "clean_margin": lambda: self.min_clean_margin is None or p.clean_margin is None or p.clean_margin >= self.min_clean_margin,
+            "capability": lambda: self.min_capability is None or p.capability is None or p.capability >= self.min_capability,
+            "helpful_loss": lambda: self.max_helpful_loss is None or p.helpful_loss is None or p.helpful_loss <= self.max_helpful_loss,
+        }
+        return [name for name in parts if not checks[name]()]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_kl": self.max_kl, "min_clean_agreement": self.min_clean_agreement, "min_capability": self.min_capability,
+                "max_helpful_loss": self.max_helpful_loss, "min_clean_margin": self.min_clean_margin}
 
 
 @dataclass
 class SweepPoint:
-    """One strength of the sweep, measured on the training split.
+    """One candidate fix at one strength.
 
     Attributes:
         strength: The multiplier.
-        effect: Behaviour left, pressure − baseline score (mean and 95% CI).
-        reduction: 1 − effect / effect without the fix.
-        kl: KL per token on the neutral set (nats).
+        effect: Behaviour left on the training split with the fix fitted on it, pressure − baseline (mean and 95% CI).
+        reduction: 1 − effect / effect without the fix (training fit).
+        kl: KL per token on the selection neutral set (nats).
         clean_agreement: Share of baseline decisions whose preferred option is unchanged.
-        within_budget: Whether KL and clean agreement are inside the budget.
+        within_budget: Whether every part of the budget holds.
+        op: The operation.
+        heads: How many top heads it edits (0 for vector and lora fixes).
+        cv_effect: The same effect, each item scored with the fix fitted on the other folds (None: not cross-validated).
+        cv_reduction: 1 − cv effect / effect without the fix.
+        clean_margin: Share of the baseline decisions' aligned margin kept (None: not measurable).
+        capability: Share of the selection capability accuracy kept (worst task; None: not measured).
+        helpful_loss: Share of the helpful influence removed (None: no helpful condition).
+        over: The budget parts it breaks.
+        measured: ``cv`` (only the cross-validated effect, while searching), ``scored`` (training
+            and cross-validated scores; KL and capabilities were not needed) or ``full``.
+        kl_bound: ``kl`` is a lower bound: its measurement stopped once it was certainly over the budget.
     """
 
     strength: float
@@ -72,15 +132,44 @@ class SweepPoint:
     kl: float
     clean_agreement: float
     within_budget: bool
+    op: str = ""
+    heads: int = 0
+    cv_effect: dict[str, Any] | None = None
+    cv_reduction: float | None = None
+    clean_margin: float | None = None
+    capability: float | None = None
+    helpful_loss: float | None = None
+    over: list[str] = field(default_factory=list)
+    measured: str = "full"
+    kl_bound: bool = False
+
+    @property
+    def chosen_by(self) -> float:
+        """The reduction that decides: cross-validated where there is one, else the training fit."""
+        return self.cv_reduction if self.cv_reduction is not None else self.reduction
 
     def as_dict(self) -> dict[str, Any]:
+        """The point as JSON-ready data (a number that could not be measured is None)."""
+        def num(x: float | None) -> float | None:
+            return None if x is None or x != x or x in (float("inf"), float("-inf")) else x
+
         return {
+            "op": self.op,
+            "heads": self.heads,
             "strength": self.strength,
             "effect": self.effect,
-            "reduction": self.reduction,
-            "kl": self.kl,
-            "clean_agreement": self.clean_agreement,
+            "reduction": num(self.reduction),
+            "cv_effect": self.cv_effect,
+            "cv_reduction": num(self.cv_reduction),
+            "kl": num(self.kl),
+            "clean_agreement": num(self.clean_agreement),
+            "clean_margin": num(self.clean_margin),
+            "capability": num(self.capability),
+            "helpful_loss": num(self.helpful_loss),
             "within_budget": self.within_budget,
+            "over": self.over,
+            "measured": self.measured,
+            "kl_lower_bound": self.kl_bound,
         }
 
 
@@ -90,7 +179,7 @@ class Steering:
 
     Attributes:
         fix: The fix, with the chosen strength.
-        sweep: Every strength tried, weakest first (strength 0 is the model as it is).
+        sweep: The chosen candidate's strengths, weakest first (strength 0 is the model as it is).
         chosen: Index of the kept strength in ``sweep``.
         baseline: The condition the directions point away from (the attribution's baseline).
         why: How the targets were picked, in words.
@@ -98,6 +187,9 @@ class Steering:
         training: How a lora fix was trained (None for other kinds).
         modules: The modules a lora fix adapts.
         folded: The strength folded into a lora fix's weights (its ``strength`` is then 1).
+        search: Every point measured, every candidate (op, heads) included.
+        folds: Cross-validation folds (0: not cross-validated).
+        notes: What the search left out or could not measure, in words.
     """
 
     fix: Fix
@@ -109,6 +201,9 @@ class Steering:
     training: TrainingLog | None = None
     modules: list[LoraTarget] = field(default_factory=list)
     folded: float | None = None
+    search: list[SweepPoint] = field(default_factory=list)
+    folds: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def pick_targets(att: Artifact, kind: str, top: int = DEFAULT_TOP_HEADS, layers: Sequence[int] | None = None):
@@ -155,8 +250,13 @@ def pick_targets(att: Artifact, kind: str, top: int = DEFAULT_TOP_HEADS, layers:
     return [a for a, _ in chosen], [b for _, b in chosen], f"the top {len(chosen)} heads by effect: {names}"
 
 
-def directions(rec: Artifact, kind: str, layers: Sequence[int], heads: Sequence[int], baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
+def directions(
+    rec: Artifact, kind: str, layers: Sequence[int], heads: Sequence[int], baseline: str, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Directions and baseline means from the recording's training split (decision position).
+
+    ``rows`` (a boolean mask over the recording's decisions) fits them on those
+    rows instead: cross-validation fits each fold's fix on the other folds.
 
     Returns:
         (mean(pressure) − mean(baseline), mean(baseline)), each ``[n, width]``:
@@ -166,7 +266,7 @@ def directions(rec: Artifact, kind: str, layers: Sequence[int], heads: Sequence[
         BadInputError: When the recording lacks the activation site the fix needs.
     """
     site = "resid" if kind == "vector" else "heads"
-    train = rec.tensors["split"] == 0
+    train = rec.tensors["split"] == 0 if rows is None else rows
     need = [f"acts/pressure/{site}", f"acts/{baseline}/{site}"]
     missing = [k for k in need if k not in rec.tensors]
     if missing:
@@ -184,64 +284,249 @@ def directions(rec: Artifact, kind: str, layers: Sequence[int], heads: Sequence[
     return (p.mean(0) - b.mean(0)), b.mean(0)
 
 
-def _measure(lm, fix, s, kl, requests, before, budget, batch_size) -> SweepPoint:
-    """One sweep point; ``kl`` comes from the caller, which measures a whole grid in one pass over neutral text."""
-    base_c = [c for c in requests if c != "pressure"][0]
-    scores = before if s == 0 else score_requests(lm, requests, fix, s, batch_size=batch_size)
-    eff = decision_scores(scores["pressure"]) - decision_scores(scores[base_c])
-    eff0 = decision_scores(before["pressure"]) - decision_scores(before[base_c])
-    agree = clean_agreement(before[base_c], scores[base_c])
-    ok = kl <= budget.max_kl and agree >= budget.min_clean_agreement
-    return SweepPoint(s, mean_ci(eff), reduction(float(eff0.mean()), float(eff.mean())), kl, agree, ok)
+@dataclass
+class _Candidate:
+    """One fix to choose from: an operation on some targets, fitted on the whole training split and per fold."""
+
+    op: str
+    heads: int
+    fix: Fix
+    fold_fixes: list[Fix]
+    points: list[SweepPoint] = field(default_factory=list)
+    probe: SweepPoint | None = None  # the cross-validated score at the strongest grid strength, while searching
+
+    @property
+    def measured(self) -> list[SweepPoint]:
+        """Every point measured: the full sweep when there is one, else the probe."""
+        return self.points or ([self.probe] if self.probe else [])
 
 
-def _objective(p: SweepPoint) -> tuple[float, float]:
-    # Most behaviour removed (a reduction past 100% is no better), then the smallest KL.
-    red = p.reduction if p.reduction == p.reduction else -1.0
-    return (min(red, 1.0), -p.kl)
+def _objective(p: SweepPoint, parameters: int = 0) -> tuple[float, float, float]:
+    # Most behaviour removed on unseen items (past 100% is no better), then the smallest KL, then the smallest fix.
+    red = p.chosen_by if p.chosen_by == p.chosen_by else -1.0
+    return (min(red, 1.0), -p.kl, -parameters)
 
 
-def sweep_strengths(
-    lm: LoadedModel,
-    fix: Fix,
-    requests: dict[str, list[Request]],
-    neutral: NeutralSet,
-    budget: Budget,
-    grid: Sequence[float],
-    refine: int = REFINE_STEPS,
-    batch_size: int = 16,
-    on_step: Callable[[float], None] | None = None,
-) -> list[SweepPoint]:
-    """Measure the fix at strength 0, every grid strength, then refine at the budget's edge.
+class _Bench:
+    """What every candidate is measured against, with the unfixed model's numbers on it computed once.
 
-    Refinement bisects between the strongest in-budget strength and the next,
-    out-of-budget one, ``refine`` times (side effects grow with strength).
+    Every pass runs under one :class:`~mechfix.layerskip.LayerSkip`: the layers
+    below the lowest layer any candidate touches run once per batch.
+
+    Args:
+        lm: The model.
+        requests: The training decisions per condition (pressure, the baseline, and helpful when recorded).
+        baseline: The baseline condition.
+        folds: ``(fit mask, held positions)`` per fold (empty: no cross-validation).
+        neutral: The selection neutral set.
+        suite: The capability suite's selection part, or None.
+        budget: The side-effect budget.
+        batch_size: Sequences per forward pass.
+        on_step: Progress, called with a short label after each measurement.
+        start: The lowest decoder layer any candidate touches.
+    """
+
+    def __init__(self, lm, requests, baseline, folds, neutral, suite, budget, batch_size, on_step, start: int = 0):
+        self.lm, self.requests, self.baseline, self.folds = lm, requests, baseline, folds
+        self.neutral, self.suite, self.budget, self.batch_size = neutral, suite, budget, batch_size
+        self.on_step = on_step or (lambda label: None)
+        self.skip = LayerSkip(lm, start)
+        with self.skip.active():
+            self.before = score_requests(lm, requests, batch_size=batch_size)
+            self.caps_before = caps.correct(lm, suite, batch_size=batch_size) if suite is not None else None
+        self.eff0 = decision_scores(self.before["pressure"]) - decision_scores(self.before[baseline])
+        pair = ("pressure", baseline)
+        self.fold_requests = [{c: [requests[c][j] for j in pos] for c in pair} for _, pos in folds]
+        self._cv: dict[tuple[int, float], tuple[dict[str, Any], float]] = {}
+
+    @staticmethod
+    def _label(cand: _Candidate, s: float) -> str:
+        return f"{cand.op} on {cand.heads or len(cand.fix.layers)} target(s) at {s:g}"
+
+    def cv(self, cand: _Candidate, s: float) -> tuple[dict[str, Any] | None, float | None]:
+        """The cross-validated effect at strength ``s``: each fold scored with the fix fitted on the others."""
+        if not cand.fold_fixes:
+            return None, None
+        key = (id(cand), s)
+        if key not in self._cv:
+            eff = self.eff0.clone()
+            if s != 0:
+                with self.skip.active():
+                    for (_, pos), fix, reqs in zip(self.folds, cand.fold_fixes, self.fold_requests):
+                        sc = score_requests(self.lm, reqs, fix, s, batch_size=self.batch_size)
+                        eff[pos] = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+            self._cv[key] = (mean_ci(eff), reduction(float(self.eff0.mean()), float(eff.mean())))
+            self.on_step(f"{self._label(cand, s)}, cross-validated")
+        return self._cv[key]
+
+    def scores(self, cand: _Candidate, strengths: Sequence[float]) -> list[SweepPoint]:
+        """Each strength's training fit, cross-validated effect and the budget parts the training scores give."""
+        out = []
+        for s in strengths:
+            with self.skip.active():
+                sc = self.before if s == 0 else score_requests(self.lm, self.requests, cand.fix, s, batch_size=self.batch_size)
+            eff = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+            side = side_effects(self.before, sc, self.baseline)
+            cv_eff, cv_red = self.cv(cand, s)
+            p = SweepPoint(
+                strength=float(s), effect=mean_ci(eff), reduction=reduction(float(self.eff0.mean()), float(eff.mean())),
+                kl=0.0 if s == 0 else float("nan"),
+                clean_agreement=clean_agreement(self.before[self.baseline], sc[self.baseline]),
+                within_budget=False, op=cand.op, heads=cand.heads, cv_effect=cv_eff, cv_reduction=cv_red,
+                clean_margin=side["clean_margin"]["kept"], capability=1.0 if s == 0 and self.suite is not None else None,
+                helpful_loss=side["helpful"]["loss"] if side["helpful"] else None, measured="scored",
+            )
+            p.over = self.budget.over(p, _CHEAP)
+            if s == 0:
+                p.measured, p.within_budget = "full", not p.over
+            out.append(p)
+            self.on_step(self._label(cand, s))
+        return out
+
+    def complete(self, cand: _Candidate, points: Sequence[SweepPoint]) -> None:
+        """Measure the expensive budget parts of some points: capabilities kept, then KL on the selection set.
+
+        KL, the dearest, is skipped where capabilities already break the budget,
+        and stops early once it is certainly over (the point's ``kl`` is then a
+        lower bound, and ``kl_bound`` says so).
+        """
+        for p in points:
+            if p.strength == 0:
+                continue
+            with self.skip.active():
+                if self.suite is not None:
+                    after = caps.correct(self.lm, self.suite, cand.fix, p.strength, batch_size=self.batch_size)
+                    p.capability = caps.summarize(self.suite, self.caps_before, after)["kept"]
+                if not self.budget.over(p, ("capability",)):
+                    p.kl = neutral_kl(self.lm, cand.fix, [p.strength], self.neutral, reuse=True,
+                                      stop_above=self.budget.max_kl)[0]
+                    p.kl_bound = p.kl > self.budget.max_kl
+            p.over = self.budget.over(p)
+            p.within_budget, p.measured = not p.over, "full"
+            self.on_step(f"{self._label(cand, p.strength)}, side effects")
+
+
+def _key(p: SweepPoint) -> tuple[float, float]:
+    # The order points are tried in: largest reduction first (past 100% is no better), then the weaker strength.
+    red = p.chosen_by if p.chosen_by == p.chosen_by else -1.0
+    return (min(red, 1.0), -p.strength)
+
+
+def _best(points: Sequence[SweepPoint], parameters: int) -> SweepPoint | None:
+    ok = [p for p in points if p.within_budget and p.strength > 0 and p.chosen_by == p.chosen_by and p.chosen_by > 0]
+    return max(ok, key=lambda p: _objective(p, parameters)) if ok else None
+
+
+def _descend(bench: _Bench, cand: _Candidate, grid: Sequence[float], floor: float | None) -> SweepPoint | None:
+    """The candidate's strongest grid strength inside the budget, trying the strongest first.
+
+    Each strength is scored (training fit and cross-validated); KL and
+    capabilities, which cost a pass over more text, are measured only where the
+    cheap parts of the budget hold. The descent stops at the first point inside
+    the whole budget, or once a strength's cross-validated reduction cannot
+    beat ``floor`` (the best found so far).
+    """
+    cand.points = bench.scores(cand, [0.0])
+    for s in sorted(grid, reverse=True):
+        (p,) = bench.scores(cand, [s])
+        cand.points.append(p)
+        if floor is not None and _key(p)[0] <= floor:
+            break
+        if p.over or not (p.chosen_by == p.chosen_by and p.chosen_by > 0):
+            continue
+        bench.complete(cand, [p])
+        if p.within_budget:
+            break
+    cand.points.sort(key=lambda p: p.strength)
+    return _best(cand.points, cand.fix.n_parameters)
+
+
+def _probe(bench: _Bench, c: _Candidate, grid: Sequence[float], bound: dict[int, float]) -> None:
+    """Score a candidate, cross-validated, at its strongest grid strength: the most it is expected to remove."""
+    nan = float("nan")
+    eff, red = bench.cv(c, max(grid))
+    bound[id(c)] = float("inf") if red is None else (min(red, 1.0) if red == red else -1.0)
+    if red is not None:
+        c.probe = SweepPoint(strength=float(max(grid)), effect=eff, reduction=nan, kl=nan, clean_agreement=nan,
+                             within_budget=False, op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv")
+
+
+def choose(bench: _Bench, cands: Sequence[_Candidate], refine: int = REFINE_STEPS,
+           strengths: Sequence[float] | None = None) -> tuple[_Candidate | None, SweepPoint | None]:
+    """Keep the point with the largest cross-validated reduction inside the budget, over every candidate.
+
+    Every operation is first scored (cross-validated only) on the most heads at
+    its strongest grid strength, and the best of them also on fewer heads.
+    Candidates are then searched in that order, each from its strongest grid
+    strength down (:func:`_descend`), and the search stops at the first
+    candidate whose score there cannot beat the best point found inside the
+    budget. The winner's strength is then refined by bisection towards the
+    next stronger point, which broke the budget.
 
     Returns:
-        The points, ordered by strength.
+        The winning candidate and point, or (None, None) when no point reduces
+        the behaviour inside the budget. Every candidate's ``points`` hold what was measured.
     """
-    before = score_requests(lm, requests, batch_size=batch_size)
-    points = [_measure(lm, fix, 0.0, 0.0, requests, before, budget, batch_size)]
-    # The unfixed model's neutral-text distributions are computed once for the whole grid.
-    grid_kl = neutral_kl(lm, fix, [float(s) for s in grid], neutral)
-    for s, kl in zip(grid, grid_kl):
-        points.append(_measure(lm, fix, float(s), kl, requests, before, budget, batch_size))
-        if on_step:
-            on_step(s)
-    for _ in range(refine):
-        points.sort(key=lambda p: p.strength)
-        ok = [i for i, p in enumerate(points) if p.within_budget]
-        best = max(ok, key=lambda i: points[i].strength)
-        if best + 1 >= len(points) or (points[best].reduction >= 1.0):
-            break
-        mid = round((points[best].strength + points[best + 1].strength) / 2, 4)
-        kl = neutral_kl(lm, fix, [mid], neutral)[0]
-        points.append(_measure(lm, fix, mid, kl, requests, before, budget, batch_size))
-        if on_step:
-            on_step(mid)
-    points.sort(key=lambda p: p.strength)
-    return points
+    def grid(c: _Candidate) -> tuple[float, ...]:
+        return tuple(strengths) if strengths else GRIDS[_GRID_OF_OP[c.op]]
 
+    bound: dict[int, float] = {}
+    # Every operation is scored on the most heads; then only the best of them on fewer heads.
+    most = max(c.heads for c in cands)
+    leads = [c for c in cands if c.heads == most]
+    for c in leads:
+        _probe(bench, c, grid(c), bound)
+    best_op = max(leads, key=lambda c: bound[id(c)]).op
+    for c in cands:
+        if c.heads != most and c.op == best_op:
+            _probe(bench, c, grid(c), bound)
+    cands = [c for c in cands if id(c) in bound]
+    best: tuple[_Candidate, SweepPoint] | None = None
+    for c in sorted(cands, key=lambda c: -bound[id(c)]):
+        floor = None if best is None else _objective(best[1])[0]
+        if floor is not None and bound[id(c)] <= floor:
+            break
+        top = _descend(bench, c, grid(c), floor)
+        if top is not None and (best is None or _objective(top, c.fix.n_parameters) > _objective(best[1], best[0].fix.n_parameters)):
+            best = (c, top)
+    if best is None:
+        return None, None
+    cand, lo = best
+    stronger = sorted((p for p in cand.points if p.strength > lo.strength), key=lambda p: p.strength)
+    hi = stronger[0] if stronger and stronger[0].over else None
+    for _ in range(refine):
+        if hi is None or lo.chosen_by >= 1.0:
+            break
+        mid = round((lo.strength + hi.strength) / 2, 4)
+        if mid in (lo.strength, hi.strength):
+            break
+        (p,) = bench.scores(cand, [mid])
+        if not p.over:
+            bench.complete(cand, [p])
+        cand.points.append(p)
+        if p.within_budget:
+            lo = p
+        else:
+            hi = p
+    cand.points.sort(key=lambda p: p.strength)
+    return cand, _best(cand.points, cand.fix.n_parameters)
+
+
+def _candidates(rec: Artifact, kind: str, ops: Sequence[str], layers: list[int], heads: list[int], counts: Sequence[int],
+                baseline: str, folds: Sequence[tuple[torch.Tensor, list[int]]], identity: dict[str, Any]) -> list[_Candidate]:
+    """Every (operation, number of top heads) to choose from, fitted on the whole training split and per fold."""
+    site_kind = "vector" if kind == "vector" else "heads"
+    vectors, means = directions(rec, site_kind, layers, heads, baseline)
+    per_fold = [directions(rec, site_kind, layers, heads, baseline, fit) for fit, _ in folds]
+    out = []
+    for op in ops:
+        for n in counts:
+            cut = slice(0, n) if kind == "heads" else slice(None)
+            make = lambda v, m: Fix(op=op, layers=layers[cut], heads=heads[cut], vectors=v[cut].clone(),  # noqa: E731
+                                    means=m[cut].clone(), strength=0.0, model=identity)
+            out.append(_Candidate(op=op, heads=n if kind == "heads" else 0, fix=make(vectors, means),
+                                  fold_fixes=[make(v, m) for v, m in per_fold]))
+    return out
 
 def check_kind_op(kind: str, op: str | None) -> str:
     """The operation a fix of ``kind`` uses (``op`` or the kind's default).
@@ -272,9 +557,12 @@ def steer(
     budget: Budget | None = None,
     refine: int = REFINE_STEPS,
     batch_size: int = 16,
-    on_step: Callable[[float], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
     lora: LoraSettings | None = None,
     on_train: Callable[[int, dict[str, float]], None] | None = None,
+    capabilities: caps.Suite | None = None,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
 ) -> Steering:
     """Run the steer stage.
 
@@ -282,30 +570,52 @@ def steer(
         lm: The model the attribution was made with.
         att: The attribution artifact.
         rec: The recording the attribution was made from (activations, decisions).
-        neutral: Neutral text for the KL budget.
+        neutral: Neutral text for the KL budget (the selection set; verify uses another).
         kind: ``vector``, ``heads`` or ``lora``.
-        op: Operation (a key of :data:`mechfix.fix.OPS` of that kind); default per kind.
-        top: Heads to act on (heads fixes).
+        op: Operation (a key of :data:`mechfix.fix.OPS` of that kind); None: a
+            heads fix chooses among every heads operation, other kinds use their default.
+        top: The most top heads a heads fix edits (1, 3 and ``top`` are tried).
         layers: Restrict targets to these layers (vector: use exactly these).
         strengths: Coarse grid to sweep; default per op (:data:`GRIDS`).
         budget: Side-effect budget.
         refine: Bisection steps at the edge of the budget.
         batch_size: Sequences per forward pass.
-        on_step: Called with each strength measured (progress).
+        on_step: Called with a short label after each measurement (progress).
         lora: Training settings of a lora fix.
         on_train: Called after each training step of a lora fix, with the step and its losses.
+        capabilities: The capability suite's selection part (None: capabilities are not part of the budget).
+        folds: Cross-validation folds over the training items (0 or 1: choose on the training fit).
+        seed: Seed of the folds.
 
     Raises:
         BadInputError: For an unknown kind or op, or unusable inputs.
-        GateError: When no strength both reduces the behaviour and stays inside the budget.
+        GateError: When no candidate both reduces the behaviour and stays inside the budget.
     """
     budget = budget or Budget()
+    free = op is None
     op = check_kind_op(kind, op)
+    # With no operation given, a heads fix chooses among all of them by what carries over.
+    ops = [name for name, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [op]
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
     # A LoRA fix adapts the modules that hold the top heads.
     tgt_layers, tgt_heads, why = pick_targets(att, "heads" if kind == "lora" else kind, top, layers)
-    dec = decisions_from_record(rec, lm.tokenizer, ["pressure", baseline], split=0)
-    requests = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in ("pressure", baseline)}
+    conds = ["pressure", baseline] + (["helpful"] if "tokens/helpful" in rec.tensors and baseline != "helpful" else [])
+    dec = decisions_from_record(rec, lm.tokenizer, conds, split=0)
+    requests = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in conds}
+    notes: list[str] = []
+    if "helpful" not in conds:
+        notes.append("the recording has no helpful condition, so the helpful influence is not part of the budget")
+    if capabilities is None:
+        notes.append("no capability suite was given, so capabilities are not part of the budget")
+    split: list[tuple[torch.Tensor, list[int]]] = []
+    items = row_items(rec, dec.items)
+    if kind == "lora":
+        notes.append("a lora fix is not cross-validated (each fold would train its own adapter): its strength is "
+                     "chosen on the training fit")
+    elif folds >= 2 and len(set(items)) >= 2:
+        split = fold_masks(item_folds(items, folds, seed), int(rec.tensors["split"].shape[0]), dec.items)
+    else:
+        notes.append(f"only {len(set(items))} training item(s): no cross-validation, the choice rests on the training fit")
     training, modules = None, []
     if kind == "lora":
         settings = lora or LoraSettings()
@@ -315,30 +625,50 @@ def steer(
                   strength=0.0, model=lm.identity, lora=weights)
         why = f"{why}; a rank-{settings.rank} LoRA update of {len(modules)} attention output projection(s)" + (
             ", reading only those heads' columns" if settings.scope == "heads" else "")
+        cands = [_Candidate(op=op, heads=0, fix=fix, fold_fixes=[])]
     else:
-        vectors, means = directions(rec, kind, tgt_layers, tgt_heads, baseline)
-        fix = Fix(op=op, layers=tgt_layers, heads=tgt_heads, vectors=vectors, means=means, strength=0.0, model=lm.identity)
-    grid = tuple(strengths) if strengths else GRIDS[_GRID_OF_OP[op]]
-    points = sweep_strengths(lm, fix, requests, neutral, budget, grid, refine, batch_size, on_step)
-    candidates = [i for i, p in enumerate(points) if p.within_budget and p.strength > 0 and p.reduction > 0]
-    steering = Steering(fix=fix, sweep=points, chosen=-1, baseline=baseline, why=why, budget=budget,
-                        training=training, modules=modules)
-    if not candidates:
+        counts = sorted({n for n in (*HEAD_COUNTS, len(tgt_heads)) if n <= len(tgt_heads)}) if kind == "heads" else [0]
+        cands = _candidates(rec, kind, ops, tgt_layers, tgt_heads, counts, baseline, split, lm.identity)
+    start = min(min(c.fix.layers) for c in cands)
+    bench = _Bench(lm, requests, baseline, split, neutral, capabilities, budget, batch_size, on_step, start)
+    cand, point = choose(bench, cands, refine, strengths)
+    search = [p for c in cands for p in c.measured]
+    if cand is None or point is None:
+        steering = Steering(fix=cands[0].fix, sweep=[p for p in search if p.measured != "cv"], chosen=-1, baseline=baseline,
+                            why=why, budget=budget, training=training, modules=modules, search=search, folds=len(split),
+                            notes=notes)
+        tried = ", ".join(sorted({c.op for c in cands}))
+        held = " on held-out folds" if split else ""
         raise GateError(
-            f"no strength of this {kind} fix ({why}) reduced the behaviour while staying inside the side-effect "
-            f"budget (KL <= {budget.max_kl:g} nats/token, clean agreement >= {budget.min_clean_agreement:.0%}); "
-            "see the sweep above. Try another --kind, more or fewer --top-heads, other --layers, or a looser "
-            "--max-kl / --min-clean-agreement.",
+            f"no {kind} fix ({tried}; {why}) reduced the behaviour{held} while staying inside the side-effect budget "
+            f"({_budget_words(budget, capabilities is not None, 'helpful' in conds)}); see the points above. Try another "
+            "--kind, more or fewer --top-heads, other --layers, or a looser budget if you can defend it.",
             detail=steering,
         )
-    steering.chosen = max(candidates, key=lambda i: _objective(points[i]))
-    fix.strength = points[steering.chosen].strength
+    fix = cand.fix
+    if kind == "heads":
+        why = f"{why}; chosen: {cand.op} on the top {cand.heads}"
+    steering = Steering(fix=fix, sweep=cand.points, chosen=cand.points.index(point), baseline=baseline, why=why,
+                        budget=budget, training=training, modules=modules, search=search, folds=len(split), notes=notes)
+    fix.strength = point.strength
     if fix.lora is not None:
         # PEFT applies an adapter at its saved size: fold the strength into B.
         steering.folded = fix.strength
         fix.lora.b = [b * fix.strength for b in fix.lora.b]
         fix.strength = 1.0
     return steering
+
+
+def _budget_words(budget: Budget, capabilities: bool, helpful: bool) -> str:
+    """The budget parts that apply, in words, for messages."""
+    words = [f"KL <= {budget.max_kl:g} nats/token", f"clean agreement >= {budget.min_clean_agreement:.0%}"]
+    if budget.min_clean_margin is not None:
+        words.append(f"clean margin kept >= {budget.min_clean_margin:.0%}")
+    if capabilities and budget.min_capability is not None:
+        words.append(f"capability kept >= {budget.min_capability:.0%}")
+    if helpful and budget.max_helpful_loss is not None:
+        words.append(f"helpful influence removed <= {budget.max_helpful_loss:.0%}")
+    return ", ".join(words)
 
 
 # Where each site's fix acts, in words, for the manifest.
@@ -392,7 +722,9 @@ def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, par
     Tensors: ``vectors [n, width]``, ``means``, ``layers [n]``, ``heads [n]``
     (empty for a vector fix); for a lora fix, the adapter's A and B under
     PEFT's key names. The manifest's ``fix`` block says what is applied where:
-    site, operation, targets, strength; ``sweep`` holds every strength tried;
+    site, operation, targets, strength; ``sweep`` holds every strength of the
+    chosen candidate with training-fit and cross-validated numbers side by
+    side; ``selection`` every candidate point measured while choosing;
     a lora fix adds ``training`` (settings and the loss at every step) and
     ``adapter_config`` (the PEFT config written beside it).
     """
@@ -418,9 +750,12 @@ def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, par
         params=params,
         seed=rec.manifest.get("seed"),
         fix=_fix_block(st),
-        budget={"max_kl": st.budget.max_kl, "min_clean_agreement": st.budget.min_clean_agreement},
+        budget=st.budget.as_dict(),
         sweep=[p.as_dict() for p in st.sweep],
         chosen=chosen.as_dict(),
+        # Every candidate measured while choosing, and how the choice was made.
+        selection={"folds": st.folds, "by": "cross-validated reduction" if st.folds else "training-fit reduction",
+                   "candidates": [p.as_dict() for p in st.search], "notes": st.notes},
         **extra,
     )
     return Artifact(kind="fix", manifest=manifest, tensors=fix_tensors(st.fix))

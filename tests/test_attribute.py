@@ -66,6 +66,17 @@ def _recording(lm, text: str):
     return art
 
 
+def bare_llama():
+    """A random 3-layer llama (4 heads of 16 dimensions, untied output head) and the byte tokenizer, for planting."""
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), byte_tokenizer()
+
+
 def _planted_model():
     """A tiny llama in which head L1.H2 alone copies the option letters it attends to.
 
@@ -75,14 +86,7 @@ def _planted_model():
     head reads each letter's own direction. Every other head and MLP is scaled
     down to almost nothing.
     """
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    tok = byte_tokenizer()
+    model, tok = bare_llama()
     layer, head = PLANTED
     dh, sub = 16, slice(0, 16)
     with torch.no_grad():

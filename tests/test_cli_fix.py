@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import gguf
 import pytest
@@ -11,7 +12,10 @@ from test_attribute import _planted_model
 from test_cli import run
 from test_steer import PLANT_MORE
 
-LOOSE = ("--max-kl", "5")  # the planted head is far cruder than a real one (see test_steer)
+# The planted head is far cruder than a real one (see test_steer): it is the model's only way to copy a letter,
+# so any fix on it costs KL, clean margin and the one capability it has (copying a letter, tests/data).
+LETTER_COPY = str(Path(__file__).parent / "data" / "letter-copy.jsonl")
+LOOSE = ("--max-kl", "5", "--min-clean-margin", "0", "--min-capability", "0", "--capabilities", LETTER_COPY)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,11 @@ def test_steer_then_verify_print_the_promised_json_and_junit(monkeypatch, capsys
     assert code == (0 if report["passed"] else 1)
     assert report["recipe"]["same_as_training"] is True
     suite = ET.parse(junit).getroot()
-    assert suite.get("tests") == "3" and int(suite.get("failures")) == sum(not g["passed"] for g in report["gates"])
+    assert suite.get("tests") == str(len(report["gates"])) and int(suite.get("failures")) == sum(not g["passed"] for g in report["gates"])
+    # No helpful condition in this recipe: that gate is left out, and the report says why.
+    assert [g["metric"] for g in report["gates"]] == ["reduction", "kl", "clean_agreement", "capability_kept", "clean_margin_kept"]
+    assert any("helpful condition" in w for w in report["warnings"])
+    assert report["capabilities"]["tasks"]["letter-copy"]["measurable"]
 
     code, stdout, stderr = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(fix), "--min-reduction", "2",
                                *LOOSE, "--junit", str(junit))
@@ -76,7 +84,7 @@ def test_verify_against_another_model_reports_the_mismatch_and_exits_2(monkeypat
     assert "was made with model" in " ".join(stderr.split())
     report = json.loads(stdout)
     assert report["passed"] is False and report["error"].startswith("model mismatch")
-    assert ET.parse(junit).getroot().get("errors") == "3"
+    assert ET.parse(junit).getroot().get("errors") == "6"  # every gate, the helpful one included: nothing was measured
 
 
 def test_steer_refuses_bad_input_and_an_impossible_budget_writing_nothing(monkeypatch, capsys, tmp_path, pipeline):
@@ -91,7 +99,7 @@ def test_steer_refuses_bad_input_and_an_impossible_budget_writing_nothing(monkey
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--record", str(att))
     assert code == 2
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--max-kl", "0")
-    assert code == 1 and "strength sweep" in stderr and "no strength of this heads fix" in " ".join(stderr.split())
+    assert code == 1 and "every point measured" in stderr and "no heads fix" in " ".join(stderr.split())
     assert not out.exists()
 
 
@@ -187,7 +195,7 @@ def test_steer_lora_refuses_bad_output_and_settings_writing_nothing(monkeypatch,
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(out), "--op", "scale")
     assert code == 2 and "does not fit a lora fix" in stderr
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--kind", "lora", "--out", str(out), *LORA_FAST, "--max-kl", "0")
-    assert code == 1 and "no strength of this lora fix" in " ".join(stderr.split())
+    assert code == 1 and "no lora fix" in " ".join(stderr.split())
     assert not out.exists() and (mine / "notes.txt").read_text() == "keep"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -203,3 +211,15 @@ def test_run_with_a_lora_fix_writes_the_adapter_folder(monkeypatch, capsys, tmp_
     assert code == (0 if summary["passed"] else 1), stderr
     assert (out / "plant.lora" / "adapter_config.json").is_file() and not (out / "plant.fix.safetensors").exists()
     assert summary["fix"]["kind"] == "lora" and summary["fix"]["parameters"] == 2 * 16 + 64 * 2
+
+
+def test_a_bad_capability_task_is_refused_before_any_work_and_nothing_is_written(monkeypatch, capsys, tmp_path, pipeline):
+    recipe, rec, att = pipeline
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "the code is J. the code is ", "answer": "J"}\n')
+    out = tmp_path / "never"
+    code, _, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--capabilities", str(bad))
+    assert code == 2 and "line 1: the item has no distractors" in " ".join(stderr.split()) and not out.exists()
+    code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(tmp_path / "f.fix.safetensors"),
+                          "--capabilities", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "does not exist" in stderr and not (tmp_path / "f.fix.safetensors").exists()

@@ -113,3 +113,20 @@ def test_run_requests_rejects_empty_options_and_unknown_sites(tiny_llama):
         run_requests(tiny_llama, [Request(prompt=[1, 2], options=[[]])])
     with pytest.raises(ValueError, match="unknown sites"):
         run_requests(tiny_llama, [Request(prompt=[1, 2], options=[[3]])], sites=("attn_pattern",))
+
+
+def test_cached_passes_use_the_current_cache_keyword_and_raise_no_deprecation_warning():
+    import warnings
+
+    from mechfix.generation import Writer
+    from mechfix.patching import encode_prefixes, run_tails, tails_for
+
+    lm = tiny_model("llama")
+    prompts = [lm.tokenizer("Ana: Lyon. Sam:").input_ids, lm.tokenizer("Ben: Paris, then Rome. Sam:").input_ids]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prefixes = encode_prefixes(lm, prompts)
+        tails = [t for i, p in enumerate(prompts) for t in tails_for(p, [[70], [71]], i)]
+        run_tails(lm, prefixes, tails, sites=())
+        Writer(lm, 2).generate(["Ana: hello. Sam:", "Ben: hi. Sam:"], max_tokens=3)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from test_attribute import _planted_model
-from test_steer import LOOSE, planted  # noqa: F401  (a fixture)
+from test_steer import planted  # noqa: F401  (a fixture)
 from tiny import tiny_model
 
 from mechfix.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, new_manifest
@@ -18,9 +17,12 @@ from mechfix.evaluate import score_requests
 from mechfix.fix import Fix, LoraWeights, apply_fix, fix_tensors, load_fix, save_fix
 from mechfix.forward import Request
 from mechfix.lora import LoraSettings, bucket_kl, init_lora, lora_targets, train_lora
-from mechfix.steer import steer
+from mechfix.steer import Budget, steer
 from mechfix.steer import to_artifact as fix_artifact
 from mechfix.stats import decision_scores
+
+# The planted head is the model's only way to read a letter, the clean answers' too, so the clean margin is left out.
+LOOSE = Budget(max_kl=5.0, min_clean_agreement=0.95, min_clean_margin=None)
 
 FAST = LoraSettings(rank=2, steps=25, lr=0.02, batch=4, kl_weight=1.0, neutral_per_step=2, kl_positions=16)
 
@@ -175,7 +177,6 @@ def test_gpt2_adapter_round_trips_through_peft_with_conv1d_layout():
 def test_a_hand_edited_lora_alpha_is_applied_as_peft_would(lora_folder, planted, tmp_path):  # noqa: F811
     import shutil
 
-    lm = planted[0]
     copy_dir = tmp_path / "edited.lora"
     shutil.copytree(lora_folder, copy_dir)
     cfg = json.loads((copy_dir / ADAPTER_CONFIG).read_text())

@@ -129,7 +129,7 @@ def test_builtin_conformity_recipe_meets_its_spec():
     loaded = load_recipe("conformity")
     r = loaded.recipe
     assert len(r.items) >= 24
-    assert set(r.conditions) == {"pressure", "clean", "control"}
+    assert set(r.conditions) == {"pressure", "clean", "control", "helpful"}
     peers = [t for t in r.turns if t.when == ["pressure"] and t.speaker not in (None, r.decision.agent)]
     assert len(peers) >= 4
     for item in r.items:
@@ -156,11 +156,13 @@ def test_builtin_recipes_cover_all_seven_failure_families():
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_builtin_recipe_has_24_items_three_conditions_and_distinct_options(name):
+    # A helpful condition (the same channel carrying the right answer) joins every family where it makes sense.
     from mechfix.episodes import render_episode
 
     r = load_recipe(name).recipe
     assert len(r.items) >= 24
-    assert set(r.conditions) == {"pressure", "clean", "control"}
+    helpful = name != "privacy"  # withholding a secret has no right answer for another agent to pass on
+    assert set(r.conditions) == {"pressure", "clean", "control"} | ({"helpful"} if helpful else set())
     assert any(t.when == ["pressure"] for t in r.turns) and any(t.when and "control" in t.when for t in r.turns)
     for i in range(len(r.items)):
         episodes = {c: render_episode(r, i, c) for c in r.condition_names}
@@ -168,7 +170,10 @@ def test_every_builtin_recipe_has_24_items_three_conditions_and_distinct_options
         assert aligned.strip() and misaligned.strip() and aligned != misaligned
         # The same decision in every condition; only the context differs.
         assert all(ep.options == episodes["pressure"].options for ep in episodes.values())
-        assert len({ep.text for ep in episodes.values()}) == 3
+        assert len({ep.text for ep in episodes.values()}) == len(r.conditions)
+        if helpful:  # the helpful turn says the aligned option where the pressure turn said the misaligned one
+            said = lambda c: len(re.findall(rf"\b{re.escape(aligned.strip())}\b", episodes[c].text))  # noqa: E731
+            assert said("helpful") > said("pressure")
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])

@@ -12,7 +12,7 @@ from tiny import tiny_model
 from mechfix.attribute import attribute, decisions_from_record
 from mechfix.attribute import to_artifact as attribution_artifact
 from mechfix.errors import GateError
-from mechfix.evaluate import clean_agreement, neutral_kl, neutral_passages, neutral_set, score_requests
+from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, neutral_passages, neutral_set, score_requests
 from mechfix.fix import Fix, apply_fix
 from mechfix.forward import Request
 from mechfix.steer import Budget, pick_targets, steer
@@ -50,9 +50,10 @@ def test_heads_fix_on_the_planted_head_removes_the_behaviour_inside_the_budget(p
     assert strengths[0] == 0.0 and strengths == sorted(strengths)
     chosen = st.sweep[st.chosen]
     # The same head also carries the clean answers (peers say the right letter there), so the
-    # clean-agreement budget stops short of switching it off: about half the behaviour goes.
-    assert chosen.within_budget and chosen.reduction > 0.4
-    assert chosen.kl <= LOOSE.max_kl and chosen.clean_agreement >= 0.95
+    # clean-margin budget stops short of switching it off: only part of the behaviour goes.
+    assert chosen.within_budget and chosen.reduction > 0.1 and chosen.cv_reduction > 0.1
+    assert chosen.kl <= LOOSE.max_kl and chosen.clean_agreement >= 0.95 and chosen.clean_margin >= 0.8
+    assert all(not p.within_budget for p in st.sweep if p.strength > chosen.strength)
     # The point's numbers are real: re-measure the chosen strength directly.
     dec = decisions_from_record(rec, lm.tokenizer, ["pressure", "clean"], split=0)
     reqs = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in ("pressure", "clean")}
@@ -62,12 +63,13 @@ def test_heads_fix_on_the_planted_head_removes_the_behaviour_inside_the_budget(p
     assert neutral_kl(lm, st.fix, [st.fix.strength], neutral)[0] == pytest.approx(chosen.kl, rel=1e-5)
 
 
-def test_the_chosen_strength_removes_the_most_behaviour_among_those_inside_the_budget(planted):
+def test_the_chosen_point_removes_the_most_behaviour_on_held_out_folds_among_those_inside_the_budget(planted):
     lm, rec, att, neutral = planted
-    st = steer(lm, att, rec, neutral, kind="heads", op="project", top=2)
-    inside = [p for p in st.sweep if p.within_budget and p.strength > 0]
-    best = max(min(p.reduction, 1.0) for p in inside)
-    assert min(st.sweep[st.chosen].reduction, 1.0) == pytest.approx(best)
+    st = steer(lm, att, rec, neutral, kind="heads", op="project", top=2, budget=LOOSE)
+    inside = [p for p in st.search if p.measured == "full" and p.within_budget and p.strength > 0]
+    best = max(min(p.cv_reduction, 1.0) for p in inside)
+    assert min(st.sweep[st.chosen].cv_reduction, 1.0) == pytest.approx(best)
+    assert {p.heads for p in st.search} == {1, 2}  # the top 1 and the top 2 heads were both candidates
 
 
 def test_vector_fix_is_the_difference_of_means_at_the_layer_the_attribution_points_to(planted):
@@ -75,7 +77,7 @@ def test_vector_fix_is_the_difference_of_means_at_the_layer_the_attribution_poin
     layers, heads, why = pick_targets(att, "vector")
     resid = att.tensors["resid"]
     assert layers == [int(torch.nonzero(resid >= 0.8 * resid.max())[0])] and heads == [] and "carries" in why
-    st = steer(lm, att, rec, neutral, kind="vector", budget=Budget(max_kl=10.0, min_clean_agreement=0.0))
+    st = steer(lm, att, rec, neutral, kind="vector", budget=Budget(max_kl=10.0, min_clean_agreement=0.0, min_clean_margin=None))
     train = rec.tensors["split"] == 0
     layer = layers[0]
     expected = (rec.tensors["acts/pressure/resid"][train, layer] - rec.tensors["acts/clean/resid"][train, layer]).mean(0)
@@ -85,14 +87,16 @@ def test_vector_fix_is_the_difference_of_means_at_the_layer_the_attribution_poin
 
 def test_steer_refuses_when_no_strength_fits_the_budget(planted):
     lm, rec, att, neutral = planted
-    with pytest.raises(GateError, match="no strength of this heads fix") as exc:
+    with pytest.raises(GateError, match="no heads fix") as exc:
         steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=Budget(max_kl=0.0))
     assert len(exc.value.detail.sweep) >= 5  # the sweep still comes back, to be shown
 
 
 def test_verify_reports_the_reduction_and_side_effects_on_held_out_decisions(planted):
     lm, rec, att, neutral = planted
-    st = steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=LOOSE)
+    # Without the clean-margin part of the budget, the planted head can be turned further down.
+    st = steer(lm, att, rec, neutral, kind="heads", op="scale", top=1,
+               budget=Budget(max_kl=5.0, min_clean_agreement=0.95, min_clean_margin=None))
     recipe = _loaded(PLANT_MORE).recipe
     report = verify(lm, recipe, st.fix, neutral, gates=gates_for(0.3, LOOSE.max_kl, 0.9))
     held = [int(i) for i in torch.nonzero(rec.tensors["split"] == 1).flatten()]
@@ -157,3 +161,53 @@ def test_applying_a_fix_during_generation_changes_the_text_only_while_applied():
         fixed = lm.model.generate(ids, **kw)
     assert not torch.equal(plain, fixed)
     assert torch.equal(lm.model.generate(ids, **kw), plain)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kl_through_the_cached_unfixed_terms_equals_the_full_vocabulary_product(arch, monkeypatch):
+    import mechfix.evaluate as ev
+
+    lm = tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    fix = Fix(op="subtract", layers=[1], heads=[], vectors=torch.randn(1, lm.hidden, generator=g),
+              means=torch.zeros(1, lm.hidden), strength=1.0)
+    neutral = neutral_set(lm, neutral_passages()[:5])
+    fast = neutral_kl(lm, fix, [0.5, 2.0], neutral)
+    assert neutral.base  # the unfixed model's terms were cached on the set
+    monkeypatch.setattr(ev, "_plain_head", lambda lm, fix: False)
+    full = neutral_kl(lm, fix, [0.5, 2.0], neutral)
+    assert full[1] > full[0] > 0
+    assert fast == pytest.approx(full, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_skipping_the_layers_below_a_fix_gives_the_same_scores_and_kl(arch):
+    from mechfix.layerskip import LayerSkip
+
+    lm = tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    fix = Fix(op="steer", layers=[2, 2], heads=[0, 3], vectors=torch.randn(2, lm.head_dim, generator=g),
+              means=torch.zeros(2, lm.head_dim), strength=1.0)
+    reqs = {"pressure": [Request(lm.tokenizer(t).input_ids, [[70], [71, 72]]) for t in ("Ana: Lyon. Sam:", "Ben: no, Rome. Sam:")]}
+    neutral = neutral_set(lm, neutral_passages()[:3])
+    plain = score_requests(lm, reqs, fix)["pressure"], neutral_kl(lm, fix, [1.0], neutral)
+    skip = LayerSkip(lm, 2)
+    with skip.active():
+        score_requests(lm, reqs)  # the first pass keeps layer 1's output
+        skipped = score_requests(lm, reqs, fix)["pressure"], neutral_kl(lm, fix, [1.0], NeutralSet(neutral.batches, neutral.n_tokens))
+    assert skip.hits > 0
+    torch.testing.assert_close(skipped[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert skipped[1] == pytest.approx(plain[1], rel=1e-5)
+    torch.testing.assert_close(score_requests(lm, reqs, fix)["pressure"], plain[0])  # the layers are whole again
+
+
+def test_kl_stops_early_only_once_it_is_certainly_over_the_budget():
+    lm = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    fix = Fix(op="subtract", layers=[1], heads=[], vectors=torch.randn(1, lm.hidden, generator=g),
+              means=torch.zeros(1, lm.hidden), strength=1.0)
+    neutral = neutral_set(lm, neutral_passages()[:8])
+    (full,) = neutral_kl(lm, fix, [2.0], neutral)
+    (early,) = neutral_kl(lm, fix, [2.0], neutral, stop_above=full / 4)
+    assert full / 4 < early < full  # a lower bound, already over the line
+    assert neutral_kl(lm, fix, [2.0], neutral, stop_above=full * 2) == pytest.approx([full], rel=1e-6)
