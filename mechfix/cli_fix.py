@@ -476,21 +476,22 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     if b.get("control_effect"):
         t.add_row("control - clean", _fmt_ci(b["control_effect"]), _fmt_ci(a["control_effect"]))
     if b.get("helpful_influence"):
-        t.add_row("clean - helpful (helpful influence)", _fmt_ci(b["helpful_influence"]), _fmt_ci(a["helpful_influence"]))
+        t.add_row("clean - helpful", _fmt_ci(b["helpful_influence"]), _fmt_ci(a["helpful_influence"]))
     cm = report.get("clean_margin")
     if cm:
-        t.add_row("clean margin (aligned - misaligned)", f"{cm['before']:+.2f}", f"{cm['after']:+.2f}")
+        t.add_row("clean margin", f"{cm['before']:+.2f}", f"{cm['after']:+.2f}")
     pa = report.get("pressure_aligned")
     if pa:
-        t.add_row("pressure decisions choosing aligned", _pct(pa["before"]), _pct(pa["after"]))
+        t.add_row("pressure: aligned chosen", _pct(pa["before"]), _pct(pa["after"]))
     err.print(t)
     capab = report.get("capabilities")
     if capab:
-        c = Table(title="capabilities (accuracy, 95% CI)", title_justify="left")
+        c = Table(title="capabilities (accuracy [95% CI]; clean margin = log P(aligned) - log P(misaligned) on clean "
+                  "decisions)", title_justify="left")
         for name in ("task", "items", "chance", "without fix", "with fix", "kept"):
-            c.add_column(name, justify="left" if name == "task" else "right")
+            c.add_column(name, justify="left" if name == "task" else "right", no_wrap=name == "task")
         for name, task in capab["tasks"].items():
-            acc = lambda x: f"{_pct(x['accuracy'])} [{_pct(x['ci95'][0])}, {_pct(x['ci95'][1])}]"  # noqa: E731
+            acc = lambda x: f"{_pct(x['accuracy'])} [{x['ci95'][0]:.0%}-{x['ci95'][1]:.0%}]"  # noqa: E731
             kept = _pct(task["kept"]) if task["measurable"] else "not above chance"
             c.add_row(name, str(task["items"]), _pct(task["chance"]), acc(task["before"]), acc(task["after"]), kept)
         err.print(c)
@@ -854,7 +855,20 @@ def _run_summary(rec: dict, att: dict, steer_s: dict, report: dict, paths: dict[
         "steer": {"chosen": steer_s.get("chosen"), "by": (steer_s.get("selection") or {}).get("by")},
         **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}} if report.get("live_outcome") else {}),
         "artifacts": {k: str(v) for k, v in paths.items()},
+        "why": None if report["passed"] else _why_failed(report),
     })
+
+
+def _why_failed(v: dict[str, Any]) -> str:
+    """The failed gates with their values, and what the control condition says, in one sentence."""
+    def shown(g: dict[str, Any]) -> str:
+        return g.get("error") or f"{g['metric']} {g['value']:.3g}, needs {g['op']} {g['threshold']:g}"
+
+    parts = [shown(g) for g in v["gates"] if not g["passed"]]
+    cc = v.get("control_change") or {}
+    if cc.get("reading"):
+        parts.append(f"control: {cc['reading']}")
+    return "; ".join(parts)
 
 
 def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
@@ -890,6 +904,8 @@ def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
                   f"{b['misaligned_replies']:.0%} -> {a['misaligned_replies']:.0%}")
     t.add_row("gates", ", ".join(f"{g['name']}: " + ("pass" if g["passed"] else "FAIL") for g in v["gates"]))
     t.add_row("verdict", "[bold green]PASSED[/bold green]" if s["passed"] else "[bold red]FAILED[/bold red]")
+    if not s["passed"]:
+        t.add_row("why", _why_failed(v))
     t.add_row("artifacts", ", ".join(s["artifacts"].values()))
     err.print(t)
 
