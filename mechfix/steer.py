@@ -301,10 +301,14 @@ class _Candidate:
         return self.points or ([self.probe] if self.probe else [])
 
 
+def _capped(red: float | None) -> float:
+    """A reduction as the search compares it: past 100% is no better, and one that could not be measured is worst."""
+    return -1.0 if red is None or red != red else min(red, 1.0)
+
+
 def _objective(p: SweepPoint, parameters: int = 0) -> tuple[float, float, float]:
-    # Most behaviour removed on unseen items (past 100% is no better), then the smallest KL, then the smallest fix.
-    red = p.chosen_by if p.chosen_by == p.chosen_by else -1.0
-    return (min(red, 1.0), -p.kl, -parameters)
+    # Most behaviour removed on unseen items, then the smallest KL, then the smallest fix.
+    return (_capped(p.chosen_by), -p.kl, -parameters)
 
 
 class _Bench:
@@ -407,9 +411,8 @@ class _Bench:
 
 
 def _key(p: SweepPoint) -> tuple[float, float]:
-    # The order points are tried in: largest reduction first (past 100% is no better), then the weaker strength.
-    red = p.chosen_by if p.chosen_by == p.chosen_by else -1.0
-    return (min(red, 1.0), -p.strength)
+    # The order points are tried in: largest reduction first, then the weaker strength.
+    return (_capped(p.chosen_by), -p.strength)
 
 
 def _best(points: Sequence[SweepPoint], parameters: int) -> SweepPoint | None:
@@ -445,7 +448,7 @@ def _probe(bench: _Bench, c: _Candidate, grid: Sequence[float], bound: dict[int,
     """Score a candidate, cross-validated, at its strongest grid strength: the most it is expected to remove."""
     nan = float("nan")
     eff, red = bench.cv(c, max(grid))
-    bound[id(c)] = float("inf") if red is None else (min(red, 1.0) if red == red else -1.0)
+    bound[id(c)] = float("inf") if red is None else _capped(red)
     if red is not None:
         c.probe = SweepPoint(strength=float(max(grid)), effect=eff, reduction=nan, kl=nan, clean_agreement=nan,
                              within_budget=False, op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv")

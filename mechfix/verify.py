@@ -62,12 +62,6 @@ class GateSpec:
 REPLAY = ("all", "target", "none")  # who runs the fixed model when a live recipe's episodes are played again
 
 
-# Defaults of the gates beyond reduction, KL and clean agreement (see the README's "What a PASS means").
-MIN_CAPABILITY = 0.9
-MAX_HELPFUL_LOSS = 0.25
-MIN_CLEAN_MARGIN = 0.8
-
-
 def gates_for(
     min_reduction: float,
     max_kl: float,
