@@ -155,11 +155,16 @@ def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, batch: Sequence[_Row
         ``(row, option)`` of each target, and its log-probability (float32, on the model's device).
     """
     where = [(b, pos, k, tok) for b, r in enumerate(batch) for k, pos, tok in r.targets]
-    bi = torch.tensor([w[0] for w in where], device=hidden.device)
-    pi = torch.tensor([w[1] for w in where], device=hidden.device)
+    # Options that start with different tokens read the same position: the output head (the dearest matrix
+    # of a model with a large vocabulary) runs once per position, not once per option.
+    places = list(dict.fromkeys((w[0], w[1]) for w in where))
+    row_of = {p: i for i, p in enumerate(places)}
+    bi = torch.tensor([p[0] for p in places], device=hidden.device)
+    pi = torch.tensor([p[1] for p in places], device=hidden.device)
     logp = torch.log_softmax(lm.logits(hidden[bi, pi]).float(), dim=-1)
+    rows = torch.tensor([row_of[(w[0], w[1])] for w in where], device=logp.device)
     tok = torch.tensor([w[3] for w in where], device=logp.device)
-    return [(w[0], w[2]) for w in where], logp.gather(1, tok[:, None])[:, 0]
+    return [(w[0], w[2]) for w in where], logp[rows, tok]
 
 
 @lru_cache(maxsize=None)

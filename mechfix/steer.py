@@ -40,6 +40,7 @@ from mechfix import capabilities as caps
 from mechfix.artifacts import Artifact, new_manifest
 from mechfix.attribute import decisions_from_record
 from mechfix.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
+from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN
 from mechfix.errors import BadInputError, GateError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import DEFAULT_OP, OPS, Fix, fix_tensors
@@ -66,9 +67,6 @@ HEAD_COUNTS = (1, 3)
 BUDGET_PARTS = ("clean_agreement", "clean_margin", "helpful_loss", "kl", "capability")
 _CHEAP = BUDGET_PARTS[:3]
 # Defaults of the budget parts beyond KL and clean agreement (the same as verify's gates).
-MIN_CAPABILITY = 0.9
-MAX_HELPFUL_LOSS = 0.25
-MIN_CLEAN_MARGIN = 0.8
 
 
 @dataclass
@@ -80,8 +78,8 @@ class Budget:
     has a ``helpful`` condition.
     """
 
-    max_kl: float = 0.1
-    min_clean_agreement: float = 0.95
+    max_kl: float = MAX_KL
+    min_clean_agreement: float = MIN_CLEAN_AGREEMENT
     min_capability: float | None = MIN_CAPABILITY
     max_helpful_loss: float | None = MAX_HELPFUL_LOSS
     min_clean_margin: float | None = MIN_CLEAN_MARGIN

@@ -31,6 +31,7 @@ import torch
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import Fix
+from mechfix.layerskip import LayerSkip
 from mechfix.models import LoadedModel
 from mechfix.recipe import Recipe
 from mechfix.fix import apply_fix
@@ -186,23 +187,28 @@ def verify_fixes(
     rendered = decision_requests(lm, recipe, items, step("generating turns", generation_steps(recipe, len(items))))
     requests, n = rendered.requests, len(rendered.rows)
     groups = rendered.groups
-    before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", n * n_cond))
+    # The layers below the lowest one any fix edits compute the same with and without the fixes: run them once
+    # per batch (not while replaying: generation feeds a key/value cache, which layer skipping does not keep).
+    skip = LayerSkip(lm, min((min(f.layers) if f.layers else 0) for f in fixes) if fixes else 0)
+    with skip.active():
+        before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", n * n_cond))
+        n_caps = capabilities.n_items if capabilities is not None else 0
+        caps_b = caps.correct(lm, capabilities, batch_size=batch_size,
+                              on_batch=step("capabilities without the fix", n_caps)) if capabilities is not None else None
     eff_b = (decision_scores(before["pressure"]) - decision_scores(before["clean"])).double().numpy()
-    n_caps = capabilities.n_items if capabilities is not None else 0
-    caps_b = caps.correct(lm, capabilities, batch_size=batch_size, on_batch=step("capabilities without the fix", n_caps)) \
-        if capabilities is not None else None
     reports = []
     for j, fix in enumerate(fixes):
         which = "" if len(fixes) == 1 else f" {j + 1}/{len(fixes)}"
-        after = score_requests(lm, requests, fix, batch_size=batch_size,
-                               on_batch=step(f"scoring with the fix{which}", n * n_cond))
-        kl = neutral_kl(lm, fix, [fix.strength], neutral, on_batch=step(f"KL on neutral text{which}", len(neutral.batches)),
-                        reuse=len(fixes) > 1)[0]
         cap = None
-        if capabilities is not None:
-            caps_a = caps.correct(lm, capabilities, fix, batch_size=batch_size,
-                                  on_batch=step(f"capabilities with the fix{which}", n_caps))
-            cap = caps.summarize(capabilities, caps_b, caps_a, seed)
+        with skip.active():
+            after = score_requests(lm, requests, fix, batch_size=batch_size,
+                                   on_batch=step(f"scoring with the fix{which}", n * n_cond))
+            kl = neutral_kl(lm, fix, [fix.strength], neutral,
+                            on_batch=step(f"KL on neutral text{which}", len(neutral.batches)), reuse=len(fixes) > 1)[0]
+            if capabilities is not None:
+                caps_a = caps.correct(lm, capabilities, fix, batch_size=batch_size,
+                                      on_batch=step(f"capabilities with the fix{which}", n_caps))
+                cap = caps.summarize(capabilities, caps_b, caps_a, seed)
         report = _report(before, after, eff_b, kl, neutral, rendered, gates, seed, fix, groups, cap)
         if rendered.live is not None and replay != "none":
             report["live_outcome"] = _replay(lm, recipe, fix, rendered, replay,

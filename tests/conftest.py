@@ -46,6 +46,28 @@ items:
 
 
 @pytest.fixture(scope="session")
+def gemma():
+    """The real embedded model (end-to-end tests only; the first use converts it into the cache)."""
+    from mechfix.models import load_model
+
+    return load_model()
+
+
+# The slowest files first, each started on a worker of its own when the suite runs in parallel
+# (`-n auto --dist loadfile --no-loadscope-reorder` in pyproject.toml): the suite then takes about as
+# long as its longest file instead of their sum.
+_SLOWEST_FIRST = ("test_e2e_fix.py", "test_e2e.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return _SLOWEST_FIRST.index(name) if name in _SLOWEST_FIRST else len(_SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file is kept
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     return tiny_model("llama")
 

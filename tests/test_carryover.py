@@ -220,3 +220,32 @@ def test_cross_validation_is_reproducible_with_the_seed(carry):
     assert json.dumps([p.as_dict() for p in a.search]) == json.dumps([p.as_dict() for p in b.search])
     assert a.fix.strength == b.fix.strength
     assert all(np.isfinite(p.cv_reduction) for p in a.sweep)
+
+
+def test_verify_of_several_fixes_gives_the_same_numbers_with_the_lower_layers_run_once(carry, monkeypatch):
+    """verify runs the layers below the lowest edited one once per batch; every number is as with plain passes."""
+    import mechfix.verify as verify_mod
+    from mechfix.layerskip import LayerSkip
+
+    lm, _, _, tasks = carry
+    off = Fix(op="scale", layers=[COPY_HEAD[0]], heads=[COPY_HEAD[1]], vectors=torch.zeros(1, lm.head_dim),
+              means=torch.zeros(1, lm.head_dim), strength=0.5)
+    g = torch.Generator().manual_seed(1)
+    nudge = Fix(op="steer", layers=[lm.n_layers - 1], heads=[0], vectors=torch.randn(1, lm.head_dim, generator=g),
+                means=torch.zeros(1, lm.head_dim), strength=1.0)
+    args = dict(gates=gates_for(0.5, LOOSE.max_kl, 0.95, 0.9, 0.25, 0.8),
+                capabilities=caps.build_suite(lm, tasks["copy"] + tasks["hint"], "verify"))
+    neutral = neutral_passages(part="verify")[:4]
+    made: list[LayerSkip] = []
+    monkeypatch.setattr(verify_mod, "LayerSkip", lambda lm, start: made.append(LayerSkip(lm, start)) or made[-1])
+    skipped = verify_mod.verify_fixes(lm, _loaded(CARRY_RECIPE).recipe, [off, nudge], neutral_set(lm, neutral), **args)
+    assert made[0].start == min(COPY_HEAD[0], lm.n_layers - 1) and made[0].hits > 0
+    monkeypatch.setattr(verify_mod, "LayerSkip", lambda lm, start: LayerSkip(lm, 0))
+    plain = verify_mod.verify_fixes(lm, _loaded(CARRY_RECIPE).recipe, [off, nudge], neutral_set(lm, neutral), **args)
+    for a, b in zip(skipped, plain):
+        for key in ("reduction", "kl", "clean_agreement", "clean_margin"):
+            parts = set(a[key]) & {"value", "kept", "before", "after"}
+            assert parts, key
+            for part in parts:
+                assert a[key][part] == pytest.approx(b[key][part], rel=1e-5, abs=1e-7), (key, part)
+        assert a["capabilities"]["kept"] == b["capabilities"]["kept"] and a["passed"] == b["passed"]

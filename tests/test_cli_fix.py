@@ -223,3 +223,24 @@ def test_a_bad_capability_task_is_refused_before_any_work_and_nothing_is_written
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(tmp_path / "f.fix.safetensors"),
                           "--capabilities", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "does not exist" in stderr and not (tmp_path / "f.fix.safetensors").exists()
+
+
+def test_the_command_line_defaults_of_every_gate_are_the_ones_steer_and_verify_use():
+    """steer, verify and run show and use the thresholds of mechfix.defaults, which steer's Budget also holds."""
+    import inspect
+
+    from mechfix import defaults
+    from mechfix.cli_fix import run as run_cmd
+    from mechfix.cli_fix import steer as steer_cmd
+    from mechfix.cli_fix import verify as verify_cmd
+    from mechfix.steer import Budget
+
+    expected = {"max_kl": defaults.MAX_KL, "min_clean_agreement": defaults.MIN_CLEAN_AGREEMENT,
+                "min_capability": defaults.MIN_CAPABILITY, "max_helpful_loss": defaults.MAX_HELPFUL_LOSS,
+                "min_clean_margin": defaults.MIN_CLEAN_MARGIN}
+    assert {k: getattr(Budget(), k) for k in expected} == expected
+    for cmd in (steer_cmd, verify_cmd, run_cmd):
+        params = inspect.signature(cmd).parameters
+        assert {k: params[k].default for k in expected} == expected, cmd.__name__
+    for cmd in (verify_cmd, run_cmd):
+        assert inspect.signature(cmd).parameters["min_reduction"].default == defaults.MIN_REDUCTION

@@ -17,13 +17,6 @@ from mechfix.cli import main
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def gemma():
-    from mechfix.models import load_model
-
-    return load_model()
-
-
 def test_record_conformity_on_the_embedded_model_shows_a_positive_effect(monkeypatch, capsys, tmp_path):
     out = tmp_path / "conformity.rec.safetensors"
     monkeypatch.setattr(sys, "argv", ["mechfix", "record", "recipes/conformity.yaml", "--out", str(out), "--json"])
@@ -114,93 +107,6 @@ def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemm
     value = conformity_recording.tensors["acts/clean/heads"][item, comp.layer, comp.head]
     total = _naive_patched_score(gemma, prompt, options, "heads", comp.layer, comp.head, value)
     assert comp.kind == "heads" and abs(float(att.pressure[0]) - total - float(att.exact[comp][0])) < 1e-3
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    """Run the CLI in-process (for module-scoped fixtures, which cannot take monkeypatch or capsys)."""
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(sys, "argv", ["mechfix", *args])
-        with pytest.raises(SystemExit) as exc:
-            main()
-    return exc.value.code, out.getvalue()
-
-
-@pytest.fixture(scope="module")
-def conformity_run(tmp_path_factory):
-    """`mechfix run` on the built-in conformity recipe, the README's main command with one operation (`--op project`)."""
-    from mechfix.evaluate import neutral_passages
-
-    out = tmp_path_factory.mktemp("run") / "run"
-    # A fifth of the verification set keeps the KL passes (the output head's 262k words dominate them) within
-    # the suite's time; the README's run measures the whole shipped sets.
-    neutral = out.parent / "neutral.txt"
-    neutral.write_text("\n\n".join(neutral_passages(part="verify")[:14]) + "\n")
-    code, stdout = _cli("run", "recipes/conformity.yaml", "--out", str(out), "--op", "project", "--neutral", str(neutral),
-                        "--json")
-    return code, json.loads(stdout), out
-
-
-def test_run_on_the_embedded_model_chooses_by_carry_over_and_checks_every_gate_held_out(conformity_run):
-    """steer chooses on cross-validated numbers; verify measures every gate, and the verdict and exit code follow them."""
-    code, summary, out = conformity_run
-    v = summary["verify"]
-    assert code == (0 if summary["passed"] else 1)
-    assert summary["passed"] == all(g["passed"] for g in v["gates"])
-    gates = {g["metric"]: g for g in v["gates"]}
-    assert set(gates) == {"reduction", "kl", "clean_agreement", "capability_kept", "helpful_loss", "clean_margin_kept"}
-    assert not any(g["error"] for g in gates.values())  # every gate was measured on this model
-    chosen = summary["steer"]["chosen"]
-    assert summary["steer"]["by"] == "cross-validated reduction" and chosen["cv_reduction"] > 0
-    assert chosen["cv_reduction"] < chosen["reduction"]  # the training fit flatters the fix: folds say so
-    assert v["before"]["effect"]["mean"] > 1 and v["after"]["effect"]["mean"] < v["before"]["effect"]["mean"]
-    assert summary["capabilities_kept"] is not None and v["helpful"]["before"] > 0
-    assert summary["fix"]["kind"] == "heads" and 1 <= len(summary["fix"]["targets"]) <= 5
-    for path in summary["artifacts"].values():
-        assert (out / path.split("/")[-1]).is_file()
-
-
-def test_lora_fix_on_the_embedded_model_is_verified_beside_the_heads_fix_and_peft_reads_it_unchanged(
-    conformity_run, gemma, tmp_path
-):
-    """A LoRA fix on the found heads' output projections: trained, verified beside the heads fix, loaded by PEFT."""
-    import copy
-
-    from peft import PeftModel
-
-    from mechfix.fix import apply_fix, load_fix
-
-    _, summary, out = conformity_run
-    folder = tmp_path / "conformity.lora"
-    # Only KL and clean agreement bound the sweep here: what is tested is training, the adapter and verify's table.
-    neutral = str(out.parent / "neutral.txt")
-    code, stdout = _cli("steer", str(out / "conformity.attr.safetensors"), "--kind", "lora", "--out", str(folder),
-                        "--min-capability", "0", "--max-helpful-loss", "1", "--min-clean-margin", "0", "--neutral", neutral,
-                        "--json")
-    steer = json.loads(stdout)
-    assert code == 0 and steer["kind"] == "lora" and len(steer["targets"]) >= 1
-    assert all(t.split(".")[1].startswith("o_proj[") for t in steer["targets"])
-    assert steer["selection"]["folds"] == 0 and any("not cross-validated" in n for n in steer["selection"]["notes"])
-    code, stdout = _cli("verify", "recipes/conformity.yaml", "--fix", str(folder), "--compare",
-                        str(out / "conformity.fix.safetensors"), "--neutral", neutral, "--json")
-    report = json.loads(stdout)
-    assert code == (0 if report["passed"] else 1)
-    assert report["reduction"]["value"] > 0.3 and report["clean_agreement"]["value"] >= 0.95
-    lora_row, heads_row = report["comparison"]
-    assert (lora_row["kind"], heads_row["kind"]) == ("lora", "heads")
-    assert heads_row["reduction"] == pytest.approx(summary["verify"]["reduction"]["value"])
-    assert lora_row["capability_kept"] is not None and lora_row["helpful_loss"] is not None
-
-    fix = load_fix(folder)
-    ids = torch.tensor([gemma.tokenizer("Ana: Rome. Ben: Rome. Sam: The capital of Italy is").input_ids])
-    with torch.no_grad(), apply_fix(gemma, fix):
-        ours = gemma.model(input_ids=ids).logits
-    with torch.no_grad():
-        theirs = PeftModel.from_pretrained(copy.deepcopy(gemma.model), str(folder))(input_ids=ids).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_live_commons_on_the_embedded_model_collapses_the_lake_under_pressure_only(gemma, tmp_path):

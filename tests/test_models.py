@@ -40,3 +40,33 @@ def test_a_saved_folder_loads_as_the_same_model(tiny_model_dir):
     ref = tiny_model("llama")
     assert lm.identity["weights_fingerprint"] == ref.identity["weights_fingerprint"]
     assert lm.identity["config_hash"] == ref.identity["config_hash"]
+
+
+def test_two_processes_preparing_the_same_gguf_convert_it_once(monkeypatch, tmp_path):
+    """Two loads started together wait on the cache's lock: one converts, the other finds its folder."""
+    import threading
+    import time
+
+    from mechfix import models
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(64))
+    calls: list[str] = []
+
+    def slow_convert(path, out, status=None):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one converts
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "convert_gguf", slow_convert)
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(models._checkpoint_for_gguf(gguf_file, None)), name=f"t{i}")
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 2 and got[0] == got[1] and (got[0] / "config.json").is_file()

@@ -1,0 +1,114 @@
+"""The fix stages end to end on the real embedded model: `mechfix run` on conformity, then a LoRA fix beside it.
+
+The slowest tests of the suite (minutes each on a CPU), kept in one file so that
+a parallel test run gives them a worker of their own from the start
+(see ``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechfix.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    """Run the CLI in-process (for module-scoped fixtures, which cannot take monkeypatch or capsys)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(sys, "argv", ["mechfix", *args])
+        with pytest.raises(SystemExit) as exc:
+            main()
+    return exc.value.code, out.getvalue()
+
+
+# The two retrieval tasks of the built-in capability suite (the ones a conformity fix endangers most) instead of
+# all four, for the same reason: the README's run measures the whole suite.
+_CAPS = Path(__file__).parents[1] / "mechfix" / "data" / "capabilities"
+RETRIEVAL = ("--capabilities", str(_CAPS / "retrieval-prose.jsonl"), "--capabilities", str(_CAPS / "retrieval-dialogue.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def conformity_run(tmp_path_factory):
+    """`mechfix run` on the built-in conformity recipe, the README's main command with one operation (`--op project`)."""
+    from mechfix.evaluate import neutral_passages
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    # A fifth of the verification set keeps the KL passes (the output head's 262k words dominate them) within
+    # the suite's time; the README's run measures the whole shipped sets.
+    neutral = out.parent / "neutral.txt"
+    neutral.write_text("\n\n".join(neutral_passages(part="verify")[:14]) + "\n")
+    code, stdout = _cli("run", "recipes/conformity.yaml", "--out", str(out), "--op", "project", "--neutral", str(neutral),
+                        *RETRIEVAL, "--json")
+    return code, json.loads(stdout), out
+
+
+def test_run_on_the_embedded_model_chooses_by_carry_over_and_checks_every_gate_held_out(conformity_run):
+    """steer chooses on cross-validated numbers; verify measures every gate, and the verdict and exit code follow them."""
+    code, summary, out = conformity_run
+    v = summary["verify"]
+    assert code == (0 if summary["passed"] else 1)
+    assert summary["passed"] == all(g["passed"] for g in v["gates"])
+    gates = {g["metric"]: g for g in v["gates"]}
+    assert set(gates) == {"reduction", "kl", "clean_agreement", "capability_kept", "helpful_loss", "clean_margin_kept"}
+    assert not any(g["error"] for g in gates.values())  # every gate was measured on this model
+    chosen = summary["steer"]["chosen"]
+    assert summary["steer"]["by"] == "cross-validated reduction" and chosen["cv_reduction"] > 0
+    assert chosen["cv_reduction"] < chosen["reduction"]  # the training fit flatters the fix: folds say so
+    assert v["before"]["effect"]["mean"] > 1 and v["after"]["effect"]["mean"] < v["before"]["effect"]["mean"]
+    assert summary["capabilities_kept"] is not None and v["helpful"]["before"] > 0
+    assert summary["fix"]["kind"] == "heads" and 1 <= len(summary["fix"]["targets"]) <= 5
+    for path in summary["artifacts"].values():
+        assert (out / path.split("/")[-1]).is_file()
+
+
+def test_lora_fix_on_the_embedded_model_is_verified_beside_the_heads_fix_and_peft_reads_it_unchanged(
+    conformity_run, gemma, tmp_path
+):
+    """A LoRA fix on the found heads' output projections: trained, verified beside the heads fix, loaded by PEFT."""
+    import copy
+
+    from peft import PeftModel
+
+    from mechfix.fix import apply_fix, load_fix
+
+    _, summary, out = conformity_run
+    folder = tmp_path / "conformity.lora"
+    # Only KL and clean agreement bound the sweep here: what is tested is training, the adapter and verify's table.
+    # 12 optimiser steps instead of 40 keep training (most of this test's time) to a few minutes; the adapter
+    # still removes most of the behaviour at a fraction of its strength.
+    neutral = str(out.parent / "neutral.txt")
+    code, stdout = _cli("steer", str(out / "conformity.attr.safetensors"), "--kind", "lora", "--out", str(folder),
+                        "--steps", "12", "--min-capability", "0", "--max-helpful-loss", "1", "--min-clean-margin", "0",
+                        "--neutral", neutral, *RETRIEVAL, "--json")
+    steer = json.loads(stdout)
+    assert code == 0 and steer["kind"] == "lora" and len(steer["targets"]) >= 1
+    assert all(t.split(".")[1].startswith("o_proj[") for t in steer["targets"])
+    assert steer["selection"]["folds"] == 0 and any("not cross-validated" in n for n in steer["selection"]["notes"])
+    code, stdout = _cli("verify", "recipes/conformity.yaml", "--fix", str(folder), "--compare",
+                        str(out / "conformity.fix.safetensors"), "--neutral", neutral, *RETRIEVAL, "--json")
+    report = json.loads(stdout)
+    assert code == (0 if report["passed"] else 1)
+    assert report["reduction"]["value"] > 0.3 and report["clean_agreement"]["value"] >= 0.95
+    lora_row, heads_row = report["comparison"]
+    assert (lora_row["kind"], heads_row["kind"]) == ("lora", "heads")
+    assert heads_row["reduction"] == pytest.approx(summary["verify"]["reduction"]["value"])
+    assert lora_row["capability_kept"] is not None and lora_row["helpful_loss"] is not None
+
+    fix = load_fix(folder)
+    ids = torch.tensor([gemma.tokenizer("Ana: Rome. Ben: Rome. Sam: The capital of Italy is").input_ids])
+    with torch.no_grad(), apply_fix(gemma, fix):
+        ours = gemma.model(input_ids=ids).logits
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(copy.deepcopy(gemma.model), str(folder))(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
