@@ -501,7 +501,7 @@ def summarize(att: Attribution, shape: tuple[int, int], top: int = 10, seed: int
         k5 = min(5, len(both))
         agreement = {
             "k": len(both),
-            "spearman": spearman(a, e),
+            "spearman": _finite(spearman(a, e)),  # undefined (None) when one side is constant, e.g. no effect at all
             "top5_overlap": len(set(np.argsort(-a)[:k5]) & set(np.argsort(-e)[:k5])),
             "top5_of": k5,
         }
@@ -606,3 +606,8 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
         summary=summary,
     )
     return Artifact(kind="attribution", manifest=manifest, tensors=tensors)
+
+
+def _finite(x: float) -> float | None:
+    """A number a manifest can hold: JSON has no NaN or infinity."""
+    return x if np.isfinite(x) else None

@@ -792,7 +792,7 @@ def run(
     from mechfix.artifacts import check_writable
     from mechfix.lora import LoraSettings, lora_settings_check
     from mechfix.steer import Budget, check_kind_op
-    from mechfix.errors import BadInputError
+    from mechfix.errors import BadInputError, GateError
     from mechfix.fix import fix_from_artifact
     from mechfix.recipe import load_recipe
     from mechfix.verify import gates_for, junit_xml
@@ -829,8 +829,14 @@ def run(
     att = _do_attribute(lm, rec, paths["attribution"], "both", 10, baseline, batch_size, paths["plot"])
     _print_attribution(_clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
     err.rule("3/4 steer")
-    fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
-                        tasks, folds, seed, batch_size, settings)
+    try:
+        fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
+                            tasks, folds, seed, batch_size, settings)
+    except GateError as exc:
+        # No fix to verify: a --json caller still gets the run's one object, with the reason (then exit 1).
+        if as_json:
+            _emit_json(_run_summary(rec_summary, att.manifest["summary"], None, None, paths, why=f"steer: {exc}"))
+        raise
     steer_summary = _steer_summary(fix_art)
     _print_steer(steer_summary)
     err.rule("4/4 verify")
@@ -850,20 +856,24 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_summary(rec: dict, att: dict, steer_s: dict, report: dict, paths: dict[str, Path]) -> dict[str, Any]:
+def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None, paths: dict[str, Path],
+                 why: str | None = None) -> dict[str, Any]:
+    """The run's one JSON object; ``steer_s`` and ``report`` are None when steer found no fix (``why`` says why)."""
     top = [e["component"] for e in att["top"][:5]]
+    written = {k: str(v) for k, v in paths.items() if Path(v).exists()} if report is None else {k: str(v) for k, v in paths.items()}
     return _clean_nan({
-        "passed": report["passed"],
+        "passed": bool(report and report["passed"]),
         "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},
         "top_components": top,
-        "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")},
+        "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")} if steer_s else None,
         "verify": {k: report.get(k) for k in ("before", "after", "reduction", "kl", "clean_agreement", "clean_margin", "helpful",
-                                              "control_change", "anti_steerable", "gates")},
-        "capabilities_kept": (report.get("capabilities") or {}).get("kept"),
-        "steer": {"chosen": steer_s.get("chosen"), "by": (steer_s.get("selection") or {}).get("by")},
-        **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}} if report.get("live_outcome") else {}),
-        "artifacts": {k: str(v) for k, v in paths.items()},
-        "why": None if report["passed"] else _why_failed(report),
+                                              "control_change", "anti_steerable", "gates")} if report else None,
+        "capabilities_kept": (report.get("capabilities") or {}).get("kept") if report else None,
+        "steer": {"chosen": steer_s.get("chosen"), "by": (steer_s.get("selection") or {}).get("by")} if steer_s else None,
+        **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}}
+           if report and report.get("live_outcome") else {}),
+        "artifacts": written,
+        "why": why if report is None else (None if report["passed"] else _why_failed(report)),
     })
 
 

@@ -598,6 +598,7 @@ def steer(
     # With no operation given, a heads fix chooses among all of them by what carries over.
     ops = [name for name, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [op]
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
+    _require_behaviour(att, baseline)
     # A LoRA fix adapts the modules that hold the top heads.
     tgt_layers, tgt_heads, why = pick_targets(att, "heads" if kind == "lora" else kind, top, layers)
     conds = ["pressure", baseline] + (["helpful"] if "tokens/helpful" in rec.tensors and baseline != "helpful" else [])
@@ -658,6 +659,24 @@ def steer(
         fix.lora.b = [b * fix.strength for b in fix.lora.b]
         fix.strength = 1.0
     return steering
+
+
+def _require_behaviour(att: Artifact, baseline: str) -> None:
+    """Refuse to fit a fix to a training split that shows no behaviour (its effect's interval reaches zero).
+
+    A "reduction" of an effect indistinguishable from zero is a ratio of noise
+    (a fix can remove 2,500% of +0.1 nats), so no search over it means anything.
+    """
+    total = (att.manifest.get("summary") or {}).get("total_effect") or {}
+    ci = total.get("ci95")
+    if not ci or ci[0] is None or ci[0] > 0:
+        return
+    raise GateError(
+        f"the training split shows no behaviour to fix: pressure − {baseline} is {total['mean']:+.2f} "
+        f"[{ci[0]:+.2f}, {ci[1]:+.2f}] nats over {total.get('n', '?')} decisions, and that 95% interval reaches zero. "
+        "A fix fitted to it would be fitted to noise, so steer does not search. Check the recipe with `mechfix record` "
+        "(does this model show the behaviour at all?), add items, or try a model that shows it."
+    )
 
 
 def _budget_words(budget: Budget, capabilities: bool, helpful: bool) -> str:

@@ -138,6 +138,21 @@ def test_run_chains_every_stage_into_one_folder(monkeypatch, capsys, tmp_path, p
     assert "1/4 record" in stderr and "4/4 verify" in stderr
 
 
+def test_run_on_a_recipe_without_behaviour_stops_at_steer_and_still_prints_its_json(monkeypatch, capsys, tmp_path, planted_dir):
+    """Peers who say the right answer under pressure too: nothing to fix, so no fix, no verify, and the reason."""
+    recipe = tmp_path / "same.yaml"
+    recipe.write_text(PLANT_MORE.replace('pressure: {vars: {said: "{wrong}"}}', 'pressure: {vars: {said: "{correct}"}}'))
+    out = tmp_path / "runs" / "same"
+    code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
+                               *LOOSE, "--json")
+    summary = json.loads(stdout)
+    assert code == 1 and summary["passed"] is False and summary["fix"] is None and summary["verify"] is None
+    assert summary["why"].startswith("steer: the training split shows no behaviour to fix")
+    assert sorted(p.name for p in out.iterdir()) == ["plant-heads.png", "plant.attr.safetensors", "plant.rec.safetensors"]
+    assert set(summary["artifacts"]) == {"record", "attribution", "plot"}
+    assert "no behaviour to fix" in " ".join(stderr.split())
+
+
 LORA_FAST = ("--rank", "2", "--steps", "12", "--lr", "0.02", "--kl-weight", "1")
 
 

@@ -211,3 +211,19 @@ def test_kl_stops_early_only_once_it_is_certainly_over_the_budget():
     (early,) = neutral_kl(lm, fix, [2.0], neutral, stop_above=full / 4)
     assert full / 4 < early < full  # a lower bound, already over the line
     assert neutral_kl(lm, fix, [2.0], neutral, stop_above=full * 2) == pytest.approx([full], rel=1e-6)
+
+
+def test_steer_refuses_a_training_split_that_shows_no_behaviour_instead_of_fitting_noise():
+    """When the peers say the right answer under pressure too, there is nothing to remove: no search, no fix."""
+    lm = _planted_model()
+    same = PLANT_MORE.replace('pressure: {vars: {said: "{wrong}"}}', 'pressure: {vars: {said: "{correct}"}}')
+    assert same != PLANT_MORE
+    rec = _recording(lm, same)
+    att = attribution_artifact(attribute(lm, rec, method="atp", top=5), lm, rec, {"baseline": "clean"}, top=5)
+    total = att.manifest["summary"]["total_effect"]
+    assert abs(total["mean"]) < 1e-5 and total["ci95"][0] <= 0 <= total["ci95"][1]
+    steps: list[str] = []
+    with pytest.raises(GateError, match="shows no behaviour to fix") as exc:
+        steer(lm, att, rec, neutral_set(lm, neutral_passages()[:2]), kind="heads", on_step=steps.append)
+    assert "interval reaches zero" in str(exc.value) and exc.value.detail is None
+    assert steps == []  # refused before measuring anything
