@@ -860,7 +860,7 @@ def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None
                  why: str | None = None) -> dict[str, Any]:
     """The run's one JSON object; ``steer_s`` and ``report`` are None when steer found no fix (``why`` says why)."""
     top = [e["component"] for e in att["top"][:5]]
-    written = {k: str(v) for k, v in paths.items() if Path(v).exists()} if report is None else {k: str(v) for k, v in paths.items()}
+    written = {k: str(v) for k, v in paths.items() if report is not None or Path(v).exists()}  # no fix: what exists
     return _clean_nan({
         "passed": bool(report and report["passed"]),
         "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},

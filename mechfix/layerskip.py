@@ -16,13 +16,21 @@ the mask follows from the ids).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from mechfix.models import LoadedModel
+
+
+def first_layer(fixes: Sequence[Any]) -> int:
+    """The lowest decoder layer any of these fixes edits (0 when one names no layer, or there are none).
+
+    Everything below it computes the same with and without the fixes: the ``start`` of a :class:`LayerSkip`.
+    """
+    return min((min(f.layers) if f.layers else 0) for f in fixes) if fixes else 0
 
 
 def _key(x: torch.Tensor) -> tuple[Any, ...]:

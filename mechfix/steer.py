@@ -45,7 +45,7 @@ from mechfix.errors import BadInputError, GateError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import DEFAULT_OP, OPS, Fix, fix_tensors
 from mechfix.forward import Request
-from mechfix.layerskip import LayerSkip
+from mechfix.layerskip import LayerSkip, first_layer
 from mechfix.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
 from mechfix.models import LoadedModel
 from mechfix.stats import decision_scores, mean_ci, reduction, side_effects
@@ -66,7 +66,6 @@ HEAD_COUNTS = (1, 3)
 # The parts of the budget; the first three come from the training scores alone, the last two cost a pass over more text.
 BUDGET_PARTS = ("clean_agreement", "clean_margin", "helpful_loss", "kl", "capability")
 _CHEAP = BUDGET_PARTS[:3]
-# Defaults of the budget parts beyond KL and clean agreement (the same as verify's gates).
 
 
 @dataclass
@@ -631,8 +630,8 @@ def steer(
     else:
         counts = sorted({n for n in (*HEAD_COUNTS, len(tgt_heads)) if n <= len(tgt_heads)}) if kind == "heads" else [0]
         cands = _candidates(rec, kind, ops, tgt_layers, tgt_heads, counts, baseline, split, lm.identity)
-    start = min(min(c.fix.layers) for c in cands)
-    bench = _Bench(lm, requests, baseline, split, neutral, capabilities, budget, batch_size, on_step, start)
+    bench = _Bench(lm, requests, baseline, split, neutral, capabilities, budget, batch_size, on_step,
+                   first_layer([c.fix for c in cands]))
     cand, point = choose(bench, cands, refine, strengths)
     search = [p for c in cands for p in c.measured]
     if cand is None or point is None:

@@ -31,7 +31,7 @@ import torch
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import Fix
-from mechfix.layerskip import LayerSkip
+from mechfix.layerskip import LayerSkip, first_layer
 from mechfix.models import LoadedModel
 from mechfix.recipe import Recipe
 from mechfix.fix import apply_fix
@@ -189,7 +189,7 @@ def verify_fixes(
     groups = rendered.groups
     # The layers below the lowest one any fix edits compute the same with and without the fixes: run them once
     # per batch (not while replaying: generation feeds a key/value cache, which layer skipping does not keep).
-    skip = LayerSkip(lm, min((min(f.layers) if f.layers else 0) for f in fixes) if fixes else 0)
+    skip = LayerSkip(lm, first_layer(fixes))
     with skip.active():
         before = score_requests(lm, requests, batch_size=batch_size, on_batch=step("scoring without the fix", n * n_cond))
         n_caps = capabilities.n_items if capabilities is not None else 0
