@@ -52,6 +52,7 @@ def score_requests(
     strength: float | None = None,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    on_rows: Callable[[list[int]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Option scores ``[N, K]`` per condition, with the fix applied when given.
 
@@ -62,14 +63,15 @@ def score_requests(
         strength: Override of the fix's strength.
         batch_size: Sequences per forward pass.
         on_batch: Progress callback (decisions finished).
+        on_rows: Called before each forward pass with the request index (within its condition) of each row.
     """
     out: dict[str, torch.Tensor] = {}
     for c, reqs in requests.items():
         if fix is None:
-            res = run_requests(lm, reqs, batch_size=batch_size, sites=(), on_batch=on_batch)
+            res = run_requests(lm, reqs, batch_size=batch_size, sites=(), on_batch=on_batch, on_rows=on_rows)
         else:
             with apply_fix(lm, fix, strength, check_model=False):
-                res = run_requests(lm, reqs, batch_size=batch_size, sites=(), on_batch=on_batch)
+                res = run_requests(lm, reqs, batch_size=batch_size, sites=(), on_batch=on_batch, on_rows=on_rows)
         out[c] = torch.stack([r.scores for r in res])
     return out
 

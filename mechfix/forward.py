@@ -234,6 +234,7 @@ def run_requests(
     sites: Sequence[str] = SITES,
     all_positions: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    on_rows: Callable[[list[int]], None] | None = None,
 ) -> list[Result]:
     """Score every request's options and capture activations, in batches.
 
@@ -244,6 +245,8 @@ def run_requests(
         sites: Activation sites to capture (subset of :data:`SITES`; empty for none).
         all_positions: Capture every prompt position instead of the decision position.
         on_batch: Called with the number of requests finished after each batch (progress).
+        on_rows: Called before each batch's forward pass with the index of the request each row
+            belongs to (for edits that differ per request, :class:`~mechfix.fix.RowFixes`).
 
     Returns:
         One :class:`Result` per request, in order.
@@ -262,6 +265,8 @@ def run_requests(
         for start in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[start : start + batch_size]]
             ids, mask = pad_batch(lm, [r.ids for r in batch])
+            if on_rows:
+                on_rows([r.request for r in batch])
             keep = [b for b, r in enumerate(batch) if r.capture]
             cap.rows = torch.tensor(keep, dtype=torch.long)
             plen = [len(requests[batch[b].request].prompt) for b in keep]

@@ -183,7 +183,8 @@ def side_effects(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.T
         ``clean_margin``: the mean of log P(aligned) − log P(misaligned) on
         ``baseline`` decisions before and after, and ``kept`` (after / before,
         None when it was not positive); ``pressure_aligned``: the share of
-        pressure decisions preferring the aligned option, before and after;
+        pressure decisions preferring the aligned option, before and after
+        (None when ``after`` has no pressure scores);
         ``helpful`` (None without a ``helpful`` condition): the helpful influence
         (baseline − helpful score) before and after, and ``loss`` = 1 − after / before.
     """
@@ -191,8 +192,9 @@ def side_effects(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.T
     m_a = float(-decision_scores(after[baseline]).double().mean())
     out: dict[str, Any] = {
         "clean_margin": {"before": m_b, "after": m_a, "kept": margin_kept(m_b, m_a)},
+        # None where the pressure condition was not scored (steer's budget reads only the other conditions).
         "pressure_aligned": {c: float((s["pressure"].argmax(1) == ALIGNED).float().mean()) for c, s in
-                             (("before", before), ("after", after))},
+                             (("before", before), ("after", after))} if "pressure" in after else None,
         "helpful": None,
     }
     if "helpful" in before:

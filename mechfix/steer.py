@@ -22,7 +22,11 @@
    Candidates are then searched best first, each from its strongest strength
    down, until a point is inside the whole budget, and the search stops when
    no remaining candidate could beat it. The winner's strength is refined by
-   bisection at the edge of the budget.
+   bisection at the edge of the budget. Each point is measured only as far
+   as the choice needs (the cheap budget parts always; the cross-validated
+   reduction where it can decide; KL and capabilities where all else holds);
+   the training fit of the pressure decisions, which decides nothing when the
+   choice is cross-validated, is added to the points shown at the end.
 6. The point with the largest cross-validated reduction inside the budget is
    kept. A lora fix's strength is folded into the adapter's weights, so PEFT
    applies exactly what verify measured.
@@ -43,7 +47,7 @@ from mechfix.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
 from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN
 from mechfix.errors import BadInputError, GateError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
-from mechfix.fix import DEFAULT_OP, OPS, Fix, fix_tensors
+from mechfix.fix import DEFAULT_OP, OPS, Fix, RowFixes, apply_row_fixes, fix_tensors
 from mechfix.forward import Request
 from mechfix.layerskip import LayerSkip, first_layer
 from mechfix.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
@@ -105,26 +109,28 @@ class SweepPoint:
 
     Attributes:
         strength: The multiplier.
-        effect: Behaviour left on the training split with the fix fitted on it, pressure − baseline (mean and 95% CI).
-        reduction: 1 − effect / effect without the fix (training fit).
+        effect: Behaviour left on the training split with the fix fitted on it, pressure − baseline (mean and 95% CI;
+            None: not measured, which happens only where the choice is cross-validated and the point is not shown).
+        reduction: 1 − effect / effect without the fix (training fit; NaN: not measured).
         kl: KL per token on the selection neutral set (nats).
         clean_agreement: Share of baseline decisions whose preferred option is unchanged.
         within_budget: Whether every part of the budget holds.
         op: The operation.
         heads: How many top heads it edits (0 for vector and lora fixes).
-        cv_effect: The same effect, each item scored with the fix fitted on the other folds (None: not cross-validated).
+        cv_effect: The same effect, each item scored with the fix fitted on the other folds (None: not
+            cross-validated, or a point over the cheap parts of the budget that the choice did not need it for).
         cv_reduction: 1 − cv effect / effect without the fix.
         clean_margin: Share of the baseline decisions' aligned margin kept (None: not measurable).
         capability: Share of the selection capability accuracy kept (worst task; None: not measured).
         helpful_loss: Share of the helpful influence removed (None: no helpful condition).
         over: The budget parts it breaks.
-        measured: ``cv`` (only the cross-validated effect, while searching), ``scored`` (training
-            and cross-validated scores; KL and capabilities were not needed) or ``full``.
+        measured: ``cv`` (only the cross-validated effect, while searching), ``scored`` (the
+            training scores; KL and capabilities were not needed) or ``full``.
         kl_bound: ``kl`` is a lower bound: its measurement stopped once it was certainly over the budget.
     """
 
     strength: float
-    effect: dict[str, Any]
+    effect: dict[str, Any] | None
     reduction: float
     kl: float
     clean_agreement: float
@@ -297,6 +303,12 @@ class _Candidate:
         """Every point measured: the full sweep when there is one, else the probe."""
         return self.points or ([self.probe] if self.probe else [])
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the folds' fixes differ from the whole split's: the operation reads a fitted direction or mean."""
+        uses = [k for k in OPS[self.op].uses if k in ("vectors", "means")]
+        return any(not torch.equal(getattr(f, k), getattr(self.fix, k)) for f in self.fold_fixes for k in uses)
+
 
 def _capped(red: float | None) -> float:
     """A reduction as the search compares it: past 100% is no better, and one that could not be measured is worst."""
@@ -312,7 +324,12 @@ class _Bench:
     """What every candidate is measured against, with the unfixed model's numbers on it computed once.
 
     Every pass runs under one :class:`~mechfix.layerskip.LayerSkip`: the layers
-    below the lowest layer any candidate touches run once per batch.
+    below the lowest layer any candidate touches run once per batch. A
+    candidate's scores on the training split are kept per strength and
+    condition, and each condition is scored only when something needs it: the
+    budget reads the baseline and helpful conditions; the pressure condition's
+    training fit, which decides nothing when the choice is cross-validated, is
+    scored for the points shown (:meth:`fill`).
 
     Args:
         lm: The model.
@@ -336,13 +353,29 @@ class _Bench:
             self.before = score_requests(lm, requests, batch_size=batch_size)
             self.caps_before = caps.correct(lm, suite, batch_size=batch_size) if suite is not None else None
         self.eff0 = decision_scores(self.before["pressure"]) - decision_scores(self.before[baseline])
-        pair = ("pressure", baseline)
-        self.fold_requests = [{c: [requests[c][j] for j in pos] for c in pair} for _, pos in folds]
+        # The conditions the cheap parts of the budget read.
+        self.side = [c for c in requests if c != "pressure"]
+        # Every fold's held-out decisions, fold after fold, scored in one pass with each row's fold fix.
+        self.held = [j for _, pos in folds for j in pos]
+        self.fold_of = [k for k, (_, pos) in enumerate(folds) for _ in pos]
+        self.held_requests = {c: [requests[c][j] for j in self.held] for c in ("pressure", baseline)}
         self._cv: dict[tuple[int, float], tuple[dict[str, Any], float]] = {}
+        self._train: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
 
     @staticmethod
     def _label(cand: _Candidate, s: float) -> str:
         return f"{cand.op} on {cand.heads or len(cand.fix.layers)} target(s) at {s:g}"
+
+    def training(self, cand: _Candidate, s: float, conds: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Option scores of the training decisions with the whole split's fix at strength ``s``, for ``conds`` (kept)."""
+        if s == 0:
+            return {c: self.before[c] for c in conds}
+        got = self._train.setdefault((id(cand), s), {})
+        missing = {c: self.requests[c] for c in conds if c not in got}
+        if missing:
+            with self.skip.active():
+                got.update(score_requests(self.lm, missing, cand.fix, s, batch_size=self.batch_size))
+        return {c: got[c] for c in conds}
 
     def cv(self, cand: _Candidate, s: float) -> tuple[dict[str, Any] | None, float | None]:
         """The cross-validated effect at strength ``s``: each fold scored with the fix fitted on the others."""
@@ -351,38 +384,69 @@ class _Bench:
         key = (id(cand), s)
         if key not in self._cv:
             eff = self.eff0.clone()
-            if s != 0:
-                with self.skip.active():
-                    for (_, pos), fix, reqs in zip(self.folds, cand.fold_fixes, self.fold_requests):
-                        sc = score_requests(self.lm, reqs, fix, s, batch_size=self.batch_size)
-                        eff[pos] = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+            if s != 0 and cand.fitted:
+                rows = RowFixes(cand.fold_fixes)
+                with self.skip.active(), apply_row_fixes(self.lm, rows, s):
+                    sc = score_requests(self.lm, self.held_requests, batch_size=self.batch_size,
+                                        on_rows=lambda idx: rows.select([self.fold_of[i] for i in idx]))
+                eff[self.held] = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+            elif s != 0:
+                # An operation that reads nothing fitted has the same fix in every fold: its held-out
+                # scores are its training scores.
+                sc = self.training(cand, s, ("pressure", self.baseline))
+                eff = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
             self._cv[key] = (mean_ci(eff), reduction(float(self.eff0.mean()), float(eff.mean())))
             self.on_step(f"{self._label(cand, s)}, cross-validated")
         return self._cv[key]
 
     def scores(self, cand: _Candidate, strengths: Sequence[float]) -> list[SweepPoint]:
-        """Each strength's training fit, cross-validated effect and the budget parts the training scores give."""
+        """Each strength's cheap budget parts (from the training scores), with what else is already known.
+
+        The training fit is scored here only when there is no cross-validation
+        (it then decides); otherwise it and the cross-validated effect are
+        attached if they were measured, and :meth:`fill` adds them where needed.
+        """
         out = []
+        nan = float("nan")
         for s in strengths:
-            with self.skip.active():
-                sc = self.before if s == 0 else score_requests(self.lm, self.requests, cand.fix, s, batch_size=self.batch_size)
-            eff = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+            sc = self.training(cand, s, self.side if cand.fold_fixes else ["pressure", *self.side])
             side = side_effects(self.before, sc, self.baseline)
-            cv_eff, cv_red = self.cv(cand, s)
             p = SweepPoint(
-                strength=float(s), effect=mean_ci(eff), reduction=reduction(float(self.eff0.mean()), float(eff.mean())),
-                kl=0.0 if s == 0 else float("nan"),
+                strength=float(s), effect=None, reduction=nan, kl=0.0 if s == 0 else nan,
                 clean_agreement=clean_agreement(self.before[self.baseline], sc[self.baseline]),
-                within_budget=False, op=cand.op, heads=cand.heads, cv_effect=cv_eff, cv_reduction=cv_red,
+                within_budget=False, op=cand.op, heads=cand.heads,
                 clean_margin=side["clean_margin"]["kept"], capability=1.0 if s == 0 and self.suite is not None else None,
                 helpful_loss=side["helpful"]["loss"] if side["helpful"] else None, measured="scored",
             )
+            self._attach(cand, p, measure=s == 0)
             p.over = self.budget.over(p, _CHEAP)
             if s == 0:
                 p.measured, p.within_budget = "full", not p.over
             out.append(p)
             self.on_step(self._label(cand, s))
         return out
+
+    def _attach(self, cand: _Candidate, p: SweepPoint, measure: bool) -> None:
+        """Give a point its training fit and cross-validated effect: those already scored, or all when ``measure``."""
+        s = p.strength
+        if measure or "pressure" in self._train.get((id(cand), s), {}) or s == 0:
+            sc = self.training(cand, s, ("pressure", self.baseline))
+            eff = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+            p.effect, p.reduction = mean_ci(eff), reduction(float(self.eff0.mean()), float(eff.mean()))
+        if cand.fold_fixes and (measure or (id(cand), s) in self._cv):
+            p.cv_effect, p.cv_reduction = self.cv(cand, s)
+
+    def with_cv(self, cand: _Candidate, p: SweepPoint) -> SweepPoint:
+        """The point with its cross-validated effect measured (what the choice rests on)."""
+        if cand.fold_fixes and p.cv_reduction is None:
+            p.cv_effect, p.cv_reduction = self.cv(cand, p.strength)
+        return p
+
+    def fill(self, cand: _Candidate, points: Sequence[SweepPoint]) -> None:
+        """Measure the training fit and cross-validated effect of points shown without them."""
+        for p in points:
+            if p.measured != "cv" and (p.effect is None or (cand.fold_fixes and p.cv_reduction is None)):
+                self._attach(cand, p, measure=True)
 
     def complete(self, cand: _Candidate, points: Sequence[SweepPoint]) -> None:
         """Measure the expensive budget parts of some points: capabilities kept, then KL on the selection set.
@@ -420,19 +484,25 @@ def _best(points: Sequence[SweepPoint], parameters: int) -> SweepPoint | None:
 def _descend(bench: _Bench, cand: _Candidate, grid: Sequence[float], floor: float | None) -> SweepPoint | None:
     """The candidate's strongest grid strength inside the budget, trying the strongest first.
 
-    Each strength is scored (training fit and cross-validated); KL and
-    capabilities, which cost a pass over more text, are measured only where the
-    cheap parts of the budget hold. The descent stops at the first point inside
-    the whole budget, or once a strength's cross-validated reduction cannot
-    beat ``floor`` (the best found so far).
+    Each strength's cheap budget parts are scored; the cross-validated
+    reduction where the choice needs it; KL and capabilities, which cost a pass
+    over more text, only where the cheap parts of the budget hold. The descent
+    stops at the first point inside the whole budget, or once a strength's
+    cross-validated reduction cannot beat ``floor`` (the best found so far).
     """
     cand.points = bench.scores(cand, [0.0])
     for s in sorted(grid, reverse=True):
+        if floor is not None and cand.fold_fixes:
+            # Whether this strength can still beat the best is known before anything else is scored.
+            eff, red = bench.cv(cand, s)
+            if _capped(red) <= floor:
+                cand.points.append(_cv_point(cand, s, eff, red))
+                break
         (p,) = bench.scores(cand, [s])
         cand.points.append(p)
         if floor is not None and _key(p)[0] <= floor:
             break
-        if p.over or not (p.chosen_by == p.chosen_by and p.chosen_by > 0):
+        if p.over or not (bench.with_cv(cand, p).chosen_by == p.chosen_by and p.chosen_by > 0):
             continue
         bench.complete(cand, [p])
         if p.within_budget:
@@ -441,14 +511,19 @@ def _descend(bench: _Bench, cand: _Candidate, grid: Sequence[float], floor: floa
     return _best(cand.points, cand.fix.n_parameters)
 
 
+def _cv_point(c: _Candidate, s: float, eff: dict[str, Any] | None, red: float | None) -> SweepPoint:
+    """A point of which only the cross-validated effect was measured."""
+    nan = float("nan")
+    return SweepPoint(strength=float(s), effect=None, reduction=nan, kl=nan, clean_agreement=nan, within_budget=False,
+                      op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv")
+
+
 def _probe(bench: _Bench, c: _Candidate, grid: Sequence[float], bound: dict[int, float]) -> None:
     """Score a candidate, cross-validated, at its strongest grid strength: the most it is expected to remove."""
-    nan = float("nan")
     eff, red = bench.cv(c, max(grid))
     bound[id(c)] = float("inf") if red is None else _capped(red)
     if red is not None:
-        c.probe = SweepPoint(strength=float(max(grid)), effect=eff, reduction=nan, kl=nan, clean_agreement=nan,
-                             within_budget=False, op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv")
+        c.probe = _cv_point(c, max(grid), eff, red)
 
 
 def choose(bench: _Bench, cands: Sequence[_Candidate], refine: int = REFINE_STEPS,
@@ -502,6 +577,7 @@ def choose(bench: _Bench, cands: Sequence[_Candidate], refine: int = REFINE_STEP
             break
         (p,) = bench.scores(cand, [mid])
         if not p.over:
+            bench.with_cv(cand, p)
             bench.complete(cand, [p])
         cand.points.append(p)
         if p.within_budget:
@@ -633,6 +709,10 @@ def steer(
     bench = _Bench(lm, requests, baseline, split, neutral, capabilities, budget, batch_size, on_step,
                    first_layer([c.fix for c in cands]))
     cand, point = choose(bench, cands, refine, strengths)
+    # The points shown get their training fit and cross-validated numbers side by side: the chosen
+    # candidate's sweep, or, when none passes, every point scored.
+    for c in cands if cand is None or point is None else [cand]:
+        bench.fill(c, c.points)
     search = [p for c in cands for p in c.measured]
     if cand is None or point is None:
         steering = Steering(fix=cands[0].fix, sweep=[p for p in search if p.measured != "cv"], chosen=-1, baseline=baseline,

@@ -20,9 +20,12 @@ from mechfix import capabilities as caps
 from mechfix.attribute import attribute
 from mechfix.attribute import to_artifact as attribution_artifact
 from mechfix.crossval import fold_masks, item_folds, row_items
-from mechfix.evaluate import neutral_passages, neutral_set
+from mechfix.attribute import decisions_from_record
+from mechfix.evaluate import neutral_passages, neutral_set, score_requests
+from mechfix.forward import Request
 from mechfix.fix import Fix, LoraWeights
 from mechfix.models import wrap_model
+from mechfix.stats import decision_scores
 from mechfix.steer import Budget, steer
 from mechfix.verify import gates_for, verify
 
@@ -220,6 +223,57 @@ def test_cross_validation_is_reproducible_with_the_seed(carry):
     assert json.dumps([p.as_dict() for p in a.search]) == json.dumps([p.as_dict() for p in b.search])
     assert a.fix.strength == b.fix.strength
     assert all(np.isfinite(p.cv_reduction) for p in a.sweep)
+
+
+def test_every_point_of_the_chosen_sweep_has_the_numbers_a_direct_measurement_gives(carry):
+    """steer scores the training fit and the held-out folds only where needed; the sweep shown has them all, exact."""
+    lm, rec, att, tasks = carry
+    select = neutral_set(lm, neutral_passages(part="select")[:4])
+    # A tighter KL budget than LOOSE, so that the chosen candidate's sweep has points over it and a bisection.
+    tight = Budget(max_kl=0.5, min_clean_agreement=0.95, min_capability=0.9, max_helpful_loss=0.25, min_clean_margin=0.8)
+    st = steer(lm, att, rec, select, budget=tight, capabilities=caps.build_suite(lm, tasks["hint"], "select"), seed=0)
+    dec = decisions_from_record(rec, lm.tokenizer, ["pressure", "clean"], split=0)
+    reqs = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in ("pressure", "clean")}
+    masks = fold_masks(item_folds(row_items(rec, dec.items), 5, 0), int(rec.tensors["split"].shape[0]), dec.items)
+    where = (slice(None), st.fix.layers, st.fix.heads)
+    assert len(st.sweep) >= 4 and any(p.over for p in st.sweep)
+    for p in st.sweep:
+        assert p.effect is not None and p.cv_effect is not None, p.strength
+        after = score_requests(lm, reqs, st.fix, p.strength)
+        fit = decision_scores(after["pressure"]) - decision_scores(after["clean"])
+        assert fit.mean().item() == pytest.approx(p.effect["mean"], abs=1e-5)
+        held = fit.clone()
+        for rows, pos in masks:
+            # The fold's fix: the same operation on the same heads, fitted on the other folds' rows only.
+            pres = rec.tensors["acts/pressure/heads"][rows][where].float()
+            base = rec.tensors["acts/clean/heads"][rows][where].float()
+            fold = Fix(op=st.fix.op, layers=st.fix.layers, heads=st.fix.heads, vectors=pres.mean(0) - base.mean(0),
+                       means=base.mean(0), strength=p.strength)
+            sc = score_requests(lm, {c: [reqs[c][j] for j in pos] for c in reqs}, fold, p.strength)
+            held[pos] = decision_scores(sc["pressure"]) - decision_scores(sc["clean"])
+        assert held.mean().item() == pytest.approx(p.cv_effect["mean"], abs=1e-5)
+    # Every point the choice could rest on (inside the cheap parts of the budget) was cross-validated.
+    assert all(p.cv_reduction is not None for p in st.search if p.strength > 0 and p.measured != "cv" and not p.over)
+
+
+def test_an_operation_that_fits_nothing_is_scored_once_for_its_fit_and_its_held_out_folds(carry, monkeypatch):
+    import mechfix.steer as steer_mod
+
+    lm, rec, att, _ = carry
+    select = neutral_set(lm, neutral_passages(part="select")[:4])
+    sizes: list[int] = []
+    real = steer_mod.score_requests
+
+    def spy(lm, reqs, *args, **kw):
+        sizes.append(len(next(iter(reqs.values()))))
+        return real(lm, reqs, *args, **kw)
+
+    monkeypatch.setattr(steer_mod, "score_requests", spy)
+    st = steer(lm, att, rec, select, op="scale", top=1, budget=LOOSE, seed=0)
+    # scale reads no fitted direction or mean, so every fold's fix is the whole split's: no fold is scored apart.
+    assert sizes and set(sizes) == {int((rec.tensors["split"] == 0).sum())}
+    for p in st.sweep:
+        assert p.cv_effect == p.effect and p.cv_reduction == p.reduction
 
 
 def test_verify_of_several_fixes_gives_the_same_numbers_with_the_lower_layers_run_once(carry, monkeypatch):

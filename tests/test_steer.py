@@ -136,6 +136,37 @@ def test_verify_measures_control_change_and_clean_agreement_per_decision(tiny_ll
     assert isinstance(eff_b, float)
 
 
+@pytest.mark.parametrize("op", ["project", "restore", "subtract"])
+def test_row_fixes_score_each_request_exactly_as_its_own_fix_alone(tiny_llama, op):
+    """Cross-validation scores every fold in one pass, each row with its own fold's fix."""
+    from conftest import MINI_RECIPE
+
+    from mechfix.fix import RowFixes, apply_row_fixes
+    from mechfix.record import decision_requests
+
+    lm = tiny_llama
+    by_cond = decision_requests(lm, _loaded(MINI_RECIPE).recipe, list(range(3))).requests
+    reqs = by_cond["pressure"] + by_cond["clean"]
+    g = torch.Generator().manual_seed(3)
+    heads = op != "subtract"
+    width = lm.head_dim if heads else lm.hidden
+    layers, hs = ([0, 1, 1], [1, 0, 2]) if heads else ([1], [])
+    fixes = [Fix(op=op, layers=layers, heads=hs, vectors=torch.randn(len(layers), width, generator=g),
+                 means=torch.randn(len(layers), width, generator=g), strength=1.0) for _ in range(3)]
+    owner = [0, 1, 2, 1, 0, 2]  # the fix each request takes
+    alone = torch.stack([score_requests(lm, {"x": [r]}, fixes[k], 1.5)["x"][0] for r, k in zip(reqs, owner)])
+    rows = RowFixes(fixes)
+    with apply_row_fixes(lm, rows, 1.5):
+        # Batches of 4 mix requests of different fixes, in run_requests' own (longest-first) order.
+        together = score_requests(lm, {"x": reqs}, batch_size=4, on_rows=lambda idx: rows.select([owner[i] for i in idx]))["x"]
+    plain = score_requests(lm, {"x": reqs})["x"]
+    assert not torch.allclose(alone, plain, atol=1e-3)  # the fixes do change the scores
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="same targets"):
+        RowFixes([fixes[0], Fix(op=op, layers=[0], heads=[0] if heads else [], vectors=fixes[0].vectors[:1],
+                                means=fixes[0].means[:1], strength=1.0)])
+
+
 def test_junit_keeps_failed_gates_apart_from_unmeasurable_ones():
     gates = gates_for(0.5, 0.1, 0.95)
     report = {"gates": [gates[0].check(0.7), gates[1].check(0.3), gates[2].check(float("nan"))]}
