@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from mechfix.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, artifact_metadata, atomic_dir, check_writable_dir, sha256_file
+from mechfix.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    Artifact,
+    artifact_metadata,
+    atomic_dir,
+    check_writable_dir,
+    sha256_file,
+    write_safetensors,
+)
 from mechfix.errors import ArtifactError
 from mechfix.fix import LoraWeights
 
@@ -101,7 +109,7 @@ def save_adapter(path: str | Path, artifact: Artifact, config: dict[str, Any]) -
     path = check_writable_dir(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=artifact_metadata(artifact))
+        write_safetensors(tensors, tmp / ADAPTER_WEIGHTS, artifact_metadata(artifact))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         digest = sha256_file(tmp / ADAPTER_WEIGHTS)
     artifact.path, artifact.sha256 = str(path), digest

@@ -70,12 +70,32 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def created_at() -> str:
+    """When an artifact is made, for its manifest: ``SOURCE_DATE_EPOCH`` when set, else now (UTC).
+
+    With ``SOURCE_DATE_EPOCH`` fixed, the same inputs, seed and library versions
+    give byte-identical artifacts, so a CI job can compare them by hash.
+
+    Raises:
+        BadInputError: When ``SOURCE_DATE_EPOCH`` is not a whole number of seconds.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None or not epoch.strip():
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        raise BadInputError(
+            f"SOURCE_DATE_EPOCH is '{epoch}'; it must be whole seconds since 1970-01-01 UTC (e.g. $(git log -1 --format=%ct))."
+        ) from None
+
+
 def new_manifest(kind: str, **fields: Any) -> dict[str, Any]:
     """A manifest with the fields every artifact carries, plus ``fields``."""
     return {
         "kind": kind,
         "schema": SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created_at(),
         "libraries": library_versions(),
         **fields,
     }
@@ -200,6 +220,26 @@ def artifact_metadata(artifact: Artifact) -> dict[str, str]:
     }
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, with the header's keys in one fixed order.
+
+    safetensors writes its JSON header from a hash map, so two runs that save
+    the same tensors and metadata can order it differently; rewriting the
+    header with sorted keys makes the file's bytes depend on its content only.
+    """
+    save_file(dict(tensors), str(path), metadata=metadata)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(data)
+
+
 def artifact_file(path: str | Path) -> Path:
     """The safetensors file of an artifact: the path itself, or an adapter folder's weights file.
 
@@ -235,7 +275,7 @@ def save_artifact(path: str | Path, artifact: Artifact) -> str:
     metadata_ = artifact_metadata(artifact)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
     with atomic_target(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata_)
+        write_safetensors(tensors, tmp, metadata_)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
@@ -292,14 +332,19 @@ def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
         expect: The kind the caller needs, or None for any.
 
     Raises:
-        ArtifactError: For a missing/corrupt file, a wrong kind or schema, or NaNs.
+        ArtifactError: For a missing/corrupt file, a wrong kind or schema, a manifest key or tensor
+            its kind needs missing or of a shape the manifest does not allow (:mod:`mechfix.schema`), or NaNs.
     """
-    kind, manifest, _ = read_header(path)
+    kind, manifest, table = read_header(path)
     if expect is not None and kind != expect:
         raise ArtifactError(
             f"'{path}' is a {kind} artifact, but this command needs a {expect} artifact. "
             f"Make one with `{MAKE_KIND[expect]}`."
         )
+    if kind in KINDS:
+        from mechfix.schema import check_artifact
+
+        check_artifact(kind, manifest, table, str(path))
     tensors: dict[str, torch.Tensor] = {}
     file = artifact_file(path)
     with safe_open(str(file), framework="pt") as f:

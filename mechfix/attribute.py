@@ -33,7 +33,16 @@ from mechfix.episodes import option_ids
 from mechfix.errors import BadInputError
 from mechfix.forward import Request, run_requests
 from mechfix.models import LoadedModel
-from mechfix.patching import Patch, Prefixes, Tail, decision_grads, encode_prefixes, full_pass, run_tails, tails_for
+from mechfix.patching import (
+    Patch,
+    Prefixes,
+    Tail,
+    decision_grads,
+    encode_prefixes,
+    full_pass,
+    run_tails,
+    tails_for,
+)
 from mechfix.stats import bootstrap_ci_columns, mean_ci, spearman
 
 METHODS = ("atp", "exact", "both")

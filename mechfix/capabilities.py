@@ -39,6 +39,7 @@ from mechfix.evaluate import score_requests
 from mechfix.fix import Fix
 from mechfix.forward import Request
 from mechfix.models import LoadedModel
+from mechfix.textio import read_text
 
 BUILTIN = "builtin"
 PARTS = ("select", "verify")
@@ -84,12 +85,7 @@ def _builtin_files() -> list[tuple[str, str, str]]:
 
 
 def _read_file(path: Path) -> str:
-    if path.stat().st_size > MAX_TASK_BYTES:
-        raise BadInputError(f"capability task '{path}' is larger than {MAX_TASK_BYTES // 2**20} MiB; split it into smaller tasks.")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError(f"capability task '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    return read_text(path, "capability task", MAX_TASK_BYTES)
 
 
 def _parse(name: str, source: str, text: str) -> Task:

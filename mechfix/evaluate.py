@@ -16,6 +16,7 @@ import torch
 from mechfix.fix import Fix, apply_fix
 from mechfix.forward import Request, final_hidden, pad_batch, run_requests
 from mechfix.models import LoadedModel
+from mechfix.textio import read_text
 
 # Positions of neutral text whose full-vocabulary log-probabilities are held at once
 # (262k-wide rows: 128 rows are 134 MB in float32).
@@ -38,8 +39,7 @@ def neutral_passages(path: str | None = None, part: str = "select") -> list[str]
     if path is None:
         text = resources.files("mechfix").joinpath(NEUTRAL_SETS[part]).read_text(encoding="utf-8")
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path, "neutral text file")
     lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
     passages = [p.strip("\n") for p in "\n".join(lines).split("\n\n")]
     return [p for p in passages if p.strip()]

@@ -27,10 +27,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mechfix.episodes import FRAME, Episode, Segment, fill, item_values, open_turn, parse_choice, turn_segments
+from mechfix.episodes import (
+    FRAME,
+    Episode,
+    Segment,
+    fill,
+    item_values,
+    open_turn,
+    parse_choice,
+    turn_segments,
+)
 from mechfix.errors import RecipeError
-from mechfix.fix import Fix, apply_fix
 from mechfix.expr import ExprError, compile_rule, evaluate, first_number, fmt, to_number
+from mechfix.fix import Fix, apply_fix
 from mechfix.generation import Writer, row_seed
 from mechfix.models import LoadedModel
 from mechfix.recipe import Recipe, RoundTurn, round_rules

@@ -11,8 +11,8 @@ import csv
 import hashlib
 import json
 import re
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mechfix.errors import RecipeError
 from mechfix.expr import ExprError, to_number
-from mechfix.expr import parse as parse_rule
 from mechfix.expr import names as expr_names
+from mechfix.expr import parse as parse_rule
+from mechfix.textio import compose_yaml, load_json, load_yaml, read_text
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 # Placeholders that the renderer fills itself rather than from the item.
@@ -176,8 +177,7 @@ class LoadedRecipe(BaseModel):
 def _compose_lines(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML and map every key path to its line (1-based); reject duplicate keys."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = compose_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -294,18 +294,18 @@ def _load_items_file(spec: dict, recipe_path: Path, lines: dict[tuple, int]) -> 
             f"{filename}, line {line}: items file '{spec_obj.file}' was not found (looked for {path}). "
             "Paths are relative to the recipe's folder."
         )
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "items file", error=RecipeError)
     try:
         if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         elif path.suffix == ".json":
-            data = json.loads(text)
+            data = load_json(text)
         elif path.suffix == ".jsonl":
             data = []
             for n, row in enumerate(text.splitlines(), 1):
                 if row.strip():
                     try:
-                        data.append(json.loads(row))
+                        data.append(load_json(row))
                     except json.JSONDecodeError as exc:
                         raise RecipeError(f"{path}, line {n}: not valid JSON ({exc.msg}). Fix that line.") from None
         else:
@@ -617,13 +617,8 @@ def load_recipe(spec: str | Path, mode: str | None = None) -> LoadedRecipe:
     if mode is not None and mode not in MODES:
         raise RecipeError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'.")
     path = resolve_recipe_path(spec)
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: is not UTF-8 text. Save the recipe as UTF-8.") from None
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot be read ({exc.strerror}). Check the path and its permissions.") from None
+    text = read_text(path, "recipe", error=RecipeError)
+    raw = path.read_bytes()
     recipe = parse_recipe(text, path)
     if mode is not None and mode != recipe.mode:
         recipe = recipe.model_copy(update={"mode": mode})

@@ -44,7 +44,13 @@ from mechfix import capabilities as caps
 from mechfix.artifacts import Artifact, new_manifest
 from mechfix.attribute import decisions_from_record
 from mechfix.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
-from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN
+from mechfix.defaults import (
+    MAX_HELPFUL_LOSS,
+    MAX_KL,
+    MIN_CAPABILITY,
+    MIN_CLEAN_AGREEMENT,
+    MIN_CLEAN_MARGIN,
+)
 from mechfix.errors import BadInputError, GateError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import DEFAULT_OP, OPS, Fix, RowFixes, apply_row_fixes, fix_tensors

@@ -32,7 +32,16 @@ from typing import Any, Literal
 from pydantic import Field
 
 from mechfix.errors import BadInputError, RecipeError
-from mechfix.recipe import Format, LoadedRecipe, Recipe, Split, _Strict, recipe_from_data, validate_yaml
+from mechfix.recipe import (
+    Format,
+    LoadedRecipe,
+    Recipe,
+    Split,
+    _Strict,
+    recipe_from_data,
+    validate_yaml,
+)
+from mechfix.textio import load_json, read_text
 
 _NAME_PREFIX = re.compile(r"^\s*([A-Z][\w.'-]*(?: [A-Z][\w.'-]*){0,2}):\s+")
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool", "developer": "Developer"}
@@ -143,11 +152,11 @@ def read_openai(path: Path, data: Any = None) -> list[list[Message]]:
     """
     if path.suffix == ".jsonl":
         convs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path, "transcript", error=TranscriptError).splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                raw = load_json(line)
             except json.JSONDecodeError as exc:
                 raise _json_error(path, exc, n - 1) from None
             convs.append(_conversation(raw, f"{path}, line {n}"))
@@ -164,11 +173,9 @@ def read_openai(path: Path, data: Any = None) -> list[list[Message]]:
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(read_text(path, "transcript", error=TranscriptError))
     except json.JSONDecodeError as exc:
         raise _json_error(path, exc) from None
-    except UnicodeDecodeError:
-        raise TranscriptError(f"{path}: is not UTF-8 text.") from None
 
 
 def read_inspect(path: Path) -> list[list[Message]]:
@@ -305,7 +312,7 @@ def load_transcript(transcript: str | Path, decision: str | Path) -> LoadedRecip
     dpath = Path(decision)
     if not dpath.is_file():
         raise RecipeError(f"decision file '{dpath}' does not exist. Write one (see the README's 'Transcripts' section).")
-    dec = validate_yaml(dpath.read_text(encoding="utf-8"), str(dpath), DecisionFile)
+    dec = validate_yaml(read_text(dpath, "decision file", error=RecipeError), str(dpath), DecisionFile)
     convs = read_transcripts(transcript)
     recipe = transcript_recipe(convs, dec, str(transcript), str(dpath))
     digest = hashlib.sha256(Path(transcript).read_bytes() + b"\0" + dpath.read_bytes()).hexdigest()

@@ -28,17 +28,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechfix import capabilities as caps
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
-from mechfix.fix import Fix
+from mechfix.fix import Fix, apply_fix
 from mechfix.layerskip import LayerSkip, first_layer
+from mechfix.live import outcome, run_live
 from mechfix.models import LoadedModel
 from mechfix.recipe import Recipe
-from mechfix.fix import apply_fix
-from mechfix.live import outcome, run_live
 from mechfix.record import Rendered, decision_requests, generation_steps, split_items
-from mechfix import capabilities as caps
-from mechfix.stats import behaviour_summary, decision_scores, group_means, reduction, side_effects
+from mechfix.stats import (
+    behaviour_summary,
+    decision_scores,
+    group_means,
+    reduction,
+    side_effects,
+)
 
 
 @dataclass(frozen=True)

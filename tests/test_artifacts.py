@@ -13,9 +13,17 @@ from mechfix.errors import ArtifactError, BadInputError
 IDENTITY = {"name": "m", "architecture": "llama", "config_hash": "c1", "weights_fingerprint": "w1"}
 
 
+SHAPE = {"layers": 2, "heads": 2, "head_dim": 4, "hidden": 8}
+
+
 def _artifact(kind="record", **tensors) -> Artifact:
-    t = tensors or {"scores/pressure": torch.randn(3, 2), "split": torch.tensor([0, 1, 0], dtype=torch.int8)}
-    return Artifact(kind=kind, manifest=new_manifest(kind, model=IDENTITY, params={"batch_size": 4}), tensors=t)
+    """A minimal complete record (three decisions, one condition, two options), with ``tensors`` added."""
+    t = {"scores/pressure": torch.randn(3, 2), "split": torch.tensor([0, 1, 0], dtype=torch.int8),
+         "tokens/pressure": torch.ones(3, 5, dtype=torch.int32), "lengths/pressure": torch.full((3,), 5, dtype=torch.int32),
+         **tensors}
+    manifest = new_manifest(kind, model=IDENTITY, params={"batch_size": 4}, recipe={"name": "r"}, conditions=["pressure"],
+                            options=["aligned", "misaligned"], shape=dict(SHAPE), summary={}, positions="decision")
+    return Artifact(kind=kind, manifest=manifest, tensors=t)
 
 
 def test_artifact_round_trip_keeps_tensors_manifest_and_hash(tmp_path):
@@ -53,8 +61,8 @@ def test_foreign_corrupt_missing_and_future_files_are_refused(tmp_path):
 
 
 def test_nans_in_an_artifact_are_refused(tmp_path):
-    save_artifact(tmp_path / "a.safetensors", _artifact(**{"acts/pressure/resid": torch.tensor([1.0, float("nan")])}))
-    with pytest.raises(ArtifactError, match="non-finite values.*acts/pressure/resid"):
+    save_artifact(tmp_path / "a.safetensors", _artifact(**{"scores/pressure": torch.tensor([[1.0, float("nan")]] * 3)}))
+    with pytest.raises(ArtifactError, match="non-finite values.*scores/pressure"):
         load_artifact(tmp_path / "a.safetensors")
 
 
@@ -100,3 +108,42 @@ def test_a_saved_artifact_gets_ordinary_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda a: a.manifest.pop("conditions"), "manifest key 'conditions' is missing"),
+    (lambda a: a.manifest.update(shape="wide"), "manifest key 'shape' is not a dict"),
+    (lambda a: a.manifest["shape"].pop("hidden"), "manifest shape lacks hidden"),
+    (lambda a: a.tensors.pop("tokens/pressure"), "tensor 'tokens/pressure' is missing"),
+    (lambda a: a.tensors.update({"scores/pressure": torch.zeros(3, 3)}), "tensor 'scores/pressure' has shape [3, 3]"),
+    (lambda a: a.tensors.update({"lengths/pressure": torch.zeros(4, dtype=torch.int32)}), "lengths/pressure' has shape [4]"),
+    (lambda a: a.tensors.update({"acts/pressure/heads": torch.zeros(3, 2, 3, 4)}), "acts/pressure/heads' has shape [3, 2, 3, 4]"),
+    (lambda a: a.tensors.update({"acts/pressure/resid": torch.zeros(3, 8)}), "has 2 dimensions, not 3"),
+])
+def test_an_artifact_missing_what_its_kind_needs_is_refused_naming_it(tmp_path, change, named):
+    a = _artifact()
+    change(a)
+    save_artifact(tmp_path / "a.safetensors", a)
+    with pytest.raises(ArtifactError, match="not a complete record artifact") as exc:
+        load_artifact(tmp_path / "a.safetensors")
+    assert named in str(exc.value) and "mechfix record" in str(exc.value)
+
+
+def test_a_fix_whose_vectors_disagree_with_its_targets_or_model_is_refused(tmp_path):
+    fix_block = {"kind": "heads", "op": "project"}
+    good = {"vectors": torch.zeros(2, 4), "means": torch.zeros(2, 4), "layers": torch.tensor([0, 1], dtype=torch.int32),
+            "heads": torch.tensor([1, 0], dtype=torch.int32)}
+    for tensors, named in [
+        (good, None),
+        ({**good, "vectors": torch.zeros(3, 4)}, "tensor 'vectors' has shape [3, 4]"),
+        ({**good, "means": torch.zeros(2, 8)}, "tensor 'means' has shape [2, 8]"),  # head width is 4
+        ({k: v for k, v in good.items() if k != "heads"}, "tensor 'heads' is missing"),
+    ]:
+        art = Artifact(kind="fix", manifest=new_manifest("fix", model=IDENTITY, fix=fix_block, shape=SHAPE), tensors=tensors)
+        save_artifact(tmp_path / "f.safetensors", art)
+        if named is None:
+            assert load_artifact(tmp_path / "f.safetensors", expect="fix").tensors["vectors"].shape == (2, 4)
+            continue
+        with pytest.raises(ArtifactError, match="not a complete fix artifact.*mechfix steer") as exc:
+            load_artifact(tmp_path / "f.safetensors", expect="fix")
+        assert named in str(exc.value)

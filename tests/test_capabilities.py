@@ -52,7 +52,7 @@ def test_a_task_file_with_a_bad_line_is_refused_naming_the_file_and_line(tmp_pat
         assert str(path) in str(exc.value)
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(good.encode() + b"\n\xe9t\xe9\n")
-    with pytest.raises(BadInputError, match="not UTF-8.*save it as UTF-8"):
+    with pytest.raises(BadInputError, match=r"not UTF-8 text \(byte 0xe9 on line 2\). Save it as UTF-8"):
         caps.load_tasks([str(latin)])
     with pytest.raises(BadInputError, match="does not exist"):
         caps.load_tasks([str(tmp_path / "missing.jsonl")])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +177,41 @@ def test_attribute_rejects_bad_input_with_exit_2_and_writes_nothing(monkeypatch,
     assert code == 0
     code, _, stderr = run(monkeypatch, capsys, "attribute", str(out), "--out", str(tmp_path / "b.safetensors"))
     assert code == 2 and "needs a record artifact" in " ".join(stderr.split())
+
+
+def test_the_same_inputs_and_seed_give_byte_identical_artifacts(monkeypatch, capsys, tmp_path, mini_recipe_path, tiny_model_dir):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    digests = []
+    for run_dir in ("one", "two"):
+        (tmp_path / run_dir).mkdir()
+        monkeypatch.chdir(tmp_path / run_dir)
+        rec = "m.rec.safetensors"
+        assert run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tiny_model_dir), "--out", rec)[0] == 0
+        assert run(monkeypatch, capsys, "attribute", rec, "--model", str(tiny_model_dir), "--method", "atp")[0] == 0
+        digests.append([hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in (rec, "m.attr.safetensors")])
+    assert digests[0] == digests[1]
+    code, stdout, _ = run(monkeypatch, capsys, "show", "m.rec.safetensors", "--json")
+    assert json.loads(stdout)["manifest"]["created"] == "2026-01-01T00:00:00+00:00"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    code, _, err = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tiny_model_dir), "--out", "x.safetensors")
+    assert code == 2 and "SOURCE_DATE_EPOCH" in err and not Path("x.safetensors").exists()
+
+
+def test_an_unexpected_failure_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys, tmp_path):
+    import mechfix.recipe
+
+    def broken():
+        raise KeyError("boom")
+
+    monkeypatch.setattr(mechfix.recipe, "builtin_recipes", broken)
+    monkeypatch.setenv("MECHFIX_CACHE", str(tmp_path))
+    monkeypatch.delenv("MECHFIX_DEBUG", raising=False)
+    code, stdout, err = run(monkeypatch, capsys, "recipes")
+    assert code == 3 and stdout == "" and "Traceback" not in err
+    line = " ".join(err.split())
+    assert "unexpected failure in `mechfix recipes`: KeyError: 'boom'" in line and "--debug" in line
+    (saved,) = tmp_path.glob("mechfix-*.traceback.txt")
+    assert saved.name in line.replace(" ", "") or str(saved) in line
+    assert "Traceback" in saved.read_text() and "broken" in saved.read_text()
+    code, _, err = run(monkeypatch, capsys, "--debug", "recipes")
+    assert code == 3 and "Traceback" in err and "broken" in err

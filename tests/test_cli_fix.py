@@ -222,6 +222,7 @@ def test_run_with_a_lora_fix_writes_the_adapter_folder(monkeypatch, capsys, tmp_
     code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
                                "--kind", "lora", "--top-heads", "1", *LORA_FAST, "--min-reduction", "0.1",
                                "--min-clean-agreement", "0.5", *LOOSE, "--json")
+    assert stdout, stderr
     summary = json.loads(stdout)
     assert code == (0 if summary["passed"] else 1), stderr
     assert (out / "plant.lora" / "adapter_config.json").is_file() and not (out / "plant.fix.safetensors").exists()
@@ -245,9 +246,9 @@ def test_the_command_line_defaults_of_every_gate_are_the_ones_steer_and_verify_u
     import inspect
 
     from mechfix import defaults
-    from mechfix.cli_fix import run as run_cmd
-    from mechfix.cli_fix import steer as steer_cmd
-    from mechfix.cli_fix import verify as verify_cmd
+    from mechfix.cli.run import run as run_cmd
+    from mechfix.cli.steer import steer as steer_cmd
+    from mechfix.cli.verify import verify as verify_cmd
     from mechfix.steer import Budget
 
     expected = {"max_kl": defaults.MAX_KL, "min_clean_agreement": defaults.MIN_CLEAN_AGREEMENT,

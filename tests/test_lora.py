@@ -159,7 +159,8 @@ def test_gpt2_adapter_round_trips_through_peft_with_conv1d_layout():
     manifest = new_manifest("fix", model=lm.identity, fix={
         "kind": "lora", "op": "lora", "strength": 1.0,
         "modules": [{"module": t.module, "layer": t.layer, "heads": t.heads} for t in targets]},
-        adapter_config=peft_config(lora, None, fan_in_fan_out=True))
+        adapter_config=peft_config(lora, None, fan_in_fan_out=True),
+        shape={"layers": lm.n_layers, "heads": lm.n_heads, "head_dim": lm.head_dim, "hidden": lm.hidden})
     import tempfile
     from pathlib import Path
 
@@ -254,11 +255,12 @@ def test_parameter_counts_follow_what_each_fix_reads():
 def test_cli_defaults_of_the_lora_options_match_the_training_defaults():
     import inspect
 
-    from mechfix import cli_fix
+    from mechfix.cli.run import run
+    from mechfix.cli.steer import steer
 
     want = LoraSettings()
     names = {"rank": "rank", "steps": "steps", "lr": "lr", "kl_weight": "kl_weight", "lora_scope": "scope", "seed": "seed"}
-    for command in (cli_fix.steer, cli_fix.run):
+    for command in (steer, run):
         params = inspect.signature(command).parameters
         for cli_name, field_name in names.items():
             assert params[cli_name].default == getattr(want, field_name), (command.__name__, cli_name)

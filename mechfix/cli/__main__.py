@@ -1,0 +1,5 @@
+"""``python -m mechfix.cli``: the same as the ``mechfix`` command."""
+
+from mechfix.cli import main
+
+main()

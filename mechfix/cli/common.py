@@ -1,0 +1,344 @@
+"""What every command shares: the consoles, the app, the options, JSON output, progress bars and loading."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from mechfix import __version__
+
+err = Console(stderr=True)
+
+out = Console()
+
+app = typer.Typer(
+    name="mechfix",
+    help=(
+        "Diagnose and repair misaligned behaviour of multi-agent LLM systems inside the model.\n\n"
+        "Pipeline: record -> attribute -> steer -> verify; `run` chains all four.\n\n"
+        "Example:  mechfix run recipes/conformity.yaml --out conformity/"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+ModeOpt = Annotated[
+    str | None,
+    typer.Option(help="score or generate: run the recipe in this mode instead of its own (generate suits instruct models)."),
+]
+
+TranscriptOpt = Annotated[
+    Path | None,
+    typer.Option(help="Replay conversations you already have instead of a recipe: OpenAI-style messages "
+                 "(.json/.jsonl) or an Inspect AI log (.eval/.json). Needs --decision."),
+]
+
+DecisionOpt = Annotated[
+    Path | None,
+    typer.Option(help="With --transcript: a YAML file naming the target message, the options and the edits "
+                 "that make the clean (and control) condition."),
+]
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hugging Face id, local model folder or .gguf file. Default: the embedded Gemma 3 270M (offline).",
+    ),
+]
+
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N. Default: cuda when present.")]
+
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="float32, bfloat16 or float16. Default: bfloat16 on cuda, float32 on cpu.")
+]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Let the model's own Python code run.")]
+
+KindOpt = Annotated[
+    str,
+    typer.Option(
+        help="heads: edit the top attention heads only; vector: subtract a direction from a layer's output "
+        "(exportable to llama.cpp); lora: train a small adapter on the top heads' output projections "
+        "(a PEFT adapter folder)."
+    ),
+]
+
+OpOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="heads: project, steer, restore or scale (default: try them all and keep what carries over); vector: "
+        "subtract; lora: lora. See the README for what each does."
+    ),
+]
+
+_LORA = "LoRA training (--kind lora)"
+
+RankOpt = Annotated[int, typer.Option(min=1, help="Rank of each module's update.", rich_help_panel=_LORA)]
+
+StepsOpt = Annotated[int, typer.Option(min=1, help="Optimiser steps.", rich_help_panel=_LORA)]
+
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.", rich_help_panel=_LORA)]
+
+KlWeightOpt = Annotated[
+    float, typer.Option("--kl-weight", min=0.0, help="Weight of KL to the base model in the loss.", rich_help_panel=_LORA)
+]
+
+ScopeOpt = Annotated[
+    str,
+    typer.Option(
+        "--lora-scope",
+        help="heads: the update reads only the found heads' columns; modules: whole output projections.",
+        rich_help_panel=_LORA,
+    ),
+]
+
+SeedOpt = Annotated[
+    int, typer.Option(help="Seed of the cross-validation folds, and of a LoRA fix's initialisation, batches and sampled positions.")
+]
+
+FoldsOpt = Annotated[
+    int,
+    typer.Option(min=0, help="Cross-validation folds over the training items: the fix is chosen by what carries over to "
+                 "items it was not fitted on (0 or 1: choose on the training fit, as a LoRA fix always does)."),
+]
+
+TopHeadsOpt = Annotated[
+    int,
+    typer.Option("--top-heads", min=1, help="The most top heads a heads fix edits: the top 1, 3 and this many are tried, "
+                 "and cross-validation picks."),
+]
+
+LayersOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated decoder layers to act on (vector: exactly these; heads: only heads there).")
+]
+
+StrengthsOpt = Annotated[str | None, typer.Option(help="Comma-separated coarse strength grid for the sweep (default per operation).")]
+
+MaxKlOpt = Annotated[float, typer.Option("--max-kl", min=0.0, help="Side-effect budget: KL per token on neutral text (nats).")]
+
+MinCleanOpt = Annotated[
+    float,
+    typer.Option("--min-clean-agreement", min=0.0, max=1.0, help="Share of clean decisions whose answer must stay the same."),
+]
+
+MinReductionOpt = Annotated[
+    float, typer.Option("--min-reduction", help="Gate: the held-out behaviour effect must shrink by at least this share.")
+]
+
+NeutralOpt = Annotated[
+    Path | None,
+    typer.Option(help="Neutral passages for the KL check (blank-line separated). Default: a set shipped with mechfix "
+                 "(steer chooses on one, verify checks on another that steer never sees)."),
+]
+
+CapabilitiesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--capabilities", help="Capability tasks whose accuracy the fix must keep: .jsonl files, folders of "
+                 "them, or 'builtin' (repeat it; default builtin). Each line: "
+                 '{"prompt": ..., "answer": ..., "distractors": [...]}.'),
+]
+
+MinCapabilityOpt = Annotated[
+    float,
+    typer.Option("--min-capability", min=0.0, help="Share of the model's accuracy on every capability task that the "
+                 "fix must keep (tasks the model does no better than chance are reported, not gated)."),
+]
+
+MaxHelpfulLossOpt = Annotated[
+    float,
+    typer.Option("--max-helpful-loss", min=0.0, help="The most of the helpful condition's pull (others giving the "
+                 "right answer) that the fix may remove. Recipes without a helpful condition skip it."),
+]
+
+MinCleanMarginOpt = Annotated[
+    float,
+    typer.Option("--min-clean-margin", min=0.0, help="Share of the clean decisions' margin for the aligned option that "
+                 "the fix must keep: a fix that only makes the model less sure of everything fails it."),
+]
+
+JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]
+
+BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
+
+ReplayOpt = Annotated[
+    str,
+    typer.Option(help="Live recipes: play the episodes again with the fix and report what they come to (final "
+                 "state, the target's replies). all: every agent runs the fixed model (one model plays them all); "
+                 "target: only the target does; none: skip."),
+]
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mechfix {__version__}")
+        raise typer.Exit()
+
+# Whether an unexpected failure prints its traceback on the terminal (``mechfix --debug`` or MECHFIX_DEBUG=1).
+DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an unexpected failure (exit 3), print the full traceback here too.")
+    ] = False,
+) -> None:
+    DEBUG["on"] = DEBUG["on"] or debug
+
+def _json_text(obj: Any) -> str:
+    """The JSON mechfix prints and saves: indented, no NaN (see :func:`_clean_nan`)."""
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+
+def _emit_json(obj: Any) -> None:
+    print(_json_text(obj))
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+def _clean_nan(x: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean_nan(v) for v in x]
+    return x
+
+@contextmanager
+def _progress():
+    """A progress bar on stderr; yields a callback ``(phase, advance, total, key=None)``.
+
+    Each phase gets its own bar. With ``key``, one bar is kept under that key
+    and ``phase`` becomes its changing description (a loss, say); a total of
+    None is a bar of unknown length.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, advance: int, total: int | None, key: str | None = None) -> None:
+            name = key or phase
+            if name not in tasks:
+                tasks[name] = bar.add_task(phase, total=total)
+            bar.update(tasks[name], advance=advance, description=phase)
+
+        yield update
+
+def _load_model(model: str | None, device: str | None, dtype: str | None, trust: bool):
+    from mechfix.models import load_model
+
+    with err.status("loading model") as st:
+        return load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust,
+            status=lambda msg: st.update(msg),
+        )
+
+def _params(lm, **kw: Any) -> dict[str, Any]:
+    """A stage's parameters as recorded in its artifact, plus the device and dtype it ran on."""
+    return {**kw, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    from mechfix.errors import BadInputError
+
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(f"{name} takes comma-separated numbers such as 0.5,1,2, not '{text}'.") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise BadInputError(f"{name} needs positive numbers, such as 0.5,1,2 (got '{text}').")
+    return vals
+
+def _ints(text: str | None, name: str) -> list[int] | None:
+    from mechfix.errors import BadInputError
+
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(f"{name} takes comma-separated layer numbers such as 10,12, not '{text}'.") from None
+
+def _neutral(lm, path: Path | None, part: str = "select", stride: int = 1):
+    from mechfix.errors import BadInputError
+    from mechfix.evaluate import neutral_passages, neutral_set
+
+    if path is not None and not path.is_file():
+        raise BadInputError(f"--neutral '{path}' does not exist. Give a text file of passages separated by blank lines.")
+    passages = neutral_passages(str(path) if path else None, part)
+    neutral = neutral_set(lm, passages, stride)
+    if neutral.n_tokens == 0:
+        raise BadInputError(f"--neutral '{path}' holds no text to measure KL on. Give passages separated by blank lines.")
+    return neutral
+
+def _find_record(att, record: Path | None):
+    """The recording an attribution was made from: --record, the recorded path, or its name beside the attribution."""
+    from mechfix.artifacts import load_artifact
+    from mechfix.errors import ArtifactError
+
+    inp = att.manifest.get("inputs", {}).get("record", {})
+    if record is None:
+        named = Path(str(inp.get("path", "")))
+        beside = Path(att.path).parent / named.name
+        record = next((p for p in (named, beside) if str(p) and p.is_file()), None)
+        if record is None:
+            raise ArtifactError(
+                f"cannot find the recording '{inp.get('path')}' that '{att.path}' was made from. "
+                "Pass it with --record REC.safetensors."
+            )
+    rec = load_artifact(record, expect="record")
+    if inp.get("sha256") and rec.sha256 != inp["sha256"]:
+        raise ArtifactError(
+            f"'{record}' is not the recording '{att.path}' was made from (its sha256 differs). Pass the right one "
+            "with --record, or run `mechfix attribute` again on this recording."
+        )
+    return rec
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    from mechfix.artifacts import atomic_target
+
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+def _check_replay(replay: str) -> None:
+    """Refuse an unknown --replay before any model is loaded."""
+    from mechfix.errors import BadInputError
+    from mechfix.verify import REPLAY
+
+    if replay not in REPLAY:
+        raise BadInputError(f"--replay must be one of {', '.join(REPLAY)}, not '{replay}'.")

@@ -1,0 +1,130 @@
+"""``mechfix record``: run a recipe (or replay a transcript) and save option scores and activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mechfix.cli.checks import check_paths
+from mechfix.cli.common import (
+    DecisionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    ModeOpt,
+    TranscriptOpt,
+    TrustOpt,
+    _clean_nan,
+    _emit_json,
+    _load_model,
+    _params,
+    _progress,
+    app,
+)
+from mechfix.cli.views import _print_record_summary
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix record recipes/conformity.yaml\n\n"
+        "  mechfix record conformity --out conf.rec.safetensors --json\n\n"
+        "  mechfix record my.yaml --model Qwen/Qwen2.5-0.5B-Instruct --all-positions\n\n"
+        "  mechfix record sycophancy --model ./my-instruct-model --mode generate\n\n"
+        "  mechfix record commons-live    (a live recipe: every turn generated, four rounds)\n\n"
+        "  mechfix record --transcript chats.jsonl --decision decision.yaml --out chats.rec.safetensors"
+    )
+)
+def record(
+    recipe: Annotated[
+        str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe (see `mechfix recipes`).")
+    ] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Artifact to write. Default: NAME.rec.safetensors here.")
+    ] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
+    all_positions: Annotated[
+        bool, typer.Option("--all-positions", help="Keep activations at every position, not only the decision.")
+    ] = False,
+    mode: ModeOpt = None,
+    transcript: TranscriptOpt = None,
+    decision: DecisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every recipe item under every condition; save option scores and activations.
+
+    Prints the behaviour effect (pressure - clean) with a 95% bootstrap
+    interval, the flip rate, and the control effect. With --transcript and
+    --decision, the conversations in the transcript are the items. A live
+    recipe (one with a rounds block) is played round by round, every open
+    turn written by the model; each round's decision is scored and recorded,
+    and the whole episodes are kept in the artifact.
+    """
+    loaded = _load_source(recipe, transcript, decision, mode)
+    target = out_path or Path(f"{loaded.recipe.name}.rec.safetensors")
+    check_paths(source_inputs(loaded, transcript, decision), {"--out": target})
+    lm = _load_model(model, device, dtype, trust_remote_code)
+    artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions)
+    summary = _clean_nan(artifact.manifest["summary"])
+    if as_json:
+        _emit_json(
+            {
+                "artifact": str(target),
+                "sha256": artifact.sha256,
+                "model": lm.identity["name"],
+                "recipe": loaded.recipe.name,
+                "decisions": len(rec.split) * len(rec.conditions),
+                "conditions": rec.conditions,
+                **summary,
+                "rate": summary["rate"]["rate"],
+                "flips": {k: summary["rate"][k] for k in ("flipped", "eligible")},
+            }
+        )
+    else:
+        _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
+
+def source_inputs(loaded, transcript: Path | None, decision: Path | None) -> dict[str, Path | None]:
+    """The files a recipe or transcript was read from, named for :func:`~mechfix.cli.checks.check_paths`."""
+    if transcript is not None:
+        return {"--transcript": transcript, "--decision": decision}
+    return {"RECIPE": Path(loaded.path)}
+
+
+def _load_source(recipe: str | None, transcript: Path | None, decision: Path | None, mode: str | None):
+    """The recipe to run: a recipe file or built-in name, or a transcript with its decision file."""
+    from mechfix.errors import BadInputError
+    from mechfix.recipe import load_recipe
+
+    if transcript is None and decision is None:
+        if recipe is None:
+            raise BadInputError("give a RECIPE (a file or a built-in name, see `mechfix recipes`), or --transcript with --decision.")
+        return load_recipe(recipe, mode)
+    if recipe is not None or transcript is None or decision is None:
+        raise BadInputError(
+            "give either a RECIPE, or --transcript FILE together with --decision FILE (not both). "
+            "Example: mechfix record --transcript chat.json --decision decision.yaml"
+        )
+    if mode == "generate":
+        raise BadInputError("--mode generate does not apply to --transcript: the conversation is replayed as it happened.")
+    from mechfix.transcript import load_transcript
+
+    return load_transcript(transcript, decision)
+
+def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False):
+    """Record a loaded recipe and save the artifact; returns (artifact, recording)."""
+    from mechfix.artifacts import save_artifact
+    from mechfix.record import record as run_record
+    from mechfix.record import to_artifact
+
+    with _progress() as progress:
+        rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress)
+    artifact = to_artifact(rec, lm, loaded, _params(lm, batch_size=batch_size, all_positions=all_positions))
+    save_artifact(target, artifact)
+    return artifact, rec

@@ -1,0 +1,213 @@
+"""``mechfix run``: record, attribute, steer and verify in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mechfix.cli.attribute import _do_attribute
+from mechfix.cli.checks import check_paths, named
+from mechfix.cli.common import (
+    BatchOpt,
+    CapabilitiesOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FoldsOpt,
+    JsonOpt,
+    JunitOpt,
+    KindOpt,
+    KlWeightOpt,
+    LayersOpt,
+    LrOpt,
+    MaxHelpfulLossOpt,
+    MaxKlOpt,
+    MinCapabilityOpt,
+    MinCleanMarginOpt,
+    MinCleanOpt,
+    MinReductionOpt,
+    ModelOpt,
+    ModeOpt,
+    NeutralOpt,
+    OpOpt,
+    RankOpt,
+    ReplayOpt,
+    ScopeOpt,
+    SeedOpt,
+    StepsOpt,
+    TopHeadsOpt,
+    TrustOpt,
+    _check_replay,
+    _clean_nan,
+    _emit_json,
+    _ints,
+    _json_text,
+    _load_model,
+    _write_text_atomic,
+    app,
+    err,
+)
+from mechfix.cli.record import _do_record
+from mechfix.cli.steer import (
+    _do_steer,
+    _fix_target,
+    _steer_summary,
+    check_lora_folder,
+    fix_outputs,
+)
+from mechfix.cli.verify import _do_verify
+from mechfix.cli.views import (
+    _print_attribution,
+    _print_record_summary,
+    _print_run_summary,
+    _print_steer,
+    _print_verify,
+    _why_failed,
+)
+from mechfix.defaults import (
+    MAX_HELPFUL_LOSS,
+    MAX_KL,
+    MIN_CAPABILITY,
+    MIN_CLEAN_AGREEMENT,
+    MIN_CLEAN_MARGIN,
+    MIN_REDUCTION,
+)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix run recipes/conformity.yaml --out conformity/\n\n"
+        "  mechfix run conformity --out runs/vec --kind vector --json\n\n"
+        "  mechfix run conformity --out runs/lora --kind lora\n\n"
+        "  mechfix run conformity --out runs/ci --junit runs/ci/verify.xml --max-kl 0.05"
+    )
+)
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for every artifact (created if missing).")],
+    kind: KindOpt = "heads",
+    op: OpOpt = None,
+    top_heads: TopHeadsOpt = 5,
+    layers: LayersOpt = None,
+    baseline: Annotated[str, typer.Option(help="Condition the fix pulls the pressure run towards: clean or control.")] = "clean",
+    min_reduction: MinReductionOpt = MIN_REDUCTION,
+    max_kl: MaxKlOpt = MAX_KL,
+    min_clean_agreement: MinCleanOpt = MIN_CLEAN_AGREEMENT,
+    min_capability: MinCapabilityOpt = MIN_CAPABILITY,
+    max_helpful_loss: MaxHelpfulLossOpt = MAX_HELPFUL_LOSS,
+    min_clean_margin: MinCleanMarginOpt = MIN_CLEAN_MARGIN,
+    junit: JunitOpt = None,
+    neutral: NeutralOpt = None,
+    capabilities: CapabilitiesOpt = None,
+    folds: FoldsOpt = 5,
+    rank: RankOpt = 4,
+    steps: StepsOpt = 40,
+    lr: LrOpt = 5e-3,
+    kl_weight: KlWeightOpt = 10.0,
+    lora_scope: ScopeOpt = "heads",
+    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = 16,
+    mode: ModeOpt = None,
+    replay: ReplayOpt = "all",
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record, attribute, steer and verify in one go; every artifact goes into --out.
+
+    Writes NAME.rec.safetensors, NAME.attr.safetensors, NAME-heads.png,
+    NAME.fix.safetensors (the folder NAME.lora for --kind lora) and
+    NAME.verify.json, then prints one summary. Exit codes as for verify.
+    """
+    from mechfix import capabilities as caps
+    from mechfix.errors import BadInputError, GateError
+    from mechfix.fix import fix_from_artifact
+    from mechfix.lora import LoraSettings, lora_settings_check
+    from mechfix.recipe import load_recipe
+    from mechfix.steer import Budget, check_kind_op
+    from mechfix.verify import gates_for, junit_xml
+
+    _check_replay(replay)
+    loaded = load_recipe(recipe, mode)
+    name = loaded.recipe.name
+    if baseline not in loaded.recipe.condition_names or baseline == "pressure":
+        raise BadInputError(f"--baseline '{baseline}' is not a condition of recipe '{name}' other than pressure; use clean or control.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"--out '{out_dir}' is a file; give a folder.")
+    stem = out_dir / name
+    paths = {
+        **{k: Path(f"{stem}{suffix}") for k, suffix in (
+            ("record", ".rec.safetensors"), ("attribution", ".attr.safetensors"), ("plot", "-heads.png"))},
+        "fix": _fix_target(None, stem, kind),
+        "verify": Path(f"{stem}.verify.json"),
+    }
+    files, folders = fix_outputs(paths["fix"], kind, "the fix")
+    check_paths({"RECIPE": Path(loaded.path), "--neutral": neutral, **named("--capabilities", capabilities, skip="builtin")},
+                {**{f"the {k}": p for k, p in paths.items() if k != "fix"}, **files, "--junit": junit}, folders)
+    check_lora_folder(paths["fix"], kind)
+    layer_list = _ints(layers, "--layers")
+    check_kind_op(kind, op)
+    tasks = caps.load_tasks(capabilities)
+    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
+                    max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
+    settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
+    lm = _load_model(model, device, dtype, trust_remote_code)
+    # Created only now, once every check has passed and the model has loaded.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    err.rule("1/4 record")
+    rec, _ = _do_record(lm, loaded, paths["record"], batch_size)
+    rec_summary = _clean_nan(rec.manifest["summary"])
+    _print_record_summary(rec_summary, lm.identity["name"], name, wrote=str(paths["record"]))
+    err.rule("2/4 attribute")
+    att = _do_attribute(lm, rec, paths["attribution"], "both", 10, baseline, batch_size, paths["plot"])
+    _print_attribution(_clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
+    err.rule("3/4 steer")
+    try:
+        fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
+                            tasks, folds, seed, batch_size, settings)
+    except GateError as exc:
+        # No fix to verify: a --json caller still gets the run's one object, with the reason (then exit 1).
+        if as_json:
+            _emit_json(_run_summary(rec_summary, att.manifest["summary"], None, None, paths, why=f"steer: {exc}"))
+        raise
+    steer_summary = _steer_summary(fix_art)
+    _print_steer(steer_summary)
+    err.rule("4/4 verify")
+    fix = fix_from_artifact(fix_art)
+    gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
+    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay, tasks)
+    _write_text_atomic(paths["verify"], _json_text(report) + "\n")
+    if junit is not None:
+        _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
+    _print_verify(report, f"{name}: held-out check of the {fix.kind} fix")
+    summary = _run_summary(rec_summary, att.manifest["summary"], steer_summary, report, paths)
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_run_summary(summary, name, lm.identity["name"])
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None, paths: dict[str, Path],
+                 why: str | None = None) -> dict[str, Any]:
+    """The run's one JSON object; ``steer_s`` and ``report`` are None when steer found no fix (``why`` says why)."""
+    top = [e["component"] for e in att["top"][:5]]
+    written = {k: str(v) for k, v in paths.items() if report is not None or Path(v).exists()}  # no fix: what exists
+    return _clean_nan({
+        "passed": bool(report and report["passed"]),
+        "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},
+        "top_components": top,
+        "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")} if steer_s else None,
+        "verify": {k: report.get(k) for k in ("before", "after", "reduction", "kl", "clean_agreement", "clean_margin", "helpful",
+                                              "control_change", "anti_steerable", "gates")} if report else None,
+        "capabilities_kept": (report.get("capabilities") or {}).get("kept") if report else None,
+        "steer": {"chosen": steer_s.get("chosen"), "by": (steer_s.get("selection") or {}).get("by")} if steer_s else None,
+        **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}}
+           if report and report.get("live_outcome") else {}),
+        "artifacts": written,
+        "why": why if report is None else (None if report["passed"] else _why_failed(report)),
+    })

@@ -1,0 +1,218 @@
+"""``mechfix steer``: turn an attribution into a fix chosen by what carries over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mechfix.cli.checks import check_paths, named
+from mechfix.cli.common import (
+    BatchOpt,
+    CapabilitiesOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FoldsOpt,
+    JsonOpt,
+    KindOpt,
+    KlWeightOpt,
+    LayersOpt,
+    LrOpt,
+    MaxHelpfulLossOpt,
+    MaxKlOpt,
+    MinCapabilityOpt,
+    MinCleanMarginOpt,
+    MinCleanOpt,
+    ModelOpt,
+    NeutralOpt,
+    OpOpt,
+    RankOpt,
+    ScopeOpt,
+    SeedOpt,
+    StepsOpt,
+    StrengthsOpt,
+    TopHeadsOpt,
+    TrustOpt,
+    _clean_nan,
+    _emit_json,
+    _find_record,
+    _floats,
+    _ints,
+    _load_model,
+    _neutral,
+    _params,
+    _progress,
+    app,
+)
+from mechfix.cli.views import (
+    _print_candidates,
+    _print_steer,
+    _print_sweep,
+    _training_summary,
+)
+from mechfix.defaults import (
+    MAX_HELPFUL_LOSS,
+    MAX_KL,
+    MIN_CAPABILITY,
+    MIN_CLEAN_AGREEMENT,
+    MIN_CLEAN_MARGIN,
+)
+
+
+def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, budget,
+              neutral_path: Path | None, capabilities: list[str] | None, tasks, folds: int, seed: int, batch_size: int,
+              lora=None):
+    """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
+    from mechfix import capabilities as caps
+    from mechfix.errors import GateError
+    from mechfix.fix import save_fix
+    from mechfix.lora import LoraSettings
+    from mechfix.steer import SEARCH_KL_STRIDE, steer
+    from mechfix.steer import to_artifact as fix_artifact
+
+    neutral = _neutral(lm, neutral_path, "select", SEARCH_KL_STRIDE)
+    suite = caps.build_suite(lm, tasks, "select")
+    lora = lora or LoraSettings()
+    with _progress() as progress:
+        def on_train(step: int, losses: dict[str, float]) -> None:
+            progress(f"training the LoRA fix (loss {losses['loss']:.3f}: behaviour {losses['behaviour']:.3f}, "
+                     f"KL {losses['kl']:.4f})", 1, lora.steps, key="train")
+
+        def on_step(label: str) -> None:
+            progress(f"choosing the fix (measured {label})", 1, None, key="sweep")
+
+        try:
+            steering = steer(lm, att, rec, neutral, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
+                             budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train,
+                             capabilities=suite, folds=folds, seed=seed)
+        except GateError as exc:
+            if exc.detail is not None:
+                _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(),
+                             "every point measured (training split)")
+                if exc.detail.search:
+                    _print_candidates({"folds": exc.detail.folds, "by": "cross-validated reduction" if exc.detail.folds
+                                       else "training-fit reduction", "candidates": _clean_nan([p.as_dict() for p in exc.detail.search])})
+            raise
+    extra = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} if kind == "lora" else {}
+    params = _params(lm, kind=kind, op=op, top_heads=top_heads, layers=layers, strengths=strengths, **budget.as_dict(),
+                     neutral=str(neutral_path) if neutral_path else "builtin:select",
+                     capabilities=capabilities or ["builtin"], folds=folds, seed=seed, batch_size=batch_size, **extra)
+    artifact = fix_artifact(steering, lm, att, rec, params)
+    save_fix(target, artifact)
+    return artifact
+
+def _steer_summary(artifact) -> dict[str, Any]:
+    m = artifact.manifest
+    f = m["fix"]
+    out = {"artifact": artifact.path, "sha256": artifact.sha256, **{k: f[k] for k in ("kind", "op", "site", "targets", "strength", "why")},
+           "parameters": f.get("parameters"), "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"],
+           "selection": m.get("selection")}
+    if "training" in m:
+        out["training"] = _training_summary(m)
+    return _clean_nan(out)
+
+def _fix_target(out: Path | None, stem: Path, kind: str) -> Path:
+    """Where a fix is written: ``out``, or STEM.fix.safetensors (the folder STEM.lora for a LoRA fix)."""
+    return out or stem.with_name(f"{stem.name}.lora" if kind == "lora" else f"{stem.name}.fix.safetensors")
+
+
+def fix_outputs(target: Path, kind: str, name: str = "--out") -> tuple[dict[str, Path], dict[str, Path]]:
+    """A fix's path as :func:`~mechfix.cli.checks.check_paths` takes it: ``(files, folders)``."""
+    return ({}, {name: target}) if kind == "lora" else ({name: target}, {})
+
+
+def check_lora_folder(target: Path, kind: str) -> None:
+    """An existing folder at a LoRA fix's path must be an earlier adapter (it is replaced), nothing else."""
+    if kind == "lora" and target.is_dir():
+        from mechfix.artifacts import check_writable_dir
+
+        check_writable_dir(target)
+
+def _attribution_stem(att_path: Path) -> Path:
+    """NAME of NAME.attr.safetensors, in the current folder (where steer writes by default)."""
+    name = att_path.name
+    return Path(name[: -len(".attr.safetensors")] if name.endswith(".attr.safetensors") else att_path.stem)
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix steer conformity.attr.safetensors\n\n"
+        "  mechfix steer conformity.attr.safetensors --kind vector --out conf.vec.safetensors\n\n"
+        "  mechfix steer conformity.attr.safetensors --kind lora --out conformity.lora --rank 4 --steps 40\n\n"
+        "  mechfix steer conformity.attr.safetensors --kind heads --op scale --top-heads 3 --max-kl 0.05 --json\n\n"
+        "  mechfix steer conformity.attr.safetensors --folds 8 --seed 1 --capabilities builtin --capabilities my-task.jsonl"
+    )
+)
+def steer(
+    attribution: Annotated[Path, typer.Argument(help="An attribution artifact (from `mechfix attribute`).")],
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Fix to write. Default: NAME.fix.safetensors here (a folder NAME.lora for --kind lora).")
+    ] = None,
+    kind: KindOpt = "heads",
+    op: OpOpt = None,
+    top_heads: TopHeadsOpt = 5,
+    layers: LayersOpt = None,
+    strengths: StrengthsOpt = None,
+    max_kl: MaxKlOpt = MAX_KL,
+    min_clean_agreement: MinCleanOpt = MIN_CLEAN_AGREEMENT,
+    min_capability: MinCapabilityOpt = MIN_CAPABILITY,
+    max_helpful_loss: MaxHelpfulLossOpt = MAX_HELPFUL_LOSS,
+    min_clean_margin: MinCleanMarginOpt = MIN_CLEAN_MARGIN,
+    record: Annotated[Path | None, typer.Option(help="The recording the attribution came from (default: the path it names).")] = None,
+    neutral: NeutralOpt = None,
+    capabilities: CapabilitiesOpt = None,
+    folds: FoldsOpt = 5,
+    rank: RankOpt = 4,
+    steps: StepsOpt = 40,
+    lr: LrOpt = 5e-3,
+    kl_weight: KlWeightOpt = 10.0,
+    lora_scope: ScopeOpt = "heads",
+    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = 16,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn an attribution into a fix, chosen by what carries over to items it was not fitted on.
+
+    A heads fix tries every operation (unless --op is given) on the top 1, 3
+    and --top-heads heads, each at a grid of strengths, and scores them by
+    cross-validation over the training items; it keeps the one that removes the
+    most behaviour on held-out folds while the side-effect budget holds: KL on
+    neutral text, capabilities kept, clean answers kept (agreement and margin)
+    and the helpful influence kept. A vector fix is computed from the recording;
+    a lora fix is trained on the training split (a few minutes on a CPU for the
+    embedded model), written as a PEFT adapter folder, and its strength chosen
+    on the training fit. Exit 1 (nothing written) when nothing fits the budget.
+    """
+    from mechfix import capabilities as caps
+    from mechfix.artifacts import check_same_model, load_artifact
+    from mechfix.lora import LoraSettings, lora_settings_check
+    from mechfix.steer import Budget, check_kind_op
+
+    check_kind_op(kind, op)
+    tasks = caps.load_tasks(capabilities)
+    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
+                    max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
+    target = _fix_target(out_path, _attribution_stem(attribution), kind)
+    files, folders = fix_outputs(target, kind)
+    check_paths({"ATTRIBUTION": attribution, "--record": record, "--neutral": neutral,
+                 **named("--capabilities", capabilities, skip="builtin")}, files, folders)
+    check_lora_folder(target, kind)
+    att = load_artifact(attribution, expect="attribution")
+    layer_list, grid = _ints(layers, "--layers"), _floats(strengths, "--strengths")
+    settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
+    rec = _find_record(att, record)
+    spec = model if model is not None else att.manifest.get("model", {}).get("source")
+    lm = _load_model(spec, device, dtype, trust_remote_code)
+    check_same_model(att.manifest, lm.identity, attribution)
+    artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, budget, neutral, capabilities, tasks,
+                         folds, seed, batch_size, settings)
+    summary = _steer_summary(artifact)
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_steer(summary)

@@ -1,0 +1,175 @@
+"""``mechfix verify``: prove a fix on held-out items, against every gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mechfix.cli.checks import check_paths, named
+from mechfix.cli.common import (
+    BatchOpt,
+    CapabilitiesOpt,
+    DecisionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    JunitOpt,
+    MaxHelpfulLossOpt,
+    MaxKlOpt,
+    MinCapabilityOpt,
+    MinCleanMarginOpt,
+    MinCleanOpt,
+    MinReductionOpt,
+    ModelOpt,
+    ModeOpt,
+    NeutralOpt,
+    ReplayOpt,
+    TranscriptOpt,
+    TrustOpt,
+    _check_replay,
+    _clean_nan,
+    _emit_json,
+    _load_model,
+    _neutral,
+    _progress,
+    _write_text_atomic,
+    app,
+)
+from mechfix.cli.record import _load_source, source_inputs
+from mechfix.cli.views import _print_comparison, _print_verify, comparison_rows
+from mechfix.defaults import (
+    MAX_HELPFUL_LOSS,
+    MAX_KL,
+    MIN_CAPABILITY,
+    MIN_CLEAN_AGREEMENT,
+    MIN_CLEAN_MARGIN,
+    MIN_REDUCTION,
+)
+
+
+def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all",
+               tasks=None) -> list[dict[str, Any]]:
+    """Verify one or more fixes on the recipe's held-out split: one report per fix."""
+    from mechfix import capabilities as caps
+    from mechfix.verify import verify_fixes
+
+    neutral = _neutral(lm, neutral_path, "verify")
+    suite = caps.build_suite(lm, tasks, "verify") if tasks is not None else None
+    with _progress() as progress:
+        reports = verify_fixes(lm, loaded.recipe, fixes, neutral, gates=gates, batch_size=batch_size, replay=replay,
+                               capabilities=suite, on_progress=progress)
+    out = []
+    for fix, report in zip(fixes, reports):
+        trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
+        report["recipe"] = {"name": loaded.recipe.name, "path": loaded.path, "sha256": loaded.sha256,
+                            "same_as_training": trained_on == loaded.sha256 if trained_on else None}
+        if trained_on and trained_on != loaded.sha256:
+            report["warnings"].append(
+                "this recipe differs from the one the fix was made from: its held-out split is not the one steer left out."
+            )
+        report["fix"] = {"path": fix.path, "kind": fix.kind, "op": fix.op, "targets": fix.targets, "strength": fix.strength}
+        report["model"] = lm.identity["name"]
+        out.append(_clean_nan(report))
+    return out
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mechfix verify recipes/conformity.yaml --fix conformity.fix.safetensors\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --min-reduction 0.5 --max-kl 0.1 --junit verify.xml\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json\n\n"
+        "  mechfix verify conformity --fix conformity.lora --compare conformity.fix.safetensors --compare conf.vec.safetensors\n\n"
+        "  mechfix verify commons-live --fix commons-live.lora --replay target    (live: replay with only the target fixed)\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --capabilities builtin --capabilities my-task.jsonl "
+        "--min-capability 0.95 --max-helpful-loss 0.1"
+    )
+)
+def verify(
+    recipe: Annotated[str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe.")] = None,
+    fix_path: Annotated[
+        Path | None, typer.Option("--fix", help="A fix (from `mechfix steer`): a .safetensors file or a LoRA fix's folder.")
+    ] = None,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(help="Another fix to verify on the same held-out decisions and print side by side (repeat it). "
+                     "The exit code follows --fix only."),
+    ] = None,
+    min_reduction: MinReductionOpt = MIN_REDUCTION,
+    max_kl: MaxKlOpt = MAX_KL,
+    min_clean_agreement: MinCleanOpt = MIN_CLEAN_AGREEMENT,
+    min_capability: MinCapabilityOpt = MIN_CAPABILITY,
+    max_helpful_loss: MaxHelpfulLossOpt = MAX_HELPFUL_LOSS,
+    min_clean_margin: MinCleanMarginOpt = MIN_CLEAN_MARGIN,
+    junit: JunitOpt = None,
+    neutral: NeutralOpt = None,
+    capabilities: CapabilitiesOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = 16,
+    mode: ModeOpt = None,
+    transcript: TranscriptOpt = None,
+    decision: DecisionOpt = None,
+    replay: ReplayOpt = "all",
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prove a fix on held-out episodes: behaviour before/after, side effects, and pass/fail gates.
+
+    Exit 0 when every gate passes, 1 when one fails, 2 on bad input (including
+    a fix made for another model than the one given, reported as such). The
+    gates: the behaviour's reduction, KL on neutral text steer never saw, clean
+    agreement, the clean margin kept (no flattening), accuracy kept on the
+    capability tasks (verify's half of them), and the helpful influence kept
+    (recipes with a helpful condition). With
+    --compare, every fix is measured on the same decisions and a table puts
+    them side by side: reduction, KL, clean agreement, control, parameters.
+    With a live recipe, the episodes are also played again with the fix (see --replay).
+    """
+    from mechfix import capabilities as caps
+    from mechfix.artifacts import check_same_model
+    from mechfix.errors import ArtifactError, BadInputError
+    from mechfix.fix import load_fix
+    from mechfix.verify import error_report, gates_for, junit_xml
+
+    if fix_path is None:
+        raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
+    _check_replay(replay)
+    loaded = _load_source(recipe, transcript, decision, mode)
+    check_paths({**source_inputs(loaded, transcript, decision), "--fix": fix_path, **named("--compare", compare),
+                 "--neutral": neutral, **named("--capabilities", capabilities, skip="builtin")},
+                {"--junit": junit})
+    fix = load_fix(fix_path)
+    tasks = caps.load_tasks(capabilities)
+    others = [load_fix(p) for p in compare or []]
+    gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
+    spec = model if model is not None else fix.model.get("source")
+    lm = _load_model(spec, device, dtype, trust_remote_code)
+    suite = f"mechfix.verify.{loaded.recipe.name}"
+    try:
+        check_same_model(fix.manifest, lm.identity, fix_path)
+    except ArtifactError as exc:
+        report = error_report(f"model mismatch: {exc}", gates)
+        if junit is not None:
+            _write_text_atomic(junit, junit_xml(report, suite))
+        if as_json:
+            _emit_json(report)
+        raise
+    for other in others:
+        check_same_model(other.manifest, lm.identity, other.path or "a --compare fix")
+    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay, tasks)
+    if compared:
+        report["compare"] = compared
+        report["comparison"] = comparison_rows([report, *compared])
+    if junit is not None:
+        _write_text_atomic(junit, junit_xml(report, suite))
+    if as_json:
+        _emit_json(report)
+    else:
+        _print_verify(report, f"{loaded.recipe.name} on {lm.identity['name']}: {fix.kind} fix ({fix.op} on {', '.join(fix.targets)}, strength {fix.strength:g})")
+        if compared:
+            _print_comparison(report["comparison"], f"{loaded.recipe.name}: fixes side by side on the same {report['heldout']} held-out decisions")
+    if not report["passed"]:
+        raise typer.Exit(1)
