@@ -35,6 +35,7 @@ from mechfix.artifacts import (
 )
 from mechfix.errors import ArtifactError
 from mechfix.fix import LoraWeights
+from mechfix.textio import load_json, read_text
 
 _PREFIX = "base_model.model."
 
@@ -118,11 +119,11 @@ def save_adapter(path: str | Path, artifact: Artifact, config: dict[str, Any]) -
 
 def _read_config(folder: Path) -> dict[str, Any]:
     cfg_path = folder / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise ArtifactError(f"'{folder}' has no {ADAPTER_CONFIG}; it is not a complete adapter. Make it again with `mechfix steer --kind lora`.")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"'{folder}' has no {ADAPTER_CONFIG}; it is not a complete adapter. Make it again with `mechfix steer --kind lora`.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        cfg = load_json(read_text(cfg_path, "adapter config", 2**20, ArtifactError))
+    except json.JSONDecodeError as exc:
         raise ArtifactError(f"'{cfg_path}' is not valid JSON ({exc}). Make the adapter again with `mechfix steer --kind lora`.") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
         raise ArtifactError(f"'{cfg_path}' is not a LoRA config (it needs peft_type LORA and a positive r). Make it again with `mechfix steer --kind lora`.")
@@ -142,6 +143,13 @@ def lora_from_artifact(art: Artifact) -> tuple[LoraWeights, list[int]]:
     if art.path is None or not Path(art.path).is_dir():
         raise ArtifactError(f"'{art.path}' is a lora fix but not an adapter folder. Give the folder `mechfix steer --kind lora` wrote.")
     cfg = _read_config(Path(art.path))
+    made_for = hub_id(art.manifest.get("model", {}).get("source"))
+    named = cfg.get("base_model_name_or_path")
+    if named and made_for and named != made_for:
+        raise ArtifactError(
+            f"'{art.path}': {ADAPTER_CONFIG} names the base model '{named}', but the adapter was made for '{made_for}' "
+            "(its manifest). The folder was edited or mixed up; make the adapter again with `mechfix steer --kind lora`."
+        )
     desc = art.manifest.get("fix", {})
     entries = desc.get("modules") or []
     r = int(cfg["r"])

@@ -338,7 +338,8 @@ def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
     kind, manifest, table = read_header(path)
     if expect is not None and kind != expect:
         raise ArtifactError(
-            f"'{path}' is a {kind} artifact, but this command needs a {expect} artifact. "
+            f"'{path}' is a{'n' if kind[0] in 'aeiou' else ''} {kind} artifact, but this command needs "
+            f"a{'n' if expect[0] in 'aeiou' else ''} {expect} artifact. "
             f"Make one with `{MAKE_KIND[expect]}`."
         )
     if kind in KINDS:

@@ -283,6 +283,14 @@ def _install_lora(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) ->
                 f"{fix.path or 'the fix'} adapts module '{module}', which this model does not have. "
                 "Use the model the fix was made for."
             ) from None
+        w = getattr(target, "weight", None)
+        # nn.Linear keeps its weight as [out, in]; GPT-2's Conv1D as [in, out].
+        dims = None if w is None else (tuple(w.shape[::-1]) if type(target).__name__ == "Conv1D" else tuple(w.shape))
+        if dims is not None and (dims[1] != a.shape[1] or dims[0] != b.shape[0]):
+            raise ArtifactError(
+                f"{fix.path or 'the fix'} adapts '{module}' as a {a.shape[1]} -> {b.shape[0]} map, but in this model it is "
+                f"{dims[1]} -> {dims[0]}. Use the model the fix was made for."
+            )
         handles.append(target.register_forward_hook(_lora_hook(op, a, b, s)))
 
 

@@ -200,6 +200,37 @@ def _gguf_cache_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a ``.gguf`` file that is not one (before a minute of conversion fails half-way)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"model file '{path}' cannot be read ({exc.strerror}). Check its permissions.") from None
+    if head != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"'{path}' is not a GGUF model file (it does not start with the bytes 'GGUF'). Give a .gguf file from "
+            "llama.cpp's converter or the hub, a model folder, or leave out --model for the embedded default."
+        )
+
+
+def _check_remote_code(folder: Path, spec: str, trust: bool) -> None:
+    """Refuse, with the option that allows it, a model folder whose config asks for its own Python code."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ModelLoadError(f"'{folder / 'config.json'}' is not a readable JSON model config. Save the model again with save_pretrained.") from None
+    if isinstance(cfg, dict) and cfg.get("auto_map") and not trust:
+        raise ModelLoadError(
+            f"model '{spec}' ships its own Python code (its config.json has auto_map: "
+            f"{', '.join(sorted(cfg['auto_map']))}), which mechfix does not run unless asked. If you trust its "
+            "source, pass --trust-remote-code."
+        )
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, status: Any = None) -> Path:
     """De-quantise a GGUF file once into a safetensors checkpoint folder (atomic).
 
@@ -252,7 +283,14 @@ def _checkpoint_for_gguf(gguf_path: Path, status: Any) -> Path:
         # One conversion at a time: two mechfix processes started together on a fresh machine wait for each other.
         with _lock_in(out.parent):
             if not (out / "config.json").is_file():
-                convert_gguf(gguf_path, out, status)
+                try:
+                    convert_gguf(gguf_path, out, status)
+                except Exception as exc:  # noqa: BLE001 - transformers' GGUF reader fails many ways on a bad file
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise ModelLoadError(
+                        f"'{gguf_path}' could not be read as a GGUF model ({type(exc).__name__}: {first[:200]}). It may be "
+                        "cut short, or of an architecture transformers cannot de-quantise; give a model folder instead."
+                    ) from None
     return out
 
 
@@ -309,6 +347,7 @@ def load_model(
         if p.suffix == ".gguf":
             if not p.is_file():
                 raise ModelLoadError(f"model file '{spec}' does not exist. Check the path, or leave out --model for the embedded default.")
+            _check_gguf(p)
             folder = _checkpoint_for_gguf(p.resolve(), status)
         elif p.exists():
             if not (p / "config.json").is_file():
@@ -317,6 +356,7 @@ def load_model(
                     "save_pretrained, a .gguf file, or a Hugging Face id."
                 )
             folder = p
+            _check_remote_code(p, spec, trust_remote_code)
         elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a hub id is "org/name"
             raise ModelLoadError(f"model path '{spec}' does not exist. Check the path, or leave out --model for the embedded default.")
         else:
@@ -333,6 +373,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(
+                f"model '{spec}' needs its own Python code to load, which mechfix does not run unless asked. If you "
+                "trust its source, pass --trust-remote-code."
+            ) from None
         raise ModelLoadError(
             f"could not load model '{spec}': {first}. If it is a Hugging Face id, this machine may have no "
             "access to the hub: download it elsewhere and pass its folder, or pass a .gguf file; leave out "

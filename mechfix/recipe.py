@@ -587,6 +587,8 @@ def resolve_recipe_path(spec: str | Path) -> Path:
     p = Path(spec)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise RecipeError(f"recipe '{spec}' is a folder; give a recipe .yaml file (or a built-in name, see `mechfix recipes`).")
     builtin = builtin_recipe_dir() / f"{spec}.yaml"
     if not p.suffix and builtin.is_file():
         return builtin

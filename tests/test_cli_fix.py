@@ -91,7 +91,7 @@ def test_steer_refuses_bad_input_and_an_impossible_budget_writing_nothing(monkey
     recipe, rec, att = pipeline
     out = tmp_path / "x.fix.safetensors"
     code, _, stderr = run(monkeypatch, capsys, "steer", str(rec), "--out", str(out))
-    assert code == 2 and "needs a attribution artifact" in " ".join(stderr.split())
+    assert code == 2 and "needs an attribution artifact" in " ".join(stderr.split())
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--op", "subtract")
     assert code == 2 and "does not fit a heads fix" in stderr
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--strengths", "a,b")
