@@ -584,6 +584,8 @@ def builtin_recipes() -> list[Path]:
 
 def resolve_recipe_path(spec: str | Path) -> Path:
     """Accept a path, or the name of a built-in recipe (``conformity``)."""
+    if not str(spec).strip():
+        raise RecipeError("the recipe is empty; give a recipe .yaml file or a built-in name (see `mechfix recipes`).")
     p = Path(spec)
     if p.is_file():
         return p

@@ -340,6 +340,9 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "an unknown replay": (_cli("verify", "{t}/mini.yaml", "--fix", "{t}/m.fix.safetensors", "--replay", "twice"), "--replay must be one of"),
     "verify without a fix": (_cli("verify", "{t}/mini.yaml"), "--fix is required"),
     "an unknown export format": (_cli("export", "{t}/m.fix.safetensors", "--format", "onnx", "--out", "{t}/o.onnx"), "--format"),
+    "a recipe argument that is empty": (_cli("record", "", "--out", "{t}/o.safetensors", files=()), "the recipe is empty"),
+    "neutral text that is a folder": (_cli("steer", "{t}/m.attr.safetensors", "--neutral", "{t}", "--out", "{t}/o.safetensors"),
+                                      "is a folder; give a file"),
     "capabilities that do not exist": (_cli("steer", "{t}/m.attr.safetensors", "--capabilities", "{t}/none.jsonl",
                                             "--out", "{t}/o.safetensors"), "does not exist"),
 }

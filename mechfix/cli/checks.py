@@ -34,23 +34,28 @@ def check_paths(
     inputs: Mapping[str, Path | str | None] | None = None,
     outputs: Mapping[str, Path | str | None] | None = None,
     folders: Mapping[str, Path | str | None] | None = None,
+    either: Mapping[str, Path | str | None] | None = None,
 ) -> None:
     """Check a command's paths before any work; raise on the first problem.
 
     Args:
-        inputs: What the command reads (a file or a folder), by the name the user knows it by
-            (``"RECORDING"``, ``"--fix"``); None values are skipped.
+        inputs: Files the command reads, by the name the user knows them by
+            (``"RECORDING"``, ``"--neutral"``); None values are skipped.
         outputs: Files the command writes, by name (``"--out"``, ``"--junit"``).
         folders: Folders the command writes and replaces whole (a LoRA fix), by name.
+        either: Inputs that may be a file or a folder (a fix: a LoRA fix is a folder; capability tasks).
 
     Raises:
         BadInputError: Naming the option, the path and the fix.
     """
-    ins = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
+    files_in = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
+    ins = {**files_in, **{k: Path(v) for k, v in (either or {}).items() if v is not None}}
     outs = {k: _path(k, v) for k, v in (outputs or {}).items() if v is not None}
     dirs = {k: _path(k, v) for k, v in (folders or {}).items() if v is not None}
     for name, p in ins.items():
         _readable(name, p)
+        if name in files_in and p.is_dir():
+            raise BadInputError(f"{name} '{p}' is a folder; give a file.")
     for name, p in {**outs, **dirs}.items():
         _fits(name, p)
         _writable_place(name, p)

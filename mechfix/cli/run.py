@@ -146,8 +146,9 @@ def run(
         "verify": Path(f"{stem}.verify.json"),
     }
     files, folders = fix_outputs(paths["fix"], kind, "the fix")
-    check_paths({"RECIPE": Path(loaded.path), "--neutral": neutral, **named("--capabilities", capabilities, skip="builtin")},
-                {**{f"the {k}": p for k, p in paths.items() if k != "fix"}, **files, "--junit": junit}, folders)
+    check_paths({"RECIPE": Path(loaded.path), "--neutral": neutral},
+                {**{f"the {k}": p for k, p in paths.items() if k != "fix"}, **files, "--junit": junit}, folders,
+                either=named("--capabilities", capabilities, skip="builtin"))
     check_lora_folder(paths["fix"], kind)
     layer_list = _ints(layers, "--layers")
     check_kind_op(kind, op)

@@ -24,7 +24,7 @@ def show(
     """Print an artifact's manifest and tensor table."""
     from mechfix.artifacts import artifact_file, read_header, sha256_file
 
-    check_paths({"PATH": path})
+    check_paths(either={"PATH": path})
     kind, manifest, table = read_header(path)
     if as_json:
         _emit_json(

@@ -199,8 +199,8 @@ def steer(
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     target = _fix_target(out_path, _attribution_stem(attribution), kind)
     files, folders = fix_outputs(target, kind)
-    check_paths({"ATTRIBUTION": attribution, "--record": record, "--neutral": neutral,
-                 **named("--capabilities", capabilities, skip="builtin")}, files, folders)
+    check_paths({"ATTRIBUTION": attribution, "--record": record, "--neutral": neutral}, files, folders,
+                either=named("--capabilities", capabilities, skip="builtin"))
     check_lora_folder(target, kind)
     att = load_artifact(attribution, expect="attribution")
     layer_list, grid = _ints(layers, "--layers"), _floats(strengths, "--strengths")
