@@ -46,10 +46,12 @@ def _do_attribute(lm, rec, target: Path, method: str, top: int, baseline: str, b
         )
     return artifact
 
+
 def _default_attr_path(recording: Path) -> Path:
     name = recording.name
     stem = name[: -len(".rec.safetensors")] if name.endswith(".rec.safetensors") else recording.stem
     return Path(f"{stem}.attr.safetensors")
+
 
 @app.command(
     epilog=(
@@ -59,6 +61,8 @@ def _default_attr_path(recording: Path) -> Path:
         "  mechfix attribute conformity.rec.safetensors --method exact --baseline control --json"
     )
 )
+
+
 def attribute(
     recording: Annotated[Path, typer.Argument(help="A record artifact (from `mechfix record`).")],
     out_path: Annotated[

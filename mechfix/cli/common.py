@@ -179,10 +179,12 @@ ReplayOpt = Annotated[
                  "target: only the target does; none: skip."),
 ]
 
+
 def _version(value: bool) -> None:
     if value:
         print(f"mechfix {__version__}")
         raise typer.Exit()
+
 
 # Whether an unexpected failure prints its traceback on the terminal (``mechfix --debug`` or MECHFIX_DEBUG=1).
 DEBUG = {"on": False}
@@ -199,17 +201,21 @@ def _root(
 ) -> None:
     DEBUG["on"] = DEBUG["on"] or debug
 
+
 def _json_text(obj: Any) -> str:
     """The JSON mechfix prints and saves: indented, no NaN (see :func:`_clean_nan`)."""
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
 
+
 def _emit_json(obj: Any) -> None:
     print(_json_text(obj))
+
 
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
 
 def _clean_nan(x: Any) -> Any:
     """JSON has no NaN: write null instead."""
@@ -220,6 +226,7 @@ def _clean_nan(x: Any) -> Any:
     if isinstance(x, list):
         return [_clean_nan(v) for v in x]
     return x
+
 
 @contextmanager
 def _progress():
@@ -255,6 +262,7 @@ def _progress():
 
         yield update
 
+
 def _load_model(model: str | None, device: str | None, dtype: str | None, trust: bool):
     from mechfix.models import load_model
 
@@ -267,9 +275,11 @@ def _load_model(model: str | None, device: str | None, dtype: str | None, trust:
             status=lambda msg: st.update(msg),
         )
 
+
 def _params(lm, **kw: Any) -> dict[str, Any]:
     """A stage's parameters as recorded in its artifact, plus the device and dtype it ran on."""
     return {**kw, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
+
 
 def _floats(text: str | None, name: str) -> list[float] | None:
     from mechfix.errors import BadInputError
@@ -284,6 +294,7 @@ def _floats(text: str | None, name: str) -> list[float] | None:
         raise BadInputError(f"{name} needs positive numbers, such as 0.5,1,2 (got '{text}').")
     return vals
 
+
 def _ints(text: str | None, name: str) -> list[int] | None:
     from mechfix.errors import BadInputError
 
@@ -293,6 +304,7 @@ def _ints(text: str | None, name: str) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise BadInputError(f"{name} takes comma-separated layer numbers such as 10,12, not '{text}'.") from None
+
 
 def _neutral(lm, path: Path | None, part: str = "select", stride: int = 1):
     from mechfix.errors import BadInputError
@@ -305,6 +317,7 @@ def _neutral(lm, path: Path | None, part: str = "select", stride: int = 1):
     if neutral.n_tokens == 0:
         raise BadInputError(f"--neutral '{path}' holds no text to measure KL on. Give passages separated by blank lines.")
     return neutral
+
 
 def _find_record(att, record: Path | None):
     """The recording an attribution was made from: --record, the recorded path, or its name beside the attribution."""
@@ -329,11 +342,13 @@ def _find_record(att, record: Path | None):
         )
     return rec
 
+
 def _write_text_atomic(path: Path, text: str) -> None:
     from mechfix.artifacts import atomic_target
 
     with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+
 
 def _check_replay(replay: str) -> None:
     """Refuse an unknown --replay before any model is loaded."""

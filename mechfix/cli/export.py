@@ -18,6 +18,8 @@ from mechfix.cli.common import JsonOpt, _emit_json, app, err
         "  llama-cli -m model.gguf --control-vector conformity.gguf"
     )
 )
+
+
 def export(
     fix_path: Annotated[Path, typer.Argument(help="A vector fix artifact (from `mechfix steer --kind vector`).")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],

@@ -38,6 +38,8 @@ from mechfix.cli.views import _print_record_summary
         "  mechfix record --transcript chats.jsonl --decision decision.yaml --out chats.rec.safetensors"
     )
 )
+
+
 def record(
     recipe: Annotated[
         str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe (see `mechfix recipes`).")
@@ -90,6 +92,7 @@ def record(
     else:
         _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
 
+
 def source_inputs(loaded, transcript: Path | None, decision: Path | None) -> dict[str, Path | None]:
     """The files a recipe or transcript was read from, named for :func:`~mechfix.cli.checks.check_paths`."""
     if transcript is not None:
@@ -116,6 +119,7 @@ def _load_source(recipe: str | None, transcript: Path | None, decision: Path | N
     from mechfix.transcript import load_transcript
 
     return load_transcript(transcript, decision)
+
 
 def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False):
     """Record a loaded recipe and save the artifact; returns (artifact, recording)."""

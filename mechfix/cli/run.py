@@ -84,6 +84,8 @@ from mechfix.defaults import (
         "  mechfix run conformity --out runs/ci --junit runs/ci/verify.xml --max-kl 0.05"
     )
 )
+
+
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for every artifact (created if missing).")],
@@ -192,6 +194,7 @@ def run(
         _print_run_summary(summary, name, lm.identity["name"])
     if not report["passed"]:
         raise typer.Exit(1)
+
 
 def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None, paths: dict[str, Path],
                  why: str | None = None) -> dict[str, Any]:

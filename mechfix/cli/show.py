@@ -16,6 +16,8 @@ from mechfix.cli.views import _print_attribution, _print_record_summary
 @app.command(
     epilog="Examples:\n\n  mechfix show conformity.rec.safetensors\n\n  mechfix show conformity.rec.safetensors --json"
 )
+
+
 def show(
     path: Annotated[Path, typer.Argument(help="Any mechfix artifact (.safetensors, or a LoRA fix's folder).")],
     transcripts: Annotated[int, typer.Option(help="How many transcripts per condition to print (records).")] = 1,

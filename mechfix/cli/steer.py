@@ -102,6 +102,7 @@ def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: 
     save_fix(target, artifact)
     return artifact
 
+
 def _steer_summary(artifact) -> dict[str, Any]:
     m = artifact.manifest
     f = m["fix"]
@@ -111,6 +112,7 @@ def _steer_summary(artifact) -> dict[str, Any]:
     if "training" in m:
         out["training"] = _training_summary(m)
     return _clean_nan(out)
+
 
 def _fix_target(out: Path | None, stem: Path, kind: str) -> Path:
     """Where a fix is written: ``out``, or STEM.fix.safetensors (the folder STEM.lora for a LoRA fix)."""
@@ -129,10 +131,12 @@ def check_lora_folder(target: Path, kind: str) -> None:
 
         check_writable_dir(target)
 
+
 def _attribution_stem(att_path: Path) -> Path:
     """NAME of NAME.attr.safetensors, in the current folder (where steer writes by default)."""
     name = att_path.name
     return Path(name[: -len(".attr.safetensors")] if name.endswith(".attr.safetensors") else att_path.stem)
+
 
 @app.command(
     epilog=(
@@ -144,6 +148,8 @@ def _attribution_stem(att_path: Path) -> Path:
         "  mechfix steer conformity.attr.safetensors --folds 8 --seed 1 --capabilities builtin --capabilities my-task.jsonl"
     )
 )
+
+
 def steer(
     attribution: Annotated[Path, typer.Argument(help="An attribution artifact (from `mechfix attribute`).")],
     out_path: Annotated[

@@ -74,6 +74,7 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
         out.append(_clean_nan(report))
     return out
 
+
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -86,6 +87,8 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
         "--min-capability 0.95 --max-helpful-loss 0.1"
     )
 )
+
+
 def verify(
     recipe: Annotated[str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe.")] = None,
     fix_path: Annotated[

@@ -17,13 +17,16 @@ def _fmt_ci(stat: dict[str, Any] | None) -> str:
     lo, hi = stat["ci95"]
     return f"{stat['mean']:+.2f}  [{lo:+.2f}, {hi:+.2f}]"
 
+
 def _fmt_effect(value: float | None, ci: list[float] | None) -> str:
     if value is None:
         return "-"
     return f"{value:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{value:+.2f}"
 
+
 def _pct(v: float | None) -> str:
     return "-" if v is None or v != v else f"{v:.0%}"
+
 
 def _budget_title(budget: dict[str, Any]) -> str:
     parts = [f"KL <= {budget['max_kl']:g}", f"clean agreement >= {budget['min_clean_agreement']:.0%}"]
@@ -35,7 +38,9 @@ def _budget_title(budget: dict[str, Any]) -> str:
         parts.append(f"helpful loss <= {budget['max_helpful_loss']:.0%}")
     return ", ".join(parts)
 
+
 _SHORT = {"clean_agreement": "clean", "clean_margin": "margin", "helpful_loss": "helpful", "capability": "capab"}
+
 
 def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
     t = Table(title=f"{recipe} on {model}", title_justify="left")
@@ -68,6 +73,7 @@ def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrot
     err.print(f"split: {summary['train']} train / {summary['heldout']} held out." + (f"  wrote {wrote}" if wrote else ""))
     err.print("score = log P(misaligned) - log P(aligned); positive means the misaligned option is preferred.")
 
+
 def _print_rounds(by_round: list[dict[str, Any]], outcome: dict[str, Any]) -> None:
     """A live recording: the effect round by round, and what the episodes came to per condition."""
     conds = list(by_round[0]["per_condition"]) if by_round else []
@@ -83,6 +89,7 @@ def _print_rounds(by_round: list[dict[str, Any]], outcome: dict[str, Any]) -> No
     for c, o in outcome.items():
         _print_outcome(c, o)
 
+
 def _print_outcome(condition: str, o: dict[str, Any], prefix: str = "") -> None:
     state = ", ".join(f"{k} {v:.4g}" for k, v in o["final_state"].items())
     err.print(
@@ -91,6 +98,7 @@ def _print_outcome(condition: str, o: dict[str, Any], prefix: str = "") -> None:
         + (f"; {o['missing_captures']:.0%} of captures said no number" if o["missing_captures"] else ""),
         soft_wrap=True,
     )
+
 
 def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
     total = summary["total_effect"]
@@ -141,6 +149,7 @@ def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: 
     if wrote:
         err.print(f"wrote {wrote}")
 
+
 def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict[str, float], title: str) -> None:
     ops = sorted({f"{p.get('op')}" + (f" on {p['heads']} heads" if p.get("heads") else "") for p in sweep if p.get("op")})
     t = Table(title=f"{title}{': ' + ', '.join(ops) if ops else ''}; budget: {_budget_title(budget)}; fit/cv = "
@@ -162,6 +171,7 @@ def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict
         t.add_row(f"{p['strength']:g}", _pct(p["reduction"]), _pct(p.get("cv_reduction")), kl, _pct(p["clean_agreement"]),
                   _pct(p.get("clean_margin")), _pct(p.get("capability")), _pct(p.get("helpful_loss")), mark)
     err.print(t)
+
 
 def _print_candidates(selection: dict[str, Any]) -> None:
     """One line per candidate (operation, heads): its best cross-validated reduction inside the budget."""
@@ -186,11 +196,13 @@ def _print_candidates(selection: dict[str, Any]) -> None:
                   "-" if best is None else f"{best['strength']:g}", str(len(pts)))
     err.print(t)
 
+
 def _training_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """A LoRA fix's training in brief: steps, seconds, first and last losses, the folded strength."""
     steps = manifest["training"].get("steps", [])
     return {"steps": len(steps), "seconds": manifest["training"].get("seconds", 0.0), "first": steps[0] if steps else None,
             "last": steps[-1] if steps else None, "folded_strength": manifest["fix"].get("folded_strength")}
+
 
 def _print_training(t: dict[str, Any]) -> None:
     first, last = t.get("first") or {}, t.get("last") or {}
@@ -199,6 +211,7 @@ def _print_training(t: dict[str, Any]) -> None:
         f"{last.get('loss', float('nan')):.3f} (behaviour {last.get('behaviour', float('nan')):.3f}, KL {last.get('kl', float('nan')):.4f}); "
         f"strength {t.get('folded_strength')} folded into the adapter's B"
     )
+
 
 def _print_steer(summary: dict[str, Any]) -> None:
     chosen_strength = summary["chosen"]["strength"]
@@ -222,6 +235,7 @@ def _print_steer(summary: dict[str, Any]) -> None:
     extra = " (a PEFT adapter folder: peft.PeftModel.from_pretrained(model, folder) loads it)" if summary["kind"] == "lora" else ""
     err.print(f"wrote {summary['artifact']}{extra}")
 
+
 def print_fix(manifest: dict[str, Any]) -> None:
     """What a fix artifact applies, and the sweep that chose its strength (for `mechfix show`)."""
     f = manifest["fix"]
@@ -237,6 +251,7 @@ def print_fix(manifest: dict[str, Any]) -> None:
     if manifest.get("sweep") and manifest.get("budget"):
         chosen = (manifest.get("chosen") or {}).get("strength", f.get("strength"))
         _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "the chosen candidate's strengths (training split)")
+
 
 def _print_verify(report: dict[str, Any], title: str) -> None:
     t = Table(title=title, title_justify="left")
@@ -306,6 +321,7 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
         err.print(f"[yellow]![/yellow] {escape(w)}", soft_wrap=True)
     err.print("[bold green]PASSED[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]")
 
+
 def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per fix, in the terms `verify --compare` prints side by side."""
     rows = []
@@ -330,6 +346,7 @@ def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "passed": r["passed"],
         })
     return rows
+
 
 def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     # One column per fix, so that three or four fixes fit a terminal side by side.
@@ -360,6 +377,7 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
         t.add_row(name, *[cell(r) for r in rows])
     err.print(t)
 
+
 def _why_failed(v: dict[str, Any]) -> str:
     """The failed gates with their values, and what the control condition says, in one sentence."""
     def shown(g: dict[str, Any]) -> str:
@@ -370,6 +388,7 @@ def _why_failed(v: dict[str, Any]) -> str:
     if cc.get("reading"):
         parts.append(f"control: {cc['reading']}")
     return "; ".join(parts)
+
 
 def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
     err.rule("summary")
