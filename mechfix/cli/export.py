@@ -34,7 +34,7 @@ def export(
 
     if fmt not in FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
-    check_paths({"FIX": fix_path}, {"--out": out_path})
+    check_paths(outputs={"--out": out_path}, either={"FIX": fix_path})
     fix = load_fix(fix_path)
     path = write_gguf(fix, out_path)
     info = {"path": str(path), "sha256": sha256_file(path), "format": fmt, "layers": fix.layers,
