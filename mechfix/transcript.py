@@ -178,6 +178,10 @@ def _load_json(path: Path) -> Any:
         raise _json_error(path, exc) from None
 
 
+# The largest Inspect AI log mechfix reads (a compressed .eval holds many samples, so more than a text file).
+MAX_LOG_BYTES = 2**30
+
+
 def read_inspect(path: Path) -> list[list[Message]]:
     """Conversations from an Inspect AI log (``.eval`` or ``.json``), one per sample.
 
@@ -191,6 +195,10 @@ def read_inspect(path: Path) -> list[list[Message]]:
             f"reading the Inspect AI log '{path}' needs the inspect_ai package. Install it with "
             "`pip install \"mechfix[inspect]\"` (or `pip install inspect_ai`)."
         ) from None
+    size = path.stat().st_size
+    if size > MAX_LOG_BYTES:
+        raise TranscriptError(f"Inspect AI log '{path}' is {size / 2**30:.1f} GiB, more than mechfix reads "
+                              f"({MAX_LOG_BYTES / 2**30:g} GiB). Export the samples you need to a smaller log.")
     try:
         log = read_eval_log(str(path))
     except Exception as exc:  # inspect_ai raises many kinds; all mean "not a readable log"

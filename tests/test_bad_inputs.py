@@ -255,6 +255,9 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "transcript nested 100,000 levels deep": (_transcript(chats=_DEEP_JSON), "nested more deeply"),
     "transcript JSONL with a bad line": (_transcript(chats=json.dumps({"messages": _chat(*QUESTIONS[0])}) + "\n{oops\n",
                                                           name="chats.jsonl"), "line 2"),
+    "Inspect log larger than mechfix reads": (
+        lambda good, tmp: _sparse(tmp / "big.eval", 2**30 + 1) or _transcript()(good, tmp)[:1]
+        + ["--transcript", str(tmp / "big.eval"), "--decision", str(tmp / "decision.yaml")], "more than mechfix reads"),
     "transcript JSONL with no conversations": (_transcript(chats="\n\n", name="chats.jsonl"), "holds no conversations"),
     "transcript message without content": (_transcript(chats=json.dumps([[{"role": "user"}]])), "message 0: 'content' is missing"),
     "decision file with aliases": (_transcript(decision=BILLION_LAUGHS), "aliases"),
