@@ -210,33 +210,44 @@ class Fix:
         return (self.vectors.numel() if "vectors" in uses else 0) + (self.means.numel() if "means" in uses else 0)
 
 
-def _out_hook(op: Op, v: torch.Tensor, mu: torch.Tensor, strength: float):
-    cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per device and dtype, made once
+# What an edit reads for the tensor it edits: (v, mu), cast to its device and dtype and shaped to broadcast over it.
+Values = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
+
+def _fixed_values(v: torch.Tensor, mu: torch.Tensor) -> Values:
+    """One fix's direction and mean for every row, cast once per device and dtype."""
+    cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (x.device, x.dtype)
+        if key not in cast:
+            cast[key] = (v.to(device=x.device, dtype=x.dtype), mu.to(device=x.device, dtype=x.dtype))
+        return cast[key]
+
+    return values
+
+
+def _out_hook(op: Op, values: Values, strength: float):
     def hook(module, args, out):
         h = out[0] if isinstance(out, tuple) else out
-        key = (h.device, h.dtype)
-        if key not in cast:
-            cast[key] = (v.to(device=h.device, dtype=h.dtype), mu.to(device=h.device, dtype=h.dtype))
-        new = op.apply(h, *cast[key], strength)
+        new = op.apply(h, *values(h), strength)
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     return hook
 
 
-def _heads_pre_hook(op: Op, heads: list[int], v: torch.Tensor, mu: torch.Tensor, n_heads: int, head_dim: int, strength: float):
+def _heads_pre_hook(op: Op, heads: list[int], values: Values, n_heads: int, head_dim: int, strength: float):
     index = torch.tensor(heads, dtype=torch.long)
-    cast: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    on_device: dict[torch.device, torch.Tensor] = {}
 
     def hook(module, args):
         x = args[0]
-        key = (x.device, x.dtype)
-        if key not in cast:
-            cast[key] = (index.to(x.device), v.to(device=x.device, dtype=x.dtype), mu.to(device=x.device, dtype=x.dtype))
-        idx, vv, mm = cast[key]
+        if x.device not in on_device:
+            on_device[x.device] = index.to(x.device)
+        idx = on_device[x.device]
         view = x.reshape(*x.shape[:-1], n_heads, head_dim)
         edited = view.clone()
-        edited[..., idx, :] = op.apply(view[..., idx, :], vv, mm, strength)
+        edited[..., idx, :] = op.apply(view[..., idx, :], *values(x), strength)
         return (edited.reshape(x.shape), *args[1:])
 
     return hook
@@ -257,18 +268,22 @@ def _lora_hook(op: Op, a: torch.Tensor, b: torch.Tensor, strength: float):
 
 # Each installer appends its hook handles to ``handles`` as it goes, so that a
 # failure half-way still lets apply_fix remove what was put on.
-def _install_resid(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) -> None:
-    for layer, vec, mu in zip(fix.layers, fix.vectors, fix.means):
-        handles.append(lm.layers[layer].register_forward_hook(_out_hook(op, vec, mu, s)))
+# ``values`` gives what target j (resid) or targets js (heads) read; by default the fix's own vectors and means.
+def _install_resid(lm: LoadedModel, fix: Fix | RowFixes, op: Op, s: float, handles: list,
+                   values: Callable[[Any], Values] | None = None) -> None:
+    values = values or (lambda j: _fixed_values(fix.vectors[j], fix.means[j]))
+    for j, layer in enumerate(fix.layers):
+        handles.append(lm.layers[layer].register_forward_hook(_out_hook(op, values(j), s)))
 
 
-def _install_heads(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) -> None:
+def _install_heads(lm: LoadedModel, fix: Fix | RowFixes, op: Op, s: float, handles: list,
+                   values: Callable[[Any], Values] | None = None) -> None:
+    values = values or (lambda js: _fixed_values(fix.vectors[js], fix.means[js]))
     by_layer: dict[int, list[int]] = {}
     for j, layer in enumerate(fix.layers):
         by_layer.setdefault(layer, []).append(j)
-    for layer, rows in by_layer.items():
-        heads = [fix.heads[j] for j in rows]
-        hook = _heads_pre_hook(op, heads, fix.vectors[rows], fix.means[rows], lm.n_heads, lm.head_dim, s)
+    for layer, js in by_layer.items():
+        hook = _heads_pre_hook(op, [fix.heads[j] for j in js], values(js), lm.n_heads, lm.head_dim, s)
         handles.append(lm.attn_out(layer).register_forward_pre_hook(hook))
 
 
@@ -352,16 +367,21 @@ class RowFixes:
         """Say which fix each row of the next batch takes (an index into ``fixes``, one per row)."""
         self.rows = torch.as_tensor(list(which), dtype=torch.long)
 
-    def per_row(self, targets: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current rows' vectors and means for some targets, ``[rows, len(targets), width]``, cast like ``like``."""
-        v = self.vectors[self.rows][:, list(targets)]
-        mu = self.means[self.rows][:, list(targets)]
-        return v.to(device=like.device, dtype=like.dtype), mu.to(device=like.device, dtype=like.dtype)
+    def values(self, targets: int | list[int]) -> Values:
+        """What the current rows read for a target (resid) or targets (heads), with a position axis after the rows."""
+        def of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            v = self.vectors[self.rows][:, targets].unsqueeze(1)
+            mu = self.means[self.rows][:, targets].unsqueeze(1)
+            return v.to(device=x.device, dtype=x.dtype), mu.to(device=x.device, dtype=x.dtype)
+
+        return of
 
 
 @contextmanager
 def apply_row_fixes(lm: LoadedModel, fixes: RowFixes, strength: float) -> Iterator[RowFixes]:
     """Apply :class:`RowFixes` inside a ``with`` block: call ``fixes.select`` before each batch.
+
+    The same hooks as :func:`apply_fix`, reading each row's own vectors and means.
 
     Args:
         lm: The model.
@@ -370,32 +390,8 @@ def apply_row_fixes(lm: LoadedModel, fixes: RowFixes, strength: float) -> Iterat
     """
     op = OPS[fixes.op]
     handles: list = []
-    # One position axis between the rows and the targets, so each row's vector broadcasts over its positions.
-    if op.site == "resid":
-        for j, layer in enumerate(fixes.layers):
-            def hook(module, args, out, j=j):
-                h = out[0] if isinstance(out, tuple) else out
-                v, mu = fixes.per_row([j], h)
-                new = op.apply(h, v, mu, strength)
-                return (new, *out[1:]) if isinstance(out, tuple) else new
-            handles.append(lm.layers[layer].register_forward_hook(hook))
-    else:
-        by_layer: dict[int, list[int]] = {}
-        for j, layer in enumerate(fixes.layers):
-            by_layer.setdefault(layer, []).append(j)
-        for layer, cols in by_layer.items():
-            index = torch.tensor([fixes.heads[j] for j in cols], dtype=torch.long)
-
-            def pre(module, args, cols=cols, index=index):
-                x = args[0]
-                view = x.reshape(*x.shape[:-1], lm.n_heads, lm.head_dim)
-                v, mu = fixes.per_row(cols, x)
-                edited = view.clone()
-                idx = index.to(x.device)
-                edited[..., idx, :] = op.apply(view[..., idx, :], v.unsqueeze(1), mu.unsqueeze(1), strength)
-                return (edited.reshape(x.shape), *args[1:])
-            handles.append(lm.attn_out(layer).register_forward_pre_hook(pre))
     try:
+        _INSTALL[op.site](lm, fixes, op, strength, handles, fixes.values)
         yield fixes
     finally:
         for h in handles:
