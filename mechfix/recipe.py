@@ -22,7 +22,7 @@ from mechfix.errors import RecipeError
 from mechfix.expr import ExprError, to_number
 from mechfix.expr import names as expr_names
 from mechfix.expr import parse as parse_rule
-from mechfix.textio import compose_yaml, load_json, load_yaml, read_text
+from mechfix.textio import compose_yaml, decode_text, load_json, load_yaml, read_bytes, read_text
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 # Placeholders that the renderer fills itself rather than from the item.
@@ -621,8 +621,8 @@ def load_recipe(spec: str | Path, mode: str | None = None) -> LoadedRecipe:
     if mode is not None and mode not in MODES:
         raise RecipeError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'.")
     path = resolve_recipe_path(spec)
-    text = read_text(path, "recipe", error=RecipeError)
-    raw = path.read_bytes()
+    raw = read_bytes(path, "recipe", error=RecipeError)
+    text = decode_text(raw, path, "recipe", RecipeError)
     recipe = parse_recipe(text, path)
     if mode is not None and mode != recipe.mode:
         recipe = recipe.model_copy(update={"mode": mode})

@@ -34,15 +34,25 @@ def read_text(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES, error: t
     Raises:
         BadInputError (or ``error``): When the file cannot be read, is larger than ``limit``, or is not UTF-8.
     """
+    return decode_text(read_bytes(path, what, limit, error), path, what, error)
+
+
+def read_bytes(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES, error: type[BadInputError] = BadInputError) -> bytes:
+    """A user's file as bytes, refused when it holds more than ``limit`` (for a caller that also hashes them)."""
     p = Path(path)
     try:
         size = p.stat().st_size
         if size > limit:
             raise error(f"{what} '{p}' is {size / 2**20:.1f} MiB, more than mechfix reads ({limit / 2**20:g} MiB). "
                         "Split it into smaller files.")
-        raw = p.read_bytes()
+        return p.read_bytes()
     except OSError as exc:
         raise error(f"{what} '{p}' cannot be read ({exc.strerror or exc}). Check the path and its permissions.") from None
+
+
+def decode_text(raw: bytes, path: str | Path, what: str, error: type[BadInputError] = BadInputError) -> str:
+    """``raw`` (read from ``path``) as UTF-8 text, a byte-order mark dropped; the error names the file and line."""
+    p = Path(path)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -41,7 +41,7 @@ from mechfix.recipe import (
     recipe_from_data,
     validate_yaml,
 )
-from mechfix.textio import load_json, read_text
+from mechfix.textio import decode_text, load_json, read_bytes, read_text
 
 _NAME_PREFIX = re.compile(r"^\s*([A-Z][\w.'-]*(?: [A-Z][\w.'-]*){0,2}):\s+")
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool", "developer": "Developer"}
@@ -233,10 +233,7 @@ def read_transcripts(path: str | Path) -> list[list[Message]]:
         data = _load_json(path)
         return read_inspect(path) if _is_inspect_log(data) else read_openai(path, data)
     if path.suffix == ".jsonl":
-        try:
-            return read_openai(path)
-        except UnicodeDecodeError:
-            raise TranscriptError(f"{path}: is not UTF-8 text.") from None
+        return read_openai(path)
     raise TranscriptError(f"transcript '{path}' has an unknown type; use .json or .jsonl (OpenAI messages) or .eval/.json (Inspect AI).")
 
 
@@ -320,8 +317,9 @@ def load_transcript(transcript: str | Path, decision: str | Path) -> LoadedRecip
     dpath = Path(decision)
     if not dpath.is_file():
         raise RecipeError(f"decision file '{dpath}' does not exist. Write one (see the README's 'Transcripts' section).")
-    dec = validate_yaml(read_text(dpath, "decision file", error=RecipeError), str(dpath), DecisionFile)
+    decision_raw = read_bytes(dpath, "decision file", error=RecipeError)
+    dec = validate_yaml(decode_text(decision_raw, dpath, "decision file", RecipeError), str(dpath), DecisionFile)
     convs = read_transcripts(transcript)
     recipe = transcript_recipe(convs, dec, str(transcript), str(dpath))
-    digest = hashlib.sha256(Path(transcript).read_bytes() + b"\0" + dpath.read_bytes()).hexdigest()
+    digest = hashlib.sha256(Path(transcript).read_bytes() + b"\0" + decision_raw).hexdigest()
     return LoadedRecipe(recipe=recipe, path=str(transcript), sha256=digest)
