@@ -358,7 +358,7 @@ class _Bench:
         with self.skip.active():
             self.before = score_requests(lm, requests, batch_size=batch_size)
             self.caps_before = caps.correct(lm, suite, batch_size=batch_size) if suite is not None else None
-        self.eff0 = decision_scores(self.before["pressure"]) - decision_scores(self.before[baseline])
+        self.eff0 = self._effect(self.before)
         # The conditions the cheap parts of the budget read.
         self.side = [c for c in requests if c != "pressure"]
         # Every fold's held-out decisions, fold after fold, scored in one pass with each row's fold fix.
@@ -367,6 +367,10 @@ class _Bench:
         self.held_requests = {c: [requests[c][j] for j in self.held] for c in ("pressure", baseline)}
         self._cv: dict[tuple[int, float], tuple[dict[str, Any], float]] = {}
         self._train: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
+
+    def _effect(self, sc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pressure − baseline score per decision."""
+        return decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
 
     @staticmethod
     def _label(cand: _Candidate, s: float) -> str:
@@ -395,12 +399,12 @@ class _Bench:
                 with self.skip.active(), apply_row_fixes(self.lm, rows, s):
                     sc = score_requests(self.lm, self.held_requests, batch_size=self.batch_size,
                                         on_rows=lambda idx: rows.select([self.fold_of[i] for i in idx]))
-                eff[self.held] = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+                eff[self.held] = self._effect(sc)
             elif s != 0:
                 # An operation that reads nothing fitted has the same fix in every fold: its held-out
                 # scores are its training scores.
                 sc = self.training(cand, s, ("pressure", self.baseline))
-                eff = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+                eff = self._effect(sc)
             self._cv[key] = (mean_ci(eff), reduction(float(self.eff0.mean()), float(eff.mean())))
             self.on_step(f"{self._label(cand, s)}, cross-validated")
         return self._cv[key]
@@ -435,9 +439,9 @@ class _Bench:
     def _attach(self, cand: _Candidate, p: SweepPoint, measure: bool) -> None:
         """Give a point its training fit and cross-validated effect: those already scored, or all when ``measure``."""
         s = p.strength
-        if measure or "pressure" in self._train.get((id(cand), s), {}) or s == 0:
+        if measure or "pressure" in self._train.get((id(cand), s), {}):
             sc = self.training(cand, s, ("pressure", self.baseline))
-            eff = decision_scores(sc["pressure"]) - decision_scores(sc[self.baseline])
+            eff = self._effect(sc)
             p.effect, p.reduction = mean_ci(eff), reduction(float(self.eff0.mean()), float(eff.mean()))
         if cand.fold_fixes and (measure or (id(cand), s) in self._cv):
             p.cv_effect, p.cv_reduction = self.cv(cand, s)
