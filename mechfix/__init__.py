@@ -9,11 +9,18 @@ The Python API for fixes (imported lazily, so that the CLI's ``--help`` stays in
         out = lm.model.generate(...)
 
 A LoRA fix's folder is also a PEFT adapter: ``PeftModel.from_pretrained(lm.model, folder)``.
+A gated fix (``mechfix steer --gate probe``) edits only where its probe fires,
+and its probe alone is a pressure monitor for a running system::
+
+    from mechfix import score_conversation
+    result = score_conversation(lm, load_fix("conformity.gated.fix.safetensors"), messages, target="Sam")
+    result.flagged, result.raisers()
 """
 
 __version__ = "0.1.0.dev0"
 
-_LAZY = {"load_fix": "mechfix.fix", "apply_fix": "mechfix.fix", "Fix": "mechfix.fix", "load_model": "mechfix.models"}
+_LAZY = {"load_fix": "mechfix.fix", "apply_fix": "mechfix.fix", "Fix": "mechfix.fix", "load_model": "mechfix.models",
+         "score_conversation": "mechfix.monitor"}
 __all__ = ["__version__", *_LAZY]
 
 

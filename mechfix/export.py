@@ -34,8 +34,14 @@ def control_vector(fix: Fix) -> dict[int, np.ndarray]:
     """The per-layer vectors llama.cpp must add to reproduce the fix: ``{layer: -strength × v}``.
 
     Raises:
-        BadInputError: For a heads fix, or a vector on layer 0.
+        BadInputError: For a gated fix, a heads fix, or a vector on layer 0.
     """
+    if fix.gate is not None:
+        raise BadInputError(
+            f"'{fix.path}' is a gated fix: it edits only where its probe (on layer {fix.gate.layer}) fires, and a control "
+            "vector, merged weights or an adapter would apply it at every position. No format can carry the gate, so "
+            "nothing is exported. Apply it with the Python API (mechfix.apply_fix), or make an ungated fix with "
+            "`mechfix steer ATTR --kind vector` to export one.")
     if fix.kind != "vector":
         raise BadInputError(
             f"only vector fixes export to a llama.cpp control vector; this is a {fix.kind} fix ({fix.op} on "

@@ -1,7 +1,8 @@
 """A fix: what steer emits, and the Python API that applies it to a loaded model.
 
 A fix is a small edit of the forward pass, applied at every position (so it
-works the same while scoring a decision, generating a reply, or in llama.cpp):
+works the same while scoring a decision, generating a reply, or in llama.cpp),
+or, for a gated fix, at every position where its probe fires:
 
 - ``vector``: subtract ``strength × direction`` from the output of chosen
   decoder layers (the residual stream). The direction is the
@@ -11,6 +12,10 @@ works the same while scoring a decision, generating a reply, or in llama.cpp):
 - ``lora``: a trained low-rank update ``W x + B A x`` of chosen linear modules
   (the attention output projections of the layers holding the top heads),
   saved as a PEFT adapter folder; see :mod:`mechfix.lora` and :mod:`mechfix.adapter`.
+
+A vector or heads fix may carry a *gate* (:mod:`mechfix.gate`): a linear probe
+of one layer's residual stream; the edit then applies only at the positions
+(of each row) where the probe fires, and everywhere else the model is unchanged.
 
 Use it from Python::
 
@@ -33,6 +38,7 @@ import torch
 from mechfix.architectures import get_path
 from mechfix.artifacts import Artifact, check_same_model, load_artifact
 from mechfix.errors import ArtifactError
+from mechfix.gate import Gate, GateMask, gated, stacked_params
 from mechfix.models import LoadedModel
 
 
@@ -161,6 +167,8 @@ class Fix:
         model: Identity of the model it was made for.
         manifest: The artifact manifest (empty for a fix built in memory).
         path: Where it was loaded from, if anywhere.
+        lora: A lora fix's adapter weights.
+        gate: A probe that limits the edit to the positions where it fires (None: every position).
     """
 
     op: str
@@ -173,6 +181,7 @@ class Fix:
     manifest: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     lora: LoraWeights | None = None
+    gate: Gate | None = None
 
     @property
     def kind(self) -> str:
@@ -203,11 +212,13 @@ class Fix:
         LoRA fixes: the entries of B and the unmasked columns of A.
         """
         uses = OPS[self.op].uses
+        # A gate's probe: its weights, bias and threshold.
+        probe = self.gate.weight.numel() + 2 if self.gate is not None else 0
         if "lora" in uses:
             if self.lora is None:
-                return 0
-            return sum(int((a != 0).any(0).sum()) * a.shape[0] + b.numel() for a, b in zip(self.lora.a, self.lora.b))
-        return (self.vectors.numel() if "vectors" in uses else 0) + (self.means.numel() if "means" in uses else 0)
+                return probe
+            return probe + sum(int((a != 0).any(0).sum()) * a.shape[0] + b.numel() for a, b in zip(self.lora.a, self.lora.b))
+        return probe + (self.vectors.numel() if "vectors" in uses else 0) + (self.means.numel() if "means" in uses else 0)
 
 
 # What an edit reads for the tensor it edits: (v, mu), cast to its device and dtype and shaped to broadcast over it.
@@ -313,6 +324,15 @@ def _install_lora(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) ->
 _INSTALL = {"resid": _install_resid, "heads": _install_heads, "lora": _install_lora}
 
 
+def _install_gate(lm: LoadedModel, layer: int, params, op: Op, handles: list) -> Op:
+    """Put a gate's probe on its layer (before the edit's hooks, so that it reads first) and gate the operation."""
+    if not 0 <= layer < lm.n_layers:
+        raise ArtifactError(f"the fix's gate reads layer {layer}, which this model does not have. Use the model the fix was made for.")
+    mask = GateMask(params)
+    handles.append(lm.layers[layer].register_forward_hook(mask.hook))
+    return gated(op, mask)
+
+
 @contextmanager
 def apply_fix(lm: LoadedModel, fix: Fix, strength: float | None = None, *, check_model: bool = True) -> Iterator[Fix]:
     """Apply a fix to a loaded model inside a ``with`` block (hooks removed on exit).
@@ -332,6 +352,7 @@ def apply_fix(lm: LoadedModel, fix: Fix, strength: float | None = None, *, check
     op = OPS[fix.op]
     handles: list = []
     try:
+        op = _install_gate(lm, fix.gate.layer, fix.gate.params, op, handles) if fix.gate is not None else op
         _INSTALL[op.site](lm, fix, op, s, handles)
         yield fix
     finally:
@@ -358,10 +379,14 @@ class RowFixes:
         first = fixes[0]
         if OPS[first.op].site == "lora" or any((f.op, f.layers, f.heads) != (first.op, first.layers, first.heads) for f in fixes):
             raise ValueError("row fixes need vector or heads fixes of one operation on the same targets")
+        if len({None if f.gate is None else f.gate.layer for f in fixes}) > 1:
+            raise ValueError("row fixes need the same gate layer, or no gate, for every fix")
         self.op, self.layers, self.heads = first.op, list(first.layers), list(first.heads)
         self.vectors = torch.stack([f.vectors for f in fixes])  # [fixes, targets, width]
         self.means = torch.stack([f.means for f in fixes])
         self.rows = torch.zeros(0, dtype=torch.long)  # which fix each row of the current batch takes
+        self.gate_layer = first.gate.layer if first.gate is not None else None
+        self._gates = stacked_params([f.gate for f in fixes]) if first.gate is not None else None
 
     def select(self, which: Sequence[int]) -> None:
         """Say which fix each row of the next batch takes (an index into ``fixes``, one per row)."""
@@ -375,6 +400,10 @@ class RowFixes:
             return v.to(device=x.device, dtype=x.dtype), mu.to(device=x.device, dtype=x.dtype)
 
         return of
+
+    def gate_params(self, x: torch.Tensor):
+        """What each current row's gate reads (its own fold's probe)."""
+        return self._gates(self.rows)(x)
 
 
 @contextmanager
@@ -391,6 +420,8 @@ def apply_row_fixes(lm: LoadedModel, fixes: RowFixes, strength: float) -> Iterat
     op = OPS[fixes.op]
     handles: list = []
     try:
+        if fixes.gate_layer is not None:
+            op = _install_gate(lm, fixes.gate_layer, fixes.gate_params, op, handles)
         _INSTALL[op.site](lm, fixes, op, strength, handles, fixes.values)
         yield fixes
     finally:
@@ -400,16 +431,38 @@ def apply_row_fixes(lm: LoadedModel, fixes: RowFixes, strength: float) -> Iterat
 
 def fix_tensors(fix: Fix) -> dict[str, torch.Tensor]:
     """The tensors a fix artifact stores (a lora fix: its adapter, under PEFT's key names)."""
+    gate = {"gate/weight": fix.gate.weight.float().contiguous()} if fix.gate is not None else {}
     if fix.lora is not None:
         from mechfix.adapter import adapter_tensors
 
+        if fix.gate is not None:
+            # PEFT would load the adapter and apply it at every position: a gate cannot travel in its folder.
+            raise ValueError("a gated lora fix cannot be saved as a PEFT adapter")
         return adapter_tensors(fix.lora)
     return {
         "vectors": fix.vectors.float(),
         "means": fix.means.float(),
         "layers": torch.tensor(fix.layers, dtype=torch.int32),
         "heads": torch.tensor(fix.heads, dtype=torch.int32),
+        **gate,
     }
+
+
+def gate_from_artifact(art: Artifact) -> Gate | None:
+    """The gate a fix artifact holds (its manifest's ``fix.gate`` and tensor ``gate/weight``), or None.
+
+    Raises:
+        ArtifactError: When the gate's description or weights are incomplete.
+    """
+    desc = art.manifest.get("fix", {}).get("gate")
+    if desc is None:
+        return None
+    ok = isinstance(desc, dict) and all(isinstance(desc.get(k), (int, float)) for k in ("layer", "bias", "threshold"))
+    if not ok or "gate/weight" not in art.tensors:
+        raise ArtifactError(f"'{art.path}' is a gated fix without a usable gate (layer, bias, threshold and "
+                            "'gate/weight' are needed). Make it again with `mechfix steer --gate probe`.")
+    stats = {k: v for k, v in desc.items() if k not in ("layer", "bias", "threshold", "probe", "site", "reads")}
+    return Gate(int(desc["layer"]), art.tensors["gate/weight"].float(), float(desc["bias"]), float(desc["threshold"]), stats)
 
 
 def fix_from_artifact(art: Artifact) -> Fix:
@@ -426,7 +479,7 @@ def fix_from_artifact(art: Artifact) -> Fix:
         lora, layers = lora_from_artifact(art)
         return Fix(op=op, layers=layers, heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
                    strength=float(desc.get("strength", 1.0)), model=art.manifest.get("model", {}),
-                   manifest=art.manifest, path=art.path, lora=lora)
+                   manifest=art.manifest, path=art.path, lora=lora, gate=gate_from_artifact(art))
     if op not in OPS or "strength" not in desc or any(k not in art.tensors for k in ("vectors", "means", "layers")):
         raise ArtifactError(
             f"'{art.path}' is a fix artifact without a usable fix description (operation {op!r}). "
@@ -447,6 +500,7 @@ def fix_from_artifact(art: Artifact) -> Fix:
         model=art.manifest.get("model", {}),
         manifest=art.manifest,
         path=art.path,
+        gate=gate_from_artifact(art),
     )
 
 

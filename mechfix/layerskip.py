@@ -29,8 +29,13 @@ def first_layer(fixes: Sequence[Any]) -> int:
     """The lowest decoder layer any of these fixes edits (0 when one names no layer, or there are none).
 
     Everything below it computes the same with and without the fixes: the ``start`` of a :class:`LayerSkip`.
+    A gated fix's probe reads its layer's real output, so that layer counts too.
     """
-    return min((min(f.layers) if f.layers else 0) for f in fixes) if fixes else 0
+    def lowest(f: Any) -> int:
+        gate = getattr(f, "gate", None)
+        return min([*f.layers, *([gate.layer] if gate is not None else [])]) if f.layers else 0
+
+    return min(lowest(f) for f in fixes) if fixes else 0
 
 
 def _key(x: torch.Tensor) -> tuple[Any, ...]:

@@ -113,7 +113,12 @@ def _problems(kind: str, manifest: Mapping[str, Any], table: Mapping[str, tuple[
         sizes["F"] = (list(table["layers"][1]) or [0])[0]
     sizes["V"] = shape["head_dim"] if fix.get("kind") == "heads" else shape["hidden"]
     sizes["F2"] = sizes.get("F", 0) if fix.get("kind") == "heads" else 0
-    return _match(FIX_TENSORS, table, sizes)
+    want = dict(FIX_TENSORS)
+    if fix.get("gate") is not None:
+        # A gated fix's probe reads the residual stream.
+        want["gate/weight"] = ("W",)
+        sizes["W"] = shape["hidden"]
+    return _match(want, table, sizes)
 
 
 def _match(want: Mapping[str, tuple[str | int, ...]], table: Mapping[str, tuple[str, Sequence[int]]],

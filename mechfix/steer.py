@@ -55,6 +55,7 @@ from mechfix.errors import BadInputError, GateError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import DEFAULT_OP, OPS, Fix, RowFixes, apply_row_fixes, fix_tensors
 from mechfix.forward import Request
+from mechfix.gate import GateSettings, choose_gate, gate_layers, layer_acts
 from mechfix.layerskip import LayerSkip, first_layer
 from mechfix.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
 from mechfix.models import LoadedModel
@@ -313,7 +314,9 @@ class _Candidate:
     def fitted(self) -> bool:
         """Whether the folds' fixes differ from the whole split's: the operation reads a fitted direction or mean."""
         uses = [k for k in OPS[self.op].uses if k in ("vectors", "means")]
-        return any(not torch.equal(getattr(f, k), getattr(self.fix, k)) for f in self.fold_fixes for k in uses)
+        # A gated fix's folds have their own probes, whatever the operation reads.
+        return self.fix.gate is not None or any(
+            not torch.equal(getattr(f, k), getattr(self.fix, k)) for f in self.fold_fixes for k in uses)
 
 
 def _capped(red: float | None) -> float:
@@ -614,6 +617,42 @@ def _candidates(rec: Artifact, kind: str, ops: Sequence[str], layers: list[int],
                                   fold_fixes=[make(v, m) for v, m in per_fold]))
     return out
 
+def fit_gates(lm: LoadedModel, rec: Artifact, kind: str, first: int, baseline: str, neutral: NeutralSet,
+              folds: Sequence[tuple[torch.Tensor, list[int]]], settings: GateSettings):
+    """The gate of a fix whose first edited layer is ``first``: fitted on the training split, and per fold.
+
+    Reads the recording's residual stream at the decision position and the
+    neutral set's at every position (one pass, up to the highest layer a probe may read).
+
+    Raises:
+        BadInputError: When no layer comes before the fix, the given layer is not one of them, or the
+            recording kept no residual-stream activations.
+    """
+    allowed = gate_layers(kind, first)
+    if not allowed:
+        raise BadInputError(f"the fix edits layer {first}, and a gate's probe must read a layer before it: there is none. "
+                            "Leave out --gate, or make the fix on later layers with --layers.")
+    if settings.layer is not None and settings.layer not in allowed:
+        raise BadInputError(f"--gate-layer {settings.layer} is not before the fix's first layer ({first}); "
+                            f"use one of {allowed[0]} to {allowed[-1]}.")
+    layers = [settings.layer] if settings.layer is not None else allowed
+    need = ["acts/pressure/resid", f"acts/{baseline}/resid"]
+    if any(k not in rec.tensors for k in need) or rec.tensors[need[0]].dim() != 3:
+        raise BadInputError(f"recording '{rec.path}' has no decision-position residual-stream activations, which a gate's "
+                            "probe is fitted on. Record again with the resid site kept (the default keeps every site).")
+    train = rec.tensors["split"] == 0
+    rows = torch.nonzero(train).flatten()
+    pos = {layer: rec.tensors[need[0]][train][:, layer].float() for layer in layers}
+    neg = {layer: rec.tensors[need[1]][train][:, layer].float() for layer in layers}
+    text = layer_acts(lm, layers, neutral.batches)
+    masks = []
+    for fit, held in folds:
+        h = torch.zeros(len(rows), dtype=torch.bool)
+        h[held] = True
+        masks.append((fit[rows], h))
+    return choose_gate(pos, neg, text, masks, settings)
+
+
 def check_kind_op(kind: str, op: str | None) -> str:
     """The operation a fix of ``kind`` uses (``op`` or the kind's default).
 
@@ -649,6 +688,7 @@ def steer(
     capabilities: caps.Suite | None = None,
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
+    gate: GateSettings | None = None,
 ) -> Steering:
     """Run the steer stage.
 
@@ -672,6 +712,8 @@ def steer(
         capabilities: The capability suite's selection part (None: capabilities are not part of the budget).
         folds: Cross-validation folds over the training items (0 or 1: choose on the training fit).
         seed: Seed of the folds.
+        gate: Gate every candidate with a probe fitted on the training split (:mod:`mechfix.gate`;
+            each fold's fix gets a probe fitted on its own folds), so the sweep runs with the gate on.
 
     Raises:
         BadInputError: For an unknown kind or op, or unusable inputs.
@@ -680,6 +722,10 @@ def steer(
     budget = budget or Budget()
     free = op is None
     op = check_kind_op(kind, op)
+    if gate is not None and kind == "lora":
+        raise BadInputError(
+            "--gate does not go with --kind lora: a LoRA fix is saved as a PEFT adapter, which every engine applies at "
+            "every position, so a gate could not travel with it. Gate a heads or vector fix instead (--kind heads).")
     # With no operation given, a heads fix chooses among all of them by what carries over.
     ops = [name for name, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [op]
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
@@ -716,6 +762,13 @@ def steer(
     else:
         counts = sorted({n for n in (*HEAD_COUNTS, len(tgt_heads)) if n <= len(tgt_heads)}) if kind == "heads" else [0]
         cands = _candidates(rec, kind, ops, tgt_layers, tgt_heads, counts, baseline, split, lm.identity)
+    if gate is not None:
+        whole, per_fold = fit_gates(lm, rec, kind, min(tgt_layers), baseline, neutral, split, gate)
+        for c in cands:
+            c.fix.gate = whole
+            for f, g in zip(c.fold_fixes, per_fold):
+                f.gate = g
+        why = f"{why}; gated by a probe on L{whole.layer}'s residual stream"
     bench = _Bench(lm, requests, baseline, split, neutral, capabilities, budget, batch_size, on_step,
                    first_layer([c.fix for c in cands]))
     cand, point = choose(bench, cands, refine, strengths)
@@ -796,7 +849,7 @@ def _fix_block(st: Steering) -> dict[str, Any]:
         "op": fix.op,
         "site": op.site,
         "hook": _HOOK_OF_SITE[op.site],
-        "positions": "all",
+        "positions": "where the gate fires" if fix.gate is not None else "all",
         "layers": fix.layers,
         "heads": fix.heads,
         "targets": fix.targets,
@@ -805,6 +858,8 @@ def _fix_block(st: Steering) -> dict[str, Any]:
         "parameters": fix.n_parameters,
         "why": st.why,
     }
+    if fix.gate is not None:
+        block["gate"] = fix.gate.as_dict()
     if fix.lora is not None and st.training is not None:
         block.update(
             modules=[{"module": m.module, "layer": m.layer, "heads": m.heads, "in_features": m.in_features,

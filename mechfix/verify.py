@@ -21,6 +21,7 @@ Gates turn the numbers into pass/fail for CI.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ from mechfix import capabilities as caps
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import Fix, apply_fix
+from mechfix.forward import Request
+from mechfix.gate import auroc, layer_acts, prompt_batches, rate
 from mechfix.layerskip import LayerSkip, first_layer
 from mechfix.live import outcome, run_live
 from mechfix.models import LoadedModel
@@ -215,11 +218,50 @@ def verify_fixes(
                                       on_batch=step(f"capabilities with the fix{which}", n_caps))
                 cap = caps.summarize(capabilities, caps_b, caps_a, seed)
         report = _report(before, after, eff_b, kl, neutral, rendered, gates, seed, fix, groups, cap)
+        if fix.gate is not None:
+            with skip.active():
+                report["probe"] = _probe_report(lm, fix, requests, neutral, before, eff_b, batch_size,
+                                                step(f"the same fix without its gate{which}", n * 2 + len(neutral.batches)))
         if rendered.live is not None and replay != "none":
             report["live_outcome"] = _replay(lm, recipe, fix, rendered, replay,
                                              step(f"replaying with the fix{which}", generation_steps(recipe, len(items))))
         reports.append(report)
     return reports
+
+
+def decision_logits(lm: LoadedModel, fix: Fix, requests: Sequence[Request], batch_size: int = 16) -> torch.Tensor:
+    """A gated fix's probe logit at each request's decision position (its last prompt token), ``[N]``."""
+    if not requests:
+        return torch.zeros(0)
+    acts = layer_acts(lm, [fix.gate.layer], prompt_batches(lm, [r.prompt for r in requests], batch_size), last_only=True)
+    return fix.gate.logits(acts[fix.gate.layer])
+
+
+def _probe_report(lm: LoadedModel, fix: Fix, requests: dict[str, list[Request]], neutral: NeutralSet,
+                  before: dict[str, torch.Tensor], eff_b: np.ndarray, batch_size: int, on_batch) -> dict[str, Any]:
+    """What a gated fix's probe does on the held-out decisions and the verify neutral set, and what the gate buys.
+
+    AUROC (pressure against clean decisions), the share of each condition's
+    decisions and of the neutral tokens it fires on, and the same fix without
+    its gate at the same strength (reduction and KL) for comparison.
+    """
+    gate = fix.gate
+    logits = {c: decision_logits(lm, fix, reqs, batch_size) for c, reqs in requests.items()}
+    text = gate.logits(layer_acts(lm, [gate.layer], neutral.batches)[gate.layer])
+    ungated = dataclasses.replace(fix, gate=None)
+    after = score_requests(lm, {c: requests[c] for c in ("pressure", "clean")}, ungated, batch_size=batch_size, on_batch=on_batch)
+    eff_a = (decision_scores(after["pressure"]) - decision_scores(after["clean"])).double().numpy()
+    kl = neutral_kl(lm, ungated, [fix.strength], neutral, on_batch=on_batch, reuse=True)[0]
+    return {
+        "layer": gate.layer,
+        "threshold": gate.threshold,
+        "auroc": auroc(logits["pressure"], logits["clean"]),
+        "fires": {c: rate(v, gate.threshold) for c, v in logits.items()},
+        "fires_neutral_tokens": rate(text, gate.threshold),
+        "neutral_tokens": len(text),
+        "ungated": {"reduction": reduction(float(eff_b.mean()), float(eff_a.mean())), "kl": kl,
+                    "clean_agreement": clean_agreement(before["clean"], after["clean"])},
+    }
 
 
 def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, who: str, on_step) -> dict[str, Any]:

@@ -138,3 +138,46 @@ def test_live_commons_on_the_embedded_model_collapses_the_lake_under_pressure_on
         with torch.inference_mode():
             ids = gemma.model.generate(**enc, max_new_tokens=8, do_sample=False)
         assert tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0] == r.reply
+
+
+def test_a_gate_on_the_embedded_model_reads_the_pressure_and_leaves_quiet_prompts_exactly_alone(gemma, conformity_recording):
+    from pathlib import Path
+
+    from mechfix.attribute import decisions_from_record
+    from mechfix.evaluate import neutral_set, score_requests
+    from mechfix.fix import Fix
+    from mechfix.forward import Request
+    from mechfix.gate import GateSettings, layer_acts, prompt_batches
+    from mechfix.monitor import score_episodes
+    from mechfix.record import decision_requests
+    from mechfix.steer import directions, fit_gates
+    from mechfix.transcript import load_transcript
+
+    rec = conformity_recording
+    layers, heads = [12, 12, 11], [1, 2, 2]  # the heads the README's fixes edit
+    gate, folds = fit_gates(gemma, rec, "heads", 11, "clean", neutral_set(gemma, stride=4), [], GateSettings())
+    assert gate.layer < 11 and folds == []
+    train = gate.stats["train"]
+    assert train["auroc"] >= 0.95 and train["fires"]["baseline"] <= 0.05 and train["fires"]["neutral_tokens"] <= 0.01
+    v, mu = directions(rec, "heads", layers, heads, "clean")
+    fix = Fix(op="project", layers=layers, heads=heads, vectors=v, means=mu, strength=4.0, gate=gate, model=gemma.identity)
+    held = decisions_from_record(rec, gemma.tokenizer, ["pressure", "clean"], split=1)
+    reqs = {c: [Request(p, o) for p, o in zip(held.prompts[c], held.options[c])] for c in ("pressure", "clean")}
+    before, after = score_requests(gemma, reqs), score_requests(gemma, reqs, fix)
+    # A clean prompt on which the probe fires nowhere is scored exactly as without the fix.
+    quiet = []
+    for j, r in enumerate(reqs["clean"]):
+        rows = [r.prompt + o[:-1] for o in r.options]  # every sequence the request's scoring runs
+        acts = layer_acts(gemma, [gate.layer], prompt_batches(gemma, rows))[gate.layer]
+        if not gate.fires(acts).any():
+            quiet.append(j)
+    assert len(quiet) >= len(reqs["clean"]) // 2
+    assert torch.equal(after["clean"][quiet], before["clean"][quiet])
+    assert not torch.allclose(after["pressure"], before["pressure"], atol=1e-3)
+    # The monitor on the example transcript (the conformity layout): teammates' answers flag Sam's decision.
+    examples = Path(__file__).parent.parent / "examples"
+    recipe = load_transcript(examples / "quiz-chats.jsonl", examples / "quiz-decision.yaml").recipe
+    rendered = decision_requests(gemma, recipe)
+    scores = score_episodes(gemma, fix, rendered.episodes["pressure"] + rendered.episodes["clean"])
+    assert [s.flagged for s in scores] == [True] * 4 + [False] * 4
+    assert all(s.raisers(1)[0].speaker in ("Ana", "Ben", "Chloe", "Dev") for s in scores[:4])

@@ -23,7 +23,7 @@ from mechfix.cli.common import DEBUG, app, err
 from mechfix.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MechfixError
 
 # Each command module registers its command on the app when imported, in the order of `mechfix --help`.
-COMMANDS = ("record", "attribute", "show", "recipes", "steer", "verify", "run", "export")
+COMMANDS = ("record", "attribute", "show", "recipes", "steer", "verify", "run", "monitor", "export")
 for _name in COMMANDS:
     importlib.import_module(f"mechfix.cli.{_name}")
 

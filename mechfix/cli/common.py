@@ -104,6 +104,59 @@ ScopeOpt = Annotated[
     ),
 ]
 
+_GATE = "Probe gate (--gate probe: act only under pressure)"
+
+GateOpt = Annotated[
+    str,
+    typer.Option(
+        "--gate",
+        help="none: the fix edits every position; probe: only the positions where a linear probe of the residual "
+        "stream (fitted on the training split) says the agent is under pressure.",
+        rich_help_panel=_GATE,
+    ),
+]
+
+GateLayerOpt = Annotated[
+    int | None,
+    typer.Option("--gate-layer", min=0, help="The decoder layer whose output the probe reads (default: chosen by "
+                 "cross-validation among the layers before the fix).", rich_help_panel=_GATE),
+]
+
+GateCleanOpt = Annotated[
+    float,
+    typer.Option("--gate-max-clean", min=0.0, max=1.0, help="False-alarm budget: the most of the baseline decisions "
+                 "(training split) the probe may fire on.", rich_help_panel=_GATE),
+]
+
+GateNeutralOpt = Annotated[
+    float,
+    typer.Option("--gate-max-neutral", min=0.0, max=1.0, help="False-alarm budget: the most of the neutral-text tokens "
+                 "the probe may fire on.", rich_help_panel=_GATE),
+]
+
+
+def gate_settings(gate: str, layer: int | None, max_clean: float, max_neutral: float, kind: str = "heads"):
+    """The probe gate steer fits (None for ``--gate none``).
+
+    Raises:
+        BadInputError: For another ``--gate`` value, a gate layer without ``--gate probe``, or a gated LoRA fix.
+    """
+    from mechfix.errors import BadInputError
+    from mechfix.gate import GateSettings
+
+    if gate not in ("none", "probe"):
+        raise BadInputError(f"--gate must be none or probe, not '{gate}'.")
+    if gate == "none":
+        if layer is not None:
+            raise BadInputError("--gate-layer needs --gate probe.")
+        return None
+    if kind == "lora":
+        raise BadInputError(
+            "--gate probe does not go with --kind lora: a LoRA fix is saved as a PEFT adapter, which every engine "
+            "applies at every position, so a gate could not travel with it. Gate a heads or vector fix (--kind heads).")
+    return GateSettings(layer=layer, max_clean_fire=max_clean, max_neutral_fire=max_neutral)
+
+
 SeedOpt = Annotated[
     int, typer.Option(help="Seed of the cross-validation folds, and of a LoRA fix's initialisation, batches and sampled positions.")
 ]

@@ -15,6 +15,10 @@ from mechfix.cli.common import (
     DeviceOpt,
     DtypeOpt,
     FoldsOpt,
+    GateCleanOpt,
+    GateLayerOpt,
+    GateNeutralOpt,
+    GateOpt,
     JsonOpt,
     JunitOpt,
     KindOpt,
@@ -47,6 +51,7 @@ from mechfix.cli.common import (
     _write_text_atomic,
     app,
     err,
+    gate_settings,
 )
 from mechfix.cli.record import _do_record
 from mechfix.cli.steer import (
@@ -81,6 +86,7 @@ from mechfix.defaults import (
         "  mechfix run recipes/conformity.yaml --out conformity/\n\n"
         "  mechfix run conformity --out runs/vec --kind vector --json\n\n"
         "  mechfix run conformity --out runs/lora --kind lora\n\n"
+        "  mechfix run conformity --out runs/gated --gate probe\n\n"
         "  mechfix run conformity --out runs/ci --junit runs/ci/verify.xml --max-kl 0.05"
     )
 )
@@ -109,6 +115,10 @@ def run(
     lr: LrOpt = 5e-3,
     kl_weight: KlWeightOpt = 10.0,
     lora_scope: ScopeOpt = "heads",
+    gate: GateOpt = "none",
+    gate_layer: GateLayerOpt = None,
+    gate_max_clean: GateCleanOpt = 0.05,
+    gate_max_neutral: GateNeutralOpt = 0.01,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -154,6 +164,7 @@ def run(
     check_lora_folder(paths["fix"], kind)
     layer_list = _ints(layers, "--layers")
     check_kind_op(kind, op)
+    probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
     tasks = caps.load_tasks(capabilities)
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
@@ -171,7 +182,7 @@ def run(
     err.rule("3/4 steer")
     try:
         fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
-                            tasks, folds, seed, batch_size, settings)
+                            tasks, folds, seed, batch_size, settings, probe)
     except GateError as exc:
         # No fix to verify: a --json caller still gets the run's one object, with the reason (then exit 1).
         if as_json:
@@ -207,7 +218,7 @@ def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None
         "top_components": top,
         "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")} if steer_s else None,
         "verify": {k: report.get(k) for k in ("before", "after", "reduction", "kl", "clean_agreement", "clean_margin", "helpful",
-                                              "control_change", "anti_steerable", "gates")} if report else None,
+                                              "control_change", "anti_steerable", "gates", "probe")} if report else None,
         "capabilities_kept": (report.get("capabilities") or {}).get("kept") if report else None,
         "steer": {"chosen": steer_s.get("chosen"), "by": (steer_s.get("selection") or {}).get("by")} if steer_s else None,
         **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}}

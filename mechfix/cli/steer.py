@@ -14,6 +14,10 @@ from mechfix.cli.common import (
     DeviceOpt,
     DtypeOpt,
     FoldsOpt,
+    GateCleanOpt,
+    GateLayerOpt,
+    GateNeutralOpt,
+    GateOpt,
     JsonOpt,
     KindOpt,
     KlWeightOpt,
@@ -44,6 +48,7 @@ from mechfix.cli.common import (
     _params,
     _progress,
     app,
+    gate_settings,
 )
 from mechfix.cli.views import (
     _print_candidates,
@@ -62,7 +67,7 @@ from mechfix.defaults import (
 
 def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, budget,
               neutral_path: Path | None, capabilities: list[str] | None, tasks, folds: int, seed: int, batch_size: int,
-              lora=None):
+              lora=None, gate=None):
     """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
     from mechfix import capabilities as caps
     from mechfix.errors import GateError
@@ -85,7 +90,7 @@ def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: 
         try:
             steering = steer(lm, att, rec, neutral, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
                              budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train,
-                             capabilities=suite, folds=folds, seed=seed)
+                             capabilities=suite, folds=folds, seed=seed, gate=gate)
         except GateError as exc:
             if exc.detail is not None:
                 _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(),
@@ -95,6 +100,9 @@ def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: 
                                        else "training-fit reduction", "candidates": _clean_nan([p.as_dict() for p in exc.detail.search])})
             raise
     extra = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} if kind == "lora" else {}
+    if gate is not None:
+        extra["gate"] = {"probe": True, "layer": gate.layer, "max_clean_fire": gate.max_clean_fire,
+                         "max_neutral_fire": gate.max_neutral_fire, "l2": gate.l2}
     params = _params(lm, kind=kind, op=op, top_heads=top_heads, layers=layers, strengths=strengths, **budget.as_dict(),
                      neutral=str(neutral_path) if neutral_path else "builtin:select",
                      capabilities=capabilities or ["builtin"], folds=folds, seed=seed, batch_size=batch_size, **extra)
@@ -111,6 +119,8 @@ def _steer_summary(artifact) -> dict[str, Any]:
            "selection": m.get("selection")}
     if "training" in m:
         out["training"] = _training_summary(m)
+    if f.get("gate"):
+        out["gate"] = f["gate"]
     return _clean_nan(out)
 
 
@@ -145,6 +155,7 @@ def _attribution_stem(att_path: Path) -> Path:
         "  mechfix steer conformity.attr.safetensors --kind vector --out conf.vec.safetensors\n\n"
         "  mechfix steer conformity.attr.safetensors --kind lora --out conformity.lora --rank 4 --steps 40\n\n"
         "  mechfix steer conformity.attr.safetensors --kind heads --op scale --top-heads 3 --max-kl 0.05 --json\n\n"
+        "  mechfix steer conformity.attr.safetensors --gate probe --out conformity.gated.fix.safetensors\n\n"
         "  mechfix steer conformity.attr.safetensors --folds 8 --seed 1 --capabilities builtin --capabilities my-task.jsonl"
     )
 )
@@ -174,6 +185,10 @@ def steer(
     lr: LrOpt = 5e-3,
     kl_weight: KlWeightOpt = 10.0,
     lora_scope: ScopeOpt = "heads",
+    gate: GateOpt = "none",
+    gate_layer: GateLayerOpt = None,
+    gate_max_clean: GateCleanOpt = 0.05,
+    gate_max_neutral: GateNeutralOpt = 0.01,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -192,7 +207,9 @@ def steer(
     and the helpful influence kept. A vector fix is computed from the recording;
     a lora fix is trained on the training split (a few minutes on a CPU for the
     embedded model), written as a PEFT adapter folder, and its strength chosen
-    on the training fit. Exit 1 (nothing written) when nothing fits the budget.
+    on the training fit. With --gate probe, every candidate edits only where a
+    linear probe says the agent is under pressure (see the README's "Gated
+    fixes"). Exit 1 (nothing written) when nothing fits the budget.
     """
     from mechfix import capabilities as caps
     from mechfix.artifacts import check_same_model, load_artifact
@@ -200,6 +217,7 @@ def steer(
     from mechfix.steer import Budget, check_kind_op
 
     check_kind_op(kind, op)
+    probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
     tasks = caps.load_tasks(capabilities)
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
@@ -216,7 +234,7 @@ def steer(
     lm = _load_model(spec, device, dtype, trust_remote_code)
     check_same_model(att.manifest, lm.identity, attribution)
     artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, budget, neutral, capabilities, tasks,
-                         folds, seed, batch_size, settings)
+                         folds, seed, batch_size, settings, probe)
     summary = _steer_summary(artifact)
     if as_json:
         _emit_json(summary)

@@ -24,8 +24,8 @@ def _fmt_effect(value: float | None, ci: list[float] | None) -> str:
     return f"{value:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{value:+.2f}"
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{v:.0%}"
+def _pct(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None or v != v else f"{v:.{digits}%}"
 
 
 def _budget_title(budget: dict[str, Any]) -> str:
@@ -225,6 +225,8 @@ def _print_steer(summary: dict[str, Any]) -> None:
     err.print(f"fix: {summary['kind']} / {summary['op']} on {', '.join(summary['targets'])} at strength {chosen_strength:g}"
               f" ({summary.get('parameters')} parameters)")
     err.print(f"targets: {escape(summary['why'])}", soft_wrap=True)
+    if summary.get("gate"):
+        _print_gate(summary["gate"])
     ch = summary["chosen"]
     cv = "" if ch.get("cv_reduction") is None else f" ({_pct(ch['cv_reduction'])} cross-validated over items)"
     err.print(
@@ -244,6 +246,8 @@ def print_fix(manifest: dict[str, Any]) -> None:
     err.print(f"hook: {f.get('hook')}, at {f.get('positions')} positions; {escape(str(f.get('formula')))}", soft_wrap=True)
     if f.get("loss"):
         err.print(f"loss: {escape(str(f['loss']))}", soft_wrap=True)
+    if f.get("gate"):
+        _print_gate(f["gate"])
     if manifest.get("training"):
         _print_training(_training_summary(manifest))
     if manifest.get("selection"):
@@ -251,6 +255,34 @@ def print_fix(manifest: dict[str, Any]) -> None:
     if manifest.get("sweep") and manifest.get("budget"):
         chosen = (manifest.get("chosen") or {}).get("strength", f.get("strength"))
         _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "the chosen candidate's strengths (training split)")
+
+
+def _print_gate(gate: dict[str, Any]) -> None:
+    """A gated fix's probe: where it reads, its threshold, and how it did on the training split."""
+    tr = gate.get("train") or {}
+    fires = tr.get("fires") or {}
+    err.print(f"gate: a linear probe of L{gate['layer']}'s residual stream; the fix edits a position only where the probe's "
+              f"logit is above {gate['threshold']:.3g} (layer chosen: {escape(str(gate.get('chosen_by', 'given')))})",
+              soft_wrap=True)
+    if tr:
+        err.print(f"gate on the training split: AUROC {_num(tr.get('auroc'))} (pressure vs baseline), fires on "
+                  f"{_pct(fires.get('pressure'))} of pressure and {_pct(fires.get('baseline'))} of baseline decisions and "
+                  f"{_pct(fires.get('neutral_tokens'), 1)} of {tr.get('neutral_tokens', 0):,} neutral tokens", soft_wrap=True)
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _print_probe(probe: dict[str, Any]) -> None:
+    """What a gated fix's probe did on the held-out decisions, and the same fix without its gate."""
+    fires = ", ".join(f"{c} {_pct(v)}" for c, v in probe["fires"].items())
+    err.print(f"gate (probe on L{probe['layer']}): AUROC {_num(probe['auroc'])} held out (pressure vs clean); fires on {fires} "
+              f"of the decisions and {_pct(probe['fires_neutral_tokens'], 1)} of {probe['neutral_tokens']:,} neutral tokens",
+              soft_wrap=True)
+    u = probe["ungated"]
+    err.print(f"the same fix without its gate, same strength: reduction {_pct(u['reduction'])}, KL {u['kl']:.4f} nats/token, "
+              f"clean agreement {_pct(u['clean_agreement'])}", soft_wrap=True)
 
 
 def _print_verify(report: dict[str, Any], title: str) -> None:
@@ -293,6 +325,8 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     err.print(f"clean agreement {report['clean_agreement']['value']:.0%}")
     if report.get("parameters") is not None:
         err.print(f"the fix adds {report['parameters']:,} numbers to the model")
+    if report.get("probe"):
+        _print_probe(report["probe"])
     anti = report["anti_steerable"]
     err.print(f"anti-steerable: {anti['count']} of {anti['n']} held-out decisions get worse with the fix ({anti['share']:.0%})")
     cc = report.get("control_change")
@@ -343,6 +377,7 @@ def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "control_before": cc.get("before"),
             "control_after": cc.get("after"),
             "anti_steerable": r["anti_steerable"]["share"],
+            "ungated": (r.get("probe") or {}).get("ungated"),
             "passed": r["passed"],
         })
     return rows
@@ -352,8 +387,11 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     # One column per fix, so that three or four fixes fit a terminal side by side.
     t = Table(title=title, title_justify="left")
     t.add_column("held-out")
-    for r in rows:
-        t.add_column(escape(Path(str(r["fix"])).name), justify="right", overflow="fold")
+    names = [Path(str(r["fix"])).name for r in rows]
+    if len(set(names)) < len(names):  # fixes of the same name from different folders: name the folder too
+        names = ["/".join(Path(str(r["fix"])).parts[-2:]) for r in rows]
+    for name in names:
+        t.add_column(escape(name), justify="right", overflow="fold")
     pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
 
     def red(r: dict[str, Any]) -> str:
@@ -371,6 +409,8 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
         ("helpful loss", lambda r: pct(r.get("helpful_loss"))),
         ("control - clean", lambda r: "-" if r["control_before"] is None else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"),
         ("anti-steerable", lambda r: pct(r["anti_steerable"])),
+        ("without its gate", lambda r: "-" if not r.get("ungated") else
+         f"reduction {pct(r['ungated']['reduction'])}, KL {r['ungated']['kl']:.4f}"),
         ("gates", lambda r: "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]"),
     ]
     for name, cell in lines:
@@ -401,6 +441,12 @@ def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
     t.add_row("carried by", ", ".join(s["top_components"]))
     f = s["fix"]
     t.add_row("fix", f"{f['kind']} / {f['op']} on {', '.join(f['targets'])}, strength {f['strength']:g}, {f['parameters']:,} parameters")
+    pr = v.get("probe")
+    if pr:
+        t.add_row("gate", f"probe on L{pr['layer']}: AUROC {_num(pr['auroc'])} held out; fires on "
+                  + ", ".join(f"{c} {_pct(x)}" for c, x in pr["fires"].items())
+                  + f", neutral tokens {_pct(pr['fires_neutral_tokens'], 1)}; without the gate: "
+                  f"{_pct(pr['ungated']['reduction'])} less, KL {pr['ungated']['kl']:.4f}")
     red = v["reduction"]["value"]
     t.add_row("held-out effect", f"{_fmt_ci(v['before']['effect'])} -> {_fmt_ci(v['after']['effect'])}"
               + ("" if red is None else f"  ({red:.0%} less)"))
