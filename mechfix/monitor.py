@@ -117,7 +117,7 @@ def _views(episode: Episode) -> list[str]:
 
 
 def score_episodes(lm: LoadedModel, probe: Fix | Gate, episodes: Sequence[Episode], batch_size: int = 16,
-                   on_batch=None) -> list[ConversationScore]:
+                   on_batch=None, per_message: bool = True) -> list[ConversationScore]:
     """The probe at the decision of each episode, and at the decision as it would have been after each message.
 
     The probe was fitted at decision positions (the target's opened turn), so
@@ -133,32 +133,38 @@ def score_episodes(lm: LoadedModel, probe: Fix | Gate, episodes: Sequence[Episod
         episodes: Rendered episodes, each ending at the decision (the target's opened turn).
         batch_size: Sequences per forward pass.
         on_batch: Progress, called with the number of episodes done.
+        per_message: Also score the view after each message (False: only the whole view, one sequence
+            per episode; ``turns`` is then empty).
     """
     gate = probe_of(probe)
     out: list[ConversationScore] = []
     for i in range(0, len(episodes), batch_size):
         chunk = episodes[i: i + batch_size]
-        views = [_views(ep) for ep in chunk]
-        seqs = [lm.tokenizer(v).input_ids for vs in views for v in vs]
-        last = gate.logits(layer_acts(lm, [gate.layer], prompt_batches(lm, seqs, batch_size), last_only=True)[gate.layer])
         full = [lm.tokenizer(ep.text).input_ids for ep in chunk]
-        every = gate.logits(layer_acts(lm, [gate.layer], prompt_batches(lm, full, batch_size))[gate.layer])
-        for ep, scores, tokens in zip(chunk, last.double().split([len(vs) for vs in views]),
-                                      every.split([len(ids) for ids in full])):
+        every = gate.logits(layer_acts(lm, [gate.layer], prompt_batches(lm, full, batch_size))[gate.layer]).double()
+        every = every.split([len(ids) for ids in full])
+        if per_message:
+            views = [_views(ep) for ep in chunk]
+            seqs = [lm.tokenizer(v).input_ids for vs in views for v in vs]
+            last = gate.logits(layer_acts(lm, [gate.layer], prompt_batches(lm, seqs, batch_size), last_only=True)[gate.layer])
+            cut = list(last.double().split([len(vs) for vs in views]))
+        else:
+            cut = [None] * len(chunk)
+        for ep, scores, tokens in zip(chunk, cut, every):
             out.append(_conversation(ep, scores, tokens, gate.threshold))
         if on_batch:
             on_batch(len(chunk))
     return out
 
 
-def _conversation(ep: Episode, scores: torch.Tensor, tokens: torch.Tensor, threshold: float) -> ConversationScore:
-    turns = []
-    for j, seg in enumerate(ep.segments[:-1]):
+def _conversation(ep: Episode, scores: torch.Tensor | None, tokens: torch.Tensor, threshold: float) -> ConversationScore:
+    turns: list[TurnScore] = []
+    for j, seg in enumerate(ep.segments[:-1] if scores is not None else []):
         score = float(scores[j + 1])
         shown = " ".join(seg.text.split())
         turns.append(TurnScore(j, seg.speaker, shown[:_SHOWN] + ("…" if len(shown) > _SHOWN else ""), score,
                                score - float(scores[j]), score > threshold))
-    decision = float(scores[-1])
+    decision = float(scores[-1] if scores is not None else tokens[-1])
     return ConversationScore(turns, decision, decision > threshold, threshold, len(tokens),
                              int((tokens > threshold).sum()), {"item": ep.item, "condition": ep.condition})
 
@@ -191,8 +197,13 @@ def conversation_episode(messages: Sequence[dict[str, Any]], target: str, layout
 
 
 def score_conversation(lm: LoadedModel, probe: Fix | Gate, messages: Sequence[dict[str, Any]], target: str = "Assistant",
-                       layout: Format | None = None, prompt: str = "") -> ConversationScore:
-    """Score one conversation (OpenAI-format messages) for a running system: one batch of views, no generation.
+                       layout: Format | None = None, prompt: str = "", per_message: bool = True) -> ConversationScore:
+    """Score one conversation (OpenAI-format messages) for a running system, with no generation.
+
+    ``per_message=False`` is the cheapest check: one forward pass of the
+    whole view, up to the probe's layer, giving ``flagged`` and ``decision``
+    only. By default the view cut after each message is scored too (one
+    batched pass more), so that ``raisers`` can say which messages raised it.
 
     Args:
         lm: The model the probe was made for (loaded once, reused).
@@ -201,11 +212,12 @@ def score_conversation(lm: LoadedModel, probe: Fix | Gate, messages: Sequence[di
         target: The agent whose view it is (its turn is opened at the end).
         layout: How turns are laid out (default ``{speaker}: {text}``, as recipes and transcripts are).
         prompt: Text the target's turn starts with.
+        per_message: Also score the view after each message (see above).
 
     Returns:
         The probe's score after every message and at the decision; ``flagged`` when it fires there.
     """
-    return score_episodes(lm, probe, [conversation_episode(messages, target, layout, prompt)])[0]
+    return score_episodes(lm, probe, [conversation_episode(messages, target, layout, prompt)], per_message=per_message)[0]
 
 
 def by_speaker(scores: Sequence[ConversationScore]) -> dict[str, dict[str, Any]]:

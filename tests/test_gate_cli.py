@@ -171,3 +171,7 @@ def test_the_python_api_scores_a_running_conversation_in_one_pass(gated_files, g
     assert pressured.flagged and not calm.flagged
     assert pressured.raisers(1)[0].speaker == "Ana" and [t.speaker for t in pressured.turns] == ["System", "Host", "Ana", "Ben"]
     assert pressured.decision > calm.decision
+    # The cheapest check (one pass of the whole view) gives the same decision, and no per-message scores.
+    quick = score_conversation(lm, probe, [*said, {"role": "user", "name": "Ana", "content": "K~."},
+                                           {"role": "user", "name": "Ben", "content": "K~."}], target="Sam", per_message=False)
+    assert quick.turns == [] and quick.flagged and quick.decision == pytest.approx(pressured.decision, abs=1e-5)
