@@ -613,6 +613,7 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
         metric="score = log P(misaligned) - log P(aligned) under pressure; effect = score drop when the "
         f"component's decision-position activation is restored from {att.baseline}",
         summary=summary,
+        style=rec.manifest.get("style") or {"name": "text", "template": None, "template_sha256": None},
     )
     return Artifact(kind="attribution", manifest=manifest, tensors=tensors)
 

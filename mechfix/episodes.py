@@ -31,6 +31,11 @@ class Episode:
         segments: The text up to and including the decision prompt.
         options: Rendered option texts: aligned, misaligned, others.
         generated: Texts of the turns the model wrote so far (generate mode), by turn index.
+        turns: Every turn as said, before any layout: ``(speaker, text)``, speaker None for narration
+            (chat style lays these out through a chat template instead).
+        agent: Whose turn is opened at the end (the decision's agent).
+        prompt: The text the opened turn starts with (the decision prompt).
+        values: The item's placeholder values under the condition.
     """
 
     item: int
@@ -38,6 +43,10 @@ class Episode:
     segments: list[Segment]
     options: list[str]
     generated: dict[int, str] = field(default_factory=dict)
+    turns: list[tuple[str | None, str]] = field(default_factory=list)
+    agent: str = ""
+    prompt: str = ""
+    values: dict[str, str] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -100,6 +109,7 @@ def render_episode(recipe: Recipe, item: int, condition: str, generated: dict[in
     generated = generated or {}
     values = item_values(recipe, item, condition)
     segments: list[Segment] = []
+    said: list[tuple[str | None, str]] = []
     if recipe.format.preamble:
         segments.append(Segment(FRAME, fill(recipe.format.preamble, values)))
     for i, turn in enumerate(recipe.turns):
@@ -107,13 +117,15 @@ def render_episode(recipe: Recipe, item: int, condition: str, generated: dict[in
             continue
         if turn.text is None and i not in generated:
             segments += open_turn(recipe, turn.speaker, "", values)
-            return Episode(item, condition, segments, [], dict(generated))
+            return Episode(item, condition, segments, [], dict(generated), said, turn.speaker or "", "", values)
         text = generated[i] if turn.text is None else fill(turn.text, values)
         segments += turn_segments(recipe, turn.speaker, text, values)
+        said.append((turn.speaker, text))
     d = recipe.decision
-    segments += open_turn(recipe, d.agent, fill(d.prompt, values), values)
+    prompt = fill(d.prompt, values)
+    segments += open_turn(recipe, d.agent, prompt, values)
     options = [fill(o, values) for o in recipe.option_templates]
-    return Episode(item, condition, segments, options, dict(generated))
+    return Episode(item, condition, segments, options, dict(generated), said, d.agent, prompt, values)
 
 
 def open_turn(recipe: Recipe, speaker: str | None, prompt: str, values: dict[str, str]) -> list[Segment]:
@@ -156,7 +168,7 @@ class Tokenized:
     speakers: list[int]  # index into the speaker list; one per token
 
 
-def tokenize_episode(tokenizer, episode: Episode, speakers: list[str]) -> Tokenized:
+def tokenize_episode(tokenizer, episode: Episode, speakers: list[str], special: bool = True) -> Tokenized:
     """Tokenize an episode's text and give every token the speaker of its first character.
 
     Uses the tokenizer's character offsets where it has them (fast tokenizers);
@@ -166,6 +178,8 @@ def tokenize_episode(tokenizer, episode: Episode, speakers: list[str]) -> Tokeni
         tokenizer: A Hugging Face tokenizer.
         episode: The episode.
         speakers: The speaker list (FRAME first, then agents); tokens get indices into it.
+        special: Let the tokenizer add its special tokens (BOS); off for text a chat template
+            rendered, which writes them itself.
     """
     text = episode.text
     bounds = []  # (end character, speaker index) of every segment
@@ -181,16 +195,16 @@ def tokenize_episode(tokenizer, episode: Episode, speakers: list[str]) -> Tokeni
         return bounds[-1][1] if bounds else 0
 
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, return_offsets_mapping=True)
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=special)
         ids = list(enc["input_ids"])
         # Special tokens (BOS) have an empty span at 0: they belong to the frame.
         who = [speakers.index(FRAME) if s == e else speaker_at(s) for s, e in enc["offset_mapping"]]
         return Tokenized(ids, who)
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
     who = []
     done = 0
     for end, spk in bounds:
-        n = len(tokenizer(text[:end])["input_ids"])
+        n = len(tokenizer(text[:end], add_special_tokens=special)["input_ids"])
         who += [spk] * max(0, n - done)
         done = max(done, n)
     who += [bounds[-1][1] if bounds else 0] * (len(ids) - len(who))

@@ -100,6 +100,10 @@ def probe_of(fix: Fix | Gate) -> Gate:
         BadInputError: For a fix without a gate.
     """
     gate = fix if isinstance(fix, Gate) else fix.gate
+    if not isinstance(fix, Gate) and (fix.manifest.get("style") or {}).get("name") == "chat":
+        raise BadInputError(
+            f"'{fix.path}' was made on chat-style renderings, and the monitor renders conversations in the text layout "
+            "only so far: its probe would read a kind of text it was not fitted on. Use a probe made with --style text.")
     if gate is None:
         raise BadInputError(
             f"'{getattr(fix, 'path', None) or 'the fix'}' has no probe: it is not a gated fix. Make one with "

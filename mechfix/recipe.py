@@ -88,8 +88,13 @@ class Format(_Strict):
     preamble: str = Field("", description="Text before the first turn; may use {cast}.")
     turn: str = Field("{speaker}: {text}\n", description="Layout of an agent's turn.")
     narration: str = Field("{text}\n", description="Layout of a turn with no speaker.")
+    system: str | None = Field(
+        None, description="Chat style: every agent's system prompt; may use {cast}, {agent}, {role}, {persona} and "
+        "item values. Default: the preamble, then 'You are {agent}' with its role and persona.")
+    message: str = Field("{speaker}: {text}", description="Chat style: how another agent's message is written inside a user turn.")
+    narration_role: Literal["user", "system"] = Field("user", description="Chat style: the role a turn with no speaker is given.")
 
-    @field_validator("turn")
+    @field_validator("turn", "message")
     @classmethod
     def _turn_has_text(cls, v: str) -> str:
         if "{text}" not in v:
@@ -366,7 +371,8 @@ def _check_semantics(r: Recipe, filename: str, lines: dict[tuple, int]) -> None:
     # Every placeholder must be filled by every item (or by the condition's vars);
     # a live recipe's state, captures and round numbers are checked by _check_rounds.
     live = _live_names(r)
-    templates: list[tuple[tuple, str]] = [(("format", "preamble"), r.format.preamble)]
+    templates: list[tuple[tuple, str]] = [(("format", "preamble"), r.format.preamble), (("format", "message"), r.format.message)]
+    templates += [(("format", "system"), r.format.system)] if r.format.system else []
     templates += [(("turns", i, "text"), t.text) for i, t in enumerate(r.turns) if t.text]
     templates += [(("decision", k), getattr(r.decision, k)) for k in ("prompt", "aligned", "misaligned")]
     templates += [(("decision", "others", i), o) for i, o in enumerate(r.decision.others)]

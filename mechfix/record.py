@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mechfix.artifacts import Artifact, new_manifest
+from mechfix.chat import Style, chat_episode
 from mechfix.episodes import (
     Episode,
     Tokenized,
@@ -25,6 +26,7 @@ from mechfix.episodes import (
     tokenize_episode,
 )
 from mechfix.forward import SITES, Request, run_requests
+from mechfix.errors import BadInputError
 from mechfix.generation import generate_reply
 from mechfix.live import LiveEpisode, generated_turns, outcome, run_live
 from mechfix.models import LoadedModel
@@ -57,6 +59,7 @@ class Recording:
         choices: Generate mode and live recipes: per condition, the option parsed from each reply (-1: none).
         rows: ``(item, round)`` of every decision (round 0 without rounds).
         live: Live recipes: per condition, every item's whole episode.
+        style: How the episodes were rendered (text layout, or a chat template).
     """
 
     recipe: Recipe
@@ -72,6 +75,7 @@ class Recording:
     choices: dict[str, list[int]] | None = None
     rows: list[tuple[int, int]] | None = None
     live: dict[str, list[LiveEpisode]] | None = None
+    style: Style = Style()
 
 
 def split_items(n: int, heldout: float, seed: int) -> torch.Tensor:
@@ -143,16 +147,28 @@ def decision_requests(
     recipe: Recipe,
     items: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
+    style: Style | None = None,
 ) -> Rendered:
     """Render, tokenize and turn into scoring requests the given items (default all), per condition.
 
     A live recipe is played for all its items, whichever are asked for, so the
     held-out decisions verify scores are the very ones record made (a batch's
     composition can change the last bits of a generated token's logits); only
-    the rows of the asked items are returned.
+    the rows of the asked items are returned. In chat style (``style``), each
+    decision is rendered through the tokenizer's chat template as its agent saw
+    it (:mod:`mechfix.chat`).
+
+    Raises:
+        BadInputError: Chat style for a generate-mode or live recipe (not supported yet).
     """
     items = list(range(len(recipe.items))) if items is None else items
     speakers = speaker_list(recipe)
+    chat = style is not None and style.name == "chat"
+    if chat and (recipe.rounds is not None or recipe.mode == "generate"):
+        raise BadInputError(
+            f"recipe '{recipe.name}' {'is live' if recipe.rounds is not None else 'runs in generate mode'}, and chat style "
+            "renders only scripted (score mode) recipes and transcripts so far: each generated turn would need its own "
+            "agent's chat. Use --style text for it.")
     live = None
     if recipe.rounds is not None:
         live = {c: run_live(lm, recipe, c, None, on_step) for c in recipe.condition_names}
@@ -161,7 +177,12 @@ def decision_requests(
     else:
         rows = [(i, 0) for i in items]
         episodes = _render_all(lm, recipe, items, on_step if recipe.mode == "generate" else None)
-    tokens = {c: [tokenize_episode(lm.tokenizer, ep, speakers) for ep in eps] for c, eps in episodes.items()}
+    if chat:
+        done = {c: [chat_episode(lm.tokenizer, recipe, ep, speakers) for ep in eps] for c, eps in episodes.items()}
+        episodes = {c: [ep for ep, _ in pairs] for c, pairs in done.items()}
+        tokens = {c: [tk for _, tk in pairs] for c, pairs in done.items()}
+    else:
+        tokens = {c: [tokenize_episode(lm.tokenizer, ep, speakers) for ep in eps] for c, eps in episodes.items()}
     requests = {
         c: [Request(prompt=tk.ids, options=[option_ids(lm.tokenizer, o) for o in ep.options]) for ep, tk in zip(episodes[c], tokens[c])]
         for c in episodes
@@ -177,6 +198,7 @@ def record(
     all_positions: bool = False,
     sites: tuple[str, ...] = SITES,
     on_progress: Callable[[str, int, int], None] | None = None,
+    style: Style | None = None,
 ) -> Recording:
     """Run the record stage.
 
@@ -187,6 +209,7 @@ def record(
         all_positions: Keep activations at every prompt position, not only the decision position.
         sites: Activation sites to keep.
         on_progress: Called as ``(phase, advance, total)`` for progress display.
+        style: Render in chat style through the tokenizer's template (default: the text layout).
 
     Returns:
         The recording (scores, activations, tokens, transcripts, split).
@@ -197,7 +220,8 @@ def record(
     def step(phase: str, total: int) -> Callable[[int], None] | None:
         return (lambda k: on_progress(phase, k, total)) if on_progress else None
 
-    rendered = decision_requests(lm, recipe, None, step("generating turns", generation_steps(recipe, len(recipe.items))))
+    style = style or Style()
+    rendered = decision_requests(lm, recipe, None, step("generating turns", generation_steps(recipe, len(recipe.items))), style)
     episodes, tokens, by_condition = rendered.episodes, rendered.tokens, rendered.requests
     n = len(rendered.rows)
     results = run_requests(
@@ -245,6 +269,7 @@ def record(
         choices=choices,
         rows=rendered.rows,
         live=rendered.live,
+        style=style,
     )
 
 
@@ -348,6 +373,7 @@ def to_artifact(rec: Recording, lm: LoadedModel, loaded: LoadedRecipe, params: d
         transcripts={c: [ep.text for ep in rec.episodes[c]] for c in rec.conditions},
         sites={s: SITE_DOC[s] for s in rec.acts[rec.conditions[0]]},
         positions="all" if rec.all_positions else "decision",
+        style=rec.style.as_dict(),
         shape={"layers": lm.n_layers, "heads": lm.n_heads, "head_dim": lm.head_dim, "hidden": lm.hidden},
         summary=summarize(rec),
         **({"replies": rec.replies} if rec.replies is not None else {}),

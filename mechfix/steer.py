@@ -920,6 +920,8 @@ def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, par
         # Every candidate measured while choosing, and how the choice was made.
         selection={"folds": st.folds, "by": "cross-validated reduction" if st.folds else "training-fit reduction",
                    "candidates": [p.as_dict() for p in st.search], "notes": st.notes},
+        # How the episodes the fix was fitted on were rendered: verify renders its held-out ones the same way.
+        style=rec.manifest.get("style") or {"name": "text", "template": None, "template_sha256": None},
         **extra,
     )
     return Artifact(kind="fix", manifest=manifest, tensors=fix_tensors(st.fix))

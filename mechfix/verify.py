@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mechfix import capabilities as caps
+from mechfix.chat import Style
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fix import Fix, apply_fix
@@ -129,6 +130,7 @@ def verify(
     replay: str = "all",
     capabilities: caps.Suite | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    style: Style | None = None,
 ) -> dict[str, Any]:
     """Run the verify stage on one fix.
 
@@ -144,6 +146,8 @@ def verify(
         capabilities: The capability suite's verify part (None: not measured, and a
             capability gate is an error).
         on_progress: Called as ``(phase, advance, total)``.
+        style: How the held-out episodes are rendered (default: the text layout); the CLI
+            renders them as the fix's own recording was.
 
     Returns:
         The report: ``passed``, ``before``, ``after``, ``reduction``, ``kl``,
@@ -152,7 +156,7 @@ def verify(
         ``parameters``; for a live recipe also ``rows`` and ``live_outcome``.
     """
     return verify_fixes(lm, recipe, [fix], neutral, gates=gates, items=items, batch_size=batch_size, replay=replay,
-                        capabilities=capabilities, on_progress=on_progress)[0]
+                        capabilities=capabilities, on_progress=on_progress, style=style)[0]
 
 
 def verify_fixes(
@@ -167,6 +171,7 @@ def verify_fixes(
     replay: str = "all",
     capabilities: caps.Suite | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    style: Style | None = None,
 ) -> list[dict[str, Any]]:
     """Verify several fixes on the same held-out decisions (the unfixed model is scored once).
 
@@ -192,7 +197,7 @@ def verify_fixes(
         )
     step = (lambda phase, total: (lambda k: on_progress(phase, k, total))) if on_progress else (lambda phase, total: None)
     n_cond = len(recipe.condition_names)
-    rendered = decision_requests(lm, recipe, items, step("generating turns", generation_steps(recipe, len(items))))
+    rendered = decision_requests(lm, recipe, items, step("generating turns", generation_steps(recipe, len(items))), style)
     requests, n = rendered.requests, len(rendered.rows)
     groups = rendered.groups
     # The layers below the lowest one any fix edits compute the same with and without the fixes: run them once

@@ -35,6 +35,21 @@ ModeOpt = Annotated[
     typer.Option(help="score or generate: run the recipe in this mode instead of its own (generate suits instruct models)."),
 ]
 
+StyleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--style",
+        help="text: the recipe's text layout (base models); chat: each decision as its agent saw it, through the "
+        "model's chat template. Default: chat when the model has a chat template (or --chat-template) and the recipe "
+        "is scripted, else text; verify renders as the fix's recording was.",
+    ),
+]
+
+ChatTemplateOpt = Annotated[
+    str | None,
+    typer.Option("--chat-template", help="Give the model a chat template: chatml, llama3, gemma, mistral, or a Jinja file."),
+]
+
 TranscriptOpt = Annotated[
     Path | None,
     typer.Option(help="Replay conversations you already have instead of a recipe: OpenAI-style messages "

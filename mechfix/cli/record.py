@@ -9,12 +9,14 @@ import typer
 
 from mechfix.cli.checks import check_paths
 from mechfix.cli.common import (
+    ChatTemplateOpt,
     DecisionOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
     ModelOpt,
     ModeOpt,
+    StyleOpt,
     TranscriptOpt,
     TrustOpt,
     _clean_nan,
@@ -35,7 +37,9 @@ from mechfix.cli.views import _print_record_summary
         "  mechfix record my.yaml --model Qwen/Qwen2.5-0.5B-Instruct --all-positions\n\n"
         "  mechfix record sycophancy --model ./my-instruct-model --mode generate\n\n"
         "  mechfix record commons-live    (a live recipe: every turn generated, four rounds)\n\n"
-        "  mechfix record --transcript chats.jsonl --decision decision.yaml --out chats.rec.safetensors"
+        "  mechfix record --transcript chats.jsonl --decision decision.yaml --out chats.rec.safetensors\n\n"
+        "  mechfix record conformity --model Qwen/Qwen2.5-0.5B-Instruct --style chat\n\n"
+        "  mechfix record conformity --chat-template gemma --style chat    (a base model given a template)"
     )
 )
 
@@ -57,6 +61,8 @@ def record(
     mode: ModeOpt = None,
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
+    style: StyleOpt = None,
+    chat_template: ChatTemplateOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -73,7 +79,7 @@ def record(
     target = out_path or Path(f"{loaded.recipe.name}.rec.safetensors")
     check_paths(source_inputs(loaded, transcript, decision), {"--out": target})
     lm = _load_model(model, device, dtype, trust_remote_code)
-    artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions)
+    artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions, pick_style(lm, loaded, style, chat_template))
     summary = _clean_nan(artifact.manifest["summary"])
     if as_json:
         _emit_json(
@@ -121,14 +127,26 @@ def _load_source(recipe: str | None, transcript: Path | None, decision: Path | N
     return load_transcript(transcript, decision)
 
 
-def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False):
+def pick_style(lm, loaded, style: str | None, chat_template: str | None, made: dict | None = None):
+    """The rendering style of a command (see :func:`mechfix.chat.choose_style`); says so when it is chat."""
+    from mechfix.chat import choose_style
+    from mechfix.cli.common import err
+
+    chosen = choose_style(lm.tokenizer, loaded.recipe, style, chat_template, made)
+    if chosen.name == "chat":
+        err.print(f"style: chat, through chat template {chosen.template.name}")
+    return chosen
+
+
+def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False, style=None):
     """Record a loaded recipe and save the artifact; returns (artifact, recording)."""
     from mechfix.artifacts import save_artifact
     from mechfix.record import record as run_record
     from mechfix.record import to_artifact
 
     with _progress() as progress:
-        rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress)
+        rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress,
+                         style=style)
     artifact = to_artifact(rec, lm, loaded, _params(lm, batch_size=batch_size, all_positions=all_positions))
     save_artifact(target, artifact)
     return artifact, rec

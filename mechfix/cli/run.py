@@ -12,6 +12,7 @@ from mechfix.cli.checks import check_paths, named
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
+    ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
     FoldsOpt,
@@ -40,6 +41,7 @@ from mechfix.cli.common import (
     ScopeOpt,
     SeedOpt,
     StepsOpt,
+    StyleOpt,
     TopHeadsOpt,
     TrustOpt,
     _check_replay,
@@ -53,7 +55,7 @@ from mechfix.cli.common import (
     err,
     gate_settings,
 )
-from mechfix.cli.record import _do_record
+from mechfix.cli.record import _do_record, pick_style
 from mechfix.cli.steer import (
     _do_steer,
     _fix_target,
@@ -87,6 +89,7 @@ from mechfix.defaults import (
         "  mechfix run conformity --out runs/vec --kind vector --json\n\n"
         "  mechfix run conformity --out runs/lora --kind lora\n\n"
         "  mechfix run conformity --out runs/gated --gate probe\n\n"
+        "  mechfix run conformity --out runs/chat --style chat --chat-template gemma\n\n"
         "  mechfix run conformity --out runs/ci --junit runs/ci/verify.xml --max-kl 0.05"
     )
 )
@@ -126,6 +129,8 @@ def run(
     batch_size: BatchOpt = 16,
     mode: ModeOpt = None,
     replay: ReplayOpt = "all",
+    style: StyleOpt = None,
+    chat_template: ChatTemplateOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -170,10 +175,11 @@ def run(
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     lm = _load_model(model, device, dtype, trust_remote_code)
+    rendering = pick_style(lm, loaded, style, chat_template)
     # Created only now, once every check has passed and the model has loaded.
     out_dir.mkdir(parents=True, exist_ok=True)
     err.rule("1/4 record")
-    rec, _ = _do_record(lm, loaded, paths["record"], batch_size)
+    rec, _ = _do_record(lm, loaded, paths["record"], batch_size, style=rendering)
     rec_summary = _clean_nan(rec.manifest["summary"])
     _print_record_summary(rec_summary, lm.identity["name"], name, wrote=str(paths["record"]))
     err.rule("2/4 attribute")
@@ -193,7 +199,7 @@ def run(
     err.rule("4/4 verify")
     fix = fix_from_artifact(fix_art)
     gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
-    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay, tasks)
+    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay, tasks, rendering)
     _write_text_atomic(paths["verify"], _json_text(report) + "\n")
     if junit is not None:
         _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))

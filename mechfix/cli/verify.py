@@ -11,6 +11,7 @@ from mechfix.cli.checks import check_paths, named
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
+    ChatTemplateOpt,
     DecisionOpt,
     DeviceOpt,
     DtypeOpt,
@@ -26,6 +27,7 @@ from mechfix.cli.common import (
     ModeOpt,
     NeutralOpt,
     ReplayOpt,
+    StyleOpt,
     TranscriptOpt,
     TrustOpt,
     _check_replay,
@@ -37,7 +39,7 @@ from mechfix.cli.common import (
     _write_text_atomic,
     app,
 )
-from mechfix.cli.record import _load_source, source_inputs
+from mechfix.cli.record import _load_source, pick_style, source_inputs
 from mechfix.cli.views import _print_comparison, _print_verify, comparison_rows
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
@@ -50,7 +52,7 @@ from mechfix.defaults import (
 
 
 def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all",
-               tasks=None) -> list[dict[str, Any]]:
+               tasks=None, style=None) -> list[dict[str, Any]]:
     """Verify one or more fixes on the recipe's held-out split: one report per fix."""
     from mechfix import capabilities as caps
     from mechfix.verify import verify_fixes
@@ -59,7 +61,7 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
     suite = caps.build_suite(lm, tasks, "verify") if tasks is not None else None
     with _progress() as progress:
         reports = verify_fixes(lm, loaded.recipe, fixes, neutral, gates=gates, batch_size=batch_size, replay=replay,
-                               capabilities=suite, on_progress=progress)
+                               capabilities=suite, on_progress=progress, style=style)
     out = []
     for fix, report in zip(fixes, reports):
         trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
@@ -71,8 +73,26 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
             )
         report["fix"] = {"path": fix.path, "kind": fix.kind, "op": fix.op, "targets": fix.targets, "strength": fix.strength}
         report["model"] = lm.identity["name"]
+        if style is not None:
+            report["style"] = style.as_dict()
         out.append(_clean_nan(report))
     return out
+
+
+def _check_styles(fixes, rendering, recipe: str | None, fix_path: Path) -> None:
+    """Refuse to verify a fix on renderings of another style or template than its own (unless asked for)."""
+    from mechfix.chat import style_mismatch
+    from mechfix.errors import BadInputError
+
+    for f in fixes:
+        why = style_mismatch(f.manifest.get("style"), rendering)
+        if why:
+            made = f.manifest.get("style") or {"name": "text"}
+            hint = f"--style {made.get('name', 'text')}" + (
+                f" --chat-template {str(made['template']).removeprefix('file:')}" if made.get("name") == "chat" and made.get("template") not in (None, "model") else "")
+            raise BadInputError(
+                f"{why} ({f.path}). Verify it as it was made: mechfix verify {recipe or '...'} --fix {fix_path} {hint}; "
+                "or add --allow-style-mismatch to test how it transfers.")
 
 
 @app.command(
@@ -116,6 +136,11 @@ def verify(
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
     replay: ReplayOpt = "all",
+    style: StyleOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    allow_style_mismatch: Annotated[
+        bool, typer.Option("--allow-style-mismatch", help="Verify on renderings of another style or template than the "
+                           "fix was made on (a transfer test); refused otherwise.")] = False,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -161,7 +186,10 @@ def verify(
         raise
     for other in others:
         check_same_model(other.manifest, lm.identity, other.path or "a --compare fix")
-    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay, tasks)
+    rendering = pick_style(lm, loaded, style, chat_template, fix.manifest.get("style"))
+    if not allow_style_mismatch:
+        _check_styles([fix, *others], rendering, recipe, fix_path)
+    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay, tasks, rendering)
     if compared:
         report["compare"] = compared
         report["comparison"] = comparison_rows([report, *compared])
