@@ -63,7 +63,7 @@ class ChatMessage:
 
 
 def system_prompt(recipe: Recipe, agent: str, values: dict[str, str]) -> str:
-    """An agent's system prompt: the recipe's ``format.system``, or the preamble and who the agent is."""
+    """An agent's system prompt: the recipe's ``format.system`` (empty: none), or the preamble and who the agent is."""
     a = recipe.agent(agent)
     layout = {**values, "agent": agent, "speaker": agent, "role": a.role, "persona": a.persona}
     if recipe.format.system is not None:
@@ -77,19 +77,24 @@ def agent_messages(recipe: Recipe, turns: list[tuple[str | None, str]], agent: s
     """The chat an agent sees: its system prompt, its own turns as assistant, everyone else's as user.
 
     Another agent's message is written with ``format.message`` (default
-    ``{speaker}: {text}``); narration goes in as ``format.narration_role``.
+    ``{speaker}: {text}``); narration goes in as ``format.narration_role``; the
+    messages of an agent whose role is ``system`` (a transcript's system
+    messages) stay system messages, where they were.
     """
-    out = [ChatMessage("system", [(FRAME, system_prompt(recipe, agent, values))])]
+    system = system_prompt(recipe, agent, values)
+    out = [ChatMessage("system", [(FRAME, system)])] if system else []
     for speaker, text in turns:
         if speaker is None:
             role, part = recipe.format.narration_role, (FRAME, text)
+        elif recipe.agent(speaker).role == "system":  # a transcript's own system message, kept as one
+            role, part = "system", (speaker, text)
         elif speaker == agent:
             role, part = "assistant", (agent, text)
         else:
             a = recipe.agent(speaker)
             layout = {**values, "speaker": speaker, "agent": speaker, "role": a.role, "persona": a.persona, "text": text}
             role, part = "user", (speaker, fill(recipe.format.message, layout))
-        if out[-1].role == role:
+        if out and out[-1].role == role:
             out[-1].parts.append(part)
         else:
             out.append(ChatMessage(role, [part]))
@@ -175,10 +180,6 @@ def chat_episode(tokenizer, recipe: Recipe, episode: Episode, speakers: list[str
     return replace(episode, segments=[Segment(FRAME, text)], options=chat_options(episode.options, episode.prompt)), tok
 
 
-def _scripted(recipe: Recipe) -> bool:
-    return recipe.rounds is None and recipe.mode == "score"
-
-
 def choose_style(tokenizer, recipe: Recipe, style: str | None = None, template: str | None = None,
                  made: dict | None = None) -> Style:
     """The style a stage renders in, from the options, the model and what a fix was made on.
@@ -187,7 +188,7 @@ def choose_style(tokenizer, recipe: Recipe, style: str | None = None, template: 
         tokenizer: The model's tokenizer (given ``template`` when one is named).
         recipe: The recipe to render.
         style: ``text``, ``chat`` or None (default: the style of ``made`` when given, else ``chat`` when the
-            tokenizer has a chat template and the recipe is scripted, else ``text``).
+            tokenizer has a chat template, else ``text``).
         template: ``--chat-template``: a built-in name or a Jinja file; given to the tokenizer.
         made: The style block of the artifact a fix was made from (verify renders the same way by default).
 
@@ -208,7 +209,7 @@ def choose_style(tokenizer, recipe: Recipe, style: str | None = None, template: 
     else:
         chosen = model_template(tokenizer)
     if style is None:
-        style = (made or {}).get("name") or ("chat" if chosen is not None and _scripted(recipe) else "text")
+        style = (made or {}).get("name") or ("chat" if chosen is not None else "text")
     if style == "text":
         return Style("text")
     if chosen is None:
@@ -228,3 +229,48 @@ def style_mismatch(made: dict | None, now: Style) -> str | None:
                 f"(sha256 {str(made.get('template_sha256'))[:12]}…), and these go through {now.template.name} "
                 f"(sha256 {now.template.sha256[:12]}…)")
     return None
+
+
+def view_ids(tokenizer, recipe: Recipe, turns: list[tuple[str | None, str]], agent: str, values: dict[str, str],
+             prompt: str = "") -> list[int]:
+    """The token ids of one agent's chat with its turn opened up to ``prompt``: what it writes its reply after."""
+    ids = template_ids(tokenizer, agent_messages(recipe, turns, agent, values))
+    return ids + (list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else [])
+
+
+def reply_stops(tokenizer) -> list[int]:
+    """Tokens that end a chat reply: every special token (end of turn, end of text, the next turn's start)."""
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.pad_token_id})
+
+
+class ChatWriters:
+    """Batched, cached generation in chat style: one :class:`~mechfix.generation.Writer` per agent.
+
+    Each agent's context is its own chat (its system prompt, its turns as
+    assistant), so rows of different agents share no prefix; an agent's own
+    context only grows, so its writer's key/value cache carries over from one
+    of its turns to the next.
+
+    Args:
+        lm: The model.
+        recipe: The recipe (agents, format).
+        n_rows: Conversations in the batch.
+        temperature: 0 for greedy decoding.
+        seeds: One seed per row (sampling only); each agent's writer derives its own from them.
+    """
+
+    def __init__(self, lm, recipe: Recipe, n_rows: int, temperature: float = 0.0, seeds=None):
+        self.lm, self.recipe, self.n, self.temperature = lm, recipe, n_rows, temperature
+        self.seeds = list(seeds) if seeds is not None else list(range(n_rows))
+        self.writers: dict[str, object] = {}
+        self.stops = reply_stops(lm.tokenizer)
+
+    def write(self, agent: str, views: list[tuple[list[tuple[str | None, str]], dict[str, str], str]],
+              max_tokens: int) -> list[str]:
+        """Every row's reply by ``agent``, from ``(turns, values, prompt)`` per row; cut at the first newline."""
+        from mechfix.generation import Writer, row_seed
+
+        if agent not in self.writers:
+            self.writers[agent] = Writer(self.lm, self.n, self.temperature, [row_seed(s, agent) for s in self.seeds])
+        seqs = [view_ids(self.lm.tokenizer, self.recipe, turns, agent, values, prompt) for turns, values, prompt in views]
+        return self.writers[agent].generate_ids(seqs, max_tokens, "\n", self.stops)

@@ -114,15 +114,27 @@ class Writer:
         Returns:
             Each row's reply, cut before ``stop``.
         """
-        if len(texts) != self.n:
-            raise ValueError(f"expected {self.n} texts, got {len(texts)}")
+        tok = self.lm.tokenizer
+        return self.generate_ids([list(tok(t)["input_ids"]) for t in texts], max_tokens, stop)
+
+    def generate_ids(self, seqs: Sequence[Sequence[int]], max_tokens: int, stop: str = "\n",
+                     stop_ids: Sequence[int] = ()) -> list[str]:
+        """Continue every row's token ids (a chat rendering, say): as :meth:`generate`, from tokens.
+
+        Args:
+            seqs: Each row's full token ids so far.
+            max_tokens: Most tokens to write per row.
+            stop: A row's reply ends before this text.
+            stop_ids: Tokens that end a reply besides the end-of-text token (a chat template's end of turn).
+        """
+        if len(seqs) != self.n:
+            raise ValueError(f"expected {self.n} texts, got {len(seqs)}")
         # Inference mode throughout: the mask is updated in place, and tensors made in inference mode stay so.
         with torch.inference_mode(), eval_mode(self.lm.model):
-            return self._generate(texts, max_tokens, stop)
+            return self._generate([list(x) for x in seqs], max_tokens, stop, set(stop_ids))
 
-    def _generate(self, texts: Sequence[str], max_tokens: int, stop: str) -> list[str]:
+    def _generate(self, full: list[list[int]], max_tokens: int, stop: str, stop_ids: set[int]) -> list[str]:
         tok = self.lm.tokenizer
-        full = [list(tok(t)["input_ids"]) for t in texts]
         if not all(full):
             raise ValueError("every text must have at least one token to continue from")
         longest = max(len(f) for f in full)
@@ -132,7 +144,7 @@ class Writer:
         if self.cache is None or too_long or self.slots + width > 2 * longest + 64:
             self._reset()
             pending = [list(f) for f in full]
-        eos = {tok.eos_token_id} - {None}
+        eos = ({tok.eos_token_id} | stop_ids) - {None}
         replies: list[list[int]] = [[] for _ in range(self.n)]
         done = [False] * self.n
         logits = self._feed(pending)

@@ -24,9 +24,10 @@ reproducible and does not depend on which items run beside it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from mechfix.chat import ChatWriters, Style
 from mechfix.episodes import (
     FRAME,
     Episode,
@@ -77,6 +78,7 @@ class LiveEpisode:
     segments: list[Segment]
     rounds: list[LiveRound]
     final_state: dict[str, float]
+    turns: list[tuple[str | None, str]] = field(default_factory=list)  # every turn as said, in order
 
     @property
     def text(self) -> str:
@@ -119,6 +121,7 @@ class _Game:
         self.base = item_values(recipe, item, condition)
         self.numbers = {k: n for k, v in self.base.items() if (n := to_number(v)) is not None}
         self.segments: list[Segment] = []
+        self.turns: list[tuple[str | None, str]] = []  # every turn as said (chat style lays them out per agent)
         self.rounds: list[LiveRound] = []
         self.round = 0
         self.state: dict[str, float] = {}
@@ -154,6 +157,11 @@ class _Game:
     def text(self) -> str:
         return "".join(s.text for s in self.segments)
 
+    def say(self, speaker: str | None, text: str) -> None:
+        """A turn joins the history: laid out as text, and kept as said."""
+        self.segments += turn_segments(self.recipe, speaker, text, self.values())
+        self.turns.append((speaker, text))
+
     def capture(self, turn: RoundTurn, index: int, said: str) -> None:
         if not turn.capture:
             return
@@ -186,6 +194,7 @@ def run_live(
     items: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
     target_fix: Fix | None = None,
+    style: Style | None = None,
 ) -> list[LiveEpisode]:
     """Play a live recipe's items under one condition.
 
@@ -199,6 +208,9 @@ def run_live(
             the other agents are the model as it is. The target has a writer
             (and key/value cache) of its own, since a fixed model reads the
             history differently.
+        style: In chat style every turn is written from its own agent's chat
+            (:class:`mechfix.chat.ChatWriters`: one cached writer per agent); the
+            transcript keeps the text layout.
 
     Returns:
         One episode per item, in order: the transcript, and per round the
@@ -211,21 +223,29 @@ def run_live(
     rules = _compiled(recipe)
     games = [_Game(recipe, i, condition, rules) for i in items]
     seeds = [row_seed(rounds.seed, recipe.name, i, condition) for i in items]
-    writer = Writer(lm, len(games), rounds.temperature, seeds)
-    target_writer = None
-    if target_fix is not None:
-        target_writer = Writer(lm, len(games), rounds.temperature, [row_seed(s, "target") for s in seeds])
+    chat = style is not None and style.name == "chat"
+    target_seeds = [row_seed(s, "target") for s in seeds]
+    if chat:
+        writer = ChatWriters(lm, recipe, len(games), rounds.temperature, seeds)
+        target_writer = ChatWriters(lm, recipe, len(games), rounds.temperature, target_seeds) if target_fix else None
+    else:
+        writer = Writer(lm, len(games), rounds.temperature, seeds)
+        target_writer = Writer(lm, len(games), rounds.temperature, target_seeds) if target_fix else None
+
+    def generate(w, speaker: str | None, prompts: list[str], max_tokens: int) -> list[str]:
+        if chat:
+            return w.write(speaker, [(list(g.turns), g.values(), p) for g, p in zip(games, prompts)], max_tokens)
+        opened = [open_turn(recipe, speaker, p, g.values())[0].text for p, g in zip(prompts, games)]
+        return w.generate([g.text + o for g, o in zip(games, opened)], max_tokens)
 
     def write(speaker: str | None, prompt: str, max_tokens: int) -> list[tuple[str, str]]:
         """Open a turn in every game, let the model write it; returns (prompt, reply) per game."""
         prompts = [fill(prompt, g.values()) for g in games]
-        opened = [open_turn(recipe, speaker, p, g.values())[0].text for p, g in zip(prompts, games)]
-        texts = [g.text + o for g, o in zip(games, opened)]
         if target_writer is not None and speaker == recipe.decision.agent:
             with apply_fix(lm, target_fix, check_model=False):
-                replies = target_writer.generate(texts, max_tokens)
+                replies = generate(target_writer, speaker, prompts, max_tokens)
         else:
-            replies = writer.generate(texts, max_tokens)
+            replies = generate(writer, speaker, prompts, max_tokens)
         if on_step:
             on_step(len(games))
         return list(zip(prompts, replies))
@@ -241,10 +261,10 @@ def run_live(
             continue
         if turn.text is None:
             for g, (p, reply) in zip(games, write(turn.speaker, "", turn.max_tokens)):
-                g.segments += turn_segments(recipe, turn.speaker, said(p, reply), g.values())
+                g.say(turn.speaker, said(p, reply))
         else:
             for g in games:
-                g.segments += turn_segments(recipe, turn.speaker, fill(turn.text, g.values()), g.values())
+                g.say(turn.speaker, fill(turn.text, g.values()))
 
     d = recipe.decision
     for r in range(1, rounds.count + 1):
@@ -259,28 +279,30 @@ def run_live(
             if turn.decision:
                 for g in games:
                     v = g.values()
-                    opened = open_turn(recipe, d.agent, fill(d.prompt, v), v)
+                    prompt = fill(d.prompt, v)
+                    opened = open_turn(recipe, d.agent, prompt, v)
                     decisions.append(Episode(g.item, condition, [*g.segments, *opened],
-                                             [fill(o, v) for o in recipe.option_templates]))
+                                             [fill(o, v) for o in recipe.option_templates], {}, list(g.turns),
+                                             d.agent, prompt, v))
                 written = write(d.agent, d.prompt, d.max_tokens)
                 for g, (p, reply) in zip(games, written):
                     replies.append(reply)
-                    g.segments += turn_segments(recipe, d.agent, said(p, reply), g.values())
+                    g.say(d.agent, said(p, reply))
                     g.capture(turn, idx, reply)
             elif turn.text is None:
                 for g, (p, reply) in zip(games, write(turn.speaker, turn.prompt, turn.max_tokens)):
-                    g.segments += turn_segments(recipe, turn.speaker, said(p, reply), g.values())
+                    g.say(turn.speaker, said(p, reply))
                     g.capture(turn, idx, reply)
             else:
                 for g in games:
                     text = fill(turn.text, g.values())
-                    g.segments += turn_segments(recipe, turn.speaker, text, g.values())
+                    g.say(turn.speaker, text)
                     g.capture(turn, idx, text)
         for g, s0, ep, reply in zip(games, start, decisions, replies):
             g.rounds.append(LiveRound(r, s0, dict(g.captures), list(g.missing), reply,
                                       parse_choice(reply, ep.options), ep))
             g.end_round()
-    return [LiveEpisode(g.item, condition, g.segments, g.rounds, dict(g.state)) for g in games]
+    return [LiveEpisode(g.item, condition, g.segments, g.rounds, dict(g.state), list(g.turns)) for g in games]
 
 
 def outcome(episodes: list[LiveEpisode]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mechfix.artifacts import Artifact, new_manifest
-from mechfix.chat import Style, chat_episode
+from mechfix.chat import ChatWriters, Style, chat_episode
 from mechfix.episodes import (
     Episode,
     Tokenized,
@@ -26,7 +26,6 @@ from mechfix.episodes import (
     tokenize_episode,
 )
 from mechfix.forward import SITES, Request, run_requests
-from mechfix.errors import BadInputError
 from mechfix.generation import generate_reply
 from mechfix.live import LiveEpisode, generated_turns, outcome, run_live
 from mechfix.models import LoadedModel
@@ -92,8 +91,15 @@ def split_items(n: int, heldout: float, seed: int) -> torch.Tensor:
     return split
 
 
+def write_reply(lm: LoadedModel, recipe: Recipe, ep: Episode, max_tokens: int, style: Style | None = None) -> str:
+    """The model's reply at an episode's opened turn: after its text, or in chat style after its agent's chat."""
+    if style is not None and style.name == "chat":
+        return ChatWriters(lm, recipe, 1).write(ep.agent, [(ep.turns, ep.values, ep.prompt)], max_tokens)[0]
+    return generate_reply(lm, ep.text, max_tokens)
+
+
 def _render_all(
-    lm: LoadedModel, recipe: Recipe, items: list[int], on_step: Callable[[int], None] | None
+    lm: LoadedModel, recipe: Recipe, items: list[int], on_step: Callable[[int], None] | None, style: Style | None = None
 ) -> dict[str, list[Episode]]:
     """Render the given items' episodes; in generate mode let the model write the unscripted turns."""
     episodes: dict[str, list[Episode]] = {c: [] for c in recipe.condition_names}
@@ -101,7 +107,7 @@ def _render_all(
         for i in items:
             ep = render_episode(recipe, i, c)
             while (t := pending_turn(recipe, ep)) is not None:
-                reply = generate_reply(lm, ep.text, recipe.turns[t].max_tokens)
+                reply = write_reply(lm, recipe, ep, recipe.turns[t].max_tokens, style)
                 ep = render_episode(recipe, i, c, {**ep.generated, t: reply.strip()})
             episodes[c].append(ep)
             if on_step:
@@ -158,25 +164,20 @@ def decision_requests(
     decision is rendered through the tokenizer's chat template as its agent saw
     it (:mod:`mechfix.chat`).
 
-    Raises:
-        BadInputError: Chat style for a generate-mode or live recipe (not supported yet).
+    Every generated turn is written from its own agent's point of view: in chat
+    style, its own chat (:class:`mechfix.chat.ChatWriters`).
     """
     items = list(range(len(recipe.items))) if items is None else items
     speakers = speaker_list(recipe)
     chat = style is not None and style.name == "chat"
-    if chat and (recipe.rounds is not None or recipe.mode == "generate"):
-        raise BadInputError(
-            f"recipe '{recipe.name}' {'is live' if recipe.rounds is not None else 'runs in generate mode'}, and chat style "
-            "renders only scripted (score mode) recipes and transcripts so far: each generated turn would need its own "
-            "agent's chat. Use --style text for it.")
     live = None
     if recipe.rounds is not None:
-        live = {c: run_live(lm, recipe, c, None, on_step) for c in recipe.condition_names}
+        live = {c: run_live(lm, recipe, c, None, on_step, style=style) for c in recipe.condition_names}
         rows = [(i, r.round) for i in items for r in live[recipe.condition_names[0]][i].rounds]
         episodes = {c: [eps[i].rounds[r - 1].decision for i, r in rows] for c, eps in live.items()}
     else:
         rows = [(i, 0) for i in items]
-        episodes = _render_all(lm, recipe, items, on_step if recipe.mode == "generate" else None)
+        episodes = _render_all(lm, recipe, items, on_step if recipe.mode == "generate" else None, style)
     if chat:
         done = {c: [chat_episode(lm.tokenizer, recipe, ep, speakers) for ep in eps] for c, eps in episodes.items()}
         episodes = {c: [ep for ep, _ in pairs] for c, pairs in done.items()}
@@ -250,7 +251,7 @@ def record(
         for c in conditions:
             replies[c], choices[c] = [], []
             for ep in episodes[c]:
-                reply = generate_reply(lm, ep.text, recipe.decision.max_tokens)
+                reply = write_reply(lm, recipe, ep, recipe.decision.max_tokens, style)
                 replies[c].append(reply)
                 choices[c].append(parse_choice(reply, ep.options))
                 if gen_step:

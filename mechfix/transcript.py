@@ -43,6 +43,8 @@ from mechfix.recipe import (
 )
 from mechfix.textio import decode_text, load_json, read_bytes, read_text
 
+# A sender wrapper some frameworks put inside the content: "<name>Ana</name> text".
+_SENDER_TAG = re.compile(r"^\s*<name>([^<>\n]{1,64})</name>\s*")
 _NAME_PREFIX = re.compile(r"^\s*([A-Z][\w.'-]*(?: [A-Z][\w.'-]*){0,2}):\s+")
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool", "developer": "Developer"}
 
@@ -53,6 +55,7 @@ class Message:
 
     speaker: str
     text: str
+    role: str = ""  # the message's role in the file (system messages stay system messages in chat style)
 
 
 class TranscriptError(BadInputError):
@@ -86,9 +89,14 @@ class DecisionFile(_Strict):
 
 
 def _speaker(role: str, name: str | None, text: str) -> tuple[str, str]:
+    # The sender is named once: a name field wins, and a wrapper or prefix that repeats it is removed from the text.
+    tag = _SENDER_TAG.match(text)
+    if tag and (not name or tag.group(1).strip() == name):
+        return tag.group(1).strip(), text[tag.end():]
+    prefix = _NAME_PREFIX.match(text)
     if name:
-        return name, text
-    m = _NAME_PREFIX.match(text)
+        return name, text[prefix.end():] if prefix and prefix.group(1) == name else text
+    m = prefix
     if m:
         return m.group(1), text[m.end():]
     return _ROLE_NAMES.get(role, role.capitalize() or "Unknown"), text
@@ -130,7 +138,7 @@ def _conversation(raw: Any, where: str) -> list[Message]:
         if "content" not in msg:
             raise TranscriptError(f"{at}: 'content' is missing.")
         speaker, text = _speaker(role, name, _content_text(msg["content"], at))
-        out.append(Message(speaker, text.strip()))
+        out.append(Message(speaker, text.strip(), role))
     return out
 
 
@@ -286,14 +294,18 @@ def transcript_recipe(convs: list[list[Message]], dec: DecisionFile, source: str
     extra = dec.items or [{}] * len(convs)
     items = [{**{f"m{j}": conv[j].text for j in range(t)}, **extra[i]} for i, conv in enumerate(convs)]
     agents = list(dict.fromkeys(first))
+    # A speaker who only ever sends system messages is the system: in chat style its messages stay system messages.
+    system = {a for a in agents if all(m.role == "system" for conv in convs for m in conv[:t] if m.speaker == a)}
     name = dec.name or (re.sub(r"[^a-z0-9_-]+", "-", Path(source).stem.lower()).strip("-") or "transcript")
     data = {
         "name": name if re.match(r"^[a-z0-9]", name) else f"t-{name}",
         "description": dec.description or f"Replay of {len(convs)} conversation(s) from {Path(source).name}.",
         "family": dec.family,
         "mode": "score",
-        "agents": [{"name": a} for a in agents],
-        "format": {**dec.format.model_dump(), "preamble": dec.preamble or dec.format.preamble},
+        "agents": [{"name": a, **({"role": "system"} if a in system else {})} for a in agents],
+        # In chat style the agent sees the conversation's own system messages, not a system prompt mechfix makes up.
+        "format": {**dec.format.model_dump(), "preamble": dec.preamble or dec.format.preamble,
+                   "system": dec.format.system if dec.format.system is not None else ""},
         "conditions": {c: {"description": "the conversation as it happened" if c == "pressure" else f"edited: {edits[c].model_dump()}"}
                        for c in conditions},
         "turns": turns,

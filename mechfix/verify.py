@@ -229,7 +229,8 @@ def verify_fixes(
                                                 step(f"the same fix without its gate{which}", n * 2 + len(neutral.batches)))
         if rendered.live is not None and replay != "none":
             report["live_outcome"] = _replay(lm, recipe, fix, rendered, replay,
-                                             step(f"replaying with the fix{which}", generation_steps(recipe, len(items))))
+                                             step(f"replaying with the fix{which}", generation_steps(recipe, len(items))),
+                                             style)
         reports.append(report)
     return reports
 
@@ -269,7 +270,8 @@ def _probe_report(lm: LoadedModel, fix: Fix, requests: dict[str, list[Request]],
     }
 
 
-def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, who: str, on_step) -> dict[str, Any]:
+def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, who: str, on_step,
+            style: Style | None = None) -> dict[str, Any]:
     """Play a live recipe's episodes again with the fix; what they come to, before and after.
 
     The scored decisions above are the unfixed episodes' decision points, so
@@ -279,10 +281,10 @@ def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, who: 
     all) or ``target`` (only the target does; the others are the model as it is).
     """
     if who == "target":
-        after = {c: run_live(lm, recipe, c, None, on_step, target_fix=fix) for c in recipe.condition_names}
+        after = {c: run_live(lm, recipe, c, None, on_step, target_fix=fix, style=style) for c in recipe.condition_names}
     else:
         with apply_fix(lm, fix, check_model=False):
-            after = {c: run_live(lm, recipe, c, None, on_step) for c in recipe.condition_names}
+            after = {c: run_live(lm, recipe, c, None, on_step, style=style) for c in recipe.condition_names}
     return {
         "fixed_agents": who,
         "before": {c: outcome(eps) for c, eps in rendered.live.items()},

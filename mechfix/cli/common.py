@@ -40,8 +40,8 @@ StyleOpt = Annotated[
     typer.Option(
         "--style",
         help="text: the recipe's text layout (base models); chat: each decision as its agent saw it, through the "
-        "model's chat template. Default: chat when the model has a chat template (or --chat-template) and the recipe "
-        "is scripted, else text; verify renders as the fix's recording was.",
+        "model's chat template. Default: chat when the model has a chat template (or --chat-template), else text; "
+        "verify renders as the fix's recording was.",
     ),
 ]
 
