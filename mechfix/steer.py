@@ -729,6 +729,12 @@ def steer(
     # With no operation given, a heads fix chooses among all of them by what carries over.
     ops = [name for name, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [op]
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
+    text = {"name": "text", "template": None, "template_sha256": None}
+    if (att.manifest.get("style") or text) != (rec.manifest.get("style") or text):
+        raise BadInputError(
+            f"attribution '{att.path}' was made on {(att.manifest.get('style') or text)['name']}-style renderings and "
+            f"recording '{rec.path}' holds {(rec.manifest.get('style') or text)['name']}-style ones (or another template). "
+            "Attribute the recording you steer on: mechfix attribute REC, then mechfix steer.")
     _require_behaviour(att, baseline)
     # A LoRA fix adapts the modules that hold the top heads.
     tgt_layers, tgt_heads, why = pick_targets(att, "heads" if kind == "lora" else kind, top, layers)

@@ -298,3 +298,21 @@ def test_generate_mode_in_chat_style_writes_each_turn_from_its_agents_chat():
     k = [s for s, _ in ep.turns].index("Ana")
     reply = _greedy_reply(lm, view_ids(lm.tokenizer, recipe, ep.turns[:k], "Ana", ep.values), 6)
     assert ep.turns[k] == ("Ana", reply.strip())
+
+
+def test_steer_refuses_an_attribution_and_recording_of_different_styles():
+    from test_attribute import _planted_model, _recording
+    from test_steer import PLANT_MORE
+
+    from mechfix.attribute import attribute
+    from mechfix.attribute import to_artifact as attribution_artifact
+    from mechfix.evaluate import neutral_passages, neutral_set
+    from mechfix.steer import steer
+
+    lm = _planted_model()
+    rec = _recording(lm, PLANT_MORE)
+    att = attribution_artifact(attribute(lm, rec, method="atp", top=3), lm, rec, {"baseline": "clean"}, top=3)
+    assert att.manifest["style"] == rec.manifest["style"] == {"name": "text", "template": None, "template_sha256": None}
+    att.manifest["style"] = Style("chat", resolve_template("chatml")).as_dict()
+    with pytest.raises(BadInputError, match="chat-style renderings"):
+        steer(lm, att, rec, neutral_set(lm, neutral_passages()[:2]), op="scale", top=1)
