@@ -181,3 +181,30 @@ def test_a_gate_on_the_embedded_model_reads_the_pressure_and_leaves_quiet_prompt
     scores = score_episodes(gemma, fix, rendered.episodes["pressure"] + rendered.episodes["clean"])
     assert [s.flagged for s in scores] == [True] * 4 + [False] * 4
     assert all(s.raisers(1)[0].speaker in ("Ana", "Ben", "Chloe", "Dev") for s in scores[:4])
+
+
+def test_every_built_in_recipe_renders_in_chat_style_through_the_gemma_template_token_for_token(gemma):
+    import copy
+
+    from mechfix.chat import Style, agent_messages, template_ids
+    from mechfix.episodes import render_episode
+    from mechfix.recipe import load_recipe
+    from mechfix.record import decision_requests
+    from mechfix.templates import resolve_template, use_template
+
+    tok = copy.deepcopy(gemma.tokenizer)  # the shared model's tokenizer keeps no template
+    template = resolve_template("gemma")
+    use_template(tok, template)
+    lm = copy.copy(gemma)
+    lm.tokenizer = tok
+    for name in ("conformity", "sycophancy", "collusion", "principal_agent", "privacy", "commons", "handoff"):
+        recipe = load_recipe(name).recipe
+        rendered = decision_requests(lm, recipe, [0, 1], style=Style("chat", template))
+        for cond, toks in rendered.tokens.items():
+            for item, tk in zip([0, 1], toks):
+                ep = render_episode(recipe, item, cond)
+                messages = agent_messages(recipe, ep.turns, ep.agent, ep.values)
+                prompt = tok(ep.prompt, add_special_tokens=False)["input_ids"] if ep.prompt else []
+                assert tk.ids == template_ids(tok, messages) + prompt, (name, cond, item)
+                assert tk.ids.count(tok.bos_token_id) == 1 and tk.ids[0] == tok.bos_token_id
+                assert tk.ids[-len(prompt) - 3:len(tk.ids) - len(prompt)] == tok("<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
