@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)  # two threads can collapse on a loaded 2-core machine
 
-from tiny import tiny_model  # noqa: E402
+from tiny import save_model_dir, tiny_model  # noqa: E402
 
 MINI_RECIPE = """\
 name: mini
@@ -82,8 +82,4 @@ def mini_recipe_path(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny llama saved with save_pretrained, for --model on the CLI."""
-    lm = tiny_model("llama")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+    return save_model_dir(tiny_model("llama"), tmp_path_factory.mktemp("tiny-llama"))

@@ -10,6 +10,7 @@ import gguf
 import pytest
 from test_attribute import _planted_model
 from test_cli import run
+from tiny import save_model_dir
 from test_steer import PLANT_MORE
 
 # The planted head is far cruder than a real one (see test_steer): it is the model's only way to copy a letter,
@@ -20,11 +21,7 @@ LOOSE = ("--max-kl", "5", "--min-clean-margin", "0", "--min-capability", "0", "-
 
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory):
-    lm = _planted_model()
-    d = tmp_path_factory.mktemp("planted-model")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+    return save_model_dir(_planted_model(), tmp_path_factory.mktemp("planted-model"))
 
 
 @pytest.fixture()

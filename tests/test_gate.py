@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from gate_plant import GATE_RECIPE, WRITE, gate_planted_model
-from test_attribute import _loaded, _recording
-from test_steer import LOOSE
+from test_attribute import _loaded
+from test_steer import LOOSE, planted_setup
 from tiny import tiny_model
 
 from mechfix.artifacts import load_artifact, save_artifact
-from mechfix.attribute import attribute
-from mechfix.attribute import to_artifact as attribution_artifact
 from mechfix.errors import ArtifactError, BadInputError
 from mechfix.evaluate import neutral_passages, neutral_set, score_requests
 from mechfix.fix import OPS, Fix, RowFixes, apply_fix, apply_row_fixes, load_fix
@@ -202,11 +200,7 @@ def test_generation_with_a_gated_fix_equals_applying_it_by_hand_at_every_positio
 
 @pytest.fixture(scope="module")
 def gated():
-    lm = gate_planted_model()
-    rec = _recording(lm, GATE_RECIPE)
-    att = attribution_artifact(attribute(lm, rec, method="both", top=5), lm, rec, {"baseline": "clean"}, top=5)
-    att.path, att.sha256 = "att.safetensors", "2" * 64
-    neutral = neutral_set(lm, neutral_passages()[:6])
+    lm, rec, att, neutral = planted_setup(gate_planted_model(), GATE_RECIPE)
     st = steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=LOOSE, gate=GateSettings())
     return lm, rec, att, neutral, st
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from gate_plant import GATE_RECIPE, gate_planted_model
 from test_cli import run
+from tiny import save_model_dir
 from test_cli_fix import LOOSE
 
 from mechfix.fix import load_fix
@@ -15,11 +16,7 @@ from mechfix.monitor import score_conversation
 
 @pytest.fixture(scope="module")
 def gate_dir(tmp_path_factory):
-    lm = gate_planted_model()
-    d = tmp_path_factory.mktemp("gate-model")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
+    return save_model_dir(gate_planted_model(), tmp_path_factory.mktemp("gate-model"))
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,17 @@ PLANT_MORE = PLANT_RECIPE.replace("split: {heldout: 0.25, seed: 1}", "split: {he
 LOOSE = Budget(max_kl=5.0, min_clean_agreement=0.95)
 
 
-@pytest.fixture(scope="module")
-def planted():
-    lm = _planted_model()
-    rec = _recording(lm, PLANT_MORE)
+def planted_setup(lm, recipe: str = PLANT_MORE):
+    """A planted model's recording, attribution (both methods, top 5) and a small neutral set."""
+    rec = _recording(lm, recipe)
     att = attribution_artifact(attribute(lm, rec, method="both", top=5), lm, rec, {"baseline": "clean"}, top=5)
     att.path, att.sha256 = "att.safetensors", "2" * 64
-    neutral = neutral_set(lm, neutral_passages()[:6])
-    return lm, rec, att, neutral
+    return lm, rec, att, neutral_set(lm, neutral_passages()[:6])
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_setup(_planted_model())
 
 
 def test_heads_fix_on_the_planted_head_removes_the_behaviour_inside_the_budget(planted):

@@ -46,3 +46,10 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     return wrap_model(model, byte_tokenizer(), name=f"tiny-{arch}")
+
+
+def save_model_dir(lm: LoadedModel, folder):
+    """Save a model and its tokenizer with save_pretrained (for --model on the CLI); returns the folder."""
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
