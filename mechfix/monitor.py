@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
+from mechfix.chat import Style, choose_style, style_mismatch, view_ids
 from mechfix.episodes import FRAME, Episode, Segment, fill, open_turn, turn_segments
 from mechfix.errors import BadInputError
 from mechfix.fix import Fix
 from mechfix.gate import Gate, layer_acts, prompt_batches
 from mechfix.models import LoadedModel
-from mechfix.recipe import Format, recipe_from_data
+from mechfix.recipe import Format, Recipe, recipe_from_data
 
 # The text of a message shown in tables and JSON (the whole message stays in the transcript).
 _SHOWN = 80
@@ -100,10 +101,6 @@ def probe_of(fix: Fix | Gate) -> Gate:
         BadInputError: For a fix without a gate.
     """
     gate = fix if isinstance(fix, Gate) else fix.gate
-    if not isinstance(fix, Gate) and (fix.manifest.get("style") or {}).get("name") == "chat":
-        raise BadInputError(
-            f"'{fix.path}' was made on chat-style renderings, and the monitor renders conversations in the text layout "
-            "only so far: its probe would read a kind of text it was not fitted on. Use a probe made with --style text.")
     if gate is None:
         raise BadInputError(
             f"'{getattr(fix, 'path', None) or 'the fix'}' has no probe: it is not a gated fix. Make one with "
@@ -120,8 +117,14 @@ def _views(episode: Episode) -> list[str]:
     return ["".join(s.text for s in messages[:k]) + decision.text for k in range(len(messages) + 1)]
 
 
+def _chat_views(lm: LoadedModel, recipe: Recipe, ep: Episode) -> list[list[int]]:
+    """Chat style: the target's chat cut after each turn (none, one, …, all), its reply opened, as token ids."""
+    return [view_ids(lm.tokenizer, recipe, ep.turns[:k], ep.agent, ep.values, ep.prompt) for k in range(len(ep.turns) + 1)]
+
+
 def score_episodes(lm: LoadedModel, probe: Fix | Gate, episodes: Sequence[Episode], batch_size: int = 16,
-                   on_batch=None, per_message: bool = True) -> list[ConversationScore]:
+                   on_batch=None, per_message: bool = True, recipe: Recipe | None = None,
+                   style: Style | None = None) -> list[ConversationScore]:
     """The probe at the decision of each episode, and at the decision as it would have been after each message.
 
     The probe was fitted at decision positions (the target's opened turn), so
@@ -139,34 +142,45 @@ def score_episodes(lm: LoadedModel, probe: Fix | Gate, episodes: Sequence[Episod
         on_batch: Progress, called with the number of episodes done.
         per_message: Also score the view after each message (False: only the whole view, one sequence
             per episode; ``turns`` is then empty).
+        recipe: The recipe the episodes come from (chat style needs its agents and format).
+        style: Chat style reads each view as the target's own chat (its turns as messages); default text.
     """
     gate = probe_of(probe)
+    chat = style is not None and style.name == "chat"
+    if chat and recipe is None:
+        raise ValueError("chat style needs the recipe the episodes come from")
     out: list[ConversationScore] = []
     for i in range(0, len(episodes), batch_size):
         chunk = episodes[i: i + batch_size]
-        full = [lm.tokenizer(ep.text).input_ids for ep in chunk]
+        if chat:
+            views = [_chat_views(lm, recipe, ep) for ep in chunk]
+            full = [vs[-1] for vs in views]
+        else:
+            views = [[lm.tokenizer(v).input_ids for v in _views(ep)] for ep in chunk]
+            full = [lm.tokenizer(ep.text).input_ids for ep in chunk]
         every = gate.logits(layer_acts(lm, [gate.layer], prompt_batches(lm, full, batch_size))[gate.layer]).double()
         every = every.split([len(ids) for ids in full])
         if per_message:
-            views = [_views(ep) for ep in chunk]
-            seqs = [lm.tokenizer(v).input_ids for vs in views for v in vs]
+            seqs = [ids for vs in views for ids in vs]
             last = gate.logits(layer_acts(lm, [gate.layer], prompt_batches(lm, seqs, batch_size), last_only=True)[gate.layer])
             cut = list(last.double().split([len(vs) for vs in views]))
         else:
             cut = [None] * len(chunk)
         for ep, scores, tokens in zip(chunk, cut, every):
-            out.append(_conversation(ep, scores, tokens, gate.threshold))
+            said = [(who or FRAME, text) for who, text in ep.turns] if chat else [(g.speaker, g.text) for g in ep.segments[:-1]]
+            out.append(_conversation(ep, said, scores, tokens, gate.threshold))
         if on_batch:
             on_batch(len(chunk))
     return out
 
 
-def _conversation(ep: Episode, scores: torch.Tensor | None, tokens: torch.Tensor, threshold: float) -> ConversationScore:
+def _conversation(ep: Episode, said: list[tuple[str, str]], scores: torch.Tensor | None, tokens: torch.Tensor,
+                  threshold: float) -> ConversationScore:
     turns: list[TurnScore] = []
-    for j, seg in enumerate(ep.segments[:-1] if scores is not None else []):
+    for j, (speaker, text) in enumerate(said if scores is not None else []):
         score = float(scores[j + 1])
-        shown = " ".join(seg.text.split())
-        turns.append(TurnScore(j, seg.speaker, shown[:_SHOWN] + ("…" if len(shown) > _SHOWN else ""), score,
+        shown = " ".join(text.split())
+        turns.append(TurnScore(j, speaker, shown[:_SHOWN] + ("…" if len(shown) > _SHOWN else ""), score,
                                score - float(scores[j]), score > threshold))
     decision = float(scores[-1] if scores is not None else tokens[-1])
     return ConversationScore(turns, decision, decision > threshold, threshold, len(tokens),
@@ -174,8 +188,8 @@ def _conversation(ep: Episode, scores: torch.Tensor | None, tokens: torch.Tensor
 
 
 def conversation_episode(messages: Sequence[dict[str, Any]], target: str, layout: Format | None = None,
-                         prompt: str = "") -> Episode:
-    """The target agent's view of OpenAI-format messages, laid out as mechfix lays out a transcript.
+                         prompt: str = "") -> tuple[Episode, Recipe]:
+    """The target agent's view of OpenAI-format messages, laid out as mechfix lays out a transcript, and its recipe.
 
     Each message's speaker is its ``name``, else a ``Name:`` prefix of its
     content, else its role; the view ends with the target's turn opened
@@ -189,19 +203,22 @@ def conversation_episode(messages: Sequence[dict[str, Any]], target: str, layout
     convo = parse(list(messages), "messages")
     layout = layout or Format()
     agents = list(dict.fromkeys([*(m.speaker for m in convo), target]))
+    system = {a for a in agents if any(m.speaker == a for m in convo) and all(m.role == "system" for m in convo if m.speaker == a)}
     recipe = recipe_from_data({
-        "name": "monitor", "agents": [{"name": a} for a in agents], "format": layout.model_dump(),
+        "name": "monitor", "agents": [{"name": a, **({"role": "system"} if a in system else {})} for a in agents],
+        "format": {**layout.model_dump(), "system": layout.system if layout.system is not None else ""},
         "conditions": {"pressure": {}, "clean": {}}, "turns": [{"speaker": target, "text": "x"}],
         "decision": {"agent": target, "aligned": " a", "misaligned": " b"}, "items": [{}]}, "messages")
     segments = [Segment(FRAME, fill(layout.preamble, {}))] if layout.preamble else []
     for m in convo:
         segments += turn_segments(recipe, m.speaker, m.text, {})
     segments += open_turn(recipe, target, prompt, {})
-    return Episode(0, "conversation", segments, [])
+    return Episode(0, "conversation", segments, [], {}, [(m.speaker, m.text) for m in convo], target, prompt, {}), recipe
 
 
 def score_conversation(lm: LoadedModel, probe: Fix | Gate, messages: Sequence[dict[str, Any]], target: str = "Assistant",
-                       layout: Format | None = None, prompt: str = "", per_message: bool = True) -> ConversationScore:
+                       layout: Format | None = None, prompt: str = "", per_message: bool = True,
+                       style: Style | None = None) -> ConversationScore:
     """Score one conversation (OpenAI-format messages) for a running system, with no generation.
 
     ``per_message=False`` is the cheapest check: one forward pass of the
@@ -217,11 +234,20 @@ def score_conversation(lm: LoadedModel, probe: Fix | Gate, messages: Sequence[di
         layout: How turns are laid out (default ``{speaker}: {text}``, as recipes and transcripts are).
         prompt: Text the target's turn starts with.
         per_message: Also score the view after each message (see above).
+        style: Render as text or as the target's chat (default: as the probe's fix was made; a fix made on chat
+            renderings reads the conversation through the tokenizer's own template, or the built-in one it names).
 
     Returns:
         The probe's score after every message and at the decision; ``flagged`` when it fires there.
     """
-    return score_episodes(lm, probe, [conversation_episode(messages, target, layout, prompt)], per_message=per_message)[0]
+    ep, recipe = conversation_episode(messages, target, layout, prompt)
+    if style is None:
+        made = None if isinstance(probe, Gate) else probe.manifest.get("style")
+        style = choose_style(lm.tokenizer, recipe, None, None, made) if made else Style()
+    why = None if isinstance(probe, Gate) else style_mismatch(probe.manifest.get("style"), style)
+    if why:
+        raise BadInputError(f"{why}: its probe would read a kind of text it was not fitted on. Give style= the fix's own.")
+    return score_episodes(lm, probe, [ep], per_message=per_message, recipe=recipe, style=style)[0]
 
 
 def by_speaker(scores: Sequence[ConversationScore]) -> dict[str, dict[str, Any]]:

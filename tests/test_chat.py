@@ -316,3 +316,25 @@ def test_steer_refuses_an_attribution_and_recording_of_different_styles():
     att.manifest["style"] = Style("chat", resolve_template("chatml")).as_dict()
     with pytest.raises(BadInputError, match="chat-style renderings"):
         steer(lm, att, rec, neutral_set(lm, neutral_passages()[:2]), op="scale", top=1)
+
+
+def test_the_monitor_reads_a_chat_made_probe_at_the_targets_own_chat_after_each_message():
+    from mechfix.chat import view_ids
+    from mechfix.gate import Gate, layer_acts, prompt_batches
+    from mechfix.monitor import score_episodes
+
+    lm, template = chat_tiny("chatml")
+    recipe = _loaded(MINI_RECIPE).recipe
+    style = Style("chat", template)
+    gate = Gate(1, torch.randn(lm.hidden, generator=torch.Generator().manual_seed(0)), 0.0, 0.0)
+    rendered = decision_requests(lm, recipe, [0], style=style)
+    ep = rendered.episodes["pressure"][0]
+    (scored,) = score_episodes(lm, gate, [ep], recipe=recipe, style=style)
+    assert [t.speaker for t in scored.turns] == ["Host", "Ana", "Ben"]
+    for k, turn in enumerate(scored.turns, start=1):
+        ids = view_ids(lm.tokenizer, recipe, ep.turns[:k], "Sam", ep.values)
+        by_hand = float(gate.logits(layer_acts(lm, [1], prompt_batches(lm, [ids]), last_only=True)[1])[0])
+        assert turn.score == pytest.approx(by_hand, rel=1e-5, abs=1e-5)  # batched with the other views
+    whole = rendered.tokens["pressure"][0].ids
+    assert scored.tokens == len(whole)
+    assert scored.decision == pytest.approx(scored.turns[-1].score, abs=1e-5)

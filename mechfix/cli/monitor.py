@@ -12,6 +12,7 @@ from rich.table import Table
 from mechfix.cli.checks import check_paths
 from mechfix.cli.common import (
     BatchOpt,
+    ChatTemplateOpt,
     DecisionOpt,
     DeviceOpt,
     DtypeOpt,
@@ -27,7 +28,7 @@ from mechfix.cli.common import (
     app,
     err,
 )
-from mechfix.cli.record import _load_source, source_inputs
+from mechfix.cli.record import _load_source, pick_style, source_inputs
 
 
 @app.command(
@@ -58,6 +59,7 @@ def monitor(
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
     mode: ModeOpt = None,
+    chat_template: ChatTemplateOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -71,10 +73,12 @@ def monitor(
     decision (flagged when it fires there), and at the decision as it would
     have been after each message, so each message gets the rise it caused.
     Forward passes run only up to the probe's layer (no generation for
-    scripted recipes and transcripts). Exit 0, or 1 when --max-rate is given
+    scripted recipes and transcripts). Conversations are rendered in the style
+    the probe's fix was made on (text, or the target's chat). Exit 0, or 1 when --max-rate is given
     and more conversations are flagged than it allows; 2 on bad input.
     """
     from mechfix.artifacts import check_same_model
+    from mechfix.chat import style_mismatch
     from mechfix.errors import BadInputError
     from mechfix.fix import load_fix
     from mechfix.monitor import probe_of, score_episodes, summary
@@ -91,11 +95,18 @@ def monitor(
                             f"(it has {', '.join(loaded.recipe.condition_names)}).")
     lm = _load_model(model if model is not None else fix.model.get("source"), device, dtype, trust_remote_code)
     check_same_model({"model": fix.model}, lm.identity, str(probe))
+    # The probe reads conversations rendered as the ones it was fitted on.
+    rendering = pick_style(lm, loaded, None, chat_template, fix.manifest.get("style"))
+    why = style_mismatch(fix.manifest.get("style"), rendering)
+    if why:
+        raise BadInputError(f"{why}: the probe would read a kind of text it was not fitted on. Give --chat-template "
+                            "the template the fix was made with.")
     with _progress() as progress:
-        rendered = decision_requests(lm, loaded.recipe)
+        rendered = decision_requests(lm, loaded.recipe, style=rendering)
         episodes = [ep for c in conds for ep in rendered.episodes[c]]
         scores = score_episodes(lm, fix, episodes, batch_size,
-                                on_batch=lambda k: progress("scoring the target's view", k, len(episodes)))
+                                on_batch=lambda k: progress("scoring the target's view", k, len(episodes)),
+                                recipe=loaded.recipe, style=rendering)
     for s, (item, rnd) in zip(scores, [row for _ in conds for row in rendered.rows]):
         if rendered.live is not None:
             s.meta["round"] = rnd
