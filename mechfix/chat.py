@@ -49,17 +49,21 @@ class Style:
 
 @dataclass
 class ChatMessage:
-    """One chat message, with the parts of its content each speaker said (merged turns have several)."""
+    """One chat message, with the parts of its content each speaker said (merged turns have several).
+
+    ``extra`` holds more fields for the template (a message's ``tool_calls``, a tool result's ``tool_call_id``).
+    """
 
     role: str
     parts: list[tuple[str, str]] = field(default_factory=list)  # (speaker, text)
+    extra: dict = field(default_factory=dict)
 
     @property
     def content(self) -> str:
         return _JOIN.join(text for _, text in self.parts)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_dict(self) -> dict:
+        return {"role": self.role, "content": self.content, **self.extra}
 
 
 def system_prompt(recipe: Recipe, agent: str, values: dict[str, str]) -> str:
@@ -73,7 +77,8 @@ def system_prompt(recipe: Recipe, agent: str, values: dict[str, str]) -> str:
     return f"{preamble}\n\n{who}" if preamble else who
 
 
-def agent_messages(recipe: Recipe, turns: list[tuple[str | None, str]], agent: str, values: dict[str, str]) -> list[ChatMessage]:
+def agent_messages(recipe: Recipe, turns: list[tuple[str | None, str]], agent: str, values: dict[str, str],
+                   extra: dict[int, dict] | None = None) -> list[ChatMessage]:
     """The chat an agent sees: its system prompt, its own turns as assistant, everyone else's as user.
 
     Another agent's message is written with ``format.message`` (default
@@ -83,21 +88,24 @@ def agent_messages(recipe: Recipe, turns: list[tuple[str | None, str]], agent: s
     """
     system = system_prompt(recipe, agent, values)
     out = [ChatMessage("system", [(FRAME, system)])] if system else []
-    for speaker, text in turns:
+    extra = extra or {}
+    for i, (speaker, text) in enumerate(turns):
+        fields = extra.get(i, {})
         if speaker is None:
             role, part = recipe.format.narration_role, (FRAME, text)
-        elif recipe.agent(speaker).role == "system":  # a transcript's own system message, kept as one
-            role, part = "system", (speaker, text)
+        elif recipe.agent(speaker).role in ("system", "tool"):  # a transcript's own system message or tool result
+            role, part = recipe.agent(speaker).role, (speaker, text)
         elif speaker == agent:
             role, part = "assistant", (agent, text)
         else:
             a = recipe.agent(speaker)
             layout = {**values, "speaker": speaker, "agent": speaker, "role": a.role, "persona": a.persona, "text": text}
             role, part = "user", (speaker, fill(recipe.format.message, layout))
-        if out and out[-1].role == role:
+        # Tool calls and results keep their own messages: a template pairs them by id.
+        if out and out[-1].role == role and role != "tool" and not fields and not out[-1].extra:
             out[-1].parts.append(part)
         else:
-            out.append(ChatMessage(role, [part]))
+            out.append(ChatMessage(role, [part], dict(fields)))
     return out
 
 
@@ -175,7 +183,7 @@ def chat_episode(tokenizer, recipe: Recipe, episode: Episode, speakers: list[str
         The episode with its text as the template rendered it (one frame segment, for transcripts) and its
         options as the reply starts; and its tokens with speakers.
     """
-    messages = agent_messages(recipe, episode.turns, episode.agent, episode.values)
+    messages = agent_messages(recipe, episode.turns, episode.agent, episode.values, episode.extra)
     tok, text = tokenize_chat(tokenizer, messages, episode.prompt, episode.agent, speakers)
     return replace(episode, segments=[Segment(FRAME, text)], options=chat_options(episode.options, episode.prompt)), tok
 
@@ -232,9 +240,9 @@ def style_mismatch(made: dict | None, now: Style) -> str | None:
 
 
 def view_ids(tokenizer, recipe: Recipe, turns: list[tuple[str | None, str]], agent: str, values: dict[str, str],
-             prompt: str = "") -> list[int]:
+             prompt: str = "", extra: dict[int, dict] | None = None) -> list[int]:
     """The token ids of one agent's chat with its turn opened up to ``prompt``: what it writes its reply after."""
-    ids = template_ids(tokenizer, agent_messages(recipe, turns, agent, values))
+    ids = template_ids(tokenizer, agent_messages(recipe, turns, agent, values, extra))
     return ids + (list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else [])
 
 

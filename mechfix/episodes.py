@@ -7,12 +7,16 @@ up to the decision prompt; the options are the continuations that are scored.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
 from mechfix.recipe import PLACEHOLDER, Recipe
 
 FRAME = "<frame>"  # speaker of text that no agent says: preamble, narration, layout
+# What fill reads in a template: a doubled brace (a literal one) or a {name} placeholder.
+_TOKENS = re.compile(r"\{\{|\}\}|\{(\w+)\}")
+_BRACE = {"{{": "{", "}}": "}"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Episode:
         agent: Whose turn is opened at the end (the decision's agent).
         prompt: The text the opened turn starts with (the decision prompt).
         values: The item's placeholder values under the condition.
+        extra: Chat style: more fields of some turns' messages (tool calls), by index into ``turns``.
     """
 
     item: int
@@ -47,6 +52,7 @@ class Episode:
     agent: str = ""
     prompt: str = ""
     values: dict[str, str] = field(default_factory=dict)
+    extra: dict[int, dict] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -59,11 +65,8 @@ def fill(template: str, values: dict[str, str]) -> str:
     Only plain names are substituted (no attribute access, no format specs), so
     a recipe can never run code.
     """
-    parts = template.split("{{")
-    out = []
-    for part in parts:
-        out.append(PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), part).replace("}}", "}"))
-    return "{".join(out)
+    # One left-to-right pass over the template: an inserted value is never read again, so braces in it stay.
+    return _TOKENS.sub(lambda m: _BRACE.get(m.group(0)) or values.get(m.group(1), m.group(0)), template)
 
 
 def _cast(recipe: Recipe) -> str:
@@ -88,7 +91,7 @@ def item_values(recipe: Recipe, item: int, condition: str) -> dict[str, str]:
     values = dict(recipe.items[item])
     values.update(recipe.conditions[condition].vars)
     values["cast"] = _cast(recipe)
-    return {k: fill(v, values) if "{" in v else v for k, v in values.items()}
+    return {k: fill(v, values) if "{" in v or "}" in v else v for k, v in values.items()}
 
 
 def render_episode(recipe: Recipe, item: int, condition: str, generated: dict[int, str] | None = None) -> Episode:
@@ -110,6 +113,7 @@ def render_episode(recipe: Recipe, item: int, condition: str, generated: dict[in
     values = item_values(recipe, item, condition)
     segments: list[Segment] = []
     said: list[tuple[str | None, str]] = []
+    extra: dict[int, dict] = {}
     if recipe.format.preamble:
         segments.append(Segment(FRAME, fill(recipe.format.preamble, values)))
     for i, turn in enumerate(recipe.turns):
@@ -117,15 +121,17 @@ def render_episode(recipe: Recipe, item: int, condition: str, generated: dict[in
             continue
         if turn.text is None and i not in generated:
             segments += open_turn(recipe, turn.speaker, "", values)
-            return Episode(item, condition, segments, [], dict(generated), said, turn.speaker or "", "", values)
+            return Episode(item, condition, segments, [], dict(generated), said, turn.speaker or "", "", values, extra)
         text = generated[i] if turn.text is None else fill(turn.text, values)
         segments += turn_segments(recipe, turn.speaker, text, values)
+        if turn.chat and (fields := json.loads(fill(turn.chat, values) or "{}")):
+            extra[len(said)] = fields
         said.append((turn.speaker, text))
     d = recipe.decision
     prompt = fill(d.prompt, values)
     segments += open_turn(recipe, d.agent, prompt, values)
     options = [fill(o, values) for o in recipe.option_templates]
-    return Episode(item, condition, segments, options, dict(generated), said, d.agent, prompt, values)
+    return Episode(item, condition, segments, options, dict(generated), said, d.agent, prompt, values, extra)
 
 
 def open_turn(recipe: Recipe, speaker: str | None, prompt: str, values: dict[str, str]) -> list[Segment]:

@@ -119,7 +119,8 @@ def _views(episode: Episode) -> list[str]:
 
 def _chat_views(lm: LoadedModel, recipe: Recipe, ep: Episode) -> list[list[int]]:
     """Chat style: the target's chat cut after each turn (none, one, …, all), its reply opened, as token ids."""
-    return [view_ids(lm.tokenizer, recipe, ep.turns[:k], ep.agent, ep.values, ep.prompt) for k in range(len(ep.turns) + 1)]
+    return [view_ids(lm.tokenizer, recipe, ep.turns[:k], ep.agent, ep.values, ep.prompt, ep.extra)
+            for k in range(len(ep.turns) + 1)]
 
 
 def score_episodes(lm: LoadedModel, probe: Fix | Gate, episodes: Sequence[Episode], batch_size: int = 16,

@@ -50,6 +50,9 @@ class Turn(_Strict):
     text: str | None = Field(None, description="Turn text with {placeholders}; omit to generate it.")
     when: list[str] | None = Field(None, description="Conditions the turn appears in; omit for all.")
     max_tokens: int = Field(48, gt=0, le=1024, description="Length limit of a generated turn.")
+    chat: str | None = Field(
+        None, description="Chat style: more fields of this message, a JSON object after filling placeholders "
+        "(transcripts put a message's tool calls or tool call id here).")
 
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"

@@ -56,6 +56,7 @@ class Message:
     speaker: str
     text: str
     role: str = ""  # the message's role in the file (system messages stay system messages in chat style)
+    extra: tuple[tuple[str, Any], ...] = ()  # tool_calls / tool_call_id, passed to a chat template as they were
 
 
 class TranscriptError(BadInputError):
@@ -138,8 +139,32 @@ def _conversation(raw: Any, where: str) -> list[Message]:
         if "content" not in msg:
             raise TranscriptError(f"{at}: 'content' is missing.")
         speaker, text = _speaker(role, name, _content_text(msg["content"], at))
-        out.append(Message(speaker, text.strip(), role))
+        calls = _tool_calls(msg.get("tool_calls"), at)
+        extra = (("tool_calls", calls),) if calls else ()
+        if isinstance(msg.get("tool_call_id"), str):
+            extra += (("tool_call_id", msg["tool_call_id"]),)
+        # Text style sees a tool call as a line of its message.
+        shown = "\n".join([text.strip(), *(f"[calls {c['function']['name']}({_arguments(c)})]" for c in calls)]).strip()
+        out.append(Message(speaker, shown, role, extra))
     return out
+
+
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """A message's OpenAI-style tool calls, checked: ``[{"id", "type": "function", "function": {"name", "arguments"}}]``."""
+    if raw is None:
+        return []
+    ok = isinstance(raw, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", ""), (str, dict)) for c in raw)
+    if not ok:
+        raise TranscriptError(f"{where}: 'tool_calls' must be a list of {{'id', 'type': 'function', 'function': "
+                              "{'name': str, 'arguments': str or object}}.")
+    return [dict(c) for c in raw]
+
+
+def _arguments(call: dict[str, Any]) -> str:
+    args = call["function"].get("arguments", "")
+    return args if isinstance(args, str) else json.dumps(args, sort_keys=True)
 
 
 def _json_error(path: Path, exc: json.JSONDecodeError, line_offset: int = 0) -> TranscriptError:
@@ -282,27 +307,35 @@ def transcript_recipe(convs: list[list[Message]], dec: DecisionFile, source: str
                 raise TranscriptError(f"{decision_path}: {cond} edits message {j}, but only messages 0 to {t - 1} come before the target.")
     conditions = ["pressure", *edits]
     turns: list[dict[str, Any]] = []
+    # Messages that carry tool calls (or answer one) in any conversation pass those fields on in chat style.
+    chat = {j for j in range(t) if any(conv[j].extra for conv in convs)}
     for j in range(t):
         kept = [c for c in conditions if c == "pressure" or (j not in edits[c].drop and j not in edits[c].replace)]
-        turns.append({"speaker": first[j], "text": f"{{m{j}}}", **({} if kept == conditions else {"when": kept})})
+        turns.append({"speaker": first[j], "text": f"{{m{j}}}", **({} if kept == conditions else {"when": kept}),
+                      **({"chat": f"{{m{j}_chat}}"} if j in chat else {})})
         for c in conditions[1:]:
             if j in edits[c].replace:
                 turns.append({"speaker": first[j], "text": edits[c].replace[j], "when": [c]})
     if dec.items is not None and len(dec.items) != len(convs):
         raise TranscriptError(f"{decision_path}: 'items' has {len(dec.items)} entries for {len(convs)} conversations; give one per conversation.")
-    # Message texts go in as item values, which are inserted as they are (never read as templates).
+    # Message texts go in as item values with their braces doubled, so that they come out as they are
+    # (an item value is filled as a template: "{city}" or "}}" in a message would otherwise change).
     extra = dec.items or [{}] * len(convs)
-    items = [{**{f"m{j}": conv[j].text for j in range(t)}, **extra[i]} for i, conv in enumerate(convs)]
+    items = [{**{f"m{j}": _literal(conv[j].text) for j in range(t)},
+              **{f"m{j}_chat": _literal(json.dumps(dict(conv[j].extra), sort_keys=True)) for j in chat},
+              **extra[i]} for i, conv in enumerate(convs)]
     agents = list(dict.fromkeys(first))
     # A speaker who only ever sends system messages is the system: in chat style its messages stay system messages.
     system = {a for a in agents if all(m.role == "system" for conv in convs for m in conv[:t] if m.speaker == a)}
+    tool = {a for a in agents if all(m.role == "tool" for conv in convs for m in conv[:t] if m.speaker == a)}
     name = dec.name or (re.sub(r"[^a-z0-9_-]+", "-", Path(source).stem.lower()).strip("-") or "transcript")
     data = {
         "name": name if re.match(r"^[a-z0-9]", name) else f"t-{name}",
         "description": dec.description or f"Replay of {len(convs)} conversation(s) from {Path(source).name}.",
         "family": dec.family,
         "mode": "score",
-        "agents": [{"name": a, **({"role": "system"} if a in system else {})} for a in agents],
+        "agents": [{"name": a, **({"role": "system"} if a in system else {"role": "tool"} if a in tool else {})}
+                   for a in agents],
         # In chat style the agent sees the conversation's own system messages, not a system prompt mechfix makes up.
         "format": {**dec.format.model_dump(), "preamble": dec.preamble or dec.format.preamble,
                    "system": dec.format.system if dec.format.system is not None else ""},
@@ -314,6 +347,11 @@ def transcript_recipe(convs: list[list[Message]], dec: DecisionFile, source: str
         "split": dec.split.model_dump(),
     }
     return recipe_from_data(data, decision_path)
+
+
+def _literal(text: str) -> str:
+    """Text as an item value that comes out as it is: item values are filled as templates, which undoubles braces."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def load_transcript(transcript: str | Path, decision: str | Path) -> LoadedRecipe:

@@ -338,3 +338,50 @@ def test_the_monitor_reads_a_chat_made_probe_at_the_targets_own_chat_after_each_
     whole = rendered.tokens["pressure"][0].ids
     assert scored.tokens == len(whole)
     assert scored.decision == pytest.approx(scored.turns[-1].score, abs=1e-5)
+
+
+# A template that renders tool calls and tool results the way model templates do (a file a user would write).
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<call id={{ c.id }}>{{ c.function.name }}({{ c.function.arguments }})</call>"
+    "{% endfor %}{% elif m.tool_call_id %}<result id={{ m.tool_call_id }}>{{ m['content'] }}</result>"
+    "{% else %}{{ m['content'] }}{% endif %}[/{{ m['role'] }}]{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_tool_calls_and_results_reach_the_template_and_message_text_comes_out_as_it_was(tmp_path):
+    from mechfix.transcript import load_transcript
+
+    lm, _ = chat_tiny("chatml")
+    path = tmp_path / "tools.jinja"
+    path.write_text(TOOL_TEMPLATE)
+    template = resolve_template(str(path))
+    use_template(lm.tokenizer, template)
+    conv = [{"role": "user", "name": "Ana", "content": "Weather in {city}? Answer with }} if unsure."},
+            {"role": "assistant", "name": "Sam", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": {"c": 21}}'},
+            {"role": "user", "name": "Ana", "content": "So, warm?"},
+            {"role": "assistant", "name": "Sam", "content": "Yes."}]
+    chats = tmp_path / "c.json"
+    chats.write_text(json.dumps(conv))
+    decision = tmp_path / "d.yaml"
+    decision.write_text('target: last\naligned: " Yes"\nmisaligned: " No"\nclean: {drop: [2]}\n')
+    recipe = load_transcript(chats, decision).recipe
+    ep = render_episode(recipe, 0, "pressure")
+    # Braces in messages come through unchanged (item values are filled as templates).
+    assert ep.turns[0] == ("Ana", "Weather in {city}? Answer with }} if unsure.")
+    assert ep.turns[2] == ("Tool", '{"temp": {"c": 21}}')
+    # Text style sees the call as a line of Sam's message.
+    assert 'Sam: [calls get_weather({"city": "Paris"})]' in ep.text
+    rendered = decision_requests(lm, recipe, style=Style("chat", template))
+    text = rendered.episodes["pressure"][0].text
+    assert '[assistant]<call id=call_1>get_weather({"city": "Paris"})</call>[/assistant]' in text
+    assert '[tool]<result id=call_1>{"temp": {"c": 21}}</result>[/tool]' in text
+    msgs = agent_messages(recipe, ep.turns, "Sam", ep.values, ep.extra)
+    assert [m.role for m in msgs] == ["user", "assistant", "tool", "user"]
+    assert rendered.tokens["pressure"][0].ids == template_ids(lm.tokenizer, msgs)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"role": "assistant", "content": None, "tool_calls": [{"function": "f"}]},
+                               {"role": "user", "content": "x"}]))
+    with pytest.raises(BadInputError, match="tool_calls"):
+        load_transcript(bad, decision)
