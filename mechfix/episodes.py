@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from mechfix.recipe import PLACEHOLDER, Recipe
+from mechfix.recipe import Recipe
 
 FRAME = "<frame>"  # speaker of text that no agent says: preamble, narration, layout
 # What fill reads in a template: a doubled brace (a literal one) or a {name} placeholder.
