@@ -216,6 +216,8 @@ def test_record_in_chat_style_keeps_the_style_and_template_in_every_artifact(mon
     manifest = json.loads(run(monkeypatch, capsys, "show", str(rec), "--json")[1])["manifest"]
     assert manifest["style"]["name"] == "chat" and manifest["style"]["template"] == "chatml"
     assert manifest["transcripts"]["pressure"][0].startswith("<|im_start|>system\nA quiz.")
+    code, _, err = run(monkeypatch, capsys, "show", str(rec))
+    assert code == 0 and "style: chat, chat template chatml" in err and "<|im_start|>user" in err
     assert run(monkeypatch, capsys, "attribute", str(rec), "--out", str(att), "--method", "atp")[0] == 0
     att_manifest = json.loads(run(monkeypatch, capsys, "show", str(att), "--json")[1])["manifest"]
     assert att_manifest["style"] == manifest["style"]

@@ -51,6 +51,10 @@ def show(
         err.print(f"input {name}: {inp.get('path')} (sha256 {str(inp.get('sha256'))[:12]})")
     if manifest.get("params"):
         err.print("params: " + ", ".join(f"{k}={v}" for k, v in manifest["params"].items()))
+    style = manifest.get("style")
+    if style:
+        err.print(f"style: {style.get('name')}" + (f", chat template {style.get('template')} (sha256 "
+                                                  f"{str(style.get('template_sha256'))[:12]})" if style.get("name") == "chat" else ""))
     if manifest.get("libraries"):
         err.print("libraries: " + ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
     if kind == "fix" and "fix" in manifest:
