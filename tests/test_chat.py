@@ -382,6 +382,10 @@ def test_tool_calls_and_results_reach_the_template_and_message_text_comes_out_as
     msgs = agent_messages(recipe, ep.turns, "Sam", ep.values, ep.extra)
     assert [m.role for m in msgs] == ["user", "assistant", "tool", "user"]
     assert rendered.tokens["pressure"][0].ids == template_ids(lm.tokenizer, msgs)
+    # The built-in Gemma template has no tool role: refused, with the template's own reason.
+    gemma, gemma_template = chat_tiny("gemma")
+    with pytest.raises(BadInputError, match="alternate"):
+        decision_requests(gemma, recipe, style=Style("chat", gemma_template))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"role": "assistant", "content": None, "tool_calls": [{"function": "f"}]},
                                {"role": "user", "content": "x"}]))
