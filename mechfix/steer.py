@@ -617,6 +617,7 @@ def _candidates(rec: Artifact, kind: str, ops: Sequence[str], layers: list[int],
                                   fold_fixes=[make(v, m) for v, m in per_fold]))
     return out
 
+
 def fit_gates(lm: LoadedModel, rec: Artifact, kind: str, first: int, baseline: str, neutral: NeutralSet,
               folds: Sequence[tuple[torch.Tensor, list[int]]], settings: GateSettings):
     """The gate of a fix whose first edited layer is ``first``: fitted on the training split, and per fold.
