@@ -598,11 +598,13 @@ def resolve_recipe_path(spec: str | Path) -> Path:
     p = Path(spec)
     if p.is_file():
         return p
-    if p.is_dir():
-        raise RecipeError(f"recipe '{spec}' is a folder; give a recipe .yaml file (or a built-in name, see `mechfix recipes`).")
     builtin = builtin_recipe_dir() / f"{spec}.yaml"
+    # A folder is never a recipe: a built-in name still means the built-in when a folder here has that name
+    # (`mechfix run conformity --out conformity` makes one).
     if not p.suffix and builtin.is_file():
         return builtin
+    if p.is_dir():
+        raise RecipeError(f"recipe '{spec}' is a folder; give a recipe .yaml file (or a built-in name, see `mechfix recipes`).")
     names = ", ".join(q.stem for q in builtin_recipes()) or "none"
     raise RecipeError(
         f"recipe '{spec}' was not found: no such file, and no built-in recipe has that name "

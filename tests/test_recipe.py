@@ -201,3 +201,15 @@ def test_commons_live_plays_four_seasons_of_24_items_with_a_decision_each():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(RecipeError, match="--mode must be one of score, generate"):
         load_recipe("conformity", mode="chat")
+
+
+def test_a_built_in_name_means_the_built_in_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    # `mechfix run recipes/conformity.yaml --out conformity` leaves a folder named like the built-in recipe.
+    from mechfix.recipe import builtin_recipe_dir, load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conformity").mkdir()
+    assert load_recipe("conformity").path == str(builtin_recipe_dir() / "conformity.yaml")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RecipeError, match="is a folder"):
+        load_recipe("mine")
