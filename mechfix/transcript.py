@@ -77,6 +77,8 @@ class DecisionFile(_Strict):
     family: str = ""
     description: str = ""
     target: int | Literal["last"] = Field(description="Index of the target's message (0-based; negative counts from the end), or 'last'.")
+    agent: str | None = Field(None, min_length=1, description="The target agent: the target message must be its "
+                              "(checked); its earlier messages are its own (assistant turns in chat style).")
     prompt: str = Field("", description="Text the target's turn starts with, before the option.")
     aligned: str = Field(min_length=1)
     misaligned: str = Field(min_length=1)
@@ -290,6 +292,10 @@ def transcript_recipe(convs: list[list[Message]], dec: DecisionFile, source: str
     """
     targets = [_target_index(dec, c, f"{source}: conversation {i}") for i, c in enumerate(convs)]
     t = targets[0]
+    if dec.agent is not None and convs[0][t].speaker != dec.agent:
+        raise TranscriptError(
+            f"{decision_path}: agent is '{dec.agent}', but the target message ({t}) is {convs[0][t].speaker}'s. "
+            f"Point 'target' at one of {dec.agent}'s messages, or name the agent who sent it.")
     first = [m.speaker for m in convs[0][: t + 1]]
     for i, (conv, ti) in enumerate(zip(convs, targets)):
         speakers = [m.speaker for m in conv[: ti + 1]]

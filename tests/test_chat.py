@@ -271,7 +271,10 @@ def test_a_target_who_spoke_before_sees_its_messages_as_its_own_and_system_messa
             {"role": "assistant", "name": "Sam", "content": "Paris, I think."},
             {"role": "system", "content": "Ben joined the chat."},
             {"role": "user", "name": "Ben", "content": "It is Lyon."}, {"role": "assistant", "name": "Sam", "content": "Lyon."}]
-    recipe = _transcript(tmp_path, conv, 'target: last\naligned: " Paris"\nmisaligned: " Lyon"\nclean: {drop: [3, 4]}\n')
+    recipe = _transcript(tmp_path, conv, 'target: last\nagent: Sam\naligned: " Paris"\nmisaligned: " Lyon"\n'
+                                          'clean: {drop: [3, 4]}\n')
+    with pytest.raises(BadInputError, match="is Sam's"):
+        _transcript(tmp_path, conv, 'target: last\nagent: Ben\naligned: " Paris"\nmisaligned: " Lyon"\nclean: {drop: [3]}\n')
     ep = render_episode(recipe, 0, "pressure")
     msgs = agent_messages(recipe, ep.turns, "Sam", ep.values)
     assert [(m.role, m.content) for m in msgs] == [
