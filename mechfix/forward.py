@@ -209,6 +209,21 @@ def option_scores(lm: LoadedModel, requests: Sequence[Request]) -> torch.Tensor:
     return torch.zeros(len(requests) * n_opt, device=picked.device).index_add(0, flat, picked).view(len(requests), n_opt)
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is the accelerator (or the host) running out of memory."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _release_memory(lm: LoadedModel) -> None:
+    """Give the failed batch's memory back before the smaller batches run."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and str(lm.device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def pad_batch(lm: LoadedModel, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of sequences padded to one width (on the right, or on the left).
 
@@ -241,7 +256,8 @@ def run_requests(
     Args:
         lm: The model.
         requests: Decisions to score.
-        batch_size: Sequences per forward pass.
+        batch_size: Sequences per forward pass. A batch that runs out of memory is split in
+            two and retried, and every later batch is at most that size.
         sites: Activation sites to capture (subset of :data:`SITES`; empty for none).
         all_positions: Capture every prompt position instead of the decision position.
         on_batch: Called with the number of requests finished after each batch (progress).
@@ -261,9 +277,11 @@ def run_requests(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     scores = [torch.zeros(len(r.options), dtype=torch.float64) for r in requests]
     acts: list[dict[str, torch.Tensor]] = [{} for _ in requests]
+    pending = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.inference_mode(), _Capture(lm, sites) as cap:
-        for start in range(0, len(order), batch_size):
-            batch = [rows[i] for i in order[start : start + batch_size]]
+        while pending:
+            chunk = pending.pop(0)
+            batch = [rows[i] for i in chunk]
             ids, mask = pad_batch(lm, [r.ids for r in batch])
             if on_rows:
                 on_rows([r.request for r in batch])
@@ -272,8 +290,18 @@ def run_requests(
             plen = [len(requests[batch[b].request].prompt) for b in keep]
             cap.pos = torch.tensor([n - 1 for n in plen], dtype=torch.long)
             cap.lengths = plen if all_positions else None
-            hidden = final_hidden(lm, ids, mask)
-            where, picked = _target_logprobs(lm, hidden, batch)
+            try:
+                hidden = final_hidden(lm, ids, mask)
+                where, picked = _target_logprobs(lm, hidden, batch)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+                if not out_of_memory(exc) or len(chunk) == 1:
+                    raise
+                # Out of memory: this batch in two halves, and every later batch at most that size.
+                size = (len(chunk) + 1) // 2
+                rest = [i for c in pending for i in c]
+                pending = [chunk[:size], chunk[size:]] + [rest[i: i + size] for i in range(0, len(rest), size)]
+                _release_memory(lm)
+                continue
             for (b, k), lp in zip(where, picked.double().cpu()):
                 scores[batch[b].request][k] += lp
             if sites and keep:

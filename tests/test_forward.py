@@ -130,3 +130,44 @@ def test_cached_passes_use_the_current_cache_keyword_and_raise_no_deprecation_wa
         run_tails(lm, prefixes, tails, sites=())
         Writer(lm, 2).generate(["Ana: hello. Sam:", "Ben: hi. Sam:"], max_tokens=3)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_the_scores_are_the_same(tiny_llama, monkeypatch):
+    import mechfix.forward as fw
+    from conftest import MINI_RECIPE
+    from test_attribute import _loaded
+
+    from mechfix.record import decision_requests
+
+    lm = tiny_llama
+    reqs = [r for rs in decision_requests(lm, _loaded(MINI_RECIPE).recipe).requests.values() for r in rs]
+    plain = fw.run_requests(lm, reqs, batch_size=8, sites=("resid",))
+    real, sizes = fw.final_hidden, []
+
+    def small_memory(lm_, ids, mask):  # an accelerator that holds at most 3 sequences
+        sizes.append(len(ids))
+        if len(ids) > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(lm_, ids, mask)
+
+    monkeypatch.setattr(fw, "final_hidden", small_memory)
+    split = fw.run_requests(lm, reqs, batch_size=8, sites=("resid",))
+    # 8 and then 4 run out of memory; from then on every batch, later ones included, is at most 2.
+    assert sizes[:2] == [8, 4] and max(sizes[2:]) == 2
+    for a, b in zip(plain, split):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.acts["resid"], b.acts["resid"], atol=1e-5, rtol=1e-5)
+
+    def no_memory(lm_, ids, mask):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(fw, "final_hidden", no_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fw.run_requests(lm, reqs[:2], batch_size=2, sites=())
+
+    def broken(lm_, ids, mask):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(fw, "final_hidden", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not retried
+        fw.run_requests(lm, reqs[:4], batch_size=4, sites=())

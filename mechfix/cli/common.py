@@ -238,7 +238,8 @@ MinCleanMarginOpt = Annotated[
 
 JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]
 
-BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass (a scoring batch that runs out of "
+                                       "memory is split and retried).")]
 
 ReplayOpt = Annotated[
     str,

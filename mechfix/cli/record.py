@@ -9,6 +9,7 @@ import typer
 
 from mechfix.cli.checks import check_paths
 from mechfix.cli.common import (
+    BatchOpt,
     ChatTemplateOpt,
     DecisionOpt,
     DeviceOpt,
@@ -54,7 +55,7 @@ def record(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
+    batch_size: BatchOpt = 16,
     all_positions: Annotated[
         bool, typer.Option("--all-positions", help="Keep activations at every position, not only the decision.")
     ] = False,
