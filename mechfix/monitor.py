@@ -21,18 +21,18 @@ Use it from a running system::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from mechfix.chat import Style, choose_style, style_mismatch, view_ids
-from mechfix.episodes import FRAME, Episode, Segment, fill, open_turn, turn_segments
+from mechfix.episodes import FRAME, Episode, render_episode
 from mechfix.errors import BadInputError
 from mechfix.fix import Fix
 from mechfix.gate import Gate, layer_acts, prompt_batches
 from mechfix.models import LoadedModel
-from mechfix.recipe import Format, Recipe, recipe_from_data
+from mechfix.recipe import Format, Recipe
 
 # The text of a message shown in tables and JSON (the whole message stays in the transcript).
 _SHOWN = 80
@@ -190,31 +190,24 @@ def _conversation(ep: Episode, said: list[tuple[str, str]], scores: torch.Tensor
 
 def conversation_episode(messages: Sequence[dict[str, Any]], target: str, layout: Format | None = None,
                          prompt: str = "") -> tuple[Episode, Recipe]:
-    """The target agent's view of OpenAI-format messages, laid out as mechfix lays out a transcript, and its recipe.
+    """The target agent's view of OpenAI-format messages, as a transcript is replayed, and its recipe.
 
-    Each message's speaker is its ``name``, else a ``Name:`` prefix of its
-    content, else its role; the view ends with the target's turn opened
-    (``Target:`` and ``prompt``), where the agent would decide.
+    The messages are read as ``record --transcript`` reads them (speakers, system
+    messages, tool calls, texts taken literally) and the view ends with the
+    target's turn opened up to ``prompt``, where the agent would decide.
 
     Raises:
         BadInputError: For malformed messages.
     """
+    from mechfix.transcript import DecisionFile, Edit, Message, transcript_recipe
     from mechfix.transcript import _conversation as parse
 
     convo = parse(list(messages), "messages")
-    layout = layout or Format()
-    agents = list(dict.fromkeys([*(m.speaker for m in convo), target]))
-    system = {a for a in agents if any(m.speaker == a for m in convo) and all(m.role == "system" for m in convo if m.speaker == a)}
-    recipe = recipe_from_data({
-        "name": "monitor", "agents": [{"name": a, **({"role": "system"} if a in system else {})} for a in agents],
-        "format": {**layout.model_dump(), "system": layout.system if layout.system is not None else ""},
-        "conditions": {"pressure": {}, "clean": {}}, "turns": [{"speaker": target, "text": "x"}],
-        "decision": {"agent": target, "aligned": " a", "misaligned": " b"}, "items": [{}]}, "messages")
-    segments = [Segment(FRAME, fill(layout.preamble, {}))] if layout.preamble else []
-    for m in convo:
-        segments += turn_segments(recipe, m.speaker, m.text, {})
-    segments += open_turn(recipe, target, prompt, {})
-    return Episode(0, "conversation", segments, [], {}, [(m.speaker, m.text) for m in convo], target, prompt, {}), recipe
+    # The target's own reply ends the conversation: a transcript's episode is cut just before its target message.
+    dec = DecisionFile(target="last", agent=target, prompt=prompt, aligned=" a", misaligned=" b", clean=Edit(),
+                       format=layout or Format())
+    recipe = transcript_recipe([[*convo, Message(target, "", "assistant")]], dec, "messages", "messages")
+    return replace(render_episode(recipe, 0, "pressure"), condition="conversation"), recipe
 
 
 def score_conversation(lm: LoadedModel, probe: Fix | Gate, messages: Sequence[dict[str, Any]], target: str = "Assistant",
