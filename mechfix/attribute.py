@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mechfix.artifacts import Artifact, new_manifest
+from mechfix.chat import recorded_style
 from mechfix.episodes import option_ids
 from mechfix.errors import BadInputError
 from mechfix.forward import Request, run_requests
@@ -613,7 +614,7 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
         metric="score = log P(misaligned) - log P(aligned) under pressure; effect = score drop when the "
         f"component's decision-position activation is restored from {att.baseline}",
         summary=summary,
-        style=rec.manifest.get("style") or {"name": "text", "template": None, "template_sha256": None},
+        style=recorded_style(rec.manifest),
     )
     return Artifact(kind="attribution", manifest=manifest, tensors=tensors)
 

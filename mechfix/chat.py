@@ -227,9 +227,13 @@ def choose_style(tokenizer, recipe: Recipe, style: str | None = None, template: 
     return Style("chat", chosen)
 
 
-def style_mismatch(made: dict | None, now: Style) -> str | None:
+def recorded_style(manifest: dict) -> dict:
+    """An artifact's style block; one made before mechfix recorded styles was rendered in text style."""
+    return manifest.get("style") or Style().as_dict()
+
+
+def style_mismatch(made: dict, now: Style) -> str | None:
     """Why rendering in ``now`` differs from the style a fix was made on (``made``, a manifest's block); None if not."""
-    made = made or {"name": "text"}
     if made.get("name") != now.name:
         return f"the fix was made on {made.get('name')}-style renderings and these are {now.name}-style"
     if now.name == "chat" and made.get("template_sha256") != now.as_dict()["template_sha256"]:

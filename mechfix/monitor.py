@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mechfix.chat import Style, choose_style, style_mismatch, view_ids
+from mechfix.chat import Style, choose_style, recorded_style, style_mismatch, view_ids
 from mechfix.episodes import FRAME, Episode, render_episode
 from mechfix.errors import BadInputError
 from mechfix.fix import Fix
@@ -236,9 +236,9 @@ def score_conversation(lm: LoadedModel, probe: Fix | Gate, messages: Sequence[di
     """
     ep, recipe = conversation_episode(messages, target, layout, prompt)
     if style is None:
-        made = None if isinstance(probe, Gate) else probe.manifest.get("style")
-        style = choose_style(lm.tokenizer, recipe, None, None, made) if made else Style()
-    why = None if isinstance(probe, Gate) else style_mismatch(probe.manifest.get("style"), style)
+        style = Style() if isinstance(probe, Gate) else choose_style(lm.tokenizer, recipe, None, None,
+                                                                    recorded_style(probe.manifest))
+    why = None if isinstance(probe, Gate) else style_mismatch(recorded_style(probe.manifest), style)
     if why:
         raise BadInputError(f"{why}: its probe would read a kind of text it was not fitted on. Give style= the fix's own.")
     return score_episodes(lm, probe, [ep], per_message=per_message, recipe=recipe, style=style)[0]

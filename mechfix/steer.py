@@ -43,6 +43,7 @@ import torch
 from mechfix import capabilities as caps
 from mechfix.artifacts import Artifact, new_manifest
 from mechfix.attribute import decisions_from_record
+from mechfix.chat import recorded_style
 from mechfix.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
@@ -730,11 +731,11 @@ def steer(
     # With no operation given, a heads fix chooses among all of them by what carries over.
     ops = [name for name, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [op]
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
-    text = {"name": "text", "template": None, "template_sha256": None}
-    if (att.manifest.get("style") or text) != (rec.manifest.get("style") or text):
+    made, recorded = recorded_style(att.manifest), recorded_style(rec.manifest)
+    if made != recorded:
         raise BadInputError(
-            f"attribution '{att.path}' was made on {(att.manifest.get('style') or text)['name']}-style renderings and "
-            f"recording '{rec.path}' holds {(rec.manifest.get('style') or text)['name']}-style ones (or another template). "
+            f"attribution '{att.path}' was made on {made['name']}-style renderings and "
+            f"recording '{rec.path}' holds {recorded['name']}-style ones (or another template). "
             "Attribute the recording you steer on: mechfix attribute REC, then mechfix steer.")
     _require_behaviour(att, baseline)
     # A LoRA fix adapts the modules that hold the top heads.
@@ -928,7 +929,7 @@ def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, par
         selection={"folds": st.folds, "by": "cross-validated reduction" if st.folds else "training-fit reduction",
                    "candidates": [p.as_dict() for p in st.search], "notes": st.notes},
         # How the episodes the fix was fitted on were rendered: verify renders its held-out ones the same way.
-        style=rec.manifest.get("style") or {"name": "text", "template": None, "template_sha256": None},
+        style=recorded_style(rec.manifest),
         **extra,
     )
     return Artifact(kind="fix", manifest=manifest, tensors=fix_tensors(st.fix))

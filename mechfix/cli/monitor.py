@@ -78,7 +78,7 @@ def monitor(
     and more conversations are flagged than it allows; 2 on bad input.
     """
     from mechfix.artifacts import check_same_model
-    from mechfix.chat import style_mismatch
+    from mechfix.chat import recorded_style, style_mismatch
     from mechfix.errors import BadInputError
     from mechfix.fix import load_fix
     from mechfix.monitor import probe_of, score_episodes, summary
@@ -96,8 +96,9 @@ def monitor(
     lm = _load_model(model if model is not None else fix.model.get("source"), device, dtype, trust_remote_code)
     check_same_model({"model": fix.model}, lm.identity, str(probe))
     # The probe reads conversations rendered as the ones it was fitted on.
-    rendering = pick_style(lm, loaded, None, chat_template, fix.manifest.get("style"))
-    why = style_mismatch(fix.manifest.get("style"), rendering)
+    made = recorded_style(fix.manifest)
+    rendering = pick_style(lm, loaded, None, chat_template, made)
+    why = style_mismatch(made, rendering)
     if why:
         raise BadInputError(f"{why}: the probe would read a kind of text it was not fitted on. Give --chat-template "
                             "the template the fix was made with.")

@@ -81,13 +81,13 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
 
 def _check_styles(fixes, rendering, recipe: str | None, fix_path: Path) -> None:
     """Refuse to verify a fix on renderings of another style or template than its own (unless asked for)."""
-    from mechfix.chat import style_mismatch
+    from mechfix.chat import recorded_style, style_mismatch
     from mechfix.errors import BadInputError
 
     for f in fixes:
-        why = style_mismatch(f.manifest.get("style"), rendering)
+        made = recorded_style(f.manifest)
+        why = style_mismatch(made, rendering)
         if why:
-            made = f.manifest.get("style") or {"name": "text"}
             hint = f"--style {made.get('name', 'text')}" + (
                 f" --chat-template {str(made['template']).removeprefix('file:')}" if made.get("name") == "chat" and made.get("template") not in (None, "model") else "")
             raise BadInputError(
@@ -158,6 +158,7 @@ def verify(
     """
     from mechfix import capabilities as caps
     from mechfix.artifacts import check_same_model
+    from mechfix.chat import recorded_style
     from mechfix.errors import ArtifactError, BadInputError
     from mechfix.fix import load_fix
     from mechfix.verify import error_report, gates_for, junit_xml
@@ -186,7 +187,7 @@ def verify(
         raise
     for other in others:
         check_same_model(other.manifest, lm.identity, other.path or "a --compare fix")
-    rendering = pick_style(lm, loaded, style, chat_template, fix.manifest.get("style"))
+    rendering = pick_style(lm, loaded, style, chat_template, recorded_style(fix.manifest))
     if not allow_style_mismatch:
         _check_styles([fix, *others], rendering, recipe, fix_path)
     report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay, tasks, rendering)
