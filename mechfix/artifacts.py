@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mechfix.errors import ArtifactError, BadInputError
 
@@ -220,24 +219,44 @@ def artifact_metadata(artifact: Artifact) -> dict[str, str]:
     }
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file``, with the header's keys in one fixed order.
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+# Bytes written per slice when streaming a tensor to the file.
+_WRITE_SLICE = 64 * 2**20
 
-    safetensors writes its JSON header from a hash map, so two runs that save
-    the same tensors and metadata can order it differently; rewriting the
-    header with sorted keys makes the file's bytes depend on its content only.
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file, streaming each tensor in slices, with the header's keys in one fixed order.
+
+    The format is an 8-byte header length, a JSON header (each tensor's dtype,
+    shape and byte range; the metadata) padded with spaces to 8 bytes, then the
+    tensors' bytes. Writing it here rather than through ``safetensors.torch.save_file``
+    keeps memory flat however large the tensors are (activations at every position
+    live in disk-backed tensors: :mod:`mechfix.actstore`), and sorted keys make
+    the file's bytes depend on its content only.
     """
-    save_file(dict(tensors), str(path), metadata=metadata)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot hold")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        f.write(data)
+        for name in names:
+            flat = tensors[name].detach().reshape(-1)
+            step = max(1, _WRITE_SLICE // max(1, flat.element_size()))
+            for lo in range(0, flat.numel(), step):
+                f.write(flat[lo: lo + step].contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def artifact_file(path: str | Path) -> Path:
@@ -370,7 +389,11 @@ def check_same_model(manifest: Mapping[str, Any], identity: Mapping[str, Any], p
         ArtifactError: Naming both models and what to run instead.
     """
     theirs = manifest.get("model", {})
-    for key in ("architecture", "config_hash", "weights_fingerprint"):
+    keys = ["architecture", "config_hash", "weights_fingerprint"]
+    if theirs.get("weights_fingerprint") is None or identity.get("weights_fingerprint") is None:
+        # A model on NDIF has no fingerprint: its hub id and revision stand in for it.
+        keys = ["architecture", "config_hash", "name", "revision"]
+    for key in keys:
         if theirs.get(key) != identity.get(key):
             raise ArtifactError(
                 f"'{path}' was made with model '{theirs.get('name')}' ({theirs.get('architecture')}), "

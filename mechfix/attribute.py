@@ -32,7 +32,7 @@ from mechfix.artifacts import Artifact, new_manifest
 from mechfix.chat import recorded_style
 from mechfix.episodes import option_ids
 from mechfix.errors import BadInputError
-from mechfix.forward import Request, run_requests
+from mechfix.forward import Request, run_requests, with_backoff
 from mechfix.models import LoadedModel
 from mechfix.patching import (
     Patch,
@@ -278,8 +278,10 @@ def attribute(
     speaker_parts: list[torch.Tensor] = []
     speaker_note: str | None = None
     batches: list[_Batch] = []
-    for lo in range(0, n, batch_size):
-        rows = list(range(lo, min(n, lo + batch_size)))
+
+    def one_batch(rows: list[int]) -> None:
+        # The passes first, the bookkeeping after: a batch that runs out of memory leaves nothing behind.
+        nonlocal speaker_note
         m = len(rows)
         out = {}
         for cond in (baseline, "pressure"):
@@ -302,18 +304,28 @@ def attribute(
         atp["attn"].append(heads_effect.sum(-1))  # the output projection is linear: heads add up
         atp["mlp"].append((diff["mlp"] * grads["mlp"]).sum(-1))
         atp["resid"].append((diff["resid"] * grads["resid"]).sum(-1))
-        terms_p, recon_p = _speaker_terms(res_p.attention, grads["heads"], [dec.speakers["pressure"][j] for j in rows], n_speakers, first_p)
-        terms_b, recon_b = _speaker_terms(res_b.attention, grads["heads"], [dec.speakers[baseline][j] for j in rows], n_speakers, first_b)
-        scale = acts_p["heads"].abs().amax().clamp(min=1e-6)
-        if max((recon_p - acts_p["heads"]).abs().amax(), (recon_b - acts_b["heads"]).abs().amax()) > 1e-3 * scale:
+        if res_p.attention is None or res_b.attention is None:
             speaker_note = (
-                "per-speaker split unavailable: this architecture's attention output is not a weighted sum of "
-                "its cached values"
+                "per-speaker split unavailable: this backend returned no attention weights and values at the decision "
+                "position (remote runs use the server's attention kernel; a sliding-window cache keeps too few values)"
             )
-        speaker_parts.append(terms_p - terms_b)
+        else:
+            terms_p, recon_p = _speaker_terms(res_p.attention, grads["heads"], [dec.speakers["pressure"][j] for j in rows], n_speakers, first_p)
+            terms_b, recon_b = _speaker_terms(res_b.attention, grads["heads"], [dec.speakers[baseline][j] for j in rows], n_speakers, first_b)
+            scale = acts_p["heads"].abs().amax().clamp(min=1e-6)
+            # Rounding allowed: the weights and values are read in the model's dtype (bf16 keeps 8 bits).
+            allowed = max(1e-3, 4 * torch.finfo(lm.dtype).eps) * scale
+            if max((recon_p - acts_p["heads"]).abs().amax(), (recon_b - acts_b["heads"]).abs().amax()) > allowed:
+                speaker_note = (
+                    "per-speaker split unavailable: this architecture's attention output is not a weighted sum of "
+                    "its cached values"
+                )
+            speaker_parts.append(terms_p - terms_b)
         if method != "atp":
             batches.append(_Batch(rows, pre_p, tails_p, acts_b))
         step(m)
+
+    with_backoff(lm, [list(range(lo, min(n, lo + batch_size))) for lo in range(0, n, batch_size)], one_batch)
     att = Attribution(
         method=method,
         baseline=baseline,
@@ -429,7 +441,7 @@ def per_position(lm: LoadedModel, dec: Decisions, baseline: str, batch_size: int
             t_len = len(press[j])
             for site in ("heads", "mlp", "resid"):
                 g = grads[site][mine][:, :, :t_len].sum(0).cpu()  # [L, T, ...]
-                act_p = torch.stack([x[int(mine[0]), :t_len].detach().float().cpu() for x in res.live[site]])
+                act_p = res.seq_acts[site][int(mine[0]), :, :t_len].cpu()
                 if site == "heads":
                     act_p = act_p.reshape(*act_p.shape[:2], lm.n_heads, lm.head_dim)
                 act_b = base_results[j].acts[site].transpose(0, 1)  # [L, T, ...]

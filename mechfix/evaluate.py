@@ -209,6 +209,11 @@ def neutral_kl(
     Returns:
         Nats per token, one per strength.
     """
+    if lm.edits_in_traces:
+        # The model is not here (NDIF): the same terms, computed inside traces.
+        from mechfix.traces import neutral_kl as traced
+
+        return traced(lm, fix, strengths, neutral, on_batch, stop_above)
     totals = [0.0] * len(strengths)
     # The cached terms cost more than one plain pass of the unfixed model: worth it when they will be reused.
     plain = _plain_head(lm, fix) and (reuse or bool(neutral.base) or len(strengths) > 1)

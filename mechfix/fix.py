@@ -37,6 +37,7 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.artifacts import Artifact, check_same_model, load_artifact
+from mechfix.edits import add_hook
 from mechfix.errors import ArtifactError
 from mechfix.gate import Gate, GateMask, gated, stacked_params
 from mechfix.models import LoadedModel
@@ -284,7 +285,7 @@ def _install_resid(lm: LoadedModel, fix: Fix | RowFixes, op: Op, s: float, handl
                    values: Callable[[Any], Values] | None = None) -> None:
     values = values or (lambda j: _fixed_values(fix.vectors[j], fix.means[j]))
     for j, layer in enumerate(fix.layers):
-        handles.append(lm.layers[layer].register_forward_hook(_out_hook(op, values(j), s)))
+        handles.append(add_hook(lm, lm.layers[layer], _out_hook(op, values(j), s)))
 
 
 def _install_heads(lm: LoadedModel, fix: Fix | RowFixes, op: Op, s: float, handles: list,
@@ -295,7 +296,7 @@ def _install_heads(lm: LoadedModel, fix: Fix | RowFixes, op: Op, s: float, handl
         by_layer.setdefault(layer, []).append(j)
     for layer, js in by_layer.items():
         hook = _heads_pre_hook(op, [fix.heads[j] for j in js], values(js), lm.n_heads, lm.head_dim, s)
-        handles.append(lm.attn_out(layer).register_forward_pre_hook(hook))
+        handles.append(add_hook(lm, lm.attn_out(layer), hook, pre=True))
 
 
 def _install_lora(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) -> None:
@@ -317,7 +318,7 @@ def _install_lora(lm: LoadedModel, fix: Fix, op: Op, s: float, handles: list) ->
                 f"{fix.path or 'the fix'} adapts '{module}' as a {a.shape[1]} -> {b.shape[0]} map, but in this model it is "
                 f"{dims[1]} -> {dims[0]}. Use the model the fix was made for."
             )
-        handles.append(target.register_forward_hook(_lora_hook(op, a, b, s)))
+        handles.append(add_hook(lm, target, _lora_hook(op, a, b, s)))
 
 
 # How each site's hooks are put on the model.
@@ -329,7 +330,7 @@ def _install_gate(lm: LoadedModel, layer: int, params, op: Op, handles: list) ->
     if not 0 <= layer < lm.n_layers:
         raise ArtifactError(f"the fix's gate reads layer {layer}, which this model does not have. Use the model the fix was made for.")
     mask = GateMask(params)
-    handles.append(lm.layers[layer].register_forward_hook(mask.hook))
+    handles.append(add_hook(lm, lm.layers[layer], mask.hook))
     return gated(op, mask)
 
 

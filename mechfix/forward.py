@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mechfix.edits import check_plain_pass
 from mechfix.models import LoadedModel
 
 SITES = ("resid", "heads", "mlp")
@@ -83,6 +84,36 @@ def _rows(requests: Sequence[Request]) -> list[_Row]:
             start = len(req.prompt) - 1
             row.targets += [(k, start + j, tok) for j, tok in enumerate(opt)]
     return rows
+
+
+@dataclass
+class Capture:
+    """Which activations a batch pass keeps.
+
+    Attributes:
+        rows: ``[b]`` batch rows to keep (one per request).
+        pos: Their decision positions (decision mode).
+        lengths: Their prompt lengths, to keep every prompt position (all-positions mode), else None.
+        sites: Sites to keep (empty: none).
+    """
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    lengths: list[int] | None
+    sites: tuple[str, ...]
+
+
+# One forward pass of a padded batch: (batch rows, option, position) of each scored
+# token with its log-probability, and the captured sites (see :meth:`_Capture.take`).
+BatchPass = Callable[[LoadedModel, Sequence["_Row"], torch.Tensor, torch.Tensor, Capture],
+                     tuple[list[tuple[int, int]], torch.Tensor, dict[str, object]]]
+
+
+def split_after_oom(chunk: list[int], pending: list[list[int]]) -> list[list[int]]:
+    """The work left after ``chunk`` ran out of memory: it in two halves, every later batch at most that size."""
+    size = (len(chunk) + 1) // 2
+    rest = [i for c in pending for i in c]
+    return [chunk[:size], chunk[size:]] + [rest[i: i + size] for i in range(0, len(rest), size)]
 
 
 class _Capture:
@@ -148,6 +179,25 @@ class _Capture:
         return out
 
 
+def _hooks_pass(lm: LoadedModel, batch: Sequence[_Row], ids: torch.Tensor, mask: torch.Tensor, capture: Capture):
+    """A batch pass with PyTorch hooks (the ``hooks`` backend)."""
+    with _Capture(lm, capture.sites) as cap:
+        cap.rows, cap.pos, cap.lengths = capture.rows, capture.pos, capture.lengths
+        hidden = final_hidden(lm, ids, mask)
+        where, picked = _target_logprobs(lm, hidden, batch)
+        got = cap.take() if capture.sites else {}
+    return where, picked, got
+
+
+def _batch_pass_of(lm: LoadedModel) -> BatchPass:
+    """The batch pass of the model's backend."""
+    if lm.backend == "hooks":
+        return _hooks_pass
+    from mechfix.traces import request_pass
+
+    return request_pass
+
+
 def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, batch: Sequence[_Row]) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """Log-probability of every option token of a batch of rows, from the backbone's hidden states.
 
@@ -190,6 +240,7 @@ def returned_cache(out: Any) -> Any:
 
 def final_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The backbone's final, normed hidden states ``[B, T, d]`` for a padded batch (no key/value cache)."""
+    check_plain_pass(lm, "this step (a plain forward pass)")
     out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
@@ -224,6 +275,52 @@ def _release_memory(lm: LoadedModel) -> None:
         torch.cuda.empty_cache()
 
 
+# Auto batch sizes stay within this share of the free GPU memory, and this many rows.
+_AUTO_MEMORY_SHARE = 0.5
+_AUTO_MAX_BATCH = 256
+CPU_BATCH = 16
+
+
+def auto_batch_size(lm: LoadedModel, tokens: int) -> int:
+    """The largest batch of ``tokens``-token rows whose activations fit the model's GPU (16 on a CPU or NDIF).
+
+    Per token: the key/value cache a prefix keeps (two vectors per layer), the
+    transient activations of one layer (a few residual widths and the MLP's
+    width, in fp32) and as much again for a backward pass. An estimate: a batch
+    that still runs out of memory is halved and retried (:func:`split_after_oom`).
+    """
+    if lm.remote or lm.device.type != "cuda":
+        return CPU_BATCH
+    devices = {p.device for p in lm.model.parameters() if p.device.type == "cuda"}
+    return batch_for_memory(lm, tokens, sum(torch.cuda.mem_get_info(d)[0] for d in devices))
+
+
+def batch_for_memory(lm: LoadedModel, tokens: int, free: int) -> int:
+    """The batch of ``tokens``-token rows whose activations fit in ``free`` bytes (see :func:`auto_batch_size`)."""
+    elem = torch.finfo(lm.dtype).bits // 8
+    mlp = getattr(lm.model.config, "intermediate_size", None) or 4 * lm.hidden
+    per_token = 2 * lm.n_layers * lm.hidden * elem + 2 * (8 * lm.hidden + 2 * mlp) * 4
+    return int(max(1, min(_AUTO_MAX_BATCH, _AUTO_MEMORY_SHARE * free // (tokens * per_token))))
+
+
+def with_backoff(lm: LoadedModel, chunks: Sequence[list[int]], run: Callable[[list[int]], None]) -> None:
+    """Call ``run`` on each chunk in order; a chunk that runs out of memory is split in two and retried.
+
+    Every later chunk is then at most the smaller size. ``run`` must keep nothing
+    from a call that raised (results are taken only when it returns).
+    """
+    pending = [list(c) for c in chunks]
+    while pending:
+        chunk = pending.pop(0)
+        try:
+            run(chunk)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+            if not out_of_memory(exc) or len(chunk) == 1:
+                raise
+            pending = split_after_oom(chunk, pending)
+            _release_memory(lm)
+
+
 def pad_batch(lm: LoadedModel, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of sequences padded to one width (on the right, or on the left).
 
@@ -250,6 +347,7 @@ def run_requests(
     all_positions: bool = False,
     on_batch: Callable[[int], None] | None = None,
     on_rows: Callable[[list[int]], None] | None = None,
+    on_acts: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> list[Result]:
     """Score every request's options and capture activations, in batches.
 
@@ -263,6 +361,9 @@ def run_requests(
         on_batch: Called with the number of requests finished after each batch (progress).
         on_rows: Called before each batch's forward pass with the index of the request each row
             belongs to (for edits that differ per request, :class:`~mechfix.fix.RowFixes`).
+        on_acts: Called with each request's index and activations as soon as they are
+            captured, instead of keeping them in its :class:`Result` (record streams
+            activations at every position to disk this way).
 
     Returns:
         One :class:`Result` per request, in order.
@@ -273,41 +374,37 @@ def run_requests(
     if unknown:
         raise ValueError(f"unknown sites {sorted(unknown)}; known: {SITES}")
     rows = _rows(requests)
+    batch_pass = _batch_pass_of(lm)
     # Longest first: similar lengths share a batch, so little is padded.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     scores = [torch.zeros(len(r.options), dtype=torch.float64) for r in requests]
     acts: list[dict[str, torch.Tensor]] = [{} for _ in requests]
-    pending = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    with torch.inference_mode(), _Capture(lm, sites) as cap:
-        while pending:
-            chunk = pending.pop(0)
-            batch = [rows[i] for i in chunk]
-            ids, mask = pad_batch(lm, [r.ids for r in batch])
-            if on_rows:
-                on_rows([r.request for r in batch])
-            keep = [b for b, r in enumerate(batch) if r.capture]
-            cap.rows = torch.tensor(keep, dtype=torch.long)
-            plen = [len(requests[batch[b].request].prompt) for b in keep]
-            cap.pos = torch.tensor([n - 1 for n in plen], dtype=torch.long)
-            cap.lengths = plen if all_positions else None
-            try:
-                hidden = final_hidden(lm, ids, mask)
-                where, picked = _target_logprobs(lm, hidden, batch)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
-                if not out_of_memory(exc) or len(chunk) == 1:
-                    raise
-                # Out of memory: this batch in two halves, and every later batch at most that size.
-                size = (len(chunk) + 1) // 2
-                rest = [i for c in pending for i in c]
-                pending = [chunk[:size], chunk[size:]] + [rest[i: i + size] for i in range(0, len(rest), size)]
-                _release_memory(lm)
-                continue
-            for (b, k), lp in zip(where, picked.double().cpu()):
-                scores[batch[b].request][k] += lp
-            if sites and keep:
-                got = cap.take()
-                for j, b in enumerate(keep):
-                    acts[batch[b].request] = {s: got[s][j] for s in sites}  # type: ignore[index]
-            if on_batch and keep:
-                on_batch(len(keep))
+    def one_batch(chunk: list[int]) -> None:
+        batch = [rows[i] for i in chunk]
+        ids, mask = pad_batch(lm, [r.ids for r in batch])
+        if on_rows:
+            on_rows([r.request for r in batch])
+        keep = [b for b, r in enumerate(batch) if r.capture]
+        plen = [len(requests[batch[b].request].prompt) for b in keep]
+        capture = Capture(
+            rows=torch.tensor(keep, dtype=torch.long),
+            pos=torch.tensor([n - 1 for n in plen], dtype=torch.long),
+            lengths=plen if all_positions else None,
+            sites=tuple(sites) if keep else (),
+        )
+        where, picked, got = batch_pass(lm, batch, ids, mask, capture)
+        for (b, k), lp in zip(where, picked.double().cpu()):
+            scores[batch[b].request][k] += lp
+        if capture.sites:
+            for j, b in enumerate(keep):
+                mine = {s: got[s][j] for s in sites}  # type: ignore[index]
+                if on_acts:
+                    on_acts(batch[b].request, mine)
+                else:
+                    acts[batch[b].request] = mine
+        if on_batch and keep:
+            on_batch(len(keep))
+
+    with torch.inference_mode():
+        with_backoff(lm, [order[i: i + batch_size] for i in range(0, len(order), batch_size)], one_batch)
     return [Result(scores=s.float(), acts=a) for s, a in zip(scores, acts)]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mechfix.edits import check_plain_pass
 from mechfix.models import LoadedModel
 
 MAX_CLEAN_FIRE = 0.05
@@ -166,6 +167,7 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
                 raise _Stop
         return hook
 
+    check_plain_pass(lm, "a probe gate (reading layer activations)")
     handles = [lm.layers[layer].register_forward_hook(keep(layer)) for layer in layers]
     try:
         with torch.inference_mode():

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from mechfix.forward import cache_kwargs, returned_cache
+from mechfix.edits import check_plain_pass
 from mechfix.models import LoadedModel
 
 
@@ -204,6 +205,7 @@ class Writer:
             row.slots += list(range(start + off, start + width))
             row.ids += new
         self.mask = torch.cat([self.mask, block_mask], dim=1)
+        check_plain_pass(self.lm, "generating text (a live recipe, generate mode, or a replay)")
         dev = self.lm.device
         out = self.lm.model(
             input_ids=ids.to(dev),

@@ -50,12 +50,27 @@ class LoadedModel:
         tokenizer: Its tokenizer.
         spec: The architecture-table row for its family.
         identity: Name, source, architecture, config hash and weight fingerprint.
+        backend: How passes run: ``hooks`` (PyTorch hooks, the default) or
+            ``nnsight`` (nnsight traces; see :mod:`mechfix.traces`).
+        remote: Traces run on NDIF (the nnsight backend only).
+        envoy: The nnsight wrapper of ``model`` (the nnsight backend only).
+        trace_prefixes: Keep prefix caches between traces (nnsight backend); off on
+            NDIF, where nothing outlives a request and each tail reruns its prefix.
+        edits_in_traces: A fix's edits are applied inside every trace rather than as
+            PyTorch hooks (NDIF, where the model is not here to hook; see :mod:`mechfix.edits`).
+        edits: The edits pending for the next traces (with ``edits_in_traces``).
     """
 
     model: Any
     tokenizer: Any
     spec: ArchSpec
     identity: dict[str, Any]
+    backend: str = "hooks"
+    remote: bool = False
+    envoy: Any = None
+    trace_prefixes: bool = True
+    edits_in_traces: bool = False
+    edits: list[Any] = field(default_factory=list)
     n_layers: int = field(init=False)
     n_heads: int = field(init=False)
     head_dim: int = field(init=False)
@@ -155,7 +170,7 @@ def model_identity(model: Any, name: str, source: str | None) -> dict[str, Any]:
     h = hashlib.sha256()
     with torch.no_grad():
         for pname, p in sorted(model.named_parameters()):
-            flat = p.detach().reshape(-1)
+            flat = _stored(model, pname, p).detach().reshape(-1)
             k = min(64, flat.numel())
             # Integer spacing: float linspace rounds past the end on large tensors.
             idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
@@ -171,6 +186,18 @@ def model_identity(model: Any, name: str, source: str | None) -> dict[str, Any]:
         "weights_fingerprint": h.hexdigest()[:32],
         "n_parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _stored(model: Any, name: str, param: torch.Tensor) -> torch.Tensor:
+    """A parameter's values, from accelerate's offload store when a device map put it on disk (a meta tensor here)."""
+    if param.device.type != "meta":
+        return param
+    owner, _, short = name.rpartition(".")
+    hook = getattr(model.get_submodule(owner), "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None:
+        raise ModelLoadError(f"parameter {name} of this model has no values (meta device) and no offloaded copy.")
+    return weights[short]
 
 
 def wrap_model(model: Any, tokenizer: Any, name: str, source: str | None = None) -> LoadedModel:
@@ -316,6 +343,36 @@ def embedded_gguf() -> Path:
         return Path(assemble())
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
+    """A ``--device-map`` value: an accelerate strategy, a JSON object, or a JSON file of one.
+
+    Raises:
+        BadInputError: For anything else, naming the accepted forms.
+    """
+    if text is None or text in DEVICE_MAP_STRATEGIES:
+        return text
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise BadInputError(
+                f"--device-map '{text}' is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) nor a JSON file. "
+                'Give auto, or a file such as {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, '
+                '"model.norm": 1, "lm_head": 1}.'
+            )
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadInputError(f"--device-map {source} is not valid JSON ({exc}). Give an object of module name to device.") from None
+    if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
+        raise BadInputError(f"--device-map {source} must be a JSON object of module name to device (0, \"cuda:1\", \"cpu\", \"disk\").")
+    return value
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -323,15 +380,18 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     status: Any = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model by Hugging Face id, local folder or ``.gguf`` file.
 
     Args:
         spec: The model; None for the embedded default (Gemma 3 270M, offline).
-        device: ``cpu``, ``cuda``, ``cuda:N``; default CUDA when present.
+        device: ``cpu``, ``cuda``, ``cuda:N``; default CUDA when present (ignored with ``device_map``).
         dtype: ``float32``, ``bfloat16``, ``float16``; default bf16 on CUDA, fp32 on CPU.
         trust_remote_code: Allow a model's own Python code to run (off by default).
         status: Optional callable taking a progress message.
+        device_map: Shard the model across devices through accelerate: a strategy
+            (``auto``: every GPU, then the CPU, then disk) or a map of module name to device.
 
     Raises:
         ModelLoadError: When the model cannot be found, loaded, or is of an unsupported family.
@@ -370,7 +430,13 @@ def load_model(
     hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code)
+        placed: dict[str, Any] = {}
+        if device_map is not None:
+            # Whatever fits nowhere else is offloaded to disk, next to the converted checkpoints.
+            offload = cache_dir() / "offload"
+            offload.mkdir(parents=True, exist_ok=True)
+            placed = {"device_map": device_map, "offload_folder": str(offload)}
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code, **placed)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         if "trust_remote_code" in str(exc) and not trust_remote_code:
@@ -383,5 +449,78 @@ def load_model(
             "access to the hub: download it elsewhere and pass its folder, or pass a .gguf file; leave out "
             "--model for the embedded default."
         ) from None
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
     return wrap_model(model, tok, name=name, source=source)
+
+
+def remote_identity(config: Any, name: str, revision: str | None) -> dict[str, Any]:
+    """Who a model served on NDIF is: hub id, revision and config hash (its weights are not here to fingerprint)."""
+    cfg = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return {
+        "name": name,
+        "source": name,
+        "revision": revision or "main",
+        "architecture": config.model_type,
+        "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+        "weights_fingerprint": None,
+        "weights_note": "not fingerprinted: the weights live on NDIF, only the config was read here",
+    }
+
+
+def ndif_api_key() -> str | None:
+    """The NDIF API key nnsight would use (``NDIF_API_KEY``, else nnsight's own configuration)."""
+    if os.environ.get("NDIF_API_KEY"):
+        return os.environ["NDIF_API_KEY"]
+    from nnsight import CONFIG
+
+    return CONFIG.API.APIKEY or None
+
+
+def load_remote(spec: str | None, *, revision: str | None = None, status: Any = None) -> LoadedModel:
+    """A model hosted on NDIF, for the nnsight backend's remote traces (``--remote``).
+
+    Checks, before anything runs: an API key, a hub id (not a file or the embedded
+    model), NDIF reachable and running the model. Only the config and tokenizer
+    are read here; the weights stay on NDIF.
+
+    Raises:
+        BadInputError: Naming which check failed and what to do.
+    """
+    if spec is None or Path(spec).expanduser().exists() or spec.endswith(".gguf"):
+        raise BadInputError(
+            "--remote runs a model NDIF hosts, named by its Hugging Face id (for example --model "
+            "meta-llama/Llama-3.1-8B-Instruct), not the embedded model or a local file; leave out --remote to run it here."
+        )
+    if not ndif_api_key():
+        raise BadInputError(
+            "--remote needs an NDIF API key, and none is set. Get one from NDIF (https://ndif.us), then set NDIF_API_KEY "
+            "or save it once with `nnsight login`."
+        )
+    from nnsight import ndif
+
+    if status:
+        status(f"asking NDIF whether it runs {spec}")
+    try:
+        running = ndif.is_model_running(spec, revision=revision or "main")
+    except Exception as exc:  # noqa: BLE001 - the hub or NDIF unreachable, an unknown repo: all mean "cannot run it"
+        raise BadInputError(f"could not ask NDIF about '{spec}' ({type(exc).__name__}: {str(exc)[:200]}). Check the "
+                            "network and the model id; `python -m nnsight.ndif` lists what NDIF runs.") from None
+    if not running:
+        raise BadInputError(
+            f"NDIF is not running '{spec}' (revision {revision or 'main'}) now, or cannot be reached. `python -c "
+            "\"import nnsight; print(nnsight.ndif.status())\"` lists the models it runs; pick one, or run the model here "
+            "with --device-map auto."
+        )
+    import nnsight
+
+    if status:
+        status(f"reading {spec}'s config and tokenizer")
+    envoy = nnsight.LanguageModel(spec, revision=revision) if revision else nnsight.LanguageModel(spec)
+    model, tok = envoy._model, envoy.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    lm = LoadedModel(model=model, tokenizer=tok, spec=spec_for(model.config.model_type),
+                     identity=remote_identity(model.config, spec, revision), backend="nnsight", remote=True,
+                     envoy=envoy, trace_prefixes=False, edits_in_traces=True)
+    return lm

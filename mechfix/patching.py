@@ -40,15 +40,22 @@ class Prefixes:
         mask: ``[B, Tp]`` attention mask (0 on the left padding).
         lengths: Real prefix length of each row.
         width: ``Tp``, the padded length.
+        prompts: The full prompts (kept by the nnsight backend, whose remote tails
+            rerun their prefix: there ``cache`` and ``mask`` are None).
+        row_cost: Bytes a tail row costs when there is no cache to measure.
     """
 
     cache: Any
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     lengths: list[int]
     width: int
+    prompts: list[list[int]] | None = None
+    row_cost: int = 0
 
     def row_bytes(self) -> int:
         """Memory one row of the cache takes (for chunking tails)."""
+        if self.cache is None:
+            return self.row_cost
         total = 0
         for layer in self.cache.layers:
             for t in (layer.keys, layer.values):
@@ -106,13 +113,20 @@ class TailOutput:
             (only when the pass kept gradients), for :func:`decision_grads`.
         attention: Per layer, ``(weights [R, H, K], values [R, KV, K, dh], token [R, K])``:
             the decision position's attention over its K visible key positions,
-            their value vectors, and the prompt index of each key (-1 for padding).
+            their value vectors, and the prompt index of each key (-1 for padding);
+            None when the backend cannot return them.
+        grads: Gradients of the summed scores, computed in the pass (the nnsight
+            backend, where no graph outlives a trace): what :func:`decision_grads` returns.
+        seq_acts: Site to ``[R, L, T, ...]`` activations at every position (:func:`full_pass`;
+            heads not split).
     """
 
     scores: torch.Tensor
     acts: dict[str, torch.Tensor]
     live: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     attention: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    grads: dict[str, torch.Tensor] | None = None
+    seq_acts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def tails_for(prompt: Sequence[int], options: Sequence[Sequence[int]], prefix: int) -> list[Tail]:
@@ -143,6 +157,10 @@ def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefix
     lengths = [len(p) - 1 for p in prompts]
     if min(lengths) < 1:
         raise ValueError("a prompt needs at least two tokens (a prefix and the decision token)")
+    if lm.backend != "hooks":
+        from mechfix.traces import encode_prefixes as traced
+
+        return traced(lm, prompts)
     width = max(lengths)
     ids, mask = pad_batch(lm, [p[:-1] for p in prompts], left=True)
     position = (mask.cumsum(1) - 1).clamp(min=0)
@@ -162,7 +180,9 @@ def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
     """
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
-    new.batch_select_indices(rows.to(cache.layers[0].keys.device))
+    for layer in new.layers:
+        # Per layer: a model sharded across devices (--device-map) keeps each layer's cache on its own device.
+        layer.batch_select_indices(rows.to(layer.keys.device))
     return new
 
 
@@ -275,6 +295,18 @@ def _attention_impl(lm: LoadedModel, name: str | None) -> Iterator[None]:
         lm.model.set_attn_implementation(old)
 
 
+def tail_inputs(lm: LoadedModel, prefixes: Prefixes, tails: Sequence[Tail]):
+    """What a pass of tails on cached prefixes is given: ``(prefix rows, ids, position ids, mask, cache)``.
+
+    The cache holds each tail's prefix row (a copy: the prefixes stay as they were).
+    """
+    rows = torch.tensor([t.prefix for t in tails], dtype=torch.long)
+    ids, tail_mask = pad_batch(lm, [t.ids for t in tails])
+    position = torch.tensor([t.start for t in tails])[:, None] + torch.arange(ids.shape[1])[None, :]
+    mask = torch.cat([prefixes.mask[rows], tail_mask], dim=1)
+    return rows, ids, position, mask, _select_cache(prefixes.cache, rows)
+
+
 def run_tails(
     lm: LoadedModel,
     prefixes: Prefixes,
@@ -297,12 +329,12 @@ def run_tails(
         attention: Also return the decision position's attention weights and values
             (runs the eager attention kernel).
     """
+    if lm.backend != "hooks":
+        from mechfix.traces import tail_pass
+
+        return tail_pass(lm, prefixes, tails, patches=patches, sites=sites, grad=grad, attention=attention)
     dev = lm.device
-    rows = torch.tensor([t.prefix for t in tails], dtype=torch.long)
-    ids, tail_mask = pad_batch(lm, [t.ids for t in tails])
-    position = torch.tensor([t.start for t in tails])[:, None] + torch.arange(ids.shape[1])[None, :]
-    mask = torch.cat([prefixes.mask[rows], tail_mask], dim=1)
-    cache = _select_cache(prefixes.cache, rows)
+    rows, ids, position, mask, cache = tail_inputs(lm, prefixes, tails)
     before = [(layer.keys.shape[-2], layer.values) for layer in cache.layers] if attention else None
     hooks = _TailHooks(lm, sites, patches, keep_graph=grad)
     context = torch.enable_grad() if grad else torch.no_grad()
@@ -360,6 +392,11 @@ def decision_grads(
         Site to ``[R, L, ...]`` gradients, or ``[R, L, T, ...]`` for every position;
         heads are split, ``[..., H, dh]``.
     """
+    if output.grads is not None:
+        # Computed inside the pass (nnsight backend): the summed scores at the pass's own positions.
+        if weights is not None:
+            raise ValueError("this pass computed its gradients already, for unweighted scores")
+        return output.grads
     scores = output.scores
     total = (scores * weights.to(scores.device)).sum() if weights is not None else scores.sum()
     sites = list(output.live)
@@ -386,6 +423,10 @@ def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITE
     target positions count from its start; ``prefix`` is ignored. Used where
     gradients at every position are needed (per-position attribution).
     """
+    if lm.backend != "hooks":
+        from mechfix.traces import full_pass as traced
+
+        return traced(lm, rows, sites)
     dev = lm.device
     ids, mask = pad_batch(lm, [t.ids for t in rows])
     hooks = _TailHooks(lm, sites, (), keep_graph=True)
@@ -393,4 +434,6 @@ def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITE
         out = lm.backbone(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
         scores = score_rows(lm, out.last_hidden_state, rows)
     acts = {s: torch.stack(hooks.acts[s], dim=1) for s in sites}  # type: ignore[arg-type]
-    return TailOutput(scores=scores, acts=acts, live={s: list(hooks.live[s]) for s in sites})  # type: ignore[arg-type]
+    live = {s: list(hooks.live[s]) for s in sites}
+    seq_acts = {s: torch.stack([x.detach().float() for x in live[s]], dim=1) for s in sites}  # type: ignore[union-attr]
+    return TailOutput(scores=scores, acts=acts, live=live, seq_acts=seq_acts)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from mechfix.episodes import (
     speaker_list,
     tokenize_episode,
 )
+from mechfix.actstore import ActStore, default_act_dtype
 from mechfix.forward import SITES, Request, run_requests
 from mechfix.generation import generate_reply
 from mechfix.live import LiveEpisode, generated_turns, outcome, run_live
@@ -200,6 +202,8 @@ def record(
     sites: tuple[str, ...] = SITES,
     on_progress: Callable[[str, int, int], None] | None = None,
     style: Style | None = None,
+    act_dtype: torch.dtype | None = None,
+    act_dir: str | Path | None = None,
 ) -> Recording:
     """Run the record stage.
 
@@ -211,6 +215,9 @@ def record(
         sites: Activation sites to keep.
         on_progress: Called as ``(phase, advance, total)`` for progress display.
         style: Render in chat style through the tokenizer's template (default: the text layout).
+        act_dtype: The dtype activations are kept in (default: float16 on a GPU, float32 elsewhere).
+        act_dir: With ``all_positions``: the folder whose disk holds the activations while
+            they are recorded (streamed there, not held in memory; default: the temp folder).
 
     Returns:
         The recording (scores, activations, tokens, transcripts, split).
@@ -225,6 +232,12 @@ def record(
     rendered = decision_requests(lm, recipe, None, step("generating turns", generation_steps(recipe, len(recipe.items))), style)
     episodes, tokens, by_condition = rendered.episodes, rendered.tokens, rendered.requests
     n = len(rendered.rows)
+    dtype = act_dtype or default_act_dtype(lm)
+    store = None
+    if all_positions and sites:
+        # Every position of every decision: streamed to disk-backed tensors as each batch finishes.
+        widths = {c: max(len(r.prompt) for r in by_condition[c]) for c in conditions}
+        store = ActStore(lm, conditions, n, widths, sites, dtype, act_dir)
     results = run_requests(
         lm,
         [r for c in conditions for r in by_condition[c]],
@@ -232,13 +245,14 @@ def record(
         sites=sites,
         all_positions=all_positions,
         on_batch=step("scoring", n * len(conditions)),
+        on_acts=store.put if store else None,
     )
     scores: dict[str, torch.Tensor] = {}
     acts: dict[str, dict[str, torch.Tensor]] = {}
     for j, c in enumerate(conditions):
         chunk = results[j * n : (j + 1) * n]
         scores[c] = torch.stack([r.scores for r in chunk])
-        acts[c] = {s: _stack_padded([r.acts[s] for r in chunk]) for s in sites}
+        acts[c] = store.tensors[c] if store else {s: _stack_padded([r.acts[s] for r in chunk]).to(dtype) for s in sites}
     replies = choices = None
     if rendered.live is not None:
         # The target's replies were written while the episodes were played.

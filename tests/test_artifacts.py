@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -79,7 +81,11 @@ def test_an_interrupted_write_leaves_nothing_on_disk(tmp_path, monkeypatch):
 def test_an_existing_artifact_survives_a_failed_overwrite(tmp_path, monkeypatch):
     save_artifact(tmp_path / "a.safetensors", _artifact())
     before = (tmp_path / "a.safetensors").read_bytes()
-    monkeypatch.setattr(artifacts, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    def disk_full(tensors, path, metadata):
+        Path(path).write_bytes(b"half a file")  # the disk fills up half-way through the write
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifacts, "write_safetensors", disk_full)
     with pytest.raises(OSError):
         save_artifact(tmp_path / "a.safetensors", _artifact())
     assert (tmp_path / "a.safetensors").read_bytes() == before

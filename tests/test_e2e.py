@@ -208,3 +208,49 @@ def test_every_built_in_recipe_renders_in_chat_style_through_the_gemma_template_
                 assert tk.ids == template_ids(tok, messages) + prompt, (name, cond, item)
                 assert tk.ids.count(tok.bos_token_id) == 1 and tk.ids[0] == tok.bos_token_id
                 assert tk.ids[-len(prompt) - 3:len(tk.ids) - len(prompt)] == tok("<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
+
+
+def test_the_nnsight_backend_gives_the_hooks_numbers_on_the_embedded_model(gemma, conformity_recording):
+    import dataclasses
+
+    from mechfix.attribute import attribute
+    from mechfix.fix import Fix, apply_fix
+    from mechfix.forward import Request, run_requests
+    from mechfix.recipe import load_recipe
+    from mechfix.record import record
+    from mechfix.traces import use_backend
+
+    tol = dict(atol=1e-4, rtol=1e-4)
+    nn = use_backend(dataclasses.replace(gemma), "nnsight")  # the same weights, traced
+    traced = record(nn, load_recipe("conformity").recipe)
+    for cond in traced.conditions:
+        torch.testing.assert_close(traced.scores[cond], conformity_recording.tensors[f"scores/{cond}"], **tol)
+        for site, acts in traced.acts[cond].items():
+            torch.testing.assert_close(acts, conformity_recording.tensors[f"acts/{cond}/{site}"], **tol)
+    a = attribute(gemma, conformity_recording, method="both", top=3)
+    b = attribute(nn, conformity_recording, method="both", top=3)
+    for kind in a.atp:
+        torch.testing.assert_close(a.atp[kind], b.atp[kind], **tol)
+    assert list(a.exact) == list(b.exact)
+    for c in a.exact:
+        torch.testing.assert_close(a.exact[c], b.exact[c], **tol)
+    torch.testing.assert_close(a.speakers, b.speakers, **tol)
+    # The shape a remote run takes (every tail reruns its prompt): estimates and the speaker split agree too.
+    whole = use_backend(dataclasses.replace(gemma), "nnsight")
+    whole.trace_prefixes = False
+    w = attribute(whole, conformity_recording, method="atp")
+    torch.testing.assert_close(a.atp["heads"], w.atp["heads"], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(a.speakers, w.speakers, atol=1e-3, rtol=1e-3)
+    # Scoring with a heads fix on the top heads.
+    top = [c for c in a.exact if c.kind == "heads"][:3]
+    acts = conformity_recording.tensors
+    v = torch.stack([acts["acts/pressure/heads"][:, c.layer, c.head].mean(0) - acts["acts/clean/heads"][:, c.layer, c.head].mean(0) for c in top])
+    mu = torch.stack([acts["acts/clean/heads"][:, c.layer, c.head].mean(0) for c in top])
+    reqs = [Request(t[: int(n)].tolist(), [[0], [1]]) for t, n in zip(acts["tokens/pressure"][:8], acts["lengths/pressure"][:8])]
+    scored = []
+    for lm in (gemma, nn):
+        fix = Fix(op="project", layers=[c.layer for c in top], heads=[c.head for c in top], vectors=v, means=mu,
+                  strength=2.0, model=lm.identity)
+        with apply_fix(lm, fix):
+            scored.append(torch.stack([r.scores for r in run_requests(lm, reqs, sites=())]))
+    torch.testing.assert_close(*scored, **tol)

@@ -9,14 +9,20 @@ import typer
 
 from mechfix.cli.checks import check_paths
 from mechfix.cli.common import (
+    BatchOpt,
+    BackendOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    RemoteOpt,
     TrustOpt,
     _clean_nan,
     _emit_json,
     _load_model,
+    parse_batch_size,
+    resolve_batch_size,
     _params,
     _progress,
     app,
@@ -58,7 +64,9 @@ def _default_attr_path(recording: Path) -> Path:
         "Examples:\n\n"
         "  mechfix attribute conformity.rec.safetensors\n\n"
         "  mechfix attribute conformity.rec.safetensors --out conf.attr.safetensors --plot heads.png\n\n"
-        "  mechfix attribute conformity.rec.safetensors --method exact --baseline control --json"
+        "  mechfix attribute conformity.rec.safetensors --method exact --baseline control --json\n\n"
+        "  mechfix attribute conformity.rec.safetensors --backend nnsight    (the same, as nnsight traces)\n\n"
+        "  mechfix attribute conformity.rec.safetensors --remote    (a recording made with --remote, on NDIF again)"
     )
 )
 
@@ -83,7 +91,10 @@ def attribute(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Decisions per forward pass.")] = 16,
+    backend: BackendOpt = None,
+    remote: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchOpt = "auto",
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -110,7 +121,9 @@ def attribute(
             f"(it has {', '.join(conditions)}). Use clean or control."
         )
     spec = model if model is not None else rec.manifest.get("model", {}).get("source")
-    lm = _load_model(spec, device, dtype, trust_remote_code)
+    batch = parse_batch_size(batch_size)
+    lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    batch_size = resolve_batch_size(lm, batch)
     check_same_model(rec.manifest, lm.identity, recording)
     artifact = _do_attribute(lm, rec, target, method, top, baseline, batch_size, plot)
     summary = _clean_nan(artifact.manifest["summary"])

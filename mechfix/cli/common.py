@@ -79,6 +79,39 @@ DtypeOpt = Annotated[
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
+_SCALE = "Big models (GPUs, device maps, NDIF)"
+
+BackendOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--backend",
+        help="hooks: PyTorch hooks (the default here: fastest); nnsight: the same passes as nnsight traces, the path "
+        "--remote takes (default with --remote). LoRA training, live generation and the KL pass run on hooks.",
+        rich_help_panel=_SCALE,
+    ),
+]
+
+RemoteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--remote",
+        help="Run on NDIF through nnsight: --model names a model NDIF hosts by its hub id; the key comes from "
+        "NDIF_API_KEY or nnsight's config. Every pass is a trace there, a fix's edits travel inside them; not for "
+        "live recipes, generate mode, LoRA training or probe gates.",
+        rich_help_panel=_SCALE,
+    ),
+]
+
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Shard the model through accelerate: auto (every GPU, then CPU, then disk), balanced, sequential, or a "
+        "JSON file (or object) of module name to device. Replaces --device.",
+        rich_help_panel=_SCALE,
+    ),
+]
+
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Let the model's own Python code run.")]
 
 KindOpt = Annotated[
@@ -238,8 +271,40 @@ MinCleanMarginOpt = Annotated[
 
 JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]
 
-BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass (a scoring batch that runs out of "
-                                       "memory is split and retried).")]
+BatchOpt = Annotated[
+    str,
+    typer.Option(help="Sequences per forward pass, or auto: on a GPU the largest batch whose activations fit its free "
+                 "memory (for 512-token prompts), 16 on a CPU. A batch that runs out of memory is split and retried."),
+]
+
+# The prompt length auto batch sizes are worked out for (longer prompts rely on the out-of-memory backoff).
+AUTO_BATCH_TOKENS = 512
+
+
+def parse_batch_size(text: str | int) -> int | None:
+    """``--batch-size``: a positive number, or None for auto.
+
+    Raises:
+        BadInputError: For anything else.
+    """
+    from mechfix.errors import BadInputError
+
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        value = int(str(text))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BadInputError(f"--batch-size takes a positive whole number or auto, not '{text}'.")
+    return value
+
+
+def resolve_batch_size(lm, parsed: int | None) -> int:
+    """The batch size to run: the number given, or :func:`mechfix.forward.auto_batch_size`."""
+    from mechfix.forward import auto_batch_size
+
+    return parsed if parsed is not None else auto_batch_size(lm, AUTO_BATCH_TOKENS)
 
 ReplayOpt = Annotated[
     str,
@@ -332,22 +397,88 @@ def _progress():
         yield update
 
 
-def _load_model(model: str | None, device: str | None, dtype: str | None, trust: bool):
-    from mechfix.models import load_model
+def check_remote(remote: bool, *, recipe=None, kind: str | None = None, gate: str | None = None, fixes=()) -> None:
+    """Refuse, before any work, what a run on NDIF cannot do: every pass must be a trace there.
 
+    Generating text (live recipes, generate mode), training a LoRA fix and fitting or reading a probe gate run
+    the model outside a trace.
+
+    Raises:
+        BadInputError: Naming the part and what to do instead.
+    """
+    from mechfix.errors import BadInputError
+
+    if not remote:
+        return
+    where = " Run it where the weights are (on a GPU: --device-map auto)."
+    if recipe is not None and (recipe.rounds is not None or recipe.mode == "generate"):
+        raise BadInputError(f"recipe '{recipe.name}' writes turns with the model (a live recipe, or --mode generate), "
+                            "and --remote runs scored decisions only: generation is not a trace." + where)
+    if kind == "lora":
+        raise BadInputError("--kind lora trains an adapter, which runs here and not on NDIF (--remote). Use --kind heads "
+                            "or vector with --remote, or train the LoRA fix where the weights are.")
+    if gate == "probe":
+        raise BadInputError("--gate probe fits a probe on layer activations read outside a trace, which --remote "
+                            "cannot do." + where)
+    for fix in fixes:
+        if fix.gate is not None:
+            raise BadInputError(f"{fix.path or 'the fix'} is gated: verify reads its probe outside a trace, which "
+                                "--remote cannot do." + where)
+
+
+def _load_model(
+    model: str | None,
+    device: str | None,
+    dtype: str | None,
+    trust: bool,
+    *,
+    backend: str | None = None,
+    remote: bool = False,
+    device_map: str | None = None,
+):
+    """Load the model for a command (locally, sharded, or on NDIF) and set its backend.
+
+    Every option is checked before anything loads.
+
+    Raises:
+        BadInputError: For options that do not go together, or a model that cannot be reached.
+    """
+    from mechfix.errors import BadInputError
+    from mechfix.models import load_model, load_remote, parse_device_map
+    from mechfix.traces import BACKENDS, use_backend
+
+    if backend is not None and backend not in BACKENDS:
+        raise BadInputError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
+    if device is not None and device_map is not None:
+        raise BadInputError("give --device (one device) or --device-map (shard across devices), not both.")
+    if remote:
+        if device is not None or device_map is not None or dtype is not None:
+            raise BadInputError("--remote runs on NDIF's GPUs: leave out --device, --device-map and --dtype.")
+        if backend == "hooks":
+            raise BadInputError("--remote runs through nnsight traces: use --backend nnsight (or leave --backend out).")
+        with err.status("reaching NDIF") as st:
+            return use_backend(load_remote(model, status=lambda msg: st.update(msg)), "nnsight")
+    placed = parse_device_map(device_map)
     with err.status("loading model") as st:
-        return load_model(
+        lm = load_model(
             model,
             device=device,
             dtype=dtype,
             trust_remote_code=trust,
             status=lambda msg: st.update(msg),
+            device_map=placed,
         )
+    return use_backend(lm, backend or "hooks")
 
 
 def _params(lm, **kw: Any) -> dict[str, Any]:
-    """A stage's parameters as recorded in its artifact, plus the device and dtype it ran on."""
-    return {**kw, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
+    """A stage's parameters as recorded in its artifact, plus where and how it ran."""
+    where = {"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "backend": lm.backend}
+    if lm.remote:
+        where["remote"] = "NDIF"
+    if getattr(lm.model, "hf_device_map", None) and len(set(lm.model.hf_device_map.values())) > 1:
+        where["device_map"] = {k: str(v) for k, v in lm.model.hf_device_map.items()}
+    return {**kw, **where}
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:

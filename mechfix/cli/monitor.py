@@ -24,6 +24,8 @@ from mechfix.cli.common import (
     _clean_nan,
     _emit_json,
     _load_model,
+    parse_batch_size,
+    resolve_batch_size,
     _progress,
     app,
     err,
@@ -63,7 +65,7 @@ def monitor(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    batch_size: BatchOpt = 16,
+    batch_size: BatchOpt = "auto",
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -93,7 +95,9 @@ def monitor(
     if unknown:
         raise BadInputError(f"--condition {', '.join(unknown)} is not a condition of '{loaded.recipe.name}' "
                             f"(it has {', '.join(loaded.recipe.condition_names)}).")
+    batch = parse_batch_size(batch_size)
     lm = _load_model(model if model is not None else fix.model.get("source"), device, dtype, trust_remote_code)
+    batch_size = resolve_batch_size(lm, batch)
     check_same_model({"model": fix.model}, lm.identity, str(probe))
     # The probe reads conversations rendered as the ones it was fitted on.
     made = recorded_style(fix.manifest)

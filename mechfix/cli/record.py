@@ -12,6 +12,8 @@ from mechfix.cli.common import (
     BatchOpt,
     ChatTemplateOpt,
     DecisionOpt,
+    BackendOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -19,10 +21,14 @@ from mechfix.cli.common import (
     ModeOpt,
     StyleOpt,
     TranscriptOpt,
+    RemoteOpt,
     TrustOpt,
     _clean_nan,
     _emit_json,
     _load_model,
+    check_remote,
+    parse_batch_size,
+    resolve_batch_size,
     _params,
     _progress,
     app,
@@ -40,7 +46,9 @@ from mechfix.cli.views import _print_record_summary
         "  mechfix record commons-live    (a live recipe: every turn generated, four rounds)\n\n"
         "  mechfix record --transcript chats.jsonl --decision decision.yaml --out chats.rec.safetensors\n\n"
         "  mechfix record conformity --model Qwen/Qwen2.5-0.5B-Instruct --style chat\n\n"
-        "  mechfix record conformity --chat-template gemma --style chat    (a base model given a template)"
+        "  mechfix record conformity --chat-template gemma --style chat    (a base model given a template)\n\n"
+        "  mechfix record conformity --model ./llama-70b-instruct --device-map auto    (sharded over the GPUs)\n\n"
+        "  mechfix record conformity --remote --model meta-llama/Llama-3.1-70B-Instruct    (on NDIF; needs NDIF_API_KEY)"
     )
 )
 
@@ -55,10 +63,18 @@ def record(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    batch_size: BatchOpt = 16,
+    backend: BackendOpt = None,
+    remote: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchOpt = "auto",
     all_positions: Annotated[
         bool, typer.Option("--all-positions", help="Keep activations at every position, not only the decision.")
     ] = False,
+    act_dtype: Annotated[
+        str | None,
+        typer.Option("--act-dtype", help="float32, float16 or bfloat16: the dtype activations are saved in. Default: "
+                     "float16 on a GPU, float32 on a CPU. With --all-positions they stream to disk as they come."),
+    ] = None,
     mode: ModeOpt = None,
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
@@ -79,8 +95,13 @@ def record(
     loaded = _load_source(recipe, transcript, decision, mode)
     target = out_path or Path(f"{loaded.recipe.name}.rec.safetensors")
     check_paths(source_inputs(loaded, transcript, decision), {"--out": target})
-    lm = _load_model(model, device, dtype, trust_remote_code)
-    artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions, pick_style(lm, loaded, style, chat_template))
+    check_remote(remote, recipe=loaded.recipe)
+    batch = parse_batch_size(batch_size)
+    dtype_of_acts = parse_act_dtype(act_dtype)
+    lm = _load_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    batch_size = resolve_batch_size(lm, batch)
+    artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions, pick_style(lm, loaded, style, chat_template),
+                               dtype_of_acts)
     summary = _clean_nan(artifact.manifest["summary"])
     if as_json:
         _emit_json(
@@ -139,15 +160,34 @@ def pick_style(lm, loaded, style: str | None, chat_template: str | None, made: d
     return chosen
 
 
-def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False, style=None):
+def parse_act_dtype(text: str | None):
+    """``--act-dtype``: a torch dtype, or None for the default.
+
+    Raises:
+        BadInputError: For another name.
+    """
+    from mechfix.actstore import ACT_DTYPES
+    from mechfix.errors import BadInputError
+
+    if text is None:
+        return None
+    if text not in ACT_DTYPES:
+        raise BadInputError(f"--act-dtype must be one of {', '.join(ACT_DTYPES)}, not '{text}'.")
+    return ACT_DTYPES[text]
+
+
+def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False, style=None, act_dtype=None):
     """Record a loaded recipe and save the artifact; returns (artifact, recording)."""
     from mechfix.artifacts import save_artifact
     from mechfix.record import record as run_record
     from mechfix.record import to_artifact
 
     with _progress() as progress:
+        # Activations at every position stream to the disk the artifact goes to (not to a RAM-backed /tmp).
         rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress,
-                         style=style)
-    artifact = to_artifact(rec, lm, loaded, _params(lm, batch_size=batch_size, all_positions=all_positions))
+                         style=style, act_dtype=act_dtype, act_dir=target.resolve().parent)
+    dtype = next(iter(rec.acts[rec.conditions[0]].values())).dtype if rec.acts[rec.conditions[0]] else None
+    artifact = to_artifact(rec, lm, loaded, _params(lm, batch_size=batch_size, all_positions=all_positions,
+                                                     act_dtype=str(dtype).removeprefix("torch.") if dtype else None))
     save_artifact(target, artifact)
     return artifact, rec

@@ -13,6 +13,8 @@ from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
     ChatTemplateOpt,
+    BackendOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FoldsOpt,
@@ -43,6 +45,7 @@ from mechfix.cli.common import (
     StepsOpt,
     StyleOpt,
     TopHeadsOpt,
+    RemoteOpt,
     TrustOpt,
     _check_replay,
     _clean_nan,
@@ -50,6 +53,9 @@ from mechfix.cli.common import (
     _ints,
     _json_text,
     _load_model,
+    check_remote,
+    parse_batch_size,
+    resolve_batch_size,
     _write_text_atomic,
     app,
     err,
@@ -126,7 +132,10 @@ def run(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    batch_size: BatchOpt = 16,
+    backend: BackendOpt = None,
+    remote: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchOpt = "auto",
     mode: ModeOpt = None,
     replay: ReplayOpt = "all",
     style: StyleOpt = None,
@@ -169,12 +178,15 @@ def run(
     check_lora_folder(paths["fix"], kind)
     layer_list = _ints(layers, "--layers")
     check_kind_op(kind, op)
+    check_remote(remote, recipe=loaded.recipe, kind=kind, gate=gate)
     probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
     tasks = caps.load_tasks(capabilities)
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
-    lm = _load_model(model, device, dtype, trust_remote_code)
+    batch = parse_batch_size(batch_size)
+    lm = _load_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    batch_size = resolve_batch_size(lm, batch)
     rendering = pick_style(lm, loaded, style, chat_template)
     # Created only now, once every check has passed and the model has loaded.
     out_dir.mkdir(parents=True, exist_ok=True)

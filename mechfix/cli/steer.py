@@ -11,6 +11,8 @@ from mechfix.cli.checks import check_paths, named
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
+    BackendOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FoldsOpt,
@@ -37,6 +39,7 @@ from mechfix.cli.common import (
     StepsOpt,
     StrengthsOpt,
     TopHeadsOpt,
+    RemoteOpt,
     TrustOpt,
     _clean_nan,
     _emit_json,
@@ -44,6 +47,9 @@ from mechfix.cli.common import (
     _floats,
     _ints,
     _load_model,
+    check_remote,
+    parse_batch_size,
+    resolve_batch_size,
     _neutral,
     _params,
     _progress,
@@ -193,7 +199,10 @@ def steer(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    batch_size: BatchOpt = 16,
+    backend: BackendOpt = None,
+    remote: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchOpt = "auto",
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -217,6 +226,7 @@ def steer(
     from mechfix.steer import Budget, check_kind_op
 
     check_kind_op(kind, op)
+    check_remote(remote, kind=kind, gate=gate)
     probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
     tasks = caps.load_tasks(capabilities)
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
@@ -231,7 +241,9 @@ def steer(
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     rec = _find_record(att, record)
     spec = model if model is not None else att.manifest.get("model", {}).get("source")
-    lm = _load_model(spec, device, dtype, trust_remote_code)
+    batch = parse_batch_size(batch_size)
+    lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    batch_size = resolve_batch_size(lm, batch)
     check_same_model(att.manifest, lm.identity, attribution)
     artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, budget, neutral, capabilities, tasks,
                          folds, seed, batch_size, settings, probe)

@@ -13,6 +13,8 @@ from mechfix.cli.common import (
     CapabilitiesOpt,
     ChatTemplateOpt,
     DecisionOpt,
+    BackendOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -29,11 +31,15 @@ from mechfix.cli.common import (
     ReplayOpt,
     StyleOpt,
     TranscriptOpt,
+    RemoteOpt,
     TrustOpt,
     _check_replay,
     _clean_nan,
     _emit_json,
     _load_model,
+    check_remote,
+    parse_batch_size,
+    resolve_batch_size,
     _neutral,
     _progress,
     _write_text_atomic,
@@ -131,7 +137,10 @@ def verify(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    batch_size: BatchOpt = 16,
+    backend: BackendOpt = None,
+    remote: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchOpt = "auto",
     mode: ModeOpt = None,
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
@@ -172,9 +181,12 @@ def verify(
     fix = load_fix(fix_path)
     tasks = caps.load_tasks(capabilities)
     others = [load_fix(p) for p in compare or []]
+    check_remote(remote, recipe=loaded.recipe, fixes=[fix, *others])
     gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
     spec = model if model is not None else fix.model.get("source")
-    lm = _load_model(spec, device, dtype, trust_remote_code)
+    batch = parse_batch_size(batch_size)
+    lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    batch_size = resolve_batch_size(lm, batch)
     suite = f"mechfix.verify.{loaded.recipe.name}"
     try:
         check_same_model(fix.manifest, lm.identity, fix_path)
