@@ -1,6 +1,6 @@
 """The nnsight backend against the hooks backend, from one run.
 
-    python benchmarks/bench_backends.py [--model M] [--repeats 3] [--threads 1] [--no-exact]
+    python benchmarks/bench_backends.py [--model M] [--repeats 3] [--threads 1] [--stages record,atp,both,exact]
 
 One process, one model (the embedded Gemma 3 270M by default), both backends on
 the same weights, runs interleaved so that machine load hits both alike:
@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-exact", action="store_true", help="Skip the exact-patching-of-everything run (the longest).")
+    ap.add_argument("--stages", default="record,atp,both,exact",
+                    help="Comma-separated stages to time (exact, every component patched, is the longest).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     hooks = load_model(args.model)
@@ -64,13 +65,13 @@ def main() -> None:
     whole.trace_prefixes = False  # as on NDIF
     loaded = load_recipe("conformity")
     rec = to_artifact(record(hooks, loaded.recipe), hooks, loaded, {})
-    stages = {
+    every = {
         "record": lambda lm: record(lm, loaded.recipe),
         "atp": lambda lm: attribute(lm, rec, method="atp"),
         "both": lambda lm: attribute(lm, rec, method="both"),
+        "exact": lambda lm: attribute(lm, rec, method="exact"),
     }
-    if not args.no_exact:
-        stages["exact"] = lambda lm: attribute(lm, rec, method="exact")
+    stages = {name: every[name] for name in args.stages.split(",")}
     backends = {"hooks": hooks, "nnsight": nn, "nnsight_whole_sequences": whole}
     times: dict[str, dict[str, list[float]]] = {s: {b: [] for b in backends} for s in stages}
     results: dict[str, dict[str, object]] = {s: {} for s in stages}
@@ -82,9 +83,10 @@ def main() -> None:
                 times[stage][name].append(time.perf_counter() - t)
     med = {s: {b: statistics.median(v) for b, v in per.items()} for s, per in times.items()}
     rec_diff = max(
-        float((results["record"]["hooks"].scores[c] - results["record"][b].scores[c]).abs().max())
-        for b in ("nnsight", "nnsight_whole_sequences") for c in results["record"]["hooks"].scores
-    )
+        (float((results["record"]["hooks"].scores[c] - results["record"][b].scores[c]).abs().max())
+         for b in ("nnsight", "nnsight_whole_sequences") for c in results["record"]["hooks"].scores),
+        default=None,
+    ) if "record" in results else None
     print(json.dumps({
         "model": hooks.identity["name"],
         "threads": args.threads,

@@ -24,7 +24,13 @@ the tests run locally against the hooks backend.
 Gradients: a frozen model builds no graph, and a traced activation that is not
 marked ``requires_grad`` gets no gradient (remotely: without an error). Every
 site read for gradients is marked (:func:`_track`), and :func:`_check_grads`
-refuses a pass whose gradients did not all come back.
+refuses a pass whose gradients did not all come back. The weights are kept out
+of the traced backward pass (:func:`_weights_frozen`), as with hooks.
+
+Fixes: locally a fix's edits are PyTorch hooks, which run inside traces too.
+On NDIF (``lm.edits_in_traces``) they are :class:`~mechfix.edits.Edit` records
+that every trace applies at their module in forward order (:func:`_visit`), and
+KL on neutral text is computed in traces (:func:`neutral_kl`).
 """
 
 from __future__ import annotations
@@ -193,6 +199,24 @@ def _visit(lm: LoadedModel, layer: int, slot: str, edits: Sequence[Any], seen: d
     return out[0] if isinstance(out, tuple) else out
 
 
+@contextmanager
+def _weights_frozen(lm: LoadedModel) -> Iterator[None]:
+    """Keep the weights out of a traced backward pass: only the marked activations get gradients, as with hooks.
+
+    A backward inside a trace is ``loss.backward()``, which would also compute and
+    keep a gradient for every weight that requires one (most loaded models' do):
+    twice the work, and a ``.grad`` left on every weight. A remote model's weights are the server's.
+    """
+    params = [] if lm.remote else [p for p in lm.model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _track(x: torch.Tensor) -> None:
     """Mark a traced activation for gradients (a frozen model's activations are not)."""
     x.requires_grad_(True)
@@ -220,8 +244,10 @@ def _trace_kwargs(lm: LoadedModel) -> dict[str, Any]:
 
         # The trace body calls mechfix's own functions: the server has no mechfix, so they travel by value.
         nnsight.register(mechfix)
-    # The output head runs only where mechfix asks (one position per row here, then our own rows).
-    return {"remote": lm.remote, "logits_to_keep": 1}
+    # The model's own output head runs on no position (an empty index): mechfix runs the head on the rows it
+    # scores, inside the trace. (``logits_to_keep=1`` would still cost a head row per sequence, through the slow
+    # path a non-contiguous [B, 1, d] input takes with frozen weights.)
+    return {"remote": lm.remote, "logits_to_keep": torch.zeros(0, dtype=torch.long)}
 
 
 def _input_device(lm: LoadedModel) -> torch.device:
@@ -292,7 +318,8 @@ def _run(
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     context = torch.enable_grad() if grad else torch.no_grad()
     try:
-        with _remote_failures(lm), torch.inference_mode(False), context, lm.envoy.trace(**inputs, **_trace_kwargs(lm)):
+        with _remote_failures(lm), _weights_frozen(lm), torch.inference_mode(False), context, \
+                lm.envoy.trace(**inputs, **_trace_kwargs(lm)):
             live, seen = [], {}
             acts = nnsight.save([])
             for i, site in order:

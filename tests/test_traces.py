@@ -416,3 +416,11 @@ def test_a_failure_on_the_server_is_a_remote_error_with_its_message(monkeypatch)
     with pytest.raises(traces.RemoteError, match="job 1234 failed, model is not deployed") as info:
         run_requests(nn, [Request(list(range(5, 12)), [[40], [41]])])
     assert info.value.exit_code == 3 and "Nothing was written" in str(info.value)
+
+
+def test_a_traced_backward_pass_leaves_no_gradient_on_the_weights():
+    _, nn = _pair("llama")
+    assert all(p.requires_grad for p in nn.model.parameters())  # as most loaded models' weights are
+    attribute(nn, _recording(nn, PLANT_RECIPE), method="atp")
+    assert all(p.grad is None for p in nn.model.parameters())
+    assert all(p.requires_grad for p in nn.model.parameters())  # and they are given back as they were
