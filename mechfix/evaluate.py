@@ -13,6 +13,7 @@ from importlib import resources
 
 import torch
 
+from mechfix.errors import BadInputError
 from mechfix.fix import Fix, apply_fix
 from mechfix.forward import Request, final_hidden, pad_batch, run_requests
 from mechfix.models import LoadedModel
@@ -165,21 +166,59 @@ def _base_terms(lm: LoadedModel, neutral: NeutralSet, i: int) -> tuple[torch.Ten
     logits; ``c`` holds ``sum(p z) - lse(z) - p . b`` per position.
     """
     if i not in neutral.base:
-        head = lm.model.get_output_embeddings()
-        w, bias = head.weight, getattr(head, "bias", None)
         ids, mask = neutral.batches[i]
-        hidden = _kept_hidden(lm, ids, mask, neutral.stride)
-        cs, es = [], []
-        for chunk in hidden.split(_KL_CHUNK):
-            z = lm.logits(chunk).float()
-            p = torch.softmax(z, dim=-1)
-            c = (p * z).sum(-1) - torch.logsumexp(z, dim=-1)
-            if bias is not None:
-                c = c - p @ bias.float()
-            cs.append(c.double())
-            es.append((p.to(w.dtype) @ w).float())
-        neutral.base[i] = (torch.cat(cs), torch.cat(es))
+        if lm.edits_in_traces:
+            # The model is not here (NDIF): the same terms, computed inside a trace.
+            from mechfix.traces import kl_base
+
+            neutral.base[i] = kl_base(lm, ids, mask, neutral.stride)
+        else:
+            head = lm.model.get_output_embeddings()
+            neutral.base[i] = kl_base_terms(lm.logits, head.weight, getattr(head, "bias", None),
+                                            _kept_hidden(lm, ids, mask, neutral.stride))
     return neutral.base[i]
+
+
+def kl_base_terms(logits: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+                  hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfixed model's KL terms ``(c [P], e [P, d])`` from its final hidden states ``[P, d]`` (see :func:`_base_terms`).
+
+    Args:
+        logits: The output head (soft-capping included), hidden states to logits.
+        weight: The head's weight ``[V, d]``.
+        bias: Its bias ``[V]``, or None.
+        hidden: The hidden states.
+    """
+    cs, es = [], []
+    for chunk in hidden.split(_KL_CHUNK):
+        z = logits(chunk).float()
+        p = torch.softmax(z, dim=-1)
+        c = (p * z).sum(-1) - torch.logsumexp(z, dim=-1)
+        if bias is not None:
+            c = c - p @ bias.float()
+        cs.append(c.double())
+        es.append((p.to(weight.dtype) @ weight).float())
+    return torch.cat(cs), torch.cat(es)
+
+
+def kl_sum(logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, c: torch.Tensor,
+           e: torch.Tensor) -> torch.Tensor:
+    """Summed KL(unfixed ‖ fixed) over positions, from the fixed model's hidden states and the unfixed terms ``(c, e)``."""
+    lse = torch.cat([torch.logsumexp(logits(chunk).float(), dim=-1) for chunk in hidden.split(_KL_CHUNK)])
+    c, e = c.to(hidden.device), e.to(hidden.device)
+    return (c - (hidden.double() * e.double()).sum(-1) + lse.double()).sum()
+
+
+def _fixed_kl(lm: LoadedModel, fix: Fix, strength: float, ids: torch.Tensor, mask: torch.Tensor, stride: int,
+              c: torch.Tensor, e: torch.Tensor) -> float:
+    """Summed KL over one neutral batch with the fix applied at ``strength`` (in a trace on NDIF)."""
+    with apply_fix(lm, fix, strength, check_model=False):
+        if lm.edits_in_traces:
+            from mechfix.traces import kl_fixed
+
+            return kl_fixed(lm, ids, mask, stride, c, e)
+        h = _kept_hidden(lm, ids, mask, stride)
+    return float(kl_sum(lm.logits, h, c, e))
 
 
 def neutral_kl(
@@ -209,23 +248,23 @@ def neutral_kl(
     Returns:
         Nats per token, one per strength.
     """
-    if lm.edits_in_traces:
-        # The model is not here (NDIF): the same terms, computed inside traces.
-        from mechfix.traces import neutral_kl as traced
-
-        return traced(lm, fix, strengths, neutral, on_batch, stop_above)
     totals = [0.0] * len(strengths)
     # The cached terms cost more than one plain pass of the unfixed model: worth it when they will be reused.
     plain = _plain_head(lm, fix) and (reuse or bool(neutral.base) or len(strengths) > 1)
+    if lm.edits_in_traces:
+        # On NDIF only the cached terms travel: a full-vocabulary distribution per position would not.
+        if not _plain_head(lm, fix):
+            raise BadInputError(
+                "KL on neutral text through traces needs logits linear in the final hidden state, and this model "
+                "soft-caps them (or the fix edits the output head). Run steer and verify for it where the weights are."
+            )
+        plain = True
     with torch.inference_mode():
         for i, (ids, mask) in enumerate(neutral.batches):
             if plain:
                 c, e = _base_terms(lm, neutral, i)
                 for j, s in enumerate(strengths):
-                    with apply_fix(lm, fix, s, check_model=False):
-                        h = _kept_hidden(lm, ids, mask, neutral.stride)
-                    lse = torch.cat([torch.logsumexp(lm.logits(chunk).float(), dim=-1) for chunk in h.split(_KL_CHUNK)])
-                    totals[j] += float((c - (h.double() * e.double()).sum(-1) + lse.double()).sum())
+                    totals[j] += _fixed_kl(lm, fix, s, ids, mask, neutral.stride, c, e)
                     if on_batch:
                         on_batch(1)
                 if stop_above is not None and len(strengths) == 1 and totals[0] > stop_above * max(neutral.n_tokens, 1):

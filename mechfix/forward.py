@@ -379,6 +379,7 @@ def run_requests(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     scores = [torch.zeros(len(r.options), dtype=torch.float64) for r in requests]
     acts: list[dict[str, torch.Tensor]] = [{} for _ in requests]
+
     def one_batch(chunk: list[int]) -> None:
         batch = [rows[i] for i in chunk]
         ids, mask = pad_batch(lm, [r.ids for r in batch])

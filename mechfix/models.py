@@ -154,6 +154,12 @@ def resolve_device_dtype(device: str | None = None, dtype: str | None = None) ->
     return dev, dt
 
 
+def _config_hash(config: Any) -> str:
+    """sha256 of a model config, without the keys that say how it was loaded or run."""
+    cfg = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def model_identity(model: Any, name: str, source: str | None) -> dict[str, Any]:
     """Who a model is: name, where it came from, family, config hash, weight fingerprint.
 
@@ -161,12 +167,7 @@ def model_identity(model: Any, name: str, source: str | None) -> dict[str, Any]:
     rounded to bfloat16, so the same weights loaded in fp32 or bf16, on CPU or
     GPU, give the same fingerprint, while any retrained or other model differs.
     """
-    cfg = {
-        k: v
-        for k, v in model.config.to_dict().items()
-        if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-    }
-    config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    config_hash = _config_hash(model.config)
     h = hashlib.sha256()
     with torch.no_grad():
         for pname, p in sorted(model.named_parameters()):
@@ -200,6 +201,13 @@ def _stored(model: Any, name: str, param: torch.Tensor) -> torch.Tensor:
     return weights[short]
 
 
+def _give_pad_token(tokenizer: Any) -> None:
+    """A pad token for a tokenizer without one (padding never reaches a scored position: right padding under a
+    causal mask, so any id will do)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
 def wrap_model(model: Any, tokenizer: Any, name: str, source: str | None = None) -> LoadedModel:
     """Wrap an already-loaded causal LM (tests, notebooks) as a :class:`LoadedModel`.
 
@@ -208,10 +216,7 @@ def wrap_model(model: Any, tokenizer: Any, name: str, source: str | None = None)
     """
     spec = spec_for(model.config.model_type)
     model.eval()
-    if tokenizer.pad_token_id is None:
-        # Padding never reaches a scored position (right padding under a causal
-        # mask), so any id will do.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    _give_pad_token(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, identity=model_identity(model, name, source))
 
 
@@ -456,13 +461,12 @@ def load_model(
 
 def remote_identity(config: Any, name: str, revision: str | None) -> dict[str, Any]:
     """Who a model served on NDIF is: hub id, revision and config hash (its weights are not here to fingerprint)."""
-    cfg = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
     return {
         "name": name,
         "source": name,
         "revision": revision or "main",
         "architecture": config.model_type,
-        "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+        "config_hash": _config_hash(config),
         "weights_fingerprint": None,
         "weights_note": "not fingerprinted: the weights live on NDIF, only the config was read here",
     }
@@ -505,7 +509,8 @@ def load_remote(spec: str | None, *, revision: str | None = None, status: Any = 
         running = ndif.is_model_running(spec, revision=revision or "main")
     except Exception as exc:  # noqa: BLE001 - the hub or NDIF unreachable, an unknown repo: all mean "cannot run it"
         raise BadInputError(f"could not ask NDIF about '{spec}' ({type(exc).__name__}: {str(exc)[:200]}). Check the "
-                            "network and the model id; `python -m nnsight.ndif` lists what NDIF runs.") from None
+                            "network and the model id; `python -c \"import nnsight; print(nnsight.ndif.status())\"` lists what NDIF "
+                            "runs.") from None
     if not running:
         raise BadInputError(
             f"NDIF is not running '{spec}' (revision {revision or 'main'}) now, or cannot be reached. `python -c "
@@ -518,8 +523,7 @@ def load_remote(spec: str | None, *, revision: str | None = None, status: Any = 
         status(f"reading {spec}'s config and tokenizer")
     envoy = nnsight.LanguageModel(spec, revision=revision) if revision else nnsight.LanguageModel(spec)
     model, tok = envoy._model, envoy.tokenizer
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
+    _give_pad_token(tok)
     lm = LoadedModel(model=model, tokenizer=tok, spec=spec_for(model.config.model_type),
                      identity=remote_identity(model.config, spec, revision), backend="nnsight", remote=True,
                      envoy=envoy, trace_prefixes=False, edits_in_traces=True)

@@ -147,6 +147,12 @@ def tails_for(prompt: Sequence[int], options: Sequence[Sequence[int]], prefix: i
     return list(tails.values())
 
 
+def prefix_inputs(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every prompt but its last token, left-padded: ``(ids, mask, position ids)`` (positions count real tokens only)."""
+    ids, mask = pad_batch(lm, [p[:-1] for p in prompts], left=True)
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefixes:
     """Run every prompt but its last token, left-padded, and keep the cache.
 
@@ -162,8 +168,7 @@ def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefix
 
         return traced(lm, prompts)
     width = max(lengths)
-    ids, mask = pad_batch(lm, [p[:-1] for p in prompts], left=True)
-    position = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, position = prefix_inputs(lm, prompts)
     dev = lm.device
     with torch.inference_mode(False), torch.no_grad():
         out = lm.backbone(

@@ -30,7 +30,7 @@ of the traced backward pass (:func:`_weights_frozen`), as with hooks.
 Fixes: locally a fix's edits are PyTorch hooks, which run inside traces too.
 On NDIF (``lm.edits_in_traces``) they are :class:`~mechfix.edits.Edit` records
 that every trace applies at their module in forward order (:func:`_visit`), and
-KL on neutral text is computed in traces (:func:`neutral_kl`).
+KL on neutral text is computed in traces (:func:`kl_base`, :func:`kl_fixed`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from mechfix.patching import (
     TailOutput,
     _attention_impl,
     _decision_attention,
+    prefix_inputs,
     score_rows,
     tail_inputs,
 )
@@ -91,16 +92,25 @@ def _remote_failures(lm: LoadedModel) -> Iterator[None]:
         ) from exc
 
 
+def check_backend(backend: str | None, remote: bool) -> None:
+    """Refuse an unknown backend, or ``hooks`` for a model on NDIF (None: the default, always fine).
+
+    Raises:
+        BadInputError: Naming the backends, or the one a remote model needs.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise BadInputError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
+    if remote and backend not in (None, "nnsight"):
+        raise BadInputError("--remote runs through nnsight traces: use --backend nnsight (or leave --backend out).")
+
+
 def use_backend(lm: LoadedModel, backend: str = "hooks") -> LoadedModel:
     """Run the model's passes with ``backend`` (``hooks`` or ``nnsight``); returns ``lm``.
 
     Raises:
         BadInputError: For an unknown backend, or ``hooks`` on a remote model.
     """
-    if backend not in BACKENDS:
-        raise BadInputError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
-    if lm.remote and backend != "nnsight":
-        raise BadInputError("--remote runs through nnsight traces: use --backend nnsight (or leave --backend out).")
+    check_backend(backend, lm.remote)
     lm.backend = backend
     if backend == "nnsight" and lm.envoy is None:
         import nnsight
@@ -200,14 +210,14 @@ def _visit(lm: LoadedModel, layer: int, slot: str, edits: Sequence[Any], seen: d
 
 
 @contextmanager
-def _weights_frozen(lm: LoadedModel) -> Iterator[None]:
+def _weights_frozen(lm: LoadedModel, grad: bool) -> Iterator[None]:
     """Keep the weights out of a traced backward pass: only the marked activations get gradients, as with hooks.
 
     A backward inside a trace is ``loss.backward()``, which would also compute and
     keep a gradient for every weight that requires one (most loaded models' do):
     twice the work, and a ``.grad`` left on every weight. A remote model's weights are the server's.
     """
-    params = [] if lm.remote else [p for p in lm.model.parameters() if p.requires_grad]
+    params = [] if lm.remote or not grad else [p for p in lm.model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
@@ -318,7 +328,7 @@ def _run(
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     context = torch.enable_grad() if grad else torch.no_grad()
     try:
-        with _remote_failures(lm), _weights_frozen(lm), torch.inference_mode(False), context, \
+        with _remote_failures(lm), _weights_frozen(lm, grad), torch.inference_mode(False), context, \
                 lm.envoy.trace(**inputs, **_trace_kwargs(lm)):
             live, seen = [], {}
             acts = nnsight.save([])
@@ -368,7 +378,7 @@ def _run(
 def _by_site(lm: LoadedModel, kept: Sequence[tuple[int, str]], values: Sequence[torch.Tensor], sites: Sequence[str]) -> dict[str, list[torch.Tensor]]:
     out: dict[str, list[torch.Tensor]] = {s: [None] * lm.n_layers for s in sites}  # type: ignore[misc]
     for (i, s), v in zip(kept, values):
-        out[s][i] = v.cpu() if v.device.type != "cpu" else v
+        out[s][i] = v.cpu()
     return out
 
 
@@ -407,14 +417,14 @@ def request_pass(lm: LoadedModel, batch: Sequence[_Row], ids: torch.Tensor, mask
     # Only saved values leave a trace: which (row, option) each score is, again out here.
     where = [(b, k) for b, r in enumerate(batch) for k, _, _ in r.targets]
     got: dict[str, object] = {}
-    kept = [k.cpu() for k in kept]
     if capture.lengths is None:
         per = _by_site(lm, kept_sites, kept, sites)
         got = dict(_stack(lm, per, split_heads=True))
     else:
         width = len(capture.lengths)
         for s in sites:
-            layers = [kept[j * width: (j + 1) * width] for j, (_, site) in enumerate(kept_sites) if site == s]
+            layers = [[x.cpu() for x in kept[j * width: (j + 1) * width]]
+                      for j, (_, site) in enumerate(kept_sites) if site == s]
             rows = [torch.stack([layer[r] for layer in layers], dim=1) for r in range(width)]  # [n, L, ...]
             got[s] = [x.reshape(*x.shape[:-1], lm.n_heads, lm.head_dim) if s == "heads" else x for x in rows]
     return where, picked, got
@@ -429,8 +439,7 @@ def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefix
         # Each tail reruns its prefix: a row costs about what a cache row would.
         row_cost = 2 * lm.n_layers * lm.hidden * (width + 1) * torch.finfo(lm.dtype).bits // 8
         return Prefixes(cache=None, mask=None, lengths=lengths, width=width, prompts=kept, row_cost=row_cost)
-    ids, mask = pad_batch(lm, [p[:-1] for p in prompts], left=True)
-    position = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, position = prefix_inputs(lm, prompts)
     dev = _input_device(lm)
     edits = _edit_slots(lm)
     with torch.inference_mode(False), torch.no_grad(), lm.envoy.trace(
@@ -520,29 +529,25 @@ def _kept(lm: LoadedModel, mask: torch.Tensor, stride: int) -> torch.Tensor:
     return hidden[_keep(mask).to(hidden.device)][::stride]
 
 
-def _kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int, chunk: int):
-    """The unfixed model's KL terms ``(c [P], e [P, d])`` of one neutral batch, computed in one trace (see
-    :func:`mechfix.evaluate._base_terms`)."""
+def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfixed model's KL terms of one neutral batch (:func:`mechfix.evaluate.kl_base_terms`), in one trace."""
     import nnsight
+
+    from mechfix.evaluate import kl_base_terms
 
     dev = _input_device(lm)
     with _remote_failures(lm), torch.inference_mode(False), torch.no_grad(), lm.envoy.trace(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, **_trace_kwargs(lm)):
         head = _head(lm)
-        parts = nnsight.save([])
-        for h in _kept(lm, mask, stride).split(chunk):
-            z = head.logits(h).float()
-            p = torch.softmax(z, dim=-1)
-            c = (p * z).sum(-1) - torch.logsumexp(z, dim=-1)
-            if head.bias is not None:
-                c = c - p @ head.bias.float()
-            parts.append((c.double(), (p.to(head.weight.dtype) @ head.weight).float()))
-    return torch.cat([c.cpu() for c, _ in parts]), torch.cat([e.cpu() for _, e in parts])
+        terms = nnsight.save(kl_base_terms(head.logits, head.weight, head.bias, _kept(lm, mask, stride)))
+    return terms[0].cpu(), terms[1].cpu()
 
 
-def _kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int, chunk: int,
-              c: torch.Tensor, e: torch.Tensor) -> float:
-    """Summed KL(unfixed ‖ fixed) over one neutral batch, with the pending edits applied, computed in one trace."""
+def kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int, c: torch.Tensor, e: torch.Tensor) -> float:
+    """Summed KL over one neutral batch with the pending edits applied (:func:`mechfix.evaluate.kl_sum`), in one
+    trace that returns one number."""
+    from mechfix.evaluate import kl_sum
+
     edits = _edit_slots(lm)
     dev = _input_device(lm)
     with _remote_failures(lm), torch.inference_mode(False), torch.no_grad(), lm.envoy.trace(
@@ -551,42 +556,5 @@ def _kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: in
         for i, slot in _slots_to_visit(lm, set(), edits):
             _visit(lm, i, slot, edits[(i, slot)], seen)
         head = _head(lm)
-        h = _kept(lm, mask, stride)
-        lse = torch.cat([torch.logsumexp(head.logits(part).float(), dim=-1) for part in h.split(chunk)])
-        cd, ed = c.to(h.device), e.to(h.device)
-        total = (cd - (h.double() * ed.double()).sum(-1) + lse.double()).sum().save()
+        total = kl_sum(head.logits, _kept(lm, mask, stride), c, e).save()
     return float(total)
-
-
-def neutral_kl(lm: LoadedModel, fix: Any, strengths: Sequence[float], neutral: Any, on_batch=None,
-               stop_above: float | None = None) -> list[float]:
-    """:func:`mechfix.evaluate.neutral_kl` as traces, for a model whose edits travel in them (NDIF).
-
-    The unfixed model's terms are computed once per batch in one trace (cached on
-    ``neutral``), then each strength costs one trace that returns one number.
-    Needs logits linear in the final hidden state (no soft-capping).
-
-    Raises:
-        BadInputError: For a soft-capped output head, or a fix that edits it.
-    """
-    from mechfix.evaluate import _KL_CHUNK, _plain_head
-    from mechfix.fix import apply_fix
-
-    if not _plain_head(lm, fix):
-        raise BadInputError(
-            "KL on neutral text through traces needs logits linear in the final hidden state, and this model soft-caps "
-            "them (or the fix edits the output head). Run steer and verify for it where the weights are."
-        )
-    totals = [0.0] * len(strengths)
-    for i, (ids, mask) in enumerate(neutral.batches):
-        if i not in neutral.base:
-            neutral.base[i] = _kl_base(lm, ids, mask, neutral.stride, _KL_CHUNK)
-        c, e = neutral.base[i]
-        for j, s in enumerate(strengths):
-            with apply_fix(lm, fix, s, check_model=False):
-                totals[j] += _kl_fixed(lm, ids, mask, neutral.stride, _KL_CHUNK, c, e)
-            if on_batch:
-                on_batch(1)
-        if stop_above is not None and len(strengths) == 1 and totals[0] > stop_above * max(neutral.n_tokens, 1):
-            break
-    return [t / max(neutral.n_tokens, 1) for t in totals]

@@ -445,17 +445,14 @@ def _load_model(
     """
     from mechfix.errors import BadInputError
     from mechfix.models import load_model, load_remote, parse_device_map
-    from mechfix.traces import BACKENDS, use_backend
+    from mechfix.traces import check_backend, use_backend
 
-    if backend is not None and backend not in BACKENDS:
-        raise BadInputError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
+    check_backend(backend, remote)
     if device is not None and device_map is not None:
         raise BadInputError("give --device (one device) or --device-map (shard across devices), not both.")
     if remote:
         if device is not None or device_map is not None or dtype is not None:
             raise BadInputError("--remote runs on NDIF's GPUs: leave out --device, --device-map and --dtype.")
-        if backend == "hooks":
-            raise BadInputError("--remote runs through nnsight traces: use --backend nnsight (or leave --backend out).")
         with err.status("reaching NDIF") as st:
             return use_backend(load_remote(model, status=lambda msg: st.update(msg)), "nnsight")
     placed = parse_device_map(device_map)

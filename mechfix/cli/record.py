@@ -178,16 +178,17 @@ def parse_act_dtype(text: str | None):
 
 def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False, style=None, act_dtype=None):
     """Record a loaded recipe and save the artifact; returns (artifact, recording)."""
+    from mechfix.actstore import default_act_dtype
     from mechfix.artifacts import save_artifact
     from mechfix.record import record as run_record
     from mechfix.record import to_artifact
 
+    act_dtype = act_dtype or default_act_dtype(lm)
     with _progress() as progress:
         # Activations at every position stream to the disk the artifact goes to (not to a RAM-backed /tmp).
         rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress,
                          style=style, act_dtype=act_dtype, act_dir=target.resolve().parent)
-    dtype = next(iter(rec.acts[rec.conditions[0]].values())).dtype if rec.acts[rec.conditions[0]] else None
     artifact = to_artifact(rec, lm, loaded, _params(lm, batch_size=batch_size, all_positions=all_positions,
-                                                     act_dtype=str(dtype).removeprefix("torch.") if dtype else None))
+                                                     act_dtype=str(act_dtype).removeprefix("torch.")))
     save_artifact(target, artifact)
     return artifact, rec
