@@ -31,6 +31,12 @@ class ArchSpec:
         attn_out_fan_in_fan_out: The attention output projection stores its
             weight as ``[in, out]`` (GPT-2's Conv1D), which a LoRA adapter's
             config must say.
+        attn_out_bias: Whether the attention output projection can carry a bias
+            in a checkpoint (a merged fix's constant term): ``always`` (it has
+            one), a config key that switches biases on (``attention_bias``), or
+            None (the family builds it without one, whatever the config says).
+        bias_with: The modules of a layer that the config key also gives a bias
+            (a merged checkpoint writes theirs as zeros).
     """
 
     backbone: str
@@ -43,9 +49,15 @@ class ArchSpec:
     logit_softcap: str | None = None
     gguf_arch: str | None = None
     attn_out_fan_in_fan_out: bool = False
+    attn_out_bias: str | None = None
+    bias_with: tuple[str, ...] = ()
 
 
-_LLAMA_LIKE = ArchSpec(backbone="model", layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp", gguf_arch="llama")
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA_LIKE = ArchSpec(backbone="model", layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp", gguf_arch="llama",
+                       attn_out_bias="attention_bias", bias_with=_QKV)
+# Mistral, Qwen2 and Phi-3 build their output projection without a bias, whatever the config says.
+_NO_BIAS = replace(_LLAMA_LIKE, attn_out_bias=None, bias_with=())
 _GEMMA = ArchSpec(
     backbone="model",
     layers="model.layers",
@@ -53,6 +65,8 @@ _GEMMA = ArchSpec(
     mlp="mlp",
     logit_softcap="final_logit_softcapping",
     gguf_arch="gemma",
+    attn_out_bias="attention_bias",
+    bias_with=_QKV,
 )
 
 # Keyed by ``config.model_type``.
@@ -61,10 +75,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": replace(_GEMMA, gguf_arch="gemma2"),
     "gemma3_text": replace(_GEMMA, gguf_arch="gemma3"),
     "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,  # llama.cpp runs Mistral as "llama"
-    "qwen2": replace(_LLAMA_LIKE, gguf_arch="qwen2"),
+    "mistral": _NO_BIAS,  # llama.cpp runs Mistral as "llama"
+    "qwen2": replace(_NO_BIAS, gguf_arch="qwen2"),
     "qwen3": replace(_LLAMA_LIKE, gguf_arch="qwen3"),
-    "phi3": replace(_LLAMA_LIKE, gguf_arch="phi3"),
+    "phi3": replace(_NO_BIAS, gguf_arch="phi3"),
     "gpt2": ArchSpec(
         backbone="transformer",
         layers="transformer.h",
@@ -75,6 +89,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         hidden=("n_embd",),
         gguf_arch="gpt2",
         attn_out_fan_in_fan_out=True,
+        attn_out_bias="always",
     ),
     "gpt_neox": ArchSpec(
         backbone="gpt_neox",
@@ -82,6 +97,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_out="attention.dense",
         mlp="mlp",
         gguf_arch="gptneox",
+        attn_out_bias="attention_bias",
+        bias_with=("attention.query_key_value",),
     ),
 }
 

@@ -162,21 +162,29 @@ def atomic_target(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
             os.unlink(tmp)
 
 
-def check_writable_dir(path: str | Path) -> Path:
+def check_writable_dir(path: str | Path, marker: str = ADAPTER_CONFIG, what: str = "a LoRA fix",
+                       suffix: str = ".lora") -> Path:
     """Fail early if a folder artifact cannot be written at ``path``.
 
-    The folder may be missing, empty, or an earlier adapter folder (which is
-    replaced); anything else there is refused rather than deleted.
+    The folder may be missing, empty, or an earlier folder of the same kind
+    (one holding ``marker``, which is replaced); anything else there is refused
+    rather than deleted.
+
+    Args:
+        path: The folder.
+        marker: The file that marks an earlier folder of this kind.
+        what: What the folder is, for messages.
+        suffix: The ending of a folder name to suggest.
 
     Raises:
         BadInputError: When the parent folder is missing or not writable, or ``path`` holds something else.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise BadInputError(f"output '{path}' is a file, but a LoRA fix is a folder. Give a folder name such as {path.with_suffix('')}.lora.")
-    if path.is_dir() and any(path.iterdir()) and not (path / ADAPTER_CONFIG).is_file():
+        raise BadInputError(f"output '{path}' is a file, but {what} is a folder. Give a folder name such as {path.with_suffix('')}{suffix}.")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
         raise BadInputError(
-            f"output folder '{path}' already holds files that are not an adapter; mechfix will not replace it. "
+            f"output folder '{path}' already holds files that are not {what}; mechfix will not replace it. "
             "Choose another --out, or empty the folder."
         )
     return _check_parent(path)

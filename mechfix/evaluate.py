@@ -15,7 +15,7 @@ import torch
 
 from mechfix.errors import BadInputError
 from mechfix.fix import Fix, apply_fix
-from mechfix.forward import Request, final_hidden, pad_batch, run_requests
+from mechfix.forward import Request, final_hidden, out_of_memory, pad_batch, release_memory, run_requests
 from mechfix.models import LoadedModel
 from mechfix.textio import read_text
 
@@ -98,6 +98,31 @@ class NeutralSet:
     base: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     stride: int = 1  # KL is measured at every stride-th position (every position still reads its whole context)
     positions: int = 0  # positions that have a next token, measured or not
+    # Per batch, the first measured position: the stride counts on across a batch split after running out of memory.
+    firsts: list[int] = field(default_factory=list)
+
+    def pick(self, i: int) -> slice:
+        """Which of batch ``i``'s positions with a next token are measured."""
+        return slice(self.firsts[i] if self.firsts else 0, None, self.stride)
+
+    def split(self, i: int) -> None:
+        """Split batch ``i`` in two halves of its rows (it ran out of memory), measuring the same positions.
+
+        The cached unfixed terms of batch ``i`` are dropped (its halves compute
+        their own); those of the other batches are kept.
+        """
+        if not self.firsts:
+            self.firsts = [0] * len(self.batches)
+        ids, mask = self.batches[i]
+        h = (len(ids) + 1) // 2
+        halves = []
+        for rows in (slice(0, h), slice(h, None)):
+            width = int(mask[rows].sum(1).max())
+            halves.append((ids[rows, :width], mask[rows, :width]))
+        first = self.firsts[i]
+        self.batches[i: i + 1] = halves
+        self.firsts[i: i + 1] = [first, (first - int(_keep(halves[0][1]).sum())) % self.stride]
+        self.base = {(k if k < i else k + 1): v for k, v in self.base.items() if k != i}
 
 
 def neutral_set(lm: LoadedModel, passages: Sequence[str] | None = None, stride: int = 1) -> NeutralSet:
@@ -125,7 +150,8 @@ def neutral_set(lm: LoadedModel, passages: Sequence[str] | None = None, stride: 
         batches.append(pad_batch(lm, cur))
     measured = sum(len(range(0, int(_keep(m).sum()), stride)) for _, m in batches)
     # Every position but the last predicts a next token that exists.
-    return NeutralSet(batches=batches, n_tokens=measured, stride=stride, positions=sum(len(s) - 1 for s in seqs))
+    return NeutralSet(batches=batches, n_tokens=measured, stride=stride, positions=sum(len(s) - 1 for s in seqs),
+                      firsts=[0] * len(batches))
 
 
 def _keep(mask: torch.Tensor) -> torch.Tensor:
@@ -134,15 +160,15 @@ def _keep(mask: torch.Tensor) -> torch.Tensor:
     return keep.bool()
 
 
-def _kept_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """Final hidden states ``[P, d]`` at every ``stride``-th position that has a next token."""
+def _kept_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice = slice(None)) -> torch.Tensor:
+    """Final hidden states ``[P, d]`` at the ``pick`` of the positions that have a next token (see :meth:`NeutralSet.pick`)."""
     hidden = final_hidden(lm, ids, mask)
-    return hidden[_keep(mask).to(hidden.device)][::stride]
+    return hidden[_keep(mask).to(hidden.device)][pick]
 
 
-def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """Full-vocabulary log-probabilities at every ``stride``-th position that has a next token, ``[P, V]``."""
-    return torch.log_softmax(lm.logits(_kept_hidden(lm, ids, mask, stride)).float(), dim=-1)
+def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice = slice(None)) -> torch.Tensor:
+    """Full-vocabulary log-probabilities at the ``pick`` of the positions that have a next token, ``[P, V]``."""
+    return torch.log_softmax(lm.logits(_kept_hidden(lm, ids, mask, pick)).float(), dim=-1)
 
 
 def _plain_head(lm: LoadedModel, fix: Fix) -> bool:
@@ -171,11 +197,11 @@ def _base_terms(lm: LoadedModel, neutral: NeutralSet, i: int) -> tuple[torch.Ten
             # The model is not here (NDIF): the same terms, computed inside a trace.
             from mechfix.traces import kl_base
 
-            neutral.base[i] = kl_base(lm, ids, mask, neutral.stride)
+            neutral.base[i] = kl_base(lm, ids, mask, neutral.pick(i))
         else:
             head = lm.model.get_output_embeddings()
             neutral.base[i] = kl_base_terms(lm.logits, head.weight, getattr(head, "bias", None),
-                                            _kept_hidden(lm, ids, mask, neutral.stride))
+                                            _kept_hidden(lm, ids, mask, neutral.pick(i)))
     return neutral.base[i]
 
 
@@ -209,16 +235,33 @@ def kl_sum(logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
     return (c - (hidden.double() * e.double()).sum(-1) + lse.double()).sum()
 
 
-def _fixed_kl(lm: LoadedModel, fix: Fix, strength: float, ids: torch.Tensor, mask: torch.Tensor, stride: int,
+def _fixed_kl(lm: LoadedModel, fix: Fix, strength: float, ids: torch.Tensor, mask: torch.Tensor, pick: slice,
               c: torch.Tensor, e: torch.Tensor) -> float:
     """Summed KL over one neutral batch with the fix applied at ``strength`` (in a trace on NDIF)."""
     with apply_fix(lm, fix, strength, check_model=False):
         if lm.edits_in_traces:
             from mechfix.traces import kl_fixed
 
-            return kl_fixed(lm, ids, mask, stride, c, e)
-        h = _kept_hidden(lm, ids, mask, stride)
+            return kl_fixed(lm, ids, mask, pick, c, e)
+        h = _kept_hidden(lm, ids, mask, pick)
     return float(kl_sum(lm.logits, h, c, e))
+
+
+def _batch_kl(lm: LoadedModel, fix: Fix, strengths: Sequence[float], neutral: NeutralSet, i: int, plain: bool) -> list[float]:
+    """Summed KL over neutral batch ``i``, one number per strength (see :func:`neutral_kl`)."""
+    ids, mask = neutral.batches[i]
+    pick = neutral.pick(i)
+    if plain:
+        c, e = _base_terms(lm, neutral, i)
+        return [_fixed_kl(lm, fix, s, ids, mask, pick, c, e) for s in strengths]
+    base = _log_probs(lm, ids, mask, pick)
+    p = base.exp()
+    out = []
+    for s in strengths:
+        with apply_fix(lm, fix, s, check_model=False):
+            fixed = _log_probs(lm, ids, mask, pick)
+        out.append(float((p * (base - fixed)).sum()))
+    return out
 
 
 def neutral_kl(
@@ -260,24 +303,22 @@ def neutral_kl(
             )
         plain = True
     with torch.inference_mode():
-        for i, (ids, mask) in enumerate(neutral.batches):
-            if plain:
-                c, e = _base_terms(lm, neutral, i)
-                for j, s in enumerate(strengths):
-                    totals[j] += _fixed_kl(lm, fix, s, ids, mask, neutral.stride, c, e)
-                    if on_batch:
-                        on_batch(1)
-                if stop_above is not None and len(strengths) == 1 and totals[0] > stop_above * max(neutral.n_tokens, 1):
-                    break
+        i = 0
+        while i < len(neutral.batches):
+            try:
+                part = _batch_kl(lm, fix, strengths, neutral, i, plain)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+                if not out_of_memory(exc) or len(neutral.batches[i][0]) == 1:
+                    raise
+                # Halve the batch for good (later strengths and calls reuse the smaller ones) and retry it.
+                neutral.split(i)
+                release_memory(lm)
                 continue
-            base = _log_probs(lm, ids, mask, neutral.stride)
-            p = base.exp()
-            for j, s in enumerate(strengths):
-                with apply_fix(lm, fix, s, check_model=False):
-                    fixed = _log_probs(lm, ids, mask, neutral.stride)
-                totals[j] += float((p * (base - fixed)).sum())
-                if on_batch:
-                    on_batch(1)
+            for j, v in enumerate(part):
+                totals[j] += v
+            if on_batch:
+                on_batch(len(strengths))
+            i += 1
             if stop_above is not None and len(strengths) == 1 and totals[0] > stop_above * max(neutral.n_tokens, 1):
                 break
     return [t / max(neutral.n_tokens, 1) for t in totals]

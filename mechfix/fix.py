@@ -61,6 +61,14 @@ class Op:
         doc: One line for help texts and manifests.
         uses: Which stored tensors the edit reads (``vectors``, ``means``), for
             counting the numbers a fix adds to the model.
+        affine: For a heads operation that is an affine map of one head's output,
+            ``affine(v, mu, s) -> (P [k, head_dim], Q [k, head_dim], c [head_dim])``
+            with ``apply(x) = x + (x Q^T) P + c``: then the edit is exactly a change
+            of the layer's output projection (rank ``k`` per head, and a bias
+            ``W c``), see :mod:`mechfix.weights`. None: no weights compute it.
+        constant: The affine map has a constant term ``c`` (it needs an output
+            projection bias; a LoRA adapter cannot carry it).
+        not_weights: Why no weights compute it (for refusals), where ``affine`` is None.
     """
 
     kind: str
@@ -68,15 +76,60 @@ class Op:
     apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
     doc: str
     uses: tuple[str, ...] = ("vectors",)
+    affine: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    constant: bool = False
+    not_weights: str = ""
+
+    @property
+    def portable(self) -> bool:
+        """Whether a fix of this operation exports exactly as weights everywhere: a PEFT adapter and a merged checkpoint."""
+        return self.kind == "lora" or (self.affine is not None and not self.constant)
+
+    @property
+    def not_portable(self) -> str:
+        """Why it does not export as an adapter ("" when it does)."""
+        if self.portable:
+            return ""
+        return self.not_weights or "a constant term, which a LoRA adapter has no bias to carry"
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _project(x: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, s: float) -> torch.Tensor:
     # Only the part beyond the baseline mean, on the pressure side, is removed:
     # activations that do not lean towards the pressure are left as they are.
-    u = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    u = _unit(v)
     lean = ((x - mu) * u).sum(-1, keepdim=True)
     return x - s * torch.relu(lean) * u
 
+
+def _ablate(x: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, s: float) -> torch.Tensor:
+    # Directional ablation: linear in x (no mean, no rectification), so it is a rank-1 weight edit.
+    u = _unit(v)
+    return x - s * (x * u).sum(-1, keepdim=True) * u
+
+
+# The affine form of each linear heads operation: x' = x + (x Q^T) P + c (see Op.affine).
+def _no_rank(v: torch.Tensor) -> torch.Tensor:
+    return v.new_zeros(0, v.shape[-1])
+
+
+def _eye(v: torch.Tensor) -> torch.Tensor:
+    return torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+
+
+_AFFINE = {
+    "ablate": lambda v, mu, s: (-s * _unit(v)[None], _unit(v)[None], torch.zeros_like(v)),
+    "steer": lambda v, mu, s: (_no_rank(v), _no_rank(v), -s * v),
+    "restore": lambda v, mu, s: (-s * _eye(v), _eye(v), s * mu),
+    "scale": lambda v, mu, s: (-s * _eye(v), _eye(v), torch.zeros_like(v)),
+}
+_RECTIFIED = ("rectified: it removes only a positive lean beyond the mean, a branch that no weight matrix computes. "
+              "--op ablate is its linear counterpart")
+_RESIDUAL = ("it adds to a decoder layer's output (the residual stream), which no weight of the model adds to; "
+             "it exports exactly as a llama.cpp control vector (--format gguf)")
 
 # The operations, as data. Strength 0 is always the unchanged model.
 OPS: dict[str, Op] = {
@@ -85,6 +138,7 @@ OPS: dict[str, Op] = {
         "resid",
         lambda x, v, mu, s: x - s * v,
         "layer output - strength * (mean pressure - mean baseline output)",
+        not_weights=_RESIDUAL,
     ),
     "project": Op(
         "heads",
@@ -92,12 +146,22 @@ OPS: dict[str, Op] = {
         _project,
         "head output minus strength * its lean beyond the mean baseline output along (mean pressure - mean baseline)",
         ("vectors", "means"),
+        not_weights=_RECTIFIED,
+    ),
+    "ablate": Op(
+        "heads",
+        "heads",
+        _ablate,
+        "head output minus strength * its component along (mean pressure - mean baseline): linear, a rank-1 weight edit",
+        affine=_AFFINE["ablate"],
     ),
     "steer": Op(
         "heads",
         "heads",
         lambda x, v, mu, s: x - s * v,
         "head output - strength * (mean pressure - mean baseline output), as in Inference-Time Intervention",
+        affine=_AFFINE["steer"],
+        constant=True,
     ),
     "restore": Op(
         "heads",
@@ -105,6 +169,8 @@ OPS: dict[str, Op] = {
         lambda x, v, mu, s: x + s * (mu - x),
         "head output moved a share `strength` of the way to its mean baseline output",
         ("means",),
+        affine=_AFFINE["restore"],
+        constant=True,
     ),
     "scale": Op(
         "heads",
@@ -112,6 +178,7 @@ OPS: dict[str, Op] = {
         lambda x, v, mu, s: x * (1.0 - s),
         "head output * (1 - strength); strength 1 switches the head off",
         (),
+        affine=_AFFINE["scale"],
     ),
     "lora": Op(
         "lora",

@@ -266,7 +266,7 @@ def out_of_memory(exc: BaseException) -> bool:
     return (oom is not None and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-def _release_memory(lm: LoadedModel) -> None:
+def release_memory(lm: LoadedModel) -> None:
     """Give the failed batch's memory back before the smaller batches run."""
     import gc
 
@@ -318,7 +318,7 @@ def with_backoff(lm: LoadedModel, chunks: Sequence[list[int]], run: Callable[[li
             if not out_of_memory(exc) or len(chunk) == 1:
                 raise
             pending = split_after_oom(chunk, pending)
-            _release_memory(lm)
+            release_memory(lm)
 
 
 def pad_batch(lm: LoadedModel, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

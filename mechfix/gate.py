@@ -139,7 +139,8 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
                last_only: bool = False) -> dict[int, torch.Tensor]:
     """Residual-stream activations (decoder layer outputs) at every real position, or only the last, of padded batches.
 
-    Runs each batch only up to the highest layer asked for.
+    Runs each batch only up to the highest layer asked for; a batch that runs
+    out of memory is split in halves and retried (:func:`mechfix.forward.with_backoff`).
 
     Args:
         lm: The model.
@@ -150,33 +151,41 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
     Returns:
         Layer to ``[positions, hidden]`` float32 activations, batches concatenated in order.
     """
+    from mechfix.forward import with_backoff
+
     layers = sorted(set(int(x) for x in layers))
     top = layers[-1]
     got: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
 
     def keep(layer: int):
         def hook(module, args, out):
             h = out[0] if isinstance(out, tuple) else out
             m = state["mask"].to(h.device)
             if last_only:
-                got[layer].append(h[torch.arange(len(h), device=h.device), m.sum(1) - 1].float().cpu())
+                state["got"][layer].append(h[torch.arange(len(h), device=h.device), m.sum(1) - 1].float().cpu())
             else:
-                got[layer].append(h[m.bool()].float().cpu())
+                state["got"][layer].append(h[m.bool()].float().cpu())
             if layer == top:
                 raise _Stop
         return hook
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> None:
+        # Kept only once the pass is through, so a pass that ran out of memory half-way leaves nothing behind.
+        state["mask"], state["got"] = mask, {layer: [] for layer in layers}
+        try:
+            lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        except _Stop:
+            pass
+        for layer in layers:
+            got[layer].extend(state["got"][layer])
 
     check_plain_pass(lm, "a probe gate (reading layer activations)")
     handles = [lm.layers[layer].register_forward_hook(keep(layer)) for layer in layers]
     try:
         with torch.inference_mode():
             for ids, mask in batches:
-                state["mask"] = mask
-                try:
-                    lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-                except _Stop:
-                    pass
+                with_backoff(lm, [list(range(len(ids)))], lambda rows, ids=ids, mask=mask: run(ids[rows], mask[rows]))
     finally:
         for h in handles:
             h.remove()

@@ -65,8 +65,8 @@ from mechfix.stats import decision_scores, mean_ci, reduction, side_effects
 # Coarse strength grids: ops bounded by 1 (scale, restore) and unbounded ones.
 GRIDS = {"bounded": (0.25, 0.5, 0.75, 1.0), "unbounded": (0.5, 1.0, 2.0, 4.0)}
 # A trained adapter is swept up to its trained size: past it, it does what it never learned.
-_GRID_OF_OP = {"subtract": "unbounded", "steer": "unbounded", "project": "unbounded", "restore": "bounded", "scale": "bounded",
-               "lora": "bounded"}
+_GRID_OF_OP = {"subtract": "unbounded", "steer": "unbounded", "project": "unbounded", "ablate": "unbounded",
+               "restore": "bounded", "scale": "bounded", "lora": "bounded"}
 # A layer "carries" the behaviour once its residual stream holds this share of the largest effect.
 RESID_SHARE = 0.8
 DEFAULT_TOP_HEADS = 5
@@ -670,6 +670,37 @@ def check_kind_op(kind: str, op: str | None) -> str:
     return op
 
 
+def check_portable(kind: str, op: str | None, gate: GateSettings | None) -> list[str]:
+    """The operations ``--portable`` leaves out of steer's search (those no PEFT adapter carries exactly).
+
+    Args:
+        kind: The fix kind.
+        op: The operation asked for, or None (a heads fix then searches every operation).
+        gate: The gate settings, if any.
+
+    Raises:
+        BadInputError: For a gate, a vector fix, or a chosen operation that does not export as weights.
+    """
+    if gate is not None:
+        raise BadInputError("--portable does not go with --gate: a gate's probe decides per position whether to edit, "
+                            "and no adapter or merged weights can carry it. Leave out one of the two.")
+    if kind == "vector":
+        raise BadInputError(f"--portable keeps fixes that export as weights, and a vector fix cannot: {OPS['subtract'].not_weights}. "
+                            "Leave out --portable, or make a heads fix (--kind heads --portable).")
+    free = op is None
+    ops = [n for n, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [check_kind_op(kind, op)]
+    left = [o for o in ops if not OPS[o].portable]
+    if left and not free:
+        raise BadInputError(f"--op {left[0]} does not export exactly as weights ({OPS[left[0]].not_portable}). With --portable use "
+                            f"{' or '.join(n for n, x in OPS.items() if x.kind == kind and x.portable)}, or leave out --portable.")
+    return left
+
+
+def portable_note(left_out: Sequence[str]) -> str:
+    """What ``--portable`` left out and why, in words."""
+    return "--portable: left out " + "; ".join(f"{name} ({OPS[name].not_portable.split(':')[0]})" for name in left_out)
+
+
 def steer(
     lm: LoadedModel,
     att: Artifact,
@@ -691,6 +722,7 @@ def steer(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     gate: GateSettings | None = None,
+    portable: bool = False,
 ) -> Steering:
     """Run the steer stage.
 
@@ -716,6 +748,9 @@ def steer(
         seed: Seed of the folds.
         gate: Gate every candidate with a probe fitted on the training split (:mod:`mechfix.gate`;
             each fold's fix gets a probe fitted on its own folds), so the sweep runs with the gate on.
+        portable: Keep only operations that export exactly as weights (a PEFT
+            adapter and a merged checkpoint, :attr:`mechfix.fix.Op.portable`);
+            the notes say which were left out and why.
 
     Raises:
         BadInputError: For an unknown kind or op, or unusable inputs.
@@ -730,6 +765,8 @@ def steer(
             "every position, so a gate could not travel with it. Gate a heads or vector fix instead (--kind heads).")
     # With no operation given, a heads fix chooses among all of them by what carries over.
     ops = [name for name, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [op]
+    left_out = check_portable(kind, None if free else op, gate) if portable else []
+    ops = [o for o in ops if o not in left_out]
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
     made, recorded = recorded_style(att.manifest), recorded_style(rec.manifest)
     if made != recorded:
@@ -743,7 +780,7 @@ def steer(
     conds = ["pressure", baseline] + (["helpful"] if "tokens/helpful" in rec.tensors and baseline != "helpful" else [])
     dec = decisions_from_record(rec, lm.tokenizer, conds, split=0)
     requests = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in conds}
-    notes: list[str] = []
+    notes: list[str] = [portable_note(left_out)] if left_out else []
     if "helpful" not in conds:
         notes.append("the recording has no helpful condition, so the helpful influence is not part of the budget")
     if capabilities is None:
@@ -842,7 +879,7 @@ def _budget_words(budget: Budget, capabilities: bool, helpful: bool) -> str:
 
 
 # Where each site's fix acts, in words, for the manifest.
-_HOOK_OF_SITE = {
+HOOK_OF_SITE = {
     "resid": "output of decoder layer N",
     "heads": "input of layer N's attention output projection, per head",
     "lora": "output of layer N's attention output projection (a LoRA update of it)",
@@ -856,7 +893,7 @@ def _fix_block(st: Steering) -> dict[str, Any]:
         "kind": fix.kind,
         "op": fix.op,
         "site": op.site,
-        "hook": _HOOK_OF_SITE[op.site],
+        "hook": HOOK_OF_SITE[op.site],
         "positions": "where the gate fires" if fix.gate is not None else "all",
         "layers": fix.layers,
         "heads": fix.heads,

@@ -521,15 +521,15 @@ def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITE
                       seq_acts=seq)
 
 
-def _kept(lm: LoadedModel, mask: torch.Tensor, stride: int) -> torch.Tensor:
-    """Inside a trace: the final hidden states ``[P, d]`` at every ``stride``-th position with a next token."""
+def _kept(lm: LoadedModel, mask: torch.Tensor, pick: slice) -> torch.Tensor:
+    """Inside a trace: the final hidden states ``[P, d]`` at the ``pick`` of the positions with a next token."""
     from mechfix.evaluate import _keep
 
     hidden = get_path(lm.envoy, lm.spec.backbone).output[0]
-    return hidden[_keep(mask).to(hidden.device)][::stride]
+    return hidden[_keep(mask).to(hidden.device)][pick]
 
 
-def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """The unfixed model's KL terms of one neutral batch (:func:`mechfix.evaluate.kl_base_terms`), in one trace."""
     import nnsight
 
@@ -539,11 +539,11 @@ def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int)
     with _remote_failures(lm), torch.inference_mode(False), torch.no_grad(), lm.envoy.trace(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, **_trace_kwargs(lm)):
         head = _head(lm)
-        terms = nnsight.save(kl_base_terms(head.logits, head.weight, head.bias, _kept(lm, mask, stride)))
+        terms = nnsight.save(kl_base_terms(head.logits, head.weight, head.bias, _kept(lm, mask, pick)))
     return terms[0].cpu(), terms[1].cpu()
 
 
-def kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int, c: torch.Tensor, e: torch.Tensor) -> float:
+def kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice, c: torch.Tensor, e: torch.Tensor) -> float:
     """Summed KL over one neutral batch with the pending edits applied (:func:`mechfix.evaluate.kl_sum`), in one
     trace that returns one number."""
     from mechfix.evaluate import kl_sum
@@ -556,5 +556,5 @@ def kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, stride: int
         for i, slot in _slots_to_visit(lm, set(), edits):
             _visit(lm, i, slot, edits[(i, slot)], seen)
         head = _head(lm)
-        total = kl_sum(head.logits, _kept(lm, mask, stride), c, e).save()
+        total = kl_sum(head.logits, _kept(lm, mask, pick), c, e).save()
     return float(total)

@@ -114,6 +114,9 @@ def test_export_writes_a_vector_fix_and_refuses_a_heads_fix(monkeypatch, capsys,
     assert run(monkeypatch, capsys, "steer", str(att), "--out", str(heads), "--top-heads", "1", *LOOSE)[0] == 0
     code, _, stderr = run(monkeypatch, capsys, "export", str(heads), "--out", str(tmp_path / "h.gguf"))
     assert code == 2 and "only vector fixes export" in stderr and not (tmp_path / "h.gguf").exists()
+    for fmt in ("peft", "hf"):
+        code, _, stderr = run(monkeypatch, capsys, "export", str(vec), "--format", fmt, "--out", str(tmp_path / fmt))
+        assert code == 2 and "residual stream" in stderr and "--format gguf" in stderr and not (tmp_path / fmt).exists()
     code, _, stderr = run(monkeypatch, capsys, "export", str(vec), "--out", str(tmp_path / "x.gguf"), "--format", "onnx")
     assert code == 2 and "--format" in stderr
 
@@ -123,16 +126,79 @@ def test_run_chains_every_stage_into_one_folder(monkeypatch, capsys, tmp_path, p
     recipe.write_text(PLANT_MORE)
     out = tmp_path / "runs" / "a"
     code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
-                               "--op", "scale", "--top-heads", "1", "--min-reduction", "0.3", "--min-clean-agreement", "0.9",
+                               "--portable", "--top-heads", "1", "--min-reduction", "0.3", "--min-clean-agreement", "0.9",
                                *LOOSE, "--json")
     summary = json.loads(stdout)
     assert code == (0 if summary["passed"] else 1)
+    assert summary["fix"]["op"] in ("ablate", "scale")  # --portable: only operations that export as weights
     names = sorted(p.name for p in out.iterdir())
     assert names == ["plant-heads.png", "plant.attr.safetensors", "plant.fix.safetensors", "plant.rec.safetensors", "plant.verify.json"]
     assert summary["top_components"][0] == "L1.H2" and summary["fix"]["targets"] == ["L1.H2"]
     saved = json.loads((out / "plant.verify.json").read_text())
     assert saved["reduction"] == summary["verify"]["reduction"]
     assert "1/4 record" in stderr and "4/4 verify" in stderr
+
+
+def test_steer_portable_makes_a_fix_that_exports_as_an_adapter_and_a_checkpoint_verify_and_peft_read(
+    monkeypatch, capsys, tmp_path, pipeline, planted_dir
+):
+    from transformers import AutoModelForCausalLM
+
+    recipe, rec, att = pipeline
+    fix = tmp_path / "p.fix.safetensors"
+    code, stdout, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(fix), "--portable", "--top-heads", "1",
+                               *LOOSE, "--json")
+    assert code == 0
+    obj = json.loads(stdout)
+    assert obj["op"] in ("ablate", "scale")
+    assert {c["op"] for c in obj["selection"]["candidates"]} == {"ablate", "scale"}
+    note = next(n for n in obj["selection"]["notes"] if n.startswith("--portable"))
+    assert "project (rectified)" in note and "steer (" in note and "restore (" in note
+
+    adapter = tmp_path / "p-adapter"
+    code, stdout, _ = run(monkeypatch, capsys, "export", str(fix), "--format", "peft", "--out", str(adapter), "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["modules"] == ["model.layers.1.self_attn.o_proj"]
+    assert info["fix_effect"] > 0.01 and info["max_abs_diff"] < 1e-5
+    assert run(monkeypatch, capsys, "show", str(adapter))[0] == 0
+    # verify reads the adapter as a LoRA fix and finds what it finds for the heads fix.
+    args = ("--min-reduction", "0.3", "--min-clean-agreement", "0.9", *LOOSE, "--json")
+    heads_code, heads_out, _ = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(fix), *args)
+    code, stdout, _ = run(monkeypatch, capsys, "verify", str(recipe), "--fix", str(adapter), "--model", str(planted_dir), *args)
+    heads_report, lora_report = json.loads(heads_out), json.loads(stdout)
+    assert lora_report["fix"]["kind"] == "lora" and code == heads_code
+    for key in ("reduction", "kl", "clean_agreement"):
+        assert lora_report[key]["value"] == pytest.approx(heads_report[key]["value"], abs=1e-4)
+
+    merged = tmp_path / "p-hf"
+    code, stdout, _ = run(monkeypatch, capsys, "export", str(fix), "--format", "hf", "--out", str(merged), "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["max_abs_diff"] < 1e-5 and info["config_changed"] == {}
+    assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
+    # Writing again replaces an earlier export; a folder holding something else is refused, untouched.
+    assert run(monkeypatch, capsys, "export", str(fix), "--format", "hf", "--out", str(merged))[0] == 0
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    code, _, stderr = run(monkeypatch, capsys, "export", str(fix), "--format", "hf", "--out", str(other))
+    assert code == 2 and "not a merged checkpoint" in stderr and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_portable_refusals_and_exports_that_could_not_be_exact_exit_2_writing_nothing(monkeypatch, capsys, tmp_path, pipeline):
+    recipe, rec, att = pipeline
+    for extra, words in [(("--op", "project"), "does not export exactly"), (("--gate", "probe"), "--gate"),
+                         (("--kind", "vector"), "vector fix cannot")]:
+        out = tmp_path / "x.fix.safetensors"
+        code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--portable", *extra)
+        assert code == 2 and words in " ".join(stderr.split()) and not out.exists()
+    code, _, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(tmp_path / "r"), "--portable", "--gate", "probe")
+    assert code == 2 and not (tmp_path / "r").exists()
+    project = tmp_path / "proj.fix.safetensors"
+    assert run(monkeypatch, capsys, "steer", str(att), "--out", str(project), "--op", "project", "--top-heads", "1", *LOOSE)[0] == 0
+    for fmt in ("peft", "hf"):
+        code, _, stderr = run(monkeypatch, capsys, "export", str(project), "--format", fmt, "--out", str(tmp_path / fmt))
+        assert code == 2 and "rectified" in stderr and "--portable" in " ".join(stderr.split())
+        assert not (tmp_path / fmt).exists()
 
 
 def test_run_on_a_recipe_without_behaviour_stops_at_steer_and_still_prints_its_json(monkeypatch, capsys, tmp_path, planted_dir):

@@ -112,3 +112,46 @@ def test_lora_fix_on_the_embedded_model_is_verified_beside_the_heads_fix_and_pef
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(copy.deepcopy(gemma.model), str(folder))(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_a_linear_heads_fix_on_the_embedded_model_exports_as_an_adapter_and_a_checkpoint_that_give_its_logits(
+    conformity_run, gemma, tmp_path
+):
+    """The run's heads and strength with the linear operation: PEFT and transformers reproduce mechfix's logits."""
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mechfix.artifacts import load_artifact, save_artifact
+    from mechfix.fix import apply_fix, load_fix
+
+    _, summary, out = conformity_run
+    project = out / "conformity.fix.safetensors"
+    # The rectified operation the run chose cannot be written as weights: refused, nothing written.
+    code, _ = _cli("export", str(project), "--format", "peft", "--out", str(tmp_path / "refused"))
+    assert code == 2 and not (tmp_path / "refused").exists()
+    art = load_artifact(project, expect="fix")
+    art.manifest["fix"]["op"] = "ablate"
+    ablate = tmp_path / "ablate.fix.safetensors"
+    save_artifact(ablate, art)
+    fix = load_fix(ablate)
+
+    adapter, checkpoint = tmp_path / "adapter", tmp_path / "checkpoint"
+    code, stdout = _cli("export", str(ablate), "--format", "peft", "--out", str(adapter), "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["rank"] == max(fix.layers.count(n) for n in set(fix.layers))
+    code, stdout = _cli("export", str(ablate), "--format", "hf", "--out", str(checkpoint), "--json")
+    assert code == 0 and json.loads(stdout)["config_changed"] == {}
+
+    ids = torch.tensor([gemma.tokenizer("Ana: Rome. Ben: Rome. Sam: The capital of Italy is").input_ids])
+    with torch.no_grad():
+        base = gemma.model(input_ids=ids).logits
+        with apply_fix(gemma, fix):
+            ours = gemma.model(input_ids=ids).logits
+        assert (ours - base).abs().max() > 0.05  # the fix moves the logits
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(gemma.model), str(adapter))
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(peft_model.merge_and_unload()(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-4)
+        reloaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-4)

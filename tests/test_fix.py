@@ -95,7 +95,16 @@ def test_project_removes_only_the_lean_beyond_the_baseline_mean():
     torch.testing.assert_close(half[0], torch.tensor([2.5, 1.0, 1.0]))
 
 
-@pytest.mark.parametrize("op", ["project", "steer", "restore", "scale"])
+def test_ablate_removes_the_component_along_the_direction_on_both_sides_and_ignores_the_mean():
+    v, mu = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0])
+    x = torch.tensor([[4.0, 1.0, 1.0], [-0.5, 2.0, 1.0]])
+    out = OPS["ablate"].apply(x, v, mu, 1.0)
+    # Unlike project, the negative lean goes too, and the mean plays no part: it is linear in x.
+    torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 1.0], [0.0, 2.0, 1.0]]))
+    torch.testing.assert_close(OPS["ablate"].apply(2 * x, v, mu, 0.5), 2 * OPS["ablate"].apply(x, v, mu, 0.5))
+
+
+@pytest.mark.parametrize("op", [name for name, o in OPS.items() if o.kind == "heads"])
 def test_every_heads_operation_is_the_unchanged_model_at_strength_zero_and_changes_it_otherwise(op):
     lm = tiny_model("gemma3_text")
     g = torch.Generator().manual_seed(1)

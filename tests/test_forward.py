@@ -171,3 +171,72 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_the_scores_are_the_same(ti
     monkeypatch.setattr(fw, "final_hidden", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not retried
         fw.run_requests(lm, reqs[:4], batch_size=4, sites=())
+
+
+_PASSAGES = [("The river rose slowly through the night, and by morning the low fields were under water. " * (1 + i % 3))[: 40 + 9 * i]
+             for i in range(11)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2 soft-caps its logits: KL then compares full distributions
+def test_kl_on_neutral_text_splits_a_batch_that_runs_out_of_memory_and_measures_the_same_positions(arch, monkeypatch):
+    import mechfix.evaluate as ev
+    from mechfix.fix import Fix
+
+    lm = tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    fix = Fix(op="scale", layers=[1, 2], heads=[0, 3], vectors=torch.randn(2, lm.head_dim, generator=g),
+              means=torch.zeros(2, lm.head_dim), strength=1.0)
+    monkeypatch.setattr(ev, "_KL_CHUNK", 200)  # batches of several passages each
+    want = ev.neutral_kl(lm, fix, [0.5, 1.0], ev.neutral_set(lm, _PASSAGES, stride=3), reuse=True)
+    neutral = ev.neutral_set(lm, _PASSAGES, stride=3)
+    assert max(len(ids) for ids, _ in neutral.batches) > 2
+    real, sizes = ev.final_hidden, []
+
+    def small_memory(lm_, ids, mask):  # an accelerator that holds at most 2 passages
+        sizes.append(len(ids))
+        if len(ids) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(lm_, ids, mask)
+
+    monkeypatch.setattr(ev, "final_hidden", small_memory)
+    got = ev.neutral_kl(lm, fix, [0.5, 1.0], neutral, reuse=True)
+    assert any(n > 2 for n in sizes) and max(len(ids) for ids, _ in neutral.batches) <= 2
+    # The halves measure exactly the positions the whole batches did (the stride counts on across a split).
+    counts = [int(ev._keep(m).sum()) for _, m in neutral.batches]
+    assert sum(len(range(f, n, 3)) for f, n in zip(neutral.firsts, counts)) == neutral.n_tokens
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-9) and min(want) > 0
+    # The smaller batches are kept: a later call runs no batch that fails.
+    sizes.clear()
+    assert ev.neutral_kl(lm, fix, [1.0], neutral) == pytest.approx(want[1:], rel=1e-5) and max(sizes) <= 2
+
+    def broken(lm_, ids, mask):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(ev, "final_hidden", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not retried
+        ev.neutral_kl(lm, fix, [1.0], ev.neutral_set(lm, _PASSAGES))
+
+
+def test_reading_a_probe_layer_retries_halves_after_running_out_of_memory_and_keeps_nothing_from_the_failed_pass():
+    from mechfix.forward import pad_batch
+    from mechfix.gate import layer_acts
+
+    lm = tiny_model("qwen3")
+    seqs = [lm.tokenizer(p).input_ids for p in _PASSAGES]
+    batches = [pad_batch(lm, seqs[:5]), pad_batch(lm, seqs[5:])]
+    want = layer_acts(lm, [0, 1], batches)
+    refused = []
+
+    def small_memory(module, args):  # layer 1 runs out of memory on more than one passage, after layer 0 was read
+        if args[0].shape[0] > 1:
+            refused.append(args[0].shape[0])
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    handle = lm.layers[1].register_forward_pre_hook(small_memory)
+    try:
+        got = layer_acts(lm, [0, 1], batches)
+    finally:
+        handle.remove()
+    assert refused[:2] == [5, 3]  # 5, then its first half, ran out of memory
+    for layer in (0, 1):
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)

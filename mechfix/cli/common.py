@@ -126,7 +126,7 @@ KindOpt = Annotated[
 OpOpt = Annotated[
     str | None,
     typer.Option(
-        help="heads: project, steer, restore or scale (default: try them all and keep what carries over); vector: "
+        help="heads: project, ablate, steer, restore or scale (default: try them all and keep what carries over; ablate and scale export as weights); vector: "
         "subtract; lora: lora. See the README for what each does."
     ),
 ]
@@ -153,6 +153,15 @@ ScopeOpt = Annotated[
 ]
 
 _GATE = "Probe gate (--gate probe: act only under pressure)"
+
+PortableOpt = Annotated[
+    bool,
+    typer.Option(
+        "--portable",
+        help="Keep only fixes that export exactly as weights (`mechfix export --format peft|hf`): heads operations "
+        "ablate and scale, or a LoRA fix; the rest are left out, and steer says which and why.",
+    ),
+]
 
 GateOpt = Annotated[
     str,

@@ -38,6 +38,7 @@ from mechfix.cli.common import (
     ModeOpt,
     NeutralOpt,
     OpOpt,
+    PortableOpt,
     RankOpt,
     ReplayOpt,
     ScopeOpt,
@@ -124,6 +125,7 @@ def run(
     lr: LrOpt = 5e-3,
     kl_weight: KlWeightOpt = 10.0,
     lora_scope: ScopeOpt = "heads",
+    portable: PortableOpt = False,
     gate: GateOpt = "none",
     gate_layer: GateLayerOpt = None,
     gate_max_clean: GateCleanOpt = 0.05,
@@ -154,7 +156,7 @@ def run(
     from mechfix.fix import fix_from_artifact
     from mechfix.lora import LoraSettings, lora_settings_check
     from mechfix.recipe import load_recipe
-    from mechfix.steer import Budget, check_kind_op
+    from mechfix.steer import Budget, check_kind_op, check_portable
     from mechfix.verify import gates_for, junit_xml
 
     _check_replay(replay)
@@ -180,6 +182,8 @@ def run(
     check_kind_op(kind, op)
     check_remote(remote, recipe=loaded.recipe, kind=kind, gate=gate)
     probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
+    if portable:
+        check_portable(kind, op, probe)
     tasks = caps.load_tasks(capabilities)
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
@@ -200,7 +204,7 @@ def run(
     err.rule("3/4 steer")
     try:
         fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
-                            tasks, folds, seed, batch_size, settings, probe)
+                            tasks, folds, seed, batch_size, settings, probe, portable)
     except GateError as exc:
         # No fix to verify: a --json caller still gets the run's one object, with the reason (then exit 1).
         if as_json:

@@ -33,6 +33,7 @@ from mechfix.cli.common import (
     ModelOpt,
     NeutralOpt,
     OpOpt,
+    PortableOpt,
     RankOpt,
     ScopeOpt,
     SeedOpt,
@@ -73,7 +74,7 @@ from mechfix.defaults import (
 
 def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, budget,
               neutral_path: Path | None, capabilities: list[str] | None, tasks, folds: int, seed: int, batch_size: int,
-              lora=None, gate=None):
+              lora=None, gate=None, portable: bool = False):
     """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
     from mechfix import capabilities as caps
     from mechfix.errors import GateError
@@ -96,7 +97,7 @@ def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: 
         try:
             steering = steer(lm, att, rec, neutral, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
                              budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train,
-                             capabilities=suite, folds=folds, seed=seed, gate=gate)
+                             capabilities=suite, folds=folds, seed=seed, gate=gate, portable=portable)
         except GateError as exc:
             if exc.detail is not None:
                 _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(),
@@ -111,7 +112,8 @@ def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: 
                          "max_neutral_fire": gate.max_neutral_fire, "l2": gate.l2}
     params = _params(lm, kind=kind, op=op, top_heads=top_heads, layers=layers, strengths=strengths, **budget.as_dict(),
                      neutral=str(neutral_path) if neutral_path else "builtin:select",
-                     capabilities=capabilities or ["builtin"], folds=folds, seed=seed, batch_size=batch_size, **extra)
+                     capabilities=capabilities or ["builtin"], folds=folds, seed=seed, batch_size=batch_size,
+                     portable=portable, **extra)
     artifact = fix_artifact(steering, lm, att, rec, params)
     save_fix(target, artifact)
     return artifact
@@ -162,6 +164,7 @@ def _attribution_stem(att_path: Path) -> Path:
         "  mechfix steer conformity.attr.safetensors --kind lora --out conformity.lora --rank 4 --steps 40\n\n"
         "  mechfix steer conformity.attr.safetensors --kind heads --op scale --top-heads 3 --max-kl 0.05 --json\n\n"
         "  mechfix steer conformity.attr.safetensors --gate probe --out conformity.gated.fix.safetensors\n\n"
+        "  mechfix steer conformity.attr.safetensors --portable   # then: mechfix export FIX --format peft --out DIR\n\n"
         "  mechfix steer conformity.attr.safetensors --folds 8 --seed 1 --capabilities builtin --capabilities my-task.jsonl"
     )
 )
@@ -191,6 +194,7 @@ def steer(
     lr: LrOpt = 5e-3,
     kl_weight: KlWeightOpt = 10.0,
     lora_scope: ScopeOpt = "heads",
+    portable: PortableOpt = False,
     gate: GateOpt = "none",
     gate_layer: GateLayerOpt = None,
     gate_max_clean: GateCleanOpt = 0.05,
@@ -208,7 +212,8 @@ def steer(
 ) -> None:
     """Turn an attribution into a fix, chosen by what carries over to items it was not fitted on.
 
-    A heads fix tries every operation (unless --op is given) on the top 1, 3
+    A heads fix tries every operation (unless --op is given; with --portable
+    only ablate and scale, which `mechfix export` writes as weights) on the top 1, 3
     and --top-heads heads, each at a grid of strengths, and scores them by
     cross-validation over the training items; it keeps the one that removes the
     most behaviour on held-out folds while the side-effect budget holds: KL on
@@ -223,11 +228,13 @@ def steer(
     from mechfix import capabilities as caps
     from mechfix.artifacts import check_same_model, load_artifact
     from mechfix.lora import LoraSettings, lora_settings_check
-    from mechfix.steer import Budget, check_kind_op
+    from mechfix.steer import Budget, check_kind_op, check_portable
 
     check_kind_op(kind, op)
     check_remote(remote, kind=kind, gate=gate)
     probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
+    if portable:
+        check_portable(kind, op, probe)
     tasks = caps.load_tasks(capabilities)
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
@@ -246,7 +253,7 @@ def steer(
     batch_size = resolve_batch_size(lm, batch)
     check_same_model(att.manifest, lm.identity, attribution)
     artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, budget, neutral, capabilities, tasks,
-                         folds, seed, batch_size, settings, probe)
+                         folds, seed, batch_size, settings, probe, portable)
     summary = _steer_summary(artifact)
     if as_json:
         _emit_json(summary)

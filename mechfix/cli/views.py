@@ -246,6 +246,11 @@ def print_fix(manifest: dict[str, Any]) -> None:
     err.print(f"hook: {f.get('hook')}, at {f.get('positions')} positions; {escape(str(f.get('formula')))}", soft_wrap=True)
     if f.get("loss"):
         err.print(f"loss: {escape(str(f['loss']))}", soft_wrap=True)
+    if f.get("exported_from"):
+        src = f["exported_from"]
+        err.print(f"exported from: {src.get('path')} (sha256 {str(src.get('sha256'))[:12]}), {src.get('kind')} / {src.get('op')} "
+                  f"on {', '.join(src.get('targets') or [])} at strength {src.get('strength'):g}, folded into B; "
+                  "the sweep below is that fix's", soft_wrap=True)
     if f.get("gate"):
         _print_gate(f["gate"])
     if manifest.get("training"):
