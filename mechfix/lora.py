@@ -33,7 +33,7 @@ from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet
 from mechfix.fix import OPS, LoraWeights
-from mechfix.forward import Request, final_hidden, option_scores, pad_batch
+from mechfix.forward import Request, final_hidden, option_scores, out_of_memory, pad_batch, release_memory
 from mechfix.models import LoadedModel
 from mechfix.stats import decision_scores
 
@@ -261,6 +261,40 @@ def bucket_kl(top_idx: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Te
     return (p_top * (top_logp - q_top)).sum(-1) + p_tail * (tail_logp - q_tail)
 
 
+def _accumulate(lm: LoadedModel, kl: _KLSet, pressure: Sequence[Request], target: torch.Tensor, items: list[int],
+                seqs: list[int], picks: list[tuple[int, int]], kl_weight: float, size: int) -> tuple[float, float]:
+    """One training step's gradients, in forward passes of at most ``size`` sequences: ``(behaviour, kl)``.
+
+    The loss is ``mean over items (score(pressure) - target)^2 + kl_weight * mean
+    over picked positions of the bucketed KL``; each pass back-propagates its
+    share of those means, so the gradients add up to the whole step's whatever
+    ``size`` is.
+    """
+    behaviour = kl_term = 0.0
+    for lo in range(0, len(items), size):
+        part = items[lo: lo + size]
+        scores = decision_scores(option_scores(lm, [pressure[i] for i in part]))
+        loss = ((scores - target[part].to(scores.device)) ** 2).sum() / len(items)
+        loss.backward()
+        behaviour += loss.item()
+    for lo in range(0, len(seqs), size):
+        js = range(lo, min(lo + size, len(seqs)))
+        mine = [(j, p) for j, p in picks if lo <= j < lo + size]
+        if not mine:
+            continue
+        hidden = _hidden(lm, [kl.ids[seqs[j]] for j in js])
+        rows = torch.tensor([j - lo for j, _ in mine], device=hidden.device)
+        cols = torch.tensor([p for _, p in mine], device=hidden.device)
+        logits = lm.logits(hidden[rows, cols])
+        idx = torch.stack([kl.top_idx[seqs[j]][p] for j, p in mine]).to(logits.device)
+        top = torch.stack([kl.top_logp[seqs[j]][p] for j, p in mine]).to(logits.device)
+        tail = torch.stack([kl.tail_logp[seqs[j]][p] for j, p in mine]).to(logits.device)
+        part_kl = bucket_kl(idx, top, tail, logits).sum() / len(picks)
+        (kl_weight * part_kl).backward()
+        kl_term += part_kl.item()
+    return behaviour, kl_term
+
+
 def train_lora(
     lm: LoadedModel,
     targets: Sequence[LoraTarget],
@@ -305,32 +339,31 @@ def train_lora(
     n_items, n_neutral = len(pressure), len(kl.ids) - len(baseline)
     opt = torch.optim.Adam(params, lr=settings.lr)
     log = TrainingLog(settings=settings)
+    size = settings.batch + settings.neutral_per_step  # sequences per forward pass; halved after running out of memory
     with _frozen(lm), _training_hooks(lm, lora):
         for step in range(1, settings.steps + 1):
             items = torch.randperm(n_items, generator=g)[: settings.batch].tolist()
             passages = (len(baseline) + torch.randperm(n_neutral, generator=g)[: settings.neutral_per_step]).tolist() if n_neutral else []
-            scores = decision_scores(option_scores(lm, [pressure[i] for i in items]))
-            behaviour = ((scores - target[items].to(scores.device)) ** 2).mean()
             seqs = items + passages
-            hidden = _hidden(lm, [kl.ids[i] for i in seqs])
             # Every decision position, plus a sample of the other positions.
-            picks = [(j, len(kl.ids[i]) - 1, len(kl.ids[i]) - 1) for j, i in enumerate(seqs) if kl.decision[i]]
-            others = [(j, p, p) for j, i in enumerate(seqs) for p in _positions(kl.ids[i], kl.decision[i])
+            picks = [(j, len(kl.ids[i]) - 1) for j, i in enumerate(seqs) if kl.decision[i]]
+            others = [(j, p) for j, i in enumerate(seqs) for p in _positions(kl.ids[i], kl.decision[i])
                       if not (kl.decision[i] and p == len(kl.ids[i]) - 1)]
             chosen = torch.randperm(len(others), generator=g)[: settings.kl_positions].tolist()
             picks += [others[c] for c in sorted(chosen)]
-            rows = torch.tensor([p[0] for p in picks], device=hidden.device)
-            cols = torch.tensor([p[1] for p in picks], device=hidden.device)
-            logits = lm.logits(hidden[rows, cols])
-            idx = torch.stack([kl.top_idx[seqs[j]][p] for j, _, p in picks]).to(logits.device)
-            top = torch.stack([kl.top_logp[seqs[j]][p] for j, _, p in picks]).to(logits.device)
-            tail = torch.stack([kl.tail_logp[seqs[j]][p] for j, _, p in picks]).to(logits.device)
-            kl_term = bucket_kl(idx, top, tail, logits).mean()
-            loss = behaviour + settings.kl_weight * kl_term
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            while True:
+                opt.zero_grad(set_to_none=True)
+                try:
+                    behaviour, kl_term = _accumulate(lm, kl, pressure, target, items, seqs, picks, settings.kl_weight, size)
+                    break
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+                    if not out_of_memory(exc) or size == 1:
+                        raise
+                    # The same step again in halves: the gradients add up to the same sum.
+                    size = (size + 1) // 2
+                    release_memory(lm)
             opt.step()
-            entry = {"step": step, "loss": loss.item(), "behaviour": behaviour.item(), "kl": kl_term.item()}
+            entry = {"step": step, "loss": behaviour + settings.kl_weight * kl_term, "behaviour": behaviour, "kl": kl_term}
             log.steps.append(entry)
             if on_step:
                 on_step(step, entry)

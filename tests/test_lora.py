@@ -104,6 +104,36 @@ def test_training_is_deterministic_with_a_seed_and_keeps_masked_columns_zero(pla
     assert all(p.requires_grad for p in lm.model.parameters())
 
 
+def test_a_training_step_that_runs_out_of_memory_is_redone_in_halves_to_the_same_adapter(planted, monkeypatch):  # noqa: F811
+    import mechfix.forward as fw
+    import mechfix.lora as lo
+
+    lm, rec, att, neutral = planted
+    reqs = _requests(lm, rec)
+    targets = lora_targets(lm, [1, 1], [2, 0], scope="heads")
+    short = LoraSettings(**{**FAST.__dict__, "steps": 4})
+    want, log_want = train_lora(lm, targets, reqs["pressure"], reqs["clean"], neutral, short)
+    sizes: list[int] = []
+
+    def small_memory(real):  # training passes hold at most 2 sequences (the no-grad passes are not limited)
+        def final_hidden(lm_, ids, mask):
+            if torch.is_grad_enabled():
+                sizes.append(len(ids))
+                if len(ids) > 2:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return real(lm_, ids, mask)
+        return final_hidden
+
+    monkeypatch.setattr(fw, "final_hidden", small_memory(fw.final_hidden))
+    monkeypatch.setattr(lo, "final_hidden", small_memory(lo.final_hidden))
+    got, log_got = train_lora(lm, targets, reqs["pressure"], reqs["clean"], neutral, short)
+    # 4 items, then 3, ran out of memory; every later pass, in every step, held at most 2.
+    assert sizes[:2] == [4, 3] and max(sizes[2:]) == 2
+    for a, b in zip(want.a + want.b, got.a + got.b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert [s["loss"] for s in log_got.steps] == pytest.approx([s["loss"] for s in log_want.steps], rel=1e-4)
+
+
 def test_lora_fix_removes_the_planted_behaviour_and_its_strength_is_folded_into_b(lora_steering, planted):  # noqa: F811
     lm, rec, att, neutral = planted
     st = lora_steering
