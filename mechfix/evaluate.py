@@ -193,8 +193,8 @@ def _base_terms(lm: LoadedModel, neutral: NeutralSet, i: int) -> tuple[torch.Ten
     """
     if i not in neutral.base:
         ids, mask = neutral.batches[i]
-        if lm.edits_in_traces:
-            # The model is not here (NDIF): the same terms, computed inside a trace.
+        if lm.backend == "nnsight":
+            # The same terms, computed inside a trace (on NDIF the model is not here).
             from mechfix.traces import kl_base
 
             neutral.base[i] = kl_base(lm, ids, mask, neutral.pick(i))
@@ -239,7 +239,7 @@ def _fixed_kl(lm: LoadedModel, fix: Fix, strength: float, ids: torch.Tensor, mas
               c: torch.Tensor, e: torch.Tensor) -> float:
     """Summed KL over one neutral batch with the fix applied at ``strength`` (in a trace on NDIF)."""
     with apply_fix(lm, fix, strength, check_model=False):
-        if lm.edits_in_traces:
+        if lm.backend == "nnsight":
             from mechfix.traces import kl_fixed
 
             return kl_fixed(lm, ids, mask, pick, c, e)
@@ -294,13 +294,15 @@ def neutral_kl(
     totals = [0.0] * len(strengths)
     # The cached terms cost more than one plain pass of the unfixed model: worth it when they will be reused.
     plain = _plain_head(lm, fix) and (reuse or bool(neutral.base) or len(strengths) > 1)
-    if lm.edits_in_traces:
+    if lm.edits_in_traces and not _plain_head(lm, fix):
         # On NDIF only the cached terms travel: a full-vocabulary distribution per position would not.
-        if not _plain_head(lm, fix):
-            raise BadInputError(
-                "KL on neutral text through traces needs logits linear in the final hidden state, and this model "
-                "soft-caps them (or the fix edits the output head). Run steer and verify for it where the weights are."
-            )
+        raise BadInputError(
+            "KL on neutral text through traces needs logits linear in the final hidden state, and this model "
+            "soft-caps them (or the fix edits the output head). Run steer and verify for it where the weights are."
+        )
+    if lm.backend == "nnsight" and _plain_head(lm, fix):
+        # The nnsight backend computes KL inside its traces (one number per batch back); locally, a soft-capped
+        # head falls back to comparing full distributions outside them.
         plain = True
     with torch.inference_mode():
         i = 0

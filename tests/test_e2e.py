@@ -214,6 +214,7 @@ def test_the_nnsight_backend_gives_the_hooks_numbers_on_the_embedded_model(gemma
     import dataclasses
 
     from mechfix.attribute import attribute
+    from mechfix.evaluate import neutral_kl, neutral_passages, neutral_set
     from mechfix.fix import Fix, apply_fix
     from mechfix.forward import Request, run_requests
     from mechfix.recipe import load_recipe
@@ -247,10 +248,14 @@ def test_the_nnsight_backend_gives_the_hooks_numbers_on_the_embedded_model(gemma
     v = torch.stack([acts["acts/pressure/heads"][:, c.layer, c.head].mean(0) - acts["acts/clean/heads"][:, c.layer, c.head].mean(0) for c in top])
     mu = torch.stack([acts["acts/clean/heads"][:, c.layer, c.head].mean(0) for c in top])
     reqs = [Request(t[: int(n)].tolist(), [[0], [1]]) for t, n in zip(acts["tokens/pressure"][:8], acts["lengths/pressure"][:8])]
-    scored = []
+    scored, kls = [], []
     for lm in (gemma, nn):
         fix = Fix(op="project", layers=[c.layer for c in top], heads=[c.head for c in top], vectors=v, means=mu,
                   strength=2.0, model=lm.identity)
         with apply_fix(lm, fix):
             scored.append(torch.stack([r.scores for r in run_requests(lm, reqs, sites=())]))
+        # KL on neutral text by the cached unfixed terms (steer's way): on hooks, and inside traces through nnsight.
+        kls.append(torch.tensor(neutral_kl(lm, fix, [2.0], neutral_set(lm, neutral_passages()[:3]), reuse=True)))
     torch.testing.assert_close(*scored, **tol)
+    assert kls[0][0] > 0
+    torch.testing.assert_close(*kls, atol=1e-6, rtol=1e-4)

@@ -84,6 +84,22 @@ def test_kl_on_neutral_text_computed_in_the_traces_equals_the_hooks_kl(op):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-4)
 
 
+def test_the_local_nnsight_backend_also_computes_kl_inside_its_traces_with_the_hooks_numbers(monkeypatch):
+    hooks, local = tiny_model("llama"), traces.use_backend(tiny_model("llama"), "nnsight")
+    fix = _fixes(hooks)["scale"]
+    passages = neutral_passages()[:3]
+    want = neutral_kl(hooks, fix, [0.7], neutral_set(hooks, passages))
+    calls = []
+    real_fixed, real_base = traces.kl_fixed, traces.kl_base
+    monkeypatch.setattr(traces, "kl_fixed", lambda *a: calls.append("fixed") or real_fixed(*a))
+    monkeypatch.setattr(traces, "kl_base", lambda *a: calls.append("base") or real_base(*a))
+    got = neutral_kl(local, fix, [0.7], neutral_set(local, passages))
+    n = len(neutral_set(local, passages).batches)
+    # One strength and no reuse: hooks compare full distributions, the traces the cached terms; the same KL.
+    assert sorted(calls) == ["base"] * n + ["fixed"] * n and want[0] > 0
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=1e-4)
+
+
 def test_steer_and_verify_with_edits_in_the_traces_choose_and_report_what_hooks_do():
     lm, rec, att, neutral = planted_setup(_planted_model())
     remote = remote_shaped(_planted_model())

@@ -86,7 +86,8 @@ BackendOpt = Annotated[
     typer.Option(
         "--backend",
         help="hooks: PyTorch hooks (the default here: fastest); nnsight: the same passes as nnsight traces, the path "
-        "--remote takes (default with --remote). LoRA training, live generation and the KL pass run on hooks.",
+        "--remote takes (default with --remote), KL on neutral text included. LoRA training, live generation and gate "
+        "fitting run on hooks.",
         rich_help_panel=_SCALE,
     ),
 ]
