@@ -16,9 +16,8 @@ from mechfix.errors import BadInputError
 from mechfix.export import check_export, lora_fix_artifact, write_hf, write_peft
 from mechfix.fix import OPS, Fix, apply_fix, load_fix
 from mechfix.gate import Gate
-from mechfix.lora import init_lora, lora_targets
 from mechfix.weights import as_lora, merged, weight_edit
-from tiny import TINY_CONFIGS, tiny_model
+from tiny import TINY_CONFIGS, gpt2_lora_fix, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 # Families whose attention output projection cannot hold a bias in a checkpoint (transformers builds it without one).
@@ -119,11 +118,7 @@ def test_a_heads_fix_merged_into_a_checkpoint_reloads_with_the_fixed_logits_or_i
 
 def test_a_lora_fix_merges_into_a_checkpoint_and_is_written_again_as_the_same_adapter(tmp_path):
     lm = tiny_model("gpt2")
-    targets = lora_targets(lm, [1, 2], [0, 3])
-    lora = init_lora(targets, rank=3, head_dim=lm.head_dim, seed=1)
-    lora.b = [torch.randn_like(b) * 0.3 for b in lora.b]
-    fix = Fix(op="lora", layers=[1, 2], heads=[], vectors=torch.zeros(0), means=torch.zeros(0), strength=0.5,
-              model=lm.identity, lora=lora)
+    fix = gpt2_lora_fix(lm, seed=1, scale=0.3, strength=0.5)
     ids = _ids()
     want = _logits(lm, ids, fix)
     write_hf(lm, fix, tmp_path / "merged")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_steer import planted  # noqa: F401  (a fixture)
-from tiny import tiny_model
+from tiny import gpt2_lora_fix, tiny_model
 
 from mechfix.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, new_manifest
 from mechfix.attribute import decisions_from_record
@@ -16,7 +16,7 @@ from mechfix.errors import ArtifactError, BadInputError
 from mechfix.evaluate import score_requests
 from mechfix.fix import Fix, LoraWeights, apply_fix, fix_tensors, load_fix, save_fix
 from mechfix.forward import Request
-from mechfix.lora import LoraSettings, bucket_kl, init_lora, lora_targets, train_lora
+from mechfix.lora import LoraSettings, bucket_kl, lora_targets, train_lora
 from mechfix.steer import Budget, steer
 from mechfix.steer import to_artifact as fix_artifact
 from mechfix.stats import decision_scores
@@ -179,11 +179,8 @@ def test_gpt2_adapter_round_trips_through_peft_with_conv1d_layout():
     from peft import PeftModel
 
     lm = tiny_model("gpt2")
-    targets = lora_targets(lm, [1, 2], [0, 3])
-    lora = init_lora(targets, rank=3, head_dim=lm.head_dim, seed=0)
-    lora.b = [torch.randn_like(b) * 0.1 for b in lora.b]
-    fix = Fix(op="lora", layers=[1, 2], heads=[], vectors=torch.zeros(0), means=torch.zeros(0), strength=1.0,
-              model=lm.identity, lora=lora)
+    fix = gpt2_lora_fix(lm)
+    lora, targets = fix.lora, lora_targets(lm, [1, 2], [0, 3])
     from mechfix.adapter import peft_config
 
     manifest = new_manifest("fix", model=lm.identity, fix={
