@@ -99,10 +99,25 @@ def weight_edit(lm: LoadedModel, fix: Fix) -> WeightEdit:
             a_rows.append(a)
             b_cols.append(w[:, cols] @ p.T)
             const += w[:, cols] @ c
-        edit.a.append(torch.cat(a_rows))
-        edit.b.append(torch.cat(b_cols, dim=1))
+        a, b = _compact(torch.cat(a_rows), torch.cat(b_cols, dim=1))
+        edit.a.append(a)
+        edit.b.append(b)
         edit.bias.append(const if op.constant else None)
     return edit
+
+
+def _compact(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same update ``B A`` with no more rank than the module's width allows: ``min(k, out, in)``.
+
+    ``scale`` on many heads of one layer needs ``heads × head_dim`` rows, which
+    can exceed the output width; then ``(B A)`` itself is the new A and B is the identity.
+    """
+    k, (out, inp) = a.shape[0], (b.shape[0], a.shape[1])
+    if k > out and out <= inp:
+        return b @ a, torch.eye(out, dtype=b.dtype)
+    if k > inp:
+        return torch.eye(inp, dtype=a.dtype), b @ a
+    return a, b
 
 
 def as_lora(edit: WeightEdit) -> LoraWeights:

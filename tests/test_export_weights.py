@@ -129,6 +129,17 @@ def test_a_lora_fix_merges_into_a_checkpoint_and_is_written_again_as_the_same_ad
     torch.testing.assert_close(_logits(lm, ids, load_fix(tmp_path / "adapter")), want, **TOL)
 
 
+def test_scaling_more_heads_than_the_output_is_wide_needs_no_more_rank_than_the_output(tmp_path):
+    lm = tiny_model("gemma3_text")  # 4 heads of 32 into a residual stream of 64
+    fix = Fix(op="scale", layers=[1] * 4, heads=[0, 1, 2, 3], vectors=torch.randn(4, lm.head_dim),
+              means=torch.zeros(4, lm.head_dim), strength=0.6, model=lm.identity)
+    ids = _ids()
+    want = _logits(lm, ids, fix)
+    write_peft(lm, fix, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == lm.hidden == 64  # not 4 × 32
+    torch.testing.assert_close(_logits(lm, ids, load_fix(tmp_path / "adapter")), want, **TOL)
+
+
 def test_exports_that_would_approximate_are_refused_with_what_to_use_instead(tmp_path):
     lm = tiny_model("llama")
     project, steer_fix = _fix(lm, "project"), _fix(lm, "steer")
