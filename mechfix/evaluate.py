@@ -15,7 +15,7 @@ import torch
 
 from mechfix.errors import BadInputError
 from mechfix.fix import Fix, apply_fix
-from mechfix.forward import Request, final_hidden, out_of_memory, pad_batch, release_memory, run_requests
+from mechfix.forward import Request, final_hidden, pad_batch, retry_smaller, run_requests
 from mechfix.models import LoadedModel
 from mechfix.textio import read_text
 
@@ -292,30 +292,29 @@ def neutral_kl(
         Nats per token, one per strength.
     """
     totals = [0.0] * len(strengths)
-    # The cached terms cost more than one plain pass of the unfixed model: worth it when they will be reused.
-    plain = _plain_head(lm, fix) and (reuse or bool(neutral.base) or len(strengths) > 1)
-    if lm.edits_in_traces and not _plain_head(lm, fix):
+    linear = _plain_head(lm, fix)
+    if lm.edits_in_traces and not linear:
         # On NDIF only the cached terms travel: a full-vocabulary distribution per position would not.
         raise BadInputError(
             "KL on neutral text through traces needs logits linear in the final hidden state, and this model "
             "soft-caps them (or the fix edits the output head). Run steer and verify for it where the weights are."
         )
-    if lm.backend == "nnsight" and _plain_head(lm, fix):
-        # The nnsight backend computes KL inside its traces (one number per batch back); locally, a soft-capped
-        # head falls back to comparing full distributions outside them.
-        plain = True
+    # The cached terms cost more than one plain pass of the unfixed model: worth it when they will be reused. The
+    # nnsight backend always uses them, inside its traces (one number per batch back); locally, a soft-capped head
+    # falls back to comparing full distributions outside them.
+    plain = linear and (lm.backend == "nnsight" or reuse or bool(neutral.base) or len(strengths) > 1)
     with torch.inference_mode():
         i = 0
         while i < len(neutral.batches):
-            try:
-                part = _batch_kl(lm, fix, strengths, neutral, i, plain)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
-                if not out_of_memory(exc) or len(neutral.batches[i][0]) == 1:
-                    raise
-                # Halve the batch for good (later strengths and calls reuse the smaller ones) and retry it.
+
+            def halve() -> bool:
+                # For good: later strengths and calls reuse the smaller batches.
+                if len(neutral.batches[i][0]) == 1:
+                    return False
                 neutral.split(i)
-                release_memory(lm)
-                continue
+                return True
+
+            part = retry_smaller(lm, lambda: _batch_kl(lm, fix, strengths, neutral, i, plain), halve)
             for j, v in enumerate(part):
                 totals[j] += v
             if on_batch:

@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 
 from mechfix.architectures import ARCHITECTURES
-from mechfix.artifacts import Artifact, atomic_dir, atomic_target, check_writable, check_writable_dir, new_manifest
+from mechfix.artifacts import (
+    ADAPTER_WEIGHTS,
+    Artifact,
+    atomic_dir,
+    atomic_target,
+    check_writable,
+    check_writable_dir,
+    new_manifest,
+    sha256_file,
+)
 from mechfix.errors import BadInputError
 from mechfix.fix import OPS, Fix
 
@@ -110,8 +119,6 @@ def _provenance(fix: Fix) -> dict[str, Any]:
 
 
 def _sha256_of(fix: Fix) -> str | None:
-    from mechfix.artifacts import ADAPTER_WEIGHTS, sha256_file
-
     if not fix.path:
         return None
     p = Path(fix.path)
@@ -227,7 +234,7 @@ def write_hf(lm, fix: Fix, path: str | Path) -> dict[str, Any]:
     Raises:
         BadInputError: For a fix no weights reproduce, a constant term the family cannot hold, or an unusable ``path``.
     """
-    from mechfix.weights import check_bias, merged, weight_edit
+    from mechfix.weights import bias_switch, check_bias, merged, weight_edit
 
     check_export(fix, "hf")
     path = check_writable_dir(path, HF_MARKER, "a merged checkpoint", "-fixed")
@@ -238,8 +245,7 @@ def write_hf(lm, fix: Fix, path: str | Path) -> dict[str, Any]:
         "model": _no_abs_paths(dict(fix.model or lm.identity)),
         "merged": [{"module": t.module, "rank": int(a.shape[0]), "bias": c is not None}
                    for t, a, c in zip(edit.targets, edit.a, edit.bias)],
-        "config_changed": ({lm.spec.attn_out_bias: True} if edit.has_constant and lm.spec.attn_out_bias not in (None, "always")
-                           and not getattr(lm.model.config, lm.spec.attn_out_bias, False) else {}),
+        "config_changed": {key: True for key in [bias_switch(lm, edit)] if key is not None},
     }
     with atomic_dir(path) as tmp, merged(lm, edit):
         lm.model.save_pretrained(tmp)

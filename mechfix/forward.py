@@ -22,12 +22,14 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from mechfix.edits import check_plain_pass
 from mechfix.models import LoadedModel
+
+T = TypeVar("T")
 
 SITES = ("resid", "heads", "mlp")
 
@@ -303,6 +305,22 @@ def batch_for_memory(lm: LoadedModel, tokens: int, free: int) -> int:
     return int(max(1, min(_AUTO_MAX_BATCH, _AUTO_MEMORY_SHARE * free // (tokens * per_token))))
 
 
+def retry_smaller(lm: LoadedModel, attempt: Callable[[], T], shrink: Callable[[], bool]) -> T:
+    """Call ``attempt`` until it does not run out of memory; after each time it does, ``shrink`` the work and retry.
+
+    ``shrink`` returns False when the work cannot be made smaller (the error is
+    then raised). Any other error is raised at once. ``attempt`` must keep
+    nothing from a call that raised.
+    """
+    while True:
+        try:
+            return attempt()
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+            if not out_of_memory(exc) or not shrink():
+                raise
+            release_memory(lm)
+
+
 def with_backoff(lm: LoadedModel, chunks: Sequence[list[int]], run: Callable[[list[int]], None]) -> None:
     """Call ``run`` on each chunk in order; a chunk that runs out of memory is split in two and retried.
 
@@ -310,15 +328,17 @@ def with_backoff(lm: LoadedModel, chunks: Sequence[list[int]], run: Callable[[li
     from a call that raised (results are taken only when it returns).
     """
     pending = [list(c) for c in chunks]
+
+    def split() -> bool:
+        nonlocal pending
+        if len(pending[0]) == 1:
+            return False
+        pending = split_after_oom(pending[0], pending[1:])
+        return True
+
     while pending:
-        chunk = pending.pop(0)
-        try:
-            run(chunk)
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
-            if not out_of_memory(exc) or len(chunk) == 1:
-                raise
-            pending = split_after_oom(chunk, pending)
-            release_memory(lm)
+        retry_smaller(lm, lambda: run(pending[0]), split)
+        pending.pop(0)
 
 
 def pad_batch(lm: LoadedModel, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
 from mechfix.evaluate import NeutralSet
 from mechfix.fix import OPS, LoraWeights
-from mechfix.forward import Request, final_hidden, option_scores, out_of_memory, pad_batch, release_memory
+from mechfix.forward import Request, final_hidden, option_scores, pad_batch, retry_smaller
 from mechfix.models import LoadedModel
 from mechfix.stats import decision_scores
 
@@ -351,17 +351,20 @@ def train_lora(
                       if not (kl.decision[i] and p == len(kl.ids[i]) - 1)]
             chosen = torch.randperm(len(others), generator=g)[: settings.kl_positions].tolist()
             picks += [others[c] for c in sorted(chosen)]
-            while True:
+
+            def attempt() -> tuple[float, float]:
                 opt.zero_grad(set_to_none=True)
-                try:
-                    behaviour, kl_term = _accumulate(lm, kl, pressure, target, items, seqs, picks, settings.kl_weight, size)
-                    break
-                except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
-                    if not out_of_memory(exc) or size == 1:
-                        raise
-                    # The same step again in halves: the gradients add up to the same sum.
-                    size = (size + 1) // 2
-                    release_memory(lm)
+                return _accumulate(lm, kl, pressure, target, items, seqs, picks, settings.kl_weight, size)
+
+            def halve() -> bool:
+                # The same step again in smaller passes: the gradients add up to the same sum.
+                nonlocal size
+                if size == 1:
+                    return False
+                size = (size + 1) // 2
+                return True
+
+            behaviour, kl_term = retry_smaller(lm, attempt, halve)
             opt.step()
             entry = {"step": step, "loss": behaviour + settings.kl_weight * kl_term, "behaviour": behaviour, "kl": kl_term}
             log.steps.append(entry)

@@ -670,6 +670,17 @@ def check_kind_op(kind: str, op: str | None) -> str:
     return op
 
 
+def search_ops(kind: str, op: str | None) -> list[str]:
+    """The operations steer searches: ``op`` (or the kind's default), or with no ``op`` every heads operation.
+
+    Raises:
+        BadInputError: For an unknown kind, or an operation of another kind.
+    """
+    if kind == "heads" and op is None:
+        return [name for name, o in OPS.items() if o.kind == "heads"]
+    return [check_kind_op(kind, op)]
+
+
 def check_portable(kind: str, op: str | None, gate: GateSettings | None) -> list[str]:
     """The operations ``--portable`` leaves out of steer's search (those no PEFT adapter carries exactly).
 
@@ -687,10 +698,8 @@ def check_portable(kind: str, op: str | None, gate: GateSettings | None) -> list
     if kind == "vector":
         raise BadInputError(f"--portable keeps fixes that export as weights, and a vector fix cannot: {OPS['subtract'].not_weights}. "
                             "Leave out --portable, or make a heads fix (--kind heads --portable).")
-    free = op is None
-    ops = [n for n, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [check_kind_op(kind, op)]
-    left = [o for o in ops if not OPS[o].portable]
-    if left and not free:
+    left = [o for o in search_ops(kind, op) if not OPS[o].portable]
+    if left and op is not None:
         raise BadInputError(f"--op {left[0]} does not export exactly as weights ({OPS[left[0]].not_portable}). With --portable use "
                             f"{' or '.join(n for n, x in OPS.items() if x.kind == kind and x.portable)}, or leave out --portable.")
     return left
@@ -757,16 +766,15 @@ def steer(
         GateError: When no candidate both reduces the behaviour and stays inside the budget.
     """
     budget = budget or Budget()
-    free = op is None
+    asked = op  # None: a heads fix searches every operation
     op = check_kind_op(kind, op)
     if gate is not None and kind == "lora":
         raise BadInputError(
             "--gate does not go with --kind lora: a LoRA fix is saved as a PEFT adapter, which every engine applies at "
             "every position, so a gate could not travel with it. Gate a heads or vector fix instead (--kind heads).")
     # With no operation given, a heads fix chooses among all of them by what carries over.
-    ops = [name for name, o in OPS.items() if o.kind == "heads"] if kind == "heads" and free else [op]
-    left_out = check_portable(kind, None if free else op, gate) if portable else []
-    ops = [o for o in ops if o not in left_out]
+    left_out = check_portable(kind, asked, gate) if portable else []
+    ops = [o for o in search_ops(kind, asked) if o not in left_out]
     baseline = att.manifest.get("params", {}).get("baseline", "clean")
     made, recorded = recorded_style(att.manifest), recorded_style(rec.manifest)
     if made != recorded:

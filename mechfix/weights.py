@@ -160,6 +160,14 @@ def check_bias(lm: LoadedModel, edit: WeightEdit, what: str) -> None:
         )
 
 
+def bias_switch(lm: LoadedModel, edit: WeightEdit) -> str | None:
+    """The config key merging ``edit`` switches on to give the output projections a bias (None: no switch needed)."""
+    key = lm.spec.attn_out_bias
+    if edit.has_constant and key not in (None, "always") and not getattr(lm.model.config, key, False):
+        return key
+    return None
+
+
 @contextmanager
 def merged(lm: LoadedModel, edit: WeightEdit) -> Iterator[None]:
     """The model with the edit merged into its weights inside a ``with`` block; restored exactly on exit.
@@ -173,8 +181,8 @@ def merged(lm: LoadedModel, edit: WeightEdit) -> Iterator[None]:
     """
     check_bias(lm, edit, "the fix")
     saved: list[tuple[torch.nn.Module, str, torch.Tensor | None]] = []
-    config_key = lm.spec.attn_out_bias
-    switch = edit.has_constant and config_key not in (None, "always") and not getattr(lm.model.config, config_key, False)
+    config_key = bias_switch(lm, edit)
+    switch = config_key is not None
     old_switch = getattr(lm.model.config, config_key, None) if switch else None
     try:
         with torch.no_grad():

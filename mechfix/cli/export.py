@@ -49,11 +49,9 @@ def export(
     refused with what would be lost and what to use instead.
     """
     from mechfix.artifacts import check_same_model, check_writable_dir
-    from mechfix.export import HF_MARKER, check_export, check_exported, write_gguf, write_hf, write_peft
-    from mechfix.fix import load_fix
-
     from mechfix.errors import BadInputError
-    from mechfix.export import FORMATS
+    from mechfix.export import FORMATS, HF_MARKER, check_export, check_exported, write_gguf, write_hf, write_peft
+    from mechfix.fix import load_fix
 
     if fmt not in FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
