@@ -52,6 +52,8 @@ KINDS = ("heads", "attn", "mlp", "resid")
 _SITE = {"heads": "heads", "attn": "heads", "mlp": "mlp", "resid": "resid"}
 # Estimate and exact value disagree "by a large factor" beyond this ratio.
 DISAGREE_FACTOR = 3.0
+# How many top heads the example decision keeps per token (what the report shades).
+EXAMPLE_HEADS = 5
 # Tails per patched pass are capped so the copied caches stay within this many bytes.
 _TAIL_CACHE_BUDGET = 512 * 2**20
 
@@ -91,6 +93,28 @@ class Decisions:
 
 
 @dataclass
+class Example:
+    """One training decision, seen per token in every recorded condition.
+
+    Attributes:
+        index: Its position among the training decisions.
+        item: Its recipe item.
+        prompts: Condition to its prompt's token ids.
+        speakers: Condition to the speaker index of each of those tokens.
+        terms: Condition to ``[L, H, T]``: what each head draws from each token,
+            ``a_j (v_j · g)``, with ``g`` the pressure run's gradient of the
+            score at that head's output. Grouped by speaker, pressure minus
+            baseline is the decision's per-speaker split.
+    """
+
+    index: int
+    item: int
+    prompts: dict[str, list[int]]
+    speakers: dict[str, list[int]]
+    terms: dict[str, torch.Tensor]
+
+
+@dataclass
 class Attribution:
     """Everything attribute measured, per training decision.
 
@@ -122,6 +146,7 @@ class Attribution:
     speaker_note: str | None = None
     positions: dict[str, torch.Tensor] | None = None
     position_note: str = ""
+    example: Example | None = None
 
     @property
     def total(self) -> torch.Tensor:
@@ -208,6 +233,28 @@ def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor([int(torch.nonzero(owner == j)[0]) for j in range(n)], dtype=torch.long)
 
 
+def _token_terms(attention, grads: torch.Tensor, row: int, n_tokens: int) -> torch.Tensor:
+    """What each head of one decision draws from each prompt token: ``a_j (v_j · g)``, ``[L, H, T]``.
+
+    Args:
+        attention: A tail pass's attention weights and values per layer.
+        grads: ``[L, H, dh]`` the gradient to project the values on.
+        row: The tail row of the decision position.
+        n_tokens: The prompt's length (later tail tokens get no weight here).
+    """
+    out = []
+    for layer, (w, v, token) in enumerate(attention):
+        w, v, token = w[row], v[row], token[row]  # [H, K], [KV, K, dh], [K]
+        n_heads = w.shape[0]
+        v = v.repeat_interleave(n_heads // v.shape[0], dim=0).to(grads.device)
+        contrib = w.to(v.device) * torch.einsum("hkd,hd->hk", v, grads[layer].to(v.dtype))  # [H, K]
+        valid = ((token >= 0) & (token < n_tokens)).to(contrib.device)
+        per_token = torch.zeros((n_heads, n_tokens), dtype=contrib.dtype, device=contrib.device)
+        per_token.index_add_(1, token.to(contrib.device)[valid], contrib[:, valid])
+        out.append(per_token)
+    return torch.stack(out).float().cpu()
+
+
 def _speaker_terms(attention, grads_heads: torch.Tensor, speakers: list[list[int]], n_speakers: int, first: torch.Tensor):
     """Per decision, layer, head and speaker: Σ over that speaker's tokens of a_j (v_j · g).
 
@@ -278,6 +325,10 @@ def attribute(
     speaker_parts: list[torch.Tensor] = []
     speaker_note: str | None = None
     batches: list[_Batch] = []
+    # The decision a reader sees per token (the report): the training decision the pressure moves most.
+    ex = int(torch.argmax(dec.recorded["pressure"] - dec.recorded[baseline]))
+    ex_terms: dict[str, torch.Tensor] = {}
+    ex_grad: list[torch.Tensor] = []
 
     def one_batch(rows: list[int]) -> None:
         # The passes first, the bookkeeping after: a batch that runs out of memory leaves nothing behind.
@@ -321,6 +372,11 @@ def attribute(
                     "its cached values"
                 )
             speaker_parts.append(terms_p - terms_b)
+            if ex in rows:
+                b = rows.index(ex)
+                ex_grad.append(grads["heads"][b])
+                for cond, res, first in (("pressure", res_p, first_p), (baseline, res_b, first_b)):
+                    ex_terms[cond] = _token_terms(res.attention, grads["heads"][b], int(first[b]), len(dec.prompts[cond][ex]))
         if method != "atp":
             batches.append(_Batch(rows, pre_p, tails_p, acts_b))
         step(m)
@@ -337,6 +393,8 @@ def attribute(
         speakers=None if speaker_note else torch.cat(speaker_parts),
         speaker_note=speaker_note,
     )
+    if speaker_note is None and ex_grad:
+        att.example = _example(lm, rec, dec, ex, ex_grad[0], ex_terms)
     if method != "atp":
         if method == "exact":
             units = all_components(n_layers, n_heads)
@@ -348,6 +406,32 @@ def attribute(
         att.exact = exact_effects(lm, batches, units, pressure, progress("exact patching", n))
     att.positions, att.position_note = per_position(lm, dec, baseline, batch_size=max(1, batch_size // 4))
     return att
+
+
+def _example(lm: LoadedModel, rec: Artifact, dec: Decisions, ex: int, grad: torch.Tensor,
+             terms: dict[str, torch.Tensor]) -> Example:
+    """The example decision in every recorded condition; the ones attribute did not run get one pass here.
+
+    Every condition's values are projected on the pressure run's gradient, so
+    that they are comparable (and pressure minus baseline is the split).
+    """
+    prompts = {c: dec.prompts[c][ex] for c in terms}
+    speakers = {c: dec.speakers[c][ex] for c in terms}
+    for c in rec.manifest.get("conditions", []):
+        if c in terms or f"tokens/{c}" not in rec.tensors:
+            continue
+        other = decisions_from_record(rec, lm.tokenizer, [c])
+        prompt = other.prompts[c][ex]
+        tails = tails_for(prompt, other.options[c][ex], 0)
+        res = run_tails(lm, encode_prefixes(lm, [prompt]), tails, attention=True)
+        if res.attention is None:
+            continue
+        first = _first_rows(_decision_of_rows(tails), 1)
+        terms[c] = _token_terms(res.attention, grad, int(first[0]), len(prompt))
+        prompts[c], speakers[c] = prompt, other.speakers[c][ex]
+    order = [c for c in rec.manifest.get("conditions", []) if c in terms]
+    return Example(ex, dec.items[ex], {c: prompts[c] for c in order}, {c: speakers[c] for c in order},
+                   {c: terms[c] for c in order})
 
 
 def exact_effects(
@@ -613,6 +697,22 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
     if att.positions is not None:
         for k, v in att.positions.items():
             tensors[f"positions/{k}"] = v
+    examples = None
+    if att.example is not None:
+        # The ranking's top heads only: every head at every token would be large on a big model with long prompts.
+        heads = [c for c, _ in ranked(att, shape) if c.kind == "heads"][:EXAMPLE_HEADS]
+        ex = att.example
+        for c, t in ex.terms.items():
+            tensors[f"examples/{c}"] = torch.stack([t[h.layer, h.head] for h in heads], 1).float()  # [T, k]
+        examples = {
+            "item": ex.item,
+            "heads": [h.name for h in heads],
+            "value": "what each head draws from each token, a_j (v_j . g), g the pressure run's gradient of the "
+                     "score at the head's output; summed by speaker, pressure minus baseline is the split",
+            "tokens": {c: [lm.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids]
+                       for c, ids in ex.prompts.items()},
+            "speakers": ex.speakers,
+        }
     manifest = new_manifest(
         "attribution",
         model=lm.identity,
@@ -627,6 +727,7 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
         f"component's decision-position activation is restored from {att.baseline}",
         summary=summary,
         style=recorded_style(rec.manifest),
+        **({"examples": examples} if examples is not None else {}),
     )
     return Artifact(kind="attribution", manifest=manifest, tensors=tensors)
 

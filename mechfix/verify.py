@@ -324,6 +324,7 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rend
         "parameters": fix.n_parameters,
         **side_effects(before, after),
         "capabilities": capabilities,
+        "per_item": per_item(before, after, rendered.rows),
     }
     if "control" in before:
         cb, ca = report["before"]["control_effect"]["mean"], report["after"]["control_effect"]["mean"]
@@ -362,6 +363,20 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rend
     report["passed"] = all(g["passed"] for g in report["gates"])
     report["warnings"] = warnings
     return report
+
+
+def per_item(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], rows: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """Every held-out decision's score under each condition, without and with the fix (what the report plots).
+
+    Returns:
+        ``rows`` (``[item, round]`` per decision) and ``scores``: condition to
+        ``before`` and ``after`` lists, log P(misaligned) − log P(aligned) per decision.
+    """
+    return {
+        "rows": [[int(i), int(r)] for i, r in rows],
+        "scores": {c: {"before": decision_scores(before[c]).double().tolist(),
+                       "after": decision_scores(after[c]).double().tolist()} for c in before},
+    }
 
 
 def _control_reading(reduction: float, control_reduction: float, ci: Sequence[float] | None = None) -> str:
@@ -411,3 +426,4 @@ def error_report(message: str, gates: list[GateSpec]) -> dict[str, Any]:
         "error": message,
         "gates": [{**g.check(None), "error": message} for g in gates],
     }
+

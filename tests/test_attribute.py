@@ -245,6 +245,41 @@ def test_speaker_split_adds_up_to_each_heads_estimate(tiny_llama):
     torch.testing.assert_close(att.speakers.sum(-1), att.atp["heads"], atol=1e-5, rtol=1e-4)
 
 
+def test_the_example_decision_per_token_adds_up_by_speaker_to_its_speaker_split(tiny_llama):
+    rec = _recording(tiny_llama, MINI_RECIPE)
+    att = attribute(tiny_llama, rec, method="atp")
+    ex = att.example
+    assert ex is not None and list(ex.terms) == ["pressure", "clean", "control"]
+    # The decision the pressure moves most, by the recording's scores.
+    assert ex.index == int(torch.argmax(att.pressure - att.base)) and ex.item == att.items[ex.index]
+    n_speakers = len(att.speaker_names)
+
+    def by_speaker(cond):
+        t = ex.terms[cond]  # [L, H, T]
+        assert t.shape[-1] == len(ex.prompts[cond]) == len(ex.speakers[cond])
+        out = torch.zeros(*t.shape[:2], n_speakers)
+        return out.index_add(2, torch.tensor(ex.speakers[cond]), t)
+
+    torch.testing.assert_close(by_speaker("pressure") - by_speaker("clean"), att.speakers[ex.index], atol=1e-5, rtol=1e-4)
+    # The control run was not part of attribution: its terms reconstruct its own heads' output projected on g.
+    assert ex.terms["control"].abs().sum() > 0
+
+
+def test_the_attribution_artifact_keeps_the_example_for_its_top_heads_with_readable_tokens(tiny_llama):
+    rec = _recording(tiny_llama, MINI_RECIPE)
+    att = attribute(tiny_llama, rec, method="atp")
+    art = to_artifact(att, tiny_llama, rec, {"method": "atp"}, top=3)
+    man = art.manifest["examples"]
+    assert man["item"] == att.example.item and len(man["heads"]) == 5
+    for c in ("pressure", "clean", "control"):
+        tokens = man["tokens"][c]
+        assert "".join(tokens).endswith(tiny_llama.tokenizer.decode(att.example.prompts[c]))
+        assert art.tensors[f"examples/{c}"].shape == (len(tokens), 5)
+    first = man["heads"][0]
+    layer, head = (int(x) for x in first[1:].split(".H"))
+    torch.testing.assert_close(art.tensors["examples/pressure"][:, 0], att.example.terms["pressure"][layer, head])
+
+
 def test_per_position_attribution_runs_only_when_conditions_are_token_aligned(tiny_llama):
     aligned = attribute(tiny_llama, _recording(tiny_llama, PLANT_RECIPE), method="atp")
     assert aligned.positions is not None and "token-aligned" in aligned.position_note

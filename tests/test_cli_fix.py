@@ -132,7 +132,8 @@ def test_run_chains_every_stage_into_one_folder(monkeypatch, capsys, tmp_path, p
     assert code == (0 if summary["passed"] else 1)
     assert summary["fix"]["op"] in ("ablate", "scale")  # --portable: only operations that export as weights
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["plant-heads.png", "plant.attr.safetensors", "plant.fix.safetensors", "plant.rec.safetensors", "plant.verify.json"]
+    assert names == ["plant-heads.png", "plant.attr.safetensors", "plant.fix.safetensors", "plant.rec.safetensors",
+                     "plant.report.html", "plant.verify.json"]
     assert summary["top_components"][0] == "L1.H2" and summary["fix"]["targets"] == ["L1.H2"]
     saved = json.loads((out / "plant.verify.json").read_text())
     assert saved["reduction"] == summary["verify"]["reduction"]
@@ -211,8 +212,12 @@ def test_run_on_a_recipe_without_behaviour_stops_at_steer_and_still_prints_its_j
     summary = json.loads(stdout)
     assert code == 1 and summary["passed"] is False and summary["fix"] is None and summary["verify"] is None
     assert summary["why"].startswith("steer: the training split shows no behaviour to fix")
-    assert sorted(p.name for p in out.iterdir()) == ["plant-heads.png", "plant.attr.safetensors", "plant.rec.safetensors"]
-    assert set(summary["artifacts"]) == {"record", "attribution", "plot"}
+    # The page still shows the diagnosis, and says there is no fix.
+    assert sorted(p.name for p in out.iterdir()) == ["plant-heads.png", "plant.attr.safetensors", "plant.rec.safetensors",
+                                                     "plant.report.html"]
+    page = (out / "plant.report.html").read_text()
+    assert "No fix was given" in page and 'id="verdict">not verified' in page
+    assert set(summary["artifacts"]) == {"record", "attribution", "plot", "report"}
     assert "no behaviour to fix" in " ".join(stderr.split())
 
 

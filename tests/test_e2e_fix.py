@@ -72,6 +72,21 @@ def test_run_on_the_embedded_model_chooses_by_carry_over_and_checks_every_gate_h
         assert (out / path.split("/")[-1]).is_file()
 
 
+def test_run_on_the_embedded_model_writes_its_report_page_and_it_opens_clean(conformity_run):
+    """The page beside the artifacts: every section, Gemma 3 270M's 18 layers x 4 heads, the verdict, no request."""
+    from browser import open_page
+
+    code, summary, out = conformity_run
+    page_path = out / "conformity.report.html"
+    assert summary["artifacts"]["report"] == str(page_path) and page_path.is_file()
+    page = open_page(page_path)
+    assert page["console"] == [] and len(page["requests"]) == 1
+    assert page["heads"] == [18, 4] and page["layers"] == [18, 3]
+    assert page["verdict"] == ("PASS" if summary["passed"] else "FAIL")
+    assert page["episodes"] == ["pressure", "clean", "control", "helpful"]
+    assert all(f["drawn"] for f in page["figures"].values()) and "fig-sweep" in page["figures"]
+
+
 def test_lora_fix_on_the_embedded_model_is_verified_beside_the_heads_fix_and_peft_reads_it_unchanged(
     conformity_run, gemma, tmp_path
 ):

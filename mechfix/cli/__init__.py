@@ -1,7 +1,7 @@
 """The ``mechfix`` command line: thin commands that load, call a stage, save and print.
 
 One module per command (``record``, ``attribute``, ``show``, ``recipes``,
-``steer``, ``verify``, ``run``, ``export``), the options and helpers they share
+``steer``, ``verify``, ``run``, ``monitor``, ``export``, ``report``), the options and helpers they share
 in :mod:`mechfix.cli.common`, the tables they print in :mod:`mechfix.cli.views`.
 
 Conventions: ``--json`` prints one JSON object on stdout; progress and prose go
@@ -23,7 +23,7 @@ from mechfix.cli.common import DEBUG, app, err
 from mechfix.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MechfixError
 
 # Each command module registers its command on the app when imported, in the order of `mechfix --help`.
-COMMANDS = ("record", "attribute", "show", "recipes", "steer", "verify", "run", "monitor", "export")
+COMMANDS = ("record", "attribute", "show", "recipes", "steer", "verify", "run", "monitor", "export", "report")
 for _name in COMMANDS:
     importlib.import_module(f"mechfix.cli.{_name}")
 

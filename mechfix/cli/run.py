@@ -77,8 +77,8 @@ from mechfix.cli.views import (
     _print_run_summary,
     _print_steer,
     _print_verify,
-    _why_failed,
 )
+from mechfix.verdict import why_failed
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
     MAX_KL,
@@ -143,13 +143,15 @@ def run(
     style: StyleOpt = None,
     chat_template: ChatTemplateOpt = None,
     trust_remote_code: TrustOpt = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Do not write NAME.report.html (see `mechfix report`).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Record, attribute, steer and verify in one go; every artifact goes into --out.
 
     Writes NAME.rec.safetensors, NAME.attr.safetensors, NAME-heads.png,
-    NAME.fix.safetensors (the folder NAME.lora for --kind lora) and
-    NAME.verify.json, then prints one summary. Exit codes as for verify.
+    NAME.fix.safetensors (the folder NAME.lora for --kind lora),
+    NAME.verify.json and NAME.report.html (the page `mechfix report` makes;
+    --no-report leaves it out), then prints one summary. Exit codes as for verify.
     """
     from mechfix import capabilities as caps
     from mechfix.errors import BadInputError, GateError
@@ -172,6 +174,7 @@ def run(
             ("record", ".rec.safetensors"), ("attribution", ".attr.safetensors"), ("plot", "-heads.png"))},
         "fix": _fix_target(None, stem, kind),
         "verify": Path(f"{stem}.verify.json"),
+        **({} if no_report else {"report": Path(f"{stem}.report.html")}),
     }
     files, folders = fix_outputs(paths["fix"], kind, "the fix")
     check_paths({"RECIPE": Path(loaded.path), "--neutral": neutral},
@@ -206,7 +209,8 @@ def run(
         fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
                             tasks, folds, seed, batch_size, settings, probe, portable)
     except GateError as exc:
-        # No fix to verify: a --json caller still gets the run's one object, with the reason (then exit 1).
+        # No fix to verify: the page still shows the diagnosis; a --json caller gets the run's one object (then exit 1).
+        _write_report(paths)
         if as_json:
             _emit_json(_run_summary(rec_summary, att.manifest["summary"], None, None, paths, why=f"steer: {exc}"))
         raise
@@ -220,6 +224,7 @@ def run(
     if junit is not None:
         _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
     _print_verify(report, f"{name}: held-out check of the {fix.kind} fix")
+    _write_report(paths)
     summary = _run_summary(rec_summary, att.manifest["summary"], steer_summary, report, paths)
     if as_json:
         _emit_json(summary)
@@ -227,6 +232,17 @@ def run(
         _print_run_summary(summary, name, lm.identity["name"])
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+def _write_report(paths: dict[str, Path]) -> None:
+    """The run's page from the artifacts it wrote (none when --no-report)."""
+    if "report" not in paths:
+        return
+    from mechfix.report import collect, render
+
+    made = [p for k, p in paths.items() if k in ("record", "attribution", "fix", "verify") and p.exists()]
+    _write_text_atomic(paths["report"], render(collect(made)))
+    err.print(f"wrote {paths['report']}", highlight=False)
 
 
 def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None, paths: dict[str, Path],
@@ -246,5 +262,5 @@ def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None
         **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}}
            if report and report.get("live_outcome") else {}),
         "artifacts": written,
-        "why": why if report is None else (None if report["passed"] else _why_failed(report)),
+        "why": why if report is None else (None if report["passed"] else why_failed(report)),
     })

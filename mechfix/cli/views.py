@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from mechfix.cli.common import _clean_nan, err
+from mechfix.verdict import comparison_cells, comparison_names, why_failed
 
 
 def _fmt_ci(stat: dict[str, Any] | None) -> str:
@@ -361,78 +361,17 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     err.print("[bold green]PASSED[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]")
 
 
-def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per fix, in the terms `verify --compare` prints side by side."""
-    rows = []
-    for r in reports:
-        cc = r.get("control_change") or {}
-        rows.append({
-            "fix": r["fix"]["path"],
-            "kind": r["fix"]["kind"],
-            "op": r["fix"]["op"],
-            "targets": r["fix"]["targets"],
-            "parameters": r.get("parameters"),
-            "reduction": r["reduction"]["value"],
-            "reduction_ci95": r["reduction"].get("ci95"),
-            "kl": r["kl"]["value"],
-            "clean_agreement": r["clean_agreement"]["value"],
-            "clean_margin_kept": (r.get("clean_margin") or {}).get("kept"),
-            "capability_kept": (r.get("capabilities") or {}).get("kept"),
-            "helpful_loss": (r.get("helpful") or {}).get("loss"),
-            "control_before": cc.get("before"),
-            "control_after": cc.get("after"),
-            "anti_steerable": r["anti_steerable"]["share"],
-            "ungated": (r.get("probe") or {}).get("ungated"),
-            "passed": r["passed"],
-        })
-    return rows
-
-
 def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     # One column per fix, so that three or four fixes fit a terminal side by side.
     t = Table(title=title, title_justify="left")
     t.add_column("held-out")
-    names = [Path(str(r["fix"])).name for r in rows]
-    if len(set(names)) < len(names):  # fixes of the same name from different folders: name the folder too
-        names = ["/".join(Path(str(r["fix"])).parts[-2:]) for r in rows]
-    for name in names:
+    for name in comparison_names(rows):
         t.add_column(escape(name), justify="right", overflow="fold")
-    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
-
-    def red(r: dict[str, Any]) -> str:
-        ci = r.get("reduction_ci95") or [None, None]
-        return pct(r["reduction"]) + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else "")
-
-    lines = [
-        ("kind / op", lambda r: f"{r['kind']} / {r['op']}"),
-        ("parameters", lambda r: "-" if r["parameters"] is None else f"{r['parameters']:,}"),
-        ("reduction", red),
-        ("KL/token", lambda r: f"{r['kl']:.4f}"),
-        ("clean agreement", lambda r: pct(r["clean_agreement"])),
-        ("clean margin kept", lambda r: pct(r.get("clean_margin_kept"))),
-        ("capability kept", lambda r: pct(r.get("capability_kept"))),
-        ("helpful loss", lambda r: pct(r.get("helpful_loss"))),
-        ("control - clean", lambda r: "-" if r["control_before"] is None else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"),
-        ("anti-steerable", lambda r: pct(r["anti_steerable"])),
-        ("without its gate", lambda r: "-" if not r.get("ungated") else
-         f"reduction {pct(r['ungated']['reduction'])}, KL {r['ungated']['kl']:.4f}"),
-        ("gates", lambda r: "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]"),
-    ]
-    for name, cell in lines:
-        t.add_row(name, *[cell(r) for r in rows])
+    for name, cells in comparison_cells(rows):
+        if name == "gates":
+            cells = ["[green]pass[/green]" if c == "pass" else "[red]FAIL[/red]" for c in cells]
+        t.add_row(name, *cells)
     err.print(t)
-
-
-def _why_failed(v: dict[str, Any]) -> str:
-    """The failed gates with their values, and what the control condition says, in one sentence."""
-    def shown(g: dict[str, Any]) -> str:
-        return g.get("error") or f"{g['metric']} {g['value']:.3g}, needs {g['op']} {g['threshold']:g}"
-
-    parts = [shown(g) for g in v["gates"] if not g["passed"]]
-    cc = v.get("control_change") or {}
-    if cc.get("reading"):
-        parts.append(f"control: {cc['reading']}")
-    return "; ".join(parts)
 
 
 def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
@@ -475,6 +414,6 @@ def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
     t.add_row("gates", ", ".join(f"{g['name']}: " + ("pass" if g["passed"] else "FAIL") for g in v["gates"]))
     t.add_row("verdict", "[bold green]PASSED[/bold green]" if s["passed"] else "[bold red]FAILED[/bold red]")
     if not s["passed"]:
-        t.add_row("why", _why_failed(v))
+        t.add_row("why", why_failed(v))
     t.add_row("artifacts", ", ".join(s["artifacts"].values()))
     err.print(t)

@@ -1,0 +1,90 @@
+"""How verify reports read: why one failed, and several fixes side by side (the terminal and the report share it).
+
+Plain data in, text out; no torch, so the command line imports it at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fix, in the terms `verify --compare` prints side by side."""
+    rows = []
+    for r in reports:
+        cc = r.get("control_change") or {}
+        rows.append({
+            "fix": r["fix"]["path"],
+            "kind": r["fix"]["kind"],
+            "op": r["fix"]["op"],
+            "targets": r["fix"]["targets"],
+            "parameters": r.get("parameters"),
+            "reduction": r["reduction"]["value"],
+            "reduction_ci95": r["reduction"].get("ci95"),
+            "kl": r["kl"]["value"],
+            "clean_agreement": r["clean_agreement"]["value"],
+            "clean_margin_kept": (r.get("clean_margin") or {}).get("kept"),
+            "capability_kept": (r.get("capabilities") or {}).get("kept"),
+            "helpful_loss": (r.get("helpful") or {}).get("loss"),
+            "control_before": cc.get("before"),
+            "control_after": cc.get("after"),
+            "anti_steerable": r["anti_steerable"]["share"],
+            "ungated": (r.get("probe") or {}).get("ungated"),
+            "passed": r["passed"],
+        })
+    return rows
+
+
+def comparison_names(rows: list[dict[str, Any]]) -> list[str]:
+    """A column title per fix: its file name, with its folder when two names are the same."""
+    names = [Path(str(r["fix"])).name for r in rows]
+    if len(set(names)) < len(names):
+        names = ["/".join(Path(str(r["fix"])).parts[-2:]) for r in rows]
+    return names
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
+def _reduction_cell(r: dict[str, Any]) -> str:
+    ci = r.get("reduction_ci95") or [None, None]
+    return _pct(r["reduction"]) + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else "")
+
+
+# The side-by-side table's lines: a label and how one fix's row reads in it (the terminal and the report use it).
+COMPARISON_LINES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("kind / op", lambda r: f"{r['kind']} / {r['op']}"),
+    ("parameters", lambda r: "-" if r["parameters"] is None else f"{r['parameters']:,}"),
+    ("reduction", _reduction_cell),
+    ("KL/token", lambda r: f"{r['kl']:.4f}"),
+    ("clean agreement", lambda r: _pct(r["clean_agreement"])),
+    ("clean margin kept", lambda r: _pct(r.get("clean_margin_kept"))),
+    ("capability kept", lambda r: _pct(r.get("capability_kept"))),
+    ("helpful loss", lambda r: _pct(r.get("helpful_loss"))),
+    ("control - clean", lambda r: "-" if r["control_before"] is None
+     else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"),
+    ("anti-steerable", lambda r: _pct(r["anti_steerable"])),
+    ("without its gate", lambda r: "-" if not r.get("ungated")
+     else f"reduction {_pct(r['ungated']['reduction'])}, KL {r['ungated']['kl']:.4f}"),
+    ("gates", lambda r: "pass" if r["passed"] else "FAIL"),
+)
+
+
+def comparison_cells(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The side-by-side table as text: per line, its label and one cell per fix."""
+    return [(name, [cell(r) for r in rows]) for name, cell in COMPARISON_LINES]
+
+
+def why_failed(v: dict[str, Any]) -> str:
+    """The failed gates with their values, and what the control condition says, in one sentence."""
+    def shown(g: dict[str, Any]) -> str:
+        return g.get("error") or f"{g['metric']} {g['value']:.3g}, needs {g['op']} {g['threshold']:g}"
+
+    parts = [shown(g) for g in v["gates"] if not g["passed"]]
+    cc = v.get("control_change") or {}
+    if cc.get("reading"):
+        parts.append(f"control: {cc['reading']}")
+    return "; ".join(parts)
