@@ -291,7 +291,7 @@ def test_run_on_a_live_recipe_records_the_episodes_and_stops_at_steer_when_the_m
     recipe = tmp_path / "tiny-live.yaml"
     recipe.write_text(LIVE)
     code, stdout, _ = _cli(monkeypatch, capsys, "run", str(recipe), "--model", str(tiny_model_dir),
-                           "--out", str(tmp_path / "r"), "--kind", "vector", "--json")
+                           "--out", str(tmp_path / "r"), "--kind", "vector", "--no-report", "--json")
     obj = json.loads(stdout)
     assert code == 1 and obj["passed"] is False and obj["fix"] is None and obj["verify"] is None
     assert "shows no behaviour to fix" in obj["why"] and "over 6 decisions" in obj["why"]  # 2 items x 3 rounds
@@ -299,3 +299,4 @@ def test_run_on_a_live_recipe_records_the_episodes_and_stops_at_steer_when_the_m
     live = rec.manifest["live"]
     assert live["rounds"] == 3 and all(len(live["episodes"][c]) == 4 for c in ("pressure", "clean", "control"))
     assert not (tmp_path / "r" / "tiny-live.fix.safetensors").exists()
+    assert not (tmp_path / "r" / "tiny-live.report.html").exists() and "report" not in obj["artifacts"]  # --no-report
