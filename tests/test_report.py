@@ -16,7 +16,7 @@ from test_steer import PLANT_MORE
 from tiny import save_model_dir
 
 from mechfix.artifacts import load_artifact
-from mechfix.report import collect, render
+from mechfix.report import chain, collect, render
 from mechfix.report.page import SECTIONS
 
 # The planted recipe with all four conditions: control repeats the wrong letter, helpful the right one.
@@ -96,7 +96,7 @@ def test_the_page_is_the_same_from_the_folder_or_the_files_and_names_its_provena
     files = sorted(p for p in full_run.iterdir() if p.suffix in (".safetensors", ".json"))
     assert render(collect([full_run])) == render(collect(files))
     run_ = collect([full_run])
-    rows = {r["kind"]: r for r in __import__("mechfix.report", fromlist=["chain"]).chain(run_)}
+    rows = {r["kind"]: r for r in chain(run_)}
     # Attribution made from the given recording, the fix from both, verify from the fix: the chain is whole.
     assert [i["status"] for i in rows["attribution"]["inputs"]] == ["given"]
     assert {i["role"]: i["status"] for i in rows["fix"]["inputs"]} == {"attribution": "given", "record": "given",
@@ -182,6 +182,15 @@ def test_report_refuses_what_it_cannot_show_with_exit_2_and_writes_nothing(monke
     code, _, err = run(monkeypatch, capsys, "report", str(rec), str(twin), "--out", str(tmp_path / "a.html"))
     assert code == 2 and "two record artifacts" in err
     assert not (tmp_path / "a.html").exists()
+    # An attribution of another model beside this run's recording: one page cannot show both.
+    from mechfix.artifacts import save_artifact
+
+    other = load_artifact(full_run / "plant.attr.safetensors")
+    other.manifest["model"] = {**other.manifest["model"], "config_hash": "0" * 64, "name": "another-model"}
+    save_artifact(tmp_path / "other.attr.safetensors", other)
+    code, _, err = run(monkeypatch, capsys, "report", str(rec), str(tmp_path / "other.attr.safetensors"),
+                       "--out", str(tmp_path / "a.html"))
+    assert code == 2 and "another-model" in err and not (tmp_path / "a.html").exists()
     code, out, _ = run(monkeypatch, capsys, "report", "--help")
     assert code == 0 and "mechfix report conformity/" in out
 
