@@ -351,12 +351,13 @@ def read_header(path: str | Path) -> tuple[str, dict[str, Any], dict[str, tuple[
     return kind, manifest, table
 
 
-def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
+def load_artifact(path: str | Path, expect: str | None = None, skip: tuple[str, ...] = ()) -> Artifact:
     """Load an artifact, checking its kind.
 
     Args:
         path: The ``.safetensors`` file, or a LoRA fix's folder.
         expect: The kind the caller needs, or None for any.
+        skip: Name prefixes of tensors not to read (a recording's activations, when only its scores are needed).
 
     Raises:
         ArtifactError: For a missing/corrupt file, a wrong kind or schema, a manifest key or tensor
@@ -377,6 +378,8 @@ def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
     file = artifact_file(path)
     with safe_open(str(file), framework="pt") as f:
         for k in f.keys():
+            if k.startswith(skip):
+                continue
             t = f.get_tensor(k)
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ArtifactError(
@@ -387,25 +390,31 @@ def load_artifact(path: str | Path, expect: str | None = None) -> Artifact:
     return Artifact(kind=kind, manifest=manifest, tensors=tensors, path=str(path), sha256=sha256_file(file))
 
 
-def check_same_model(manifest: Mapping[str, Any], identity: Mapping[str, Any], path: str | Path) -> None:
-    """Refuse an artifact made with another model than ``identity``.
+def model_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """The first identity key on which two models differ, or None for the same model.
 
     The config hash and weight fingerprint decide; the name may differ (a local
-    copy of the same model is the same model).
+    copy of the same model is the same model). A model on NDIF has no
+    fingerprint: its hub id and revision stand in for it.
+    """
+    keys = ["architecture", "config_hash", "weights_fingerprint"]
+    if a.get("weights_fingerprint") is None or b.get("weights_fingerprint") is None:
+        keys = ["architecture", "config_hash", "name", "revision"]
+    return next((k for k in keys if a.get(k) != b.get(k)), None)
+
+
+def check_same_model(manifest: Mapping[str, Any], identity: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse an artifact made with another model than ``identity`` (see :func:`model_difference`).
 
     Raises:
         ArtifactError: Naming both models and what to run instead.
     """
     theirs = manifest.get("model", {})
-    keys = ["architecture", "config_hash", "weights_fingerprint"]
-    if theirs.get("weights_fingerprint") is None or identity.get("weights_fingerprint") is None:
-        # A model on NDIF has no fingerprint: its hub id and revision stand in for it.
-        keys = ["architecture", "config_hash", "name", "revision"]
-    for key in keys:
-        if theirs.get(key) != identity.get(key):
-            raise ArtifactError(
-                f"'{path}' was made with model '{theirs.get('name')}' ({theirs.get('architecture')}), "
-                f"but the model given is '{identity.get('name')}' ({identity.get('architecture')}); "
-                f"their {key.replace('_', ' ')}s differ. Pass the recorded model with --model, "
-                "or record again with this model."
-            )
+    key = model_difference(theirs, identity)
+    if key is not None:
+        raise ArtifactError(
+            f"'{path}' was made with model '{theirs.get('name')}' ({theirs.get('architecture')}), "
+            f"but the model given is '{identity.get('name')}' ({identity.get('architecture')}); "
+            f"their {key.replace('_', ' ')}s differ. Pass the recorded model with --model, "
+            "or record again with this model."
+        )

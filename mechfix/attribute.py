@@ -233,6 +233,16 @@ def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor([int(torch.nonzero(owner == j)[0]) for j in range(n)], dtype=torch.long)
 
 
+def _per_head(v: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Cached values ``[..., KV, K, dh]`` repeated for every query head sharing them (grouped-query attention)."""
+    return v.repeat_interleave(n_heads // v.shape[-3], dim=-3)
+
+
+def _draws(w: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """What a head draws from each token it attends to, projected on ``g``: ``a_j (v_j · g)``, ``[..., H, K]``."""
+    return w * torch.einsum("...hkd,...hd->...hk", v, g)
+
+
 def _token_terms(attention, grads: torch.Tensor, row: int, n_tokens: int) -> torch.Tensor:
     """What each head of one decision draws from each prompt token: ``a_j (v_j · g)``, ``[L, H, T]``.
 
@@ -246,8 +256,8 @@ def _token_terms(attention, grads: torch.Tensor, row: int, n_tokens: int) -> tor
     for layer, (w, v, token) in enumerate(attention):
         w, v, token = w[row], v[row], token[row]  # [H, K], [KV, K, dh], [K]
         n_heads = w.shape[0]
-        v = v.repeat_interleave(n_heads // v.shape[0], dim=0).to(grads.device)
-        contrib = w.to(v.device) * torch.einsum("hkd,hd->hk", v, grads[layer].to(v.dtype))  # [H, K]
+        v = _per_head(v, n_heads).to(grads.device)
+        contrib = _draws(w.to(v.device), v, grads[layer].to(v.dtype))  # [H, K]
         valid = ((token >= 0) & (token < n_tokens)).to(contrib.device)
         per_token = torch.zeros((n_heads, n_tokens), dtype=contrib.dtype, device=contrib.device)
         per_token.index_add_(1, token.to(contrib.device)[valid], contrib[:, valid])
@@ -266,10 +276,9 @@ def _speaker_terms(attention, grads_heads: torch.Tensor, speakers: list[list[int
     for w, v, token in attention:
         w, v, token = w[first], v[first], token[first]  # [n, H, K], [n, KV, K, dh], [n, K]
         n_heads = w.shape[1]
-        v = v.repeat_interleave(n_heads // v.shape[1], dim=1).to(grads_heads.device)  # [n, H, K, dh]
+        v = _per_head(v, n_heads).to(grads_heads.device)  # [n, H, K, dh]
         recon.append(torch.einsum("nhk,nhkd->nhd", w.to(v.device), v))
-        g = grads_heads[:, len(terms)]  # [n, H, dh]
-        contrib = w.to(v.device) * torch.einsum("nhkd,nhd->nhk", v, g)  # [n, H, K]
+        contrib = _draws(w.to(v.device), v, grads_heads[:, len(terms)])  # [n, H, K]
         who = torch.full(token.shape, -1, dtype=torch.long)
         for j in range(n):
             valid = (token[j] >= 0) & (token[j] < len(speakers[j]))  # later tail tokens get no weight here
@@ -415,12 +424,12 @@ def _example(lm: LoadedModel, rec: Artifact, dec: Decisions, ex: int, grad: torc
     Every condition's values are projected on the pressure run's gradient, so
     that they are comparable (and pressure minus baseline is the split).
     """
+    terms = dict(terms)  # a copy: the caller's dict is left as it was
     prompts = {c: dec.prompts[c][ex] for c in terms}
     speakers = {c: dec.speakers[c][ex] for c in terms}
-    for c in rec.manifest.get("conditions", []):
-        if c in terms or f"tokens/{c}" not in rec.tensors:
-            continue
-        other = decisions_from_record(rec, lm.tokenizer, [c])
+    rest = [c for c in rec.manifest.get("conditions", []) if c not in terms and f"tokens/{c}" in rec.tensors]
+    other = decisions_from_record(rec, lm.tokenizer, rest) if rest else None
+    for c in rest:
         prompt = other.prompts[c][ex]
         tails = tails_for(prompt, other.options[c][ex], 0)
         res = run_tails(lm, encode_prefixes(lm, [prompt]), tails, attention=True)

@@ -235,6 +235,7 @@ class Fix:
         model: Identity of the model it was made for.
         manifest: The artifact manifest (empty for a fix built in memory).
         path: Where it was loaded from, if anywhere.
+        sha256: Of the file it was loaded from (a lora fix: its weights file), if any.
         lora: A lora fix's adapter weights.
         gate: A probe that limits the edit to the positions where it fires (None: every position).
     """
@@ -248,6 +249,7 @@ class Fix:
     model: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    sha256: str | None = None
     lora: LoraWeights | None = None
     gate: Gate | None = None
 
@@ -547,7 +549,7 @@ def fix_from_artifact(art: Artifact) -> Fix:
         lora, layers = lora_from_artifact(art)
         return Fix(op=op, layers=layers, heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
                    strength=float(desc.get("strength", 1.0)), model=art.manifest.get("model", {}),
-                   manifest=art.manifest, path=art.path, lora=lora, gate=gate_from_artifact(art))
+                   manifest=art.manifest, path=art.path, sha256=art.sha256, lora=lora, gate=gate_from_artifact(art))
     if op not in OPS or "strength" not in desc or any(k not in art.tensors for k in ("vectors", "means", "layers")):
         raise ArtifactError(
             f"'{art.path}' is a fix artifact without a usable fix description (operation {op!r}). "
@@ -568,6 +570,7 @@ def fix_from_artifact(art: Artifact) -> Fix:
         model=art.manifest.get("model", {}),
         manifest=art.manifest,
         path=art.path,
+        sha256=art.sha256,
         gate=gate_from_artifact(art),
     )
 

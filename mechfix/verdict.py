@@ -45,13 +45,19 @@ def comparison_names(rows: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0%}"
+def pct(v: float | None, digits: int = 0) -> str:
+    """A share as a percentage; ``-`` for a missing (None or NaN) value."""
+    return "-" if v is None or v != v else f"{v:.{digits}%}"
+
+
+def reduction_text(value: float | None, ci: list[float | None] | None) -> str:
+    """A held-out reduction with its interval: ``21% [9%, 32%]``."""
+    lo, hi = (ci or [None, None])[:2]
+    return pct(value) + (f" [{lo:.0%}, {hi:.0%}]" if lo is not None and hi is not None else "")
 
 
 def _reduction_cell(r: dict[str, Any]) -> str:
-    ci = r.get("reduction_ci95") or [None, None]
-    return _pct(r["reduction"]) + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else "")
+    return reduction_text(r["reduction"], r.get("reduction_ci95"))
 
 
 # The side-by-side table's lines: a label and how one fix's row reads in it (the terminal and the report use it).
@@ -60,15 +66,15 @@ COMPARISON_LINES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("parameters", lambda r: "-" if r["parameters"] is None else f"{r['parameters']:,}"),
     ("reduction", _reduction_cell),
     ("KL/token", lambda r: f"{r['kl']:.4f}"),
-    ("clean agreement", lambda r: _pct(r["clean_agreement"])),
-    ("clean margin kept", lambda r: _pct(r.get("clean_margin_kept"))),
-    ("capability kept", lambda r: _pct(r.get("capability_kept"))),
-    ("helpful loss", lambda r: _pct(r.get("helpful_loss"))),
+    ("clean agreement", lambda r: pct(r["clean_agreement"])),
+    ("clean margin kept", lambda r: pct(r.get("clean_margin_kept"))),
+    ("capability kept", lambda r: pct(r.get("capability_kept"))),
+    ("helpful loss", lambda r: pct(r.get("helpful_loss"))),
     ("control - clean", lambda r: "-" if r["control_before"] is None
      else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"),
-    ("anti-steerable", lambda r: _pct(r["anti_steerable"])),
+    ("anti-steerable", lambda r: pct(r["anti_steerable"])),
     ("without its gate", lambda r: "-" if not r.get("ungated")
-     else f"reduction {_pct(r['ungated']['reduction'])}, KL {r['ungated']['kl']:.4f}"),
+     else f"reduction {pct(r['ungated']['reduction'])}, KL {r['ungated']['kl']:.4f}"),
     ("gates", lambda r: "pass" if r["passed"] else "FAIL"),
 )
 

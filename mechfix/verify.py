@@ -426,4 +426,3 @@ def error_report(message: str, gates: list[GateSpec]) -> dict[str, Any]:
         "error": message,
         "gates": [{**g.check(None), "error": message} for g in gates],
     }
-

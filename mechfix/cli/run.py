@@ -78,7 +78,6 @@ from mechfix.cli.views import (
     _print_steer,
     _print_verify,
 )
-from mechfix.verdict import why_failed
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
     MAX_KL,
@@ -87,6 +86,7 @@ from mechfix.defaults import (
     MIN_CLEAN_MARGIN,
     MIN_REDUCTION,
 )
+from mechfix.verdict import why_failed
 
 
 @app.command(

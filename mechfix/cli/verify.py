@@ -47,7 +47,6 @@ from mechfix.cli.common import (
 )
 from mechfix.cli.record import _load_source, pick_style, source_inputs
 from mechfix.cli.views import _print_comparison, _print_verify
-from mechfix.verdict import comparison_rows
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
     MAX_KL,
@@ -56,13 +55,13 @@ from mechfix.defaults import (
     MIN_CLEAN_MARGIN,
     MIN_REDUCTION,
 )
+from mechfix.verdict import comparison_rows
 
 
 def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all",
                tasks=None, style=None) -> list[dict[str, Any]]:
     """Verify one or more fixes on the recipe's held-out split: one report per fix."""
     from mechfix import capabilities as caps
-    from mechfix.artifacts import artifact_file, sha256_file
     from mechfix.verify import verify_fixes
 
     neutral = _neutral(lm, neutral_path, "verify")
@@ -80,7 +79,7 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
                 "this recipe differs from the one the fix was made from: its held-out split is not the one steer left out."
             )
         report["fix"] = {"path": fix.path, "kind": fix.kind, "op": fix.op, "targets": fix.targets, "strength": fix.strength,
-                         "sha256": sha256_file(artifact_file(fix.path)) if fix.path else None}
+                         "sha256": fix.sha256}
         report["model"] = lm.identity["name"]
         if style is not None:
             report["style"] = style.as_dict()

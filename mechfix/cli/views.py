@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mechfix.cli.common import _clean_nan, err
 from mechfix.verdict import comparison_cells, comparison_names, why_failed
+from mechfix.verdict import pct as _pct  # one formatting of shares for the terminal and the report
 
 
 def _fmt_ci(stat: dict[str, Any] | None) -> str:
@@ -22,10 +23,6 @@ def _fmt_effect(value: float | None, ci: list[float] | None) -> str:
     if value is None:
         return "-"
     return f"{value:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{value:+.2f}"
-
-
-def _pct(v: float | None, digits: int = 0) -> str:
-    return "-" if v is None or v != v else f"{v:.{digits}%}"
 
 
 def _budget_title(budget: dict[str, Any]) -> str:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from mechfix.artifacts import ADAPTER_WEIGHTS, artifact_file, read_header, sha256_file
+from mechfix.artifacts import ADAPTER_WEIGHTS, load_artifact, model_difference, sha256_file
 from mechfix.errors import BadInputError
 
 # Tensors of a record artifact the page never shows (per-site activations, which make up nearly all of its size).
@@ -33,7 +32,7 @@ class Source:
         kind: ``record``, ``attribution``, ``fix`` or ``verify``.
         sha256: Of the file (a LoRA fix: of its weights file).
         data: The manifest (artifacts) or the report (verify).
-        tensors: The small tensors the page uses (artifacts only).
+        tensors: Its tensors, but a recording's activations (artifacts only).
     """
 
     path: Path
@@ -93,15 +92,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _artifact(path: Path) -> Source:
-    kind, manifest, _ = read_header(path)
-    file = artifact_file(path)
-    tensors: dict[str, torch.Tensor] = {}
-    if path.is_file():  # a LoRA fix folder holds PEFT weights the page does not show
-        with safe_open(str(file), framework="pt") as f:
-            for k in f.keys():
-                if not k.startswith(_SKIPPED):
-                    tensors[k] = f.get_tensor(k)
-    return Source(path, kind, sha256_file(file), manifest, tensors)
+    art = load_artifact(path, skip=_SKIPPED)
+    return Source(path, art.kind, art.sha256, art.manifest, art.tensors)
 
 
 def _in_folder(folder: Path) -> list[Path]:
@@ -175,7 +167,6 @@ def collect(paths: Sequence[str | Path]) -> RunFiles:
 
 def _check_one_model(run: RunFiles) -> None:
     """Refuse artifacts made with different models: their numbers cannot sit on one page."""
-    keys = ("architecture", "config_hash", "weights_fingerprint")
     first: Source | None = None
     for s in run.sources:
         model = s.data.get("model")
@@ -183,10 +174,10 @@ def _check_one_model(run: RunFiles) -> None:
             continue
         if first is None:
             first = s
-        elif any(model.get(k) != first.data["model"].get(k) for k in keys):
+        elif (key := model_difference(model, first.data["model"])) is not None:
             raise BadInputError(
-                f"'{s.path}' was made with {model.get('name')} and '{first.path}' with {first.data['model'].get('name')}: "
-                "a report shows one model's run. Give the artifacts of one run."
+                f"'{s.path}' was made with {model.get('name')} and '{first.path}' with {first.data['model'].get('name')} "
+                f"(their {key.replace('_', ' ')}s differ): a report shows one model's run. Give the artifacts of one run."
             )
 
 

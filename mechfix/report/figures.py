@@ -108,15 +108,22 @@ def _cells(lo: np.ndarray, hi: np.ndarray, exact: np.ndarray, estimate: np.ndarr
              for j in range(lo.shape[1])] for i in range(lo.shape[0])]
 
 
-def speaker_bars(tensors: dict[str, Any], manifest: dict[str, Any], heads: list[str]) -> go.Figure:
-    """How much of each top head's estimated effect comes from each speaker's tokens (stacked, signed)."""
+def speaker_bars(tensors: dict[str, Any], manifest: dict[str, Any], heads: list[dict[str, Any]]) -> go.Figure:
+    """How much of each top head's estimated effect comes from each speaker's tokens (stacked, signed).
+
+    Args:
+        tensors: The attribution's tensors (``speakers [L, H, S]``).
+        manifest: Its manifest (speaker names).
+        heads: Entries of its summary's ranking (``component``, ``layer``, ``head``).
+    """
     split = tensors["speakers"].double().numpy()  # [L, H, S]
     names = list(manifest.get("speakers", []))
     colours = speaker_colours(names)
+    labels = [h["component"] for h in heads]
     fig = go.Figure()
     for s, name in enumerate(names):
-        ys = [float(split[int(h[1:].split(".H")[0]), int(h.split(".H")[1]), s]) for h in heads]
-        fig.add_trace(go.Bar(x=heads, y=ys, name=name, marker_color=colours[name],
+        ys = [float(split[h["layer"], h["head"], s]) for h in heads]
+        fig.add_trace(go.Bar(x=labels, y=ys, name=name, marker_color=colours[name],
                              hovertemplate=f"{name}: " + "%{y:.3f}<extra>%{x}</extra>"))
     fig.update_layout(barmode="relative", yaxis_title="share of the estimate (log-prob)")
     return _base_layout(fig, 340)

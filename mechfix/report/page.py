@@ -17,11 +17,13 @@ import numpy as np
 
 from mechfix.report import figures
 from mechfix.report.collect import RunFiles, Source, chain
-from mechfix.verdict import comparison_cells, comparison_names, comparison_rows, why_failed
+from mechfix.verdict import comparison_cells, comparison_names, comparison_rows, reduction_text, why_failed
 
 # How many live episodes per condition the page prints (folded), and how many state variables it plots.
 LIVE_TRANSCRIPTS = 3
 LIVE_VARIABLES = 4
+# How many of the ranking's top heads get per-speaker bars.
+SPEAKER_HEADS = 8
 # The sections, in page order: id and title (a section without data says what would fill it).
 SECTIONS = (
     ("summary", "Summary"),
@@ -62,11 +64,15 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
+def _interval(ci: list[float | None] | None, spec: str) -> str:
+    lo, hi = (ci or [None, None])[:2]
+    return f"[{_fmt(lo, spec)}, {_fmt(hi, spec)}]"
+
+
 def _ci(stat: dict[str, Any] | None, spec: str = "+.2f") -> str:
     if not stat:
         return "–"
-    lo, hi = (stat.get("ci95") or [None, None])[:2]
-    return f"{_fmt(stat.get('mean'), spec)} [{_fmt(lo, spec)}, {_fmt(hi, spec)}]"
+    return f"{_fmt(stat.get('mean'), spec)} {_interval(stat.get('ci95'), spec)}"
 
 
 def _recipe(run: RunFiles) -> dict[str, Any]:
@@ -125,9 +131,7 @@ def summary(run: RunFiles) -> dict[str, Any]:
             gates.append({"name": g["name"], "value": g.get("error") or _fmt(g.get("value"), ".4g"),
                           "passed": bool(g["passed"])})
         rows += [
-            ("held-out reduction", f"{_fmt(report['reduction']['value'], '.0%')} "
-                                   f"[{_fmt((report['reduction'].get('ci95') or [None])[0], '.0%')}, "
-                                   f"{_fmt((report['reduction'].get('ci95') or [None, None])[1], '.0%')}]"),
+            ("held-out reduction", reduction_text(report["reduction"]["value"], report["reduction"].get("ci95"))),
             ("KL on neutral text", f"{_fmt(report['kl']['value'], '.4f')} nats/token"),
         ]
     verdict = None if report is None else ("PASS" if report["passed"] else "FAIL")
@@ -166,7 +170,7 @@ def attribution(run: RunFiles) -> dict[str, Any]:
         return {}
     s = att.data.get("summary", {})
     top = [{"component": t["component"], "atp": _fmt(t.get("atp"), "+.3f"),
-            "atp_ci": f"[{_fmt((t.get('atp_ci95') or [None])[0], '+.3f')}, {_fmt((t.get('atp_ci95') or [None, None])[1], '+.3f')}]",
+            "atp_ci": _interval(t.get("atp_ci95"), "+.3f"),
             "exact": _fmt(t.get("exact"), "+.3f"), "share": _fmt(t.get("share"), ".0%"), "flag": t.get("flag") or ""}
            for t in s.get("top", [])]
     shape = att.data.get("shape", {})
@@ -228,7 +232,7 @@ def speakers(run: RunFiles) -> dict[str, Any]:
     if att is None:
         return {}
     s = att.data.get("summary", {})
-    heads = [t["component"] for t in s.get("top", []) if t.get("kind") == "heads"][:8]
+    heads = [t for t in s.get("top", []) if t.get("kind") == "heads"][:SPEAKER_HEADS]
     out: dict[str, Any] = {"note": s.get("speakers_note")}
     if "speakers" in att.tensors and heads:
         out["figure"] = figures.speaker_bars(att.tensors, att.data, heads)
