@@ -8,8 +8,10 @@ prompt. :func:`agent_messages` builds that context for one agent from an
 episode's turns; :func:`tokenize_chat` renders it with the tokenizer's
 template and keeps a speaker for every token: a message's content tokens
 belong to its speaker, the template's own tokens to ``<frame>``. The token ids
-are exactly ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``,
-followed by the decision prompt's tokens (the start of the agent's reply).
+are exactly ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``'s
+(rendered in mechfix's limited sandbox, :mod:`mechfix.sandbox`, never by
+transformers itself), followed by the decision prompt's tokens (the start of
+the agent's reply).
 
 Consecutive messages of one role (several agents speaking in a row) are
 merged into one turn, their contents joined by a blank line: templates such
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from mechfix.episodes import FRAME, Episode, Segment, Tokenized, fill, tokenize_episode
 from mechfix.errors import BadInputError
 from mechfix.recipe import Recipe
-from mechfix.templates import Template
+from mechfix.templates import Template, render_chat
 
 STYLES = ("text", "chat")
 _JOIN = "\n\n"
@@ -110,26 +112,29 @@ def agent_messages(recipe: Recipe, turns: list[tuple[str | None, str]], agent: s
 
 
 def chat_text(tokenizer, messages: list[ChatMessage]) -> str:
-    """The template's rendering of the messages with the generation prompt.
+    """The template's rendering of the messages with the generation prompt (in mechfix's limited sandbox).
 
     Raises:
-        BadInputError: When the template refuses them (it raises, e.g. on roles that do not alternate).
+        BadInputError: When the template refuses them (it raises, e.g. on roles that do not alternate), goes over a
+            limit, or renders them to nothing.
     """
-    try:
-        return tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # noqa: BLE001 - a Jinja error or the template's own raise_exception
-        roles = ", ".join(m.role for m in messages)
-        raise BadInputError(
-            f"the chat template does not render this episode's messages ({roles}): {type(exc).__name__}: {exc}. "
-            "Check the recipe's turns (a template may need a user turn before the first assistant turn), or use "
-            "--style text.") from None
+    roles = ", ".join(m.role for m in messages)
+    text = render_chat(tokenizer, [m.as_dict() for m in messages],
+                       f"the chat template does not render this episode's messages ({roles})",
+                       "Check the recipe's turns (a template may need a user turn before the first assistant turn), or "
+                       "use --style text.")
+    if not text:
+        raise BadInputError(f"the chat template renders this episode's messages ({roles}) to nothing, so the model "
+                            "would see no text. Fix the template, or use --style text.")
+    return text
 
 
 def template_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """``apply_chat_template(messages, add_generation_prompt=True)``'s token ids: the ground truth."""
-    out = tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)
-    return list(out["input_ids"])
+    """``apply_chat_template(messages, add_generation_prompt=True)``'s token ids: the rendering tokenized as it does.
+
+    transformers tokenizes the rendering without adding special tokens (the template writes them); so does this.
+    """
+    return list(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def tokenize_chat(tokenizer, messages: list[ChatMessage], prompt: str, agent: str, speakers: list[str]) -> tuple[Tokenized, str]:
@@ -139,10 +144,10 @@ def tokenize_chat(tokenizer, messages: list[ChatMessage], prompt: str, agent: st
     (trimmed, where a template trims contents); its characters belong to its
     speaker and everything else to the frame. The rendering is tokenized
     without the tokenizer's own special tokens (the template writes them), and
-    checked against :func:`template_ids`.
+    checked against the rendering tokenized whole (:func:`template_ids`).
 
     Raises:
-        ValueError: When tokenizing the rendering does not give the template's own ids.
+        ValueError: When tokenizing the rendering in parts does not give the ids of tokenizing it whole.
     """
     text = chat_text(tokenizer, messages)
     segments: list[Segment] = []
@@ -162,9 +167,9 @@ def tokenize_chat(tokenizer, messages: list[ChatMessage], prompt: str, agent: st
     if cursor < len(text):
         segments.append(Segment(FRAME, text[cursor:]))
     tok = tokenize_episode(tokenizer, Episode(0, "", segments, []), speakers, special=False)
-    want = template_ids(tokenizer, messages)
+    want = list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the rendering tokenized whole, as transformers does
     if tok.ids != want:
-        raise ValueError("tokenizing the chat template's rendering does not give apply_chat_template's ids")
+        raise ValueError("tokenizing the chat template's rendering in its speakers' parts does not give its ids whole")
     if prompt:
         reply = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         tok = Tokenized(tok.ids + reply, tok.speakers + [speakers.index(agent)] * len(reply))

@@ -147,3 +147,96 @@ def _match(want: Mapping[str, tuple[str | int, ...]], table: Mapping[str, tuple[
 
 _SAY = {"N": "decisions", "L": "layers", "H": "heads", "D": "head width", "W": "hidden width", "K": "options",
         "F": "fix targets", "F2": "fix targets", "V": "vector width"}
+
+
+# ---- verify reports (JSON, read back by `mechfix report`) --------------------------------------------------------
+# A verify report is JSON anyone can write; the report page reads these fields, so they are checked before it does.
+
+def _verify_models():
+    from pydantic import BaseModel, ConfigDict, model_validator
+
+    class _Open(BaseModel):
+        model_config = ConfigDict(extra="allow")
+
+    class Gate(_Open):
+        name: str
+        passed: bool
+        metric: str | None = None
+        op: str | None = None
+        threshold: float | None = None
+        value: float | None = None
+        error: str | None = None
+
+    class Value(_Open):
+        value: float | None = None
+        ci95: list[float | None] | None = None
+
+    class Share(_Open):
+        share: float | None = None
+
+    class FixRef(_Open):
+        path: str
+        kind: str
+        op: str | None = None
+        targets: list[str] = []
+        sha256: str | None = None
+
+    class Scores(_Open):
+        before: list[float | None]
+        after: list[float | None]
+
+    class PerItem(_Open):
+        rows: list[tuple[int, int]]
+        scores: dict[str, Scores]
+
+        @model_validator(mode="after")
+        def _lengths(self):
+            for c, s in self.scores.items():
+                if not len(s.before) == len(s.after) == len(self.rows):
+                    raise ValueError(f"per_item scores of '{c}' do not have one before and one after per row")
+            return self
+
+    class Report(_Open):
+        passed: bool
+        gates: list[Gate]
+        error: str | None = None
+        fix: FixRef | None = None
+        model: str | dict | None = None
+        heldout: int | None = None
+        reduction: Value | None = None
+        kl: Value | None = None
+        clean_agreement: Value | None = None
+        anti_steerable: Share | None = None
+        warnings: list[str] = []
+        per_item: PerItem | None = None
+        comparison: list[dict] | None = None
+        live_outcome: dict | None = None
+
+        @model_validator(mode="after")
+        def _measured(self):
+            if self.error is None:
+                missing = [k for k in ("fix", "reduction", "kl", "clean_agreement", "anti_steerable")
+                           if getattr(self, k) is None]
+                if missing:
+                    raise ValueError(f"a report without 'error' needs {', '.join(missing)}")
+            return self
+
+    return Report
+
+
+def check_verify_report(data: Any, where: str) -> dict[str, Any]:
+    """A verify report read back from JSON, checked field by field like an artifact's manifest.
+
+    Raises:
+        ArtifactError: Naming the first fields that are missing or of the wrong type.
+    """
+    from pydantic import ValidationError
+
+    try:
+        _verify_models().model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'the report'}: {e['msg']}" for e in exc.errors()[:3])
+        raise ArtifactError(
+            f"'{where}' looks like a verify report but does not hold one ({problems}). Give the NAME.verify.json that "
+            "`mechfix run` writes, or save one with `mechfix verify ... --json > NAME.verify.json`.") from None
+    return data

@@ -19,7 +19,10 @@ built-ins are written from each family's documented prompt format:
 
 Each is a Jinja template of the kind transformers' ``apply_chat_template``
 renders (``messages``, ``add_generation_prompt``, ``bos_token``,
-``eos_token``, ``raise_exception``).
+``eos_token``, ``raise_exception``). Every template, a built-in, a file's or
+the model's own, is rendered by :func:`render_chat` in mechfix's limited
+sandbox, never by ``apply_chat_template`` itself: a template is code from
+someone else, and the sandbox bounds its time, steps and output.
 """
 
 from __future__ import annotations
@@ -112,17 +115,56 @@ def model_template(tokenizer) -> Template | None:
 
 
 def use_template(tokenizer, template: Template) -> None:
-    """Give a tokenizer a template, and check that it renders a small conversation.
+    """Give a tokenizer a template, and check that it renders a small conversation to some text.
 
     Raises:
-        BadInputError: When the template does not render (a Jinja error, or one it raises itself).
+        BadInputError: When the template does not render (a Jinja error, one it raises itself, a limit), or
+            renders the conversation to nothing.
     """
     tokenizer.chat_template = template.source
     probe = [{"role": "system", "content": "You are Sam."}, {"role": "user", "content": "Ana: hello"},
              {"role": "assistant", "content": "hi"}, {"role": "user", "content": "Ben: and now?"}]
+    fix = "Fix the template, or choose a built-in one with --chat-template."
+    text = render_chat(tokenizer, probe, f"chat template {template.name} does not render a four-message conversation",
+                       fix, name=template.name)
+    if not text.strip():
+        raise BadInputError(f"chat template {template.name} renders a four-message conversation to nothing, so the "
+                            f"model would see no text. {fix}")
+
+
+def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: str = "of this model") -> str:
+    """The tokenizer's chat template over ``messages`` with the generation prompt, as ``apply_chat_template`` renders it.
+
+    The template runs in mechfix's limited sandbox (:mod:`mechfix.sandbox`): it
+    sees what transformers gives it (``messages``, ``add_generation_prompt``,
+    the tokenizer's special tokens, ``tools`` and ``documents`` as None), and
+    may spend no more than :data:`mechfix.sandbox.LIMITS`.
+
+    Args:
+        tokenizer: A tokenizer with a chat template.
+        messages: The conversation (``role``, ``content`` and more fields); keys whose value is None are dropped,
+            as transformers does.
+        problem: What failed, for the message when the template fails ("the chat template does not render ...").
+        fix: What to do then.
+        name: The template's name, for the message when it goes over a limit.
+
+    Raises:
+        BadInputError: When the template fails, or goes over a limit (the message names which).
+    """
+    from mechfix.sandbox import TemplateLimitError, render
+
+    source = model_template(tokenizer)
+    if source is None:
+        raise BadInputError(f"{problem}: the tokenizer has no chat template. {fix}")
+    variables = {**tokenizer.special_tokens_map, "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
+                 "tools": None, "documents": None, "add_generation_prompt": True}
     try:
-        tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # noqa: BLE001 - Jinja raises many kinds; all mean "does not render"
+        return render(source.source, variables)
+    except TemplateLimitError as exc:
         raise BadInputError(
-            f"chat template {template.name} does not render a four-message conversation ({type(exc).__name__}: {exc}). "
-            "Fix the template, or choose a built-in one with --chat-template.") from None
+            f"chat template {name} went {exc} while rendering {len(messages)} messages, and was stopped. mechfix runs "
+            "chat templates in a sandbox with limits on time, steps, output and work far above what a real chat template "
+            "needs; one that goes over them loops or grows without end. Check where the template came from, or choose a "
+            "built-in one with --chat-template.") from None
+    except Exception as exc:  # noqa: BLE001 - Jinja raises many kinds; all mean "does not render"
+        raise BadInputError(f"{problem} ({type(exc).__name__}: {exc}). {fix}") from None

@@ -54,8 +54,11 @@ def test_chat_renderings_are_token_for_token_the_templates_own_with_a_speaker_fo
         ep = render_episode(recipe, 0, cond)
         messages = agent_messages(recipe, ep.turns, ep.agent, ep.values)
         tok = rendered.tokens[cond][0]
-        # Exactly apply_chat_template's ids (no double BOS, no stray separator), then the reply's prompt (empty here).
-        assert tok.ids == template_ids(lm.tokenizer, messages)
+        # Exactly apply_chat_template's ids (no double BOS, no stray separator), then the reply's prompt (empty here):
+        # mechfix renders in its own limited sandbox, and transformers' rendering is the ground truth it must match.
+        truth = lm.tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+        assert tok.ids == template_ids(lm.tokenizer, messages) == list(truth)
         assert tok.ids.count(lm.tokenizer.bos_token_id) <= 1
         assert len(tok.speakers) == len(tok.ids)
         # Every agent's words are its own tokens; the template's tokens are the frame's.

@@ -35,6 +35,7 @@ def report(
     """
     from mechfix.artifacts import ADAPTER_WEIGHTS
     from mechfix.report import collect, render
+    from mechfix.untrusted import file_stem, inside
 
     # The page may go inside a folder it reads (the run's own folder): only the files read must not be overwritten.
     check_paths(either={f"PATH {p}": p for p in paths})
@@ -42,7 +43,8 @@ def report(
     if out_path is None:
         first = paths[0]
         folder = first if first.is_dir() and not (first / ADAPTER_WEIGHTS).is_file() else first.parent
-        out_path = folder / f"{run.name}.report.html"
+        # The recipe's name comes from the artifacts' own metadata: data, never a path.
+        out_path = inside(folder, f"{file_stem(run.name)}.report.html")
     check_paths(either={f"PATH {s.path}": s.path for s in run.sources}, outputs={"--out": out_path})
     html = render(run)
     _write_text_atomic(out_path, html)

@@ -18,6 +18,8 @@ import torch
 
 from mechfix.artifacts import ADAPTER_WEIGHTS, load_artifact, model_difference, sha256_file
 from mechfix.errors import BadInputError
+from mechfix.schema import check_verify_report
+from mechfix.textio import load_json, read_text
 
 # Tensors of a record artifact the page never shows (per-site activations, which make up nearly all of its size).
 _SKIPPED = ("acts/", "positions/")
@@ -84,9 +86,9 @@ def _is_verify(data: Any) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     """A verify report's content, or None for any other JSON file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    try:  # bounded in size and depth like every JSON mechfix reads
+        data = load_json(read_text(path, "verify report"))
+    except (BadInputError, json.JSONDecodeError):
         return None
     return data if _is_verify(data) else None
 
@@ -117,7 +119,7 @@ def _one(path: Path) -> Source:
                 f"'{path}' is not a verify report (a JSON object with 'gates' and 'passed'). Give the NAME.verify.json "
                 "that `mechfix run` writes, or save one with `mechfix verify ... --json > NAME.verify.json`."
             )
-        return Source(path, "verify", sha256_file(path), data)
+        return Source(path, "verify", sha256_file(path), check_verify_report(data, str(path)))
     return _artifact(path)
 
 

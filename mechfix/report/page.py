@@ -315,7 +315,10 @@ def _figure_json(fig) -> str:
 
 def render(run: RunFiles) -> str:
     """The report page for a run, as one HTML string."""
+    import secrets
+
     import jinja2
+    from markupsafe import Markup
     from plotly.offline import get_plotlyjs
 
     ctx = context(run)
@@ -325,11 +328,26 @@ def render(run: RunFiles) -> str:
         figs[fid] = _figure_json(fig)
         return fid
 
+    # Where plotly.js and the figures go is marked with a random token made for this render: text from the
+    # artifacts (a recipe's description, an agent's words) cannot know it, so it can never take their place.
+    # The token does not stay on the page, so the same files still make the same page.
+    nonce = secrets.token_hex(16)
     env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
-    env.globals["plot"] = plot
+    env.globals.update(plot=plot, slot=lambda name: Markup(f"@@{nonce}:{name}@@"))
     template = env.from_string(resources.files("mechfix.report").joinpath("page.html.j2").read_text(encoding="utf-8"))
     body = template.render(**ctx)
     data = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in figs.items()) + "}"  # each figure is JSON already
-    head, rest = body.split("/*PLOTLY_JS*/", 1)
-    # Figures first: plotly.js is inserted last, so nothing inside it is ever taken for a placeholder.
-    return head + get_plotlyjs().replace("</script", "<\\/script") + rest.replace("/*FIGURES*/", data, 1)
+    head, middle, tail = _split_slots(body, nonce, ("plotly_js", "figures"))
+    return head + get_plotlyjs().replace("</script", "<\\/script") + middle + data + tail
+
+
+def _split_slots(body: str, nonce: str, names: tuple[str, ...]) -> list[str]:
+    """``body`` cut at each named slot, in order; each slot must appear exactly once."""
+    parts, rest = [], body
+    for name in names:
+        marker = f"@@{nonce}:{name}@@"
+        if body.count(marker) != 1:
+            raise RuntimeError(f"the report template must hold slot {name} exactly once")
+        before, rest = rest.split(marker, 1)
+        parts.append(before)
+    return [*parts, rest]
