@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mechfix.errors import ArtifactError, BadInputError
+from mechfix.untrusted import visible
 
 SCHEMA_VERSION = 1
 KINDS = ("record", "attribution", "fix")
@@ -45,6 +46,8 @@ _LIBRARIES = ("mechfix", "torch", "transformers", "nnsight", "safetensors", "num
 # The files of an artifact that is a folder (a PEFT adapter).
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# The file that marks a merged checkpoint mechfix wrote (`export --format hf`), listing the files saved with it.
+HF_MARKER = "mechfix_export.json"
 
 
 @dataclass
@@ -162,31 +165,76 @@ def atomic_target(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
             os.unlink(tmp)
 
 
-def check_writable_dir(path: str | Path, marker: str = ADAPTER_CONFIG, what: str = "a LoRA fix",
-                       suffix: str = ".lora") -> Path:
+def _lora_files(folder: Path) -> set[str]:
+    """The files of an earlier LoRA fix: its two, when its weights carry mechfix's manifest."""
+    try:
+        read_header(folder / ADAPTER_WEIGHTS)
+    except ArtifactError:  # someone else's adapter (or no adapter): none of it is mechfix's
+        return set()
+    return {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+
+
+def _export_files(folder: Path) -> set[str]:
+    """The files of an earlier merged checkpoint: those its marker lists as saved with it, and the marker."""
+    from mechfix.textio import load_json, read_text
+
+    try:
+        record = load_json(read_text(folder / HF_MARKER, "export record", 2**20))
+    except (BadInputError, json.JSONDecodeError):
+        return set()
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, list):
+        return set()
+    return {f for f in files if isinstance(f, str) and Path(f).name == f} | {HF_MARKER}
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A folder mechfix writes and replaces whole, and how to tell the files it wrote in an earlier one.
+
+    Attributes:
+        what: What the folder is, for messages.
+        suffix: The ending of a folder name to suggest.
+        owned: The names of the files in an existing folder that mechfix wrote (empty: none).
+    """
+
+    what: str
+    suffix: str
+    owned: Callable[[Path], set[str]]
+
+
+FOLDER_KINDS: dict[str, FolderKind] = {
+    "lora": FolderKind("a LoRA fix", ".lora", _lora_files),  # also `export --format peft`: the same folder
+    "hf": FolderKind("a merged checkpoint", "-fixed", _export_files),
+}
+
+
+def check_writable_dir(path: str | Path, kind: str = "lora") -> Path:
     """Fail early if a folder artifact cannot be written at ``path``.
 
     The folder may be missing, empty, or an earlier folder of the same kind
-    (one holding ``marker``, which is replaced); anything else there is refused
-    rather than deleted.
+    that holds nothing but what mechfix wrote there (it is replaced); a folder
+    with any other file in it is refused, naming those files, rather than deleted.
 
     Args:
         path: The folder.
-        marker: The file that marks an earlier folder of this kind.
-        what: What the folder is, for messages.
-        suffix: The ending of a folder name to suggest.
+        kind: A key of :data:`FOLDER_KINDS`.
 
     Raises:
         BadInputError: When the parent folder is missing or not writable, or ``path`` holds something else.
     """
-    path = Path(path)
+    path, spec = Path(path), FOLDER_KINDS[kind]
     if path.exists() and not path.is_dir():
-        raise BadInputError(f"output '{path}' is a file, but {what} is a folder. Give a folder name such as {path.with_suffix('')}{suffix}.")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
-        raise BadInputError(
-            f"output folder '{path}' already holds files that are not {what}; mechfix will not replace it. "
-            "Choose another --out, or empty the folder."
-        )
+        raise BadInputError(f"output '{path}' is a file, but {spec.what} is a folder. Give a folder name such as {path.with_suffix('')}{spec.suffix}.")
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        owned = spec.owned(path) if entries else set()
+        foreign = [e for e in entries if e not in owned or not (path / e).is_file() or (path / e).is_symlink()]
+        if foreign:
+            shown = ", ".join(visible(e) for e in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BadInputError(
+                f"output folder '{path}' holds files mechfix did not write as {spec.what} ({shown}), and the folder would "
+                "be replaced whole; mechfix will not delete them. Choose another --out, or move those files away.")
     return _check_parent(path)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from mechfix.architectures import ARCHITECTURES
 from mechfix.artifacts import (
     ADAPTER_WEIGHTS,
+    HF_MARKER,
     Artifact,
     atomic_dir,
     atomic_target,
@@ -43,8 +44,6 @@ from mechfix.errors import BadInputError
 from mechfix.fix import OPS, Fix
 
 FORMATS = ("gguf", "peft", "hf")
-# The file that marks a merged checkpoint mechfix wrote (an earlier one at --out is replaced, nothing else).
-HF_MARKER = "mechfix_export.json"
 
 
 # Why each other kind has no control vector, and what to use instead.
@@ -237,7 +236,7 @@ def write_hf(lm, fix: Fix, path: str | Path) -> dict[str, Any]:
     from mechfix.weights import bias_switch, check_bias, merged, weight_edit
 
     check_export(fix, "hf")
-    path = check_writable_dir(path, HF_MARKER, "a merged checkpoint", "-fixed")
+    path = check_writable_dir(path, "hf")
     edit = weight_edit(lm, fix)
     check_bias(lm, edit, f"this {fix.kind} fix ({fix.op})")
     record = {
@@ -250,6 +249,8 @@ def write_hf(lm, fix: Fix, path: str | Path) -> dict[str, Any]:
     with atomic_dir(path) as tmp, merged(lm, edit):
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        # What was saved, so that a later export may replace this folder and nothing a user put beside it.
+        record["files"] = sorted(p.name for p in tmp.iterdir())
         (tmp / HF_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 

@@ -177,6 +177,7 @@ class LoadedRecipe(BaseModel):
     recipe: Recipe
     path: str
     sha256: str
+    items_path: str | None = None  # the items file it read, if its items are not inline
 
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -283,7 +284,7 @@ def _describe(err: dict, filename: str, lines: dict[tuple, int], root: Any = Non
 # --------------------------------------------------------------------------- items
 
 
-def _load_items_file(spec: dict, recipe_path: Path, lines: dict[tuple, int]) -> list[dict]:
+def _load_items_file(spec: dict, recipe_path: Path, lines: dict[tuple, int]) -> tuple[list[dict], Path]:
     filename = str(recipe_path)
     line = lines.get(("items", "file"), lines.get(("items",), "?"))
     try:
@@ -322,7 +323,7 @@ def _load_items_file(spec: dict, recipe_path: Path, lines: dict[tuple, int]) -> 
         raise RecipeError(f"{path}: cannot be parsed ({exc}). Fix the file's syntax.") from None
     if not isinstance(data, list):
         raise RecipeError(f"{path}: must hold a list of items (mappings of name to text), not {type(data).__name__}.")
-    return data
+    return data, path
 
 
 def _normalise_items(raw: list, source: str) -> list[dict[str, str]]:
@@ -562,8 +563,14 @@ def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
     Raises:
         RecipeError: With file, line, key and fix for the first problems found.
     """
+    return _parse(text, path)[0]
+
+
+def _parse(text: str, path: str | Path) -> tuple[Recipe, Path | None]:
+    """:func:`parse_recipe`, and the items file it read (None: items inline)."""
     path = Path(path)
     filename = str(path)
+    items_path = None
     data, lines = _compose_lines(text, filename)
     if not isinstance(data, dict):
         raise RecipeError(
@@ -572,12 +579,13 @@ def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
         )
     items = data.get("items")
     if isinstance(items, dict):
-        data = {**data, "items": _normalise_items(_load_items_file(items, path, lines), str(path))}
+        raw, items_path = _load_items_file(items, path, lines)
+        data = {**data, "items": _normalise_items(raw, str(path))}
     elif isinstance(items, list):
         data = {**data, "items": _normalise_items(items, f"{filename}, line {lines.get(('items',), '?')}")}
     recipe = _validated(Recipe, data, filename, lines, "recipe")
     _check_semantics(recipe, filename, lines)
-    return recipe
+    return recipe, items_path
 
 
 def builtin_recipe_dir() -> Path:
@@ -634,7 +642,8 @@ def load_recipe(spec: str | Path, mode: str | None = None) -> LoadedRecipe:
     path = resolve_recipe_path(spec)
     raw = read_bytes(path, "recipe", error=RecipeError)
     text = decode_text(raw, path, "recipe", RecipeError)
-    recipe = parse_recipe(text, path)
+    recipe, items_path = _parse(text, path)
     if mode is not None and mode != recipe.mode:
         recipe = recipe.model_copy(update={"mode": mode})
-    return LoadedRecipe(recipe=recipe, path=str(path), sha256=hashlib.sha256(raw).hexdigest())
+    return LoadedRecipe(recipe=recipe, path=str(path), sha256=hashlib.sha256(raw).hexdigest(),
+                        items_path=None if items_path is None else str(items_path))

@@ -167,6 +167,37 @@ def _verify_models():
         value: float | None = None
         error: str | None = None
 
+        @model_validator(mode="after")
+        def _said(self):
+            if not self.passed and self.error is None and None in (self.metric, self.op, self.threshold, self.value):
+                raise ValueError(f"failed gate '{self.name}' needs metric, op, threshold and value, or an error")
+            return self
+
+    class Ungated(_Open):
+        reduction: float | None = None
+        kl: float
+
+    class Row(_Open):  # one fix of `verify --compare`, as verdict.comparison_rows writes it
+        fix: str | None = None
+        kind: str
+        op: str | None = None
+        parameters: int | None = None
+        reduction: float | None = None
+        reduction_ci95: list[float | None] | None = None
+        kl: float
+        clean_agreement: float | None = None
+        control_before: float | None = None
+        control_after: float | None = None
+        anti_steerable: float | None = None
+        ungated: Ungated | None = None
+        passed: bool
+
+        @model_validator(mode="after")
+        def _control(self):
+            if (self.control_before is None) != (self.control_after is None):
+                raise ValueError("control_before and control_after come together")
+            return self
+
     class Value(_Open):
         value: float | None = None
         ci95: list[float | None] | None = None
@@ -175,7 +206,7 @@ def _verify_models():
         share: float | None = None
 
     class FixRef(_Open):
-        path: str
+        path: str | None = None
         kind: str
         op: str | None = None
         targets: list[str] = []
@@ -209,7 +240,7 @@ def _verify_models():
         anti_steerable: Share | None = None
         warnings: list[str] = []
         per_item: PerItem | None = None
-        comparison: list[dict] | None = None
+        comparison: list[Row] | None = None
         live_outcome: dict | None = None
 
         @model_validator(mode="after")

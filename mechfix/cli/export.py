@@ -50,7 +50,7 @@ def export(
     """
     from mechfix.artifacts import check_same_model, check_writable_dir
     from mechfix.errors import BadInputError
-    from mechfix.export import FORMATS, HF_MARKER, check_export, check_exported, write_gguf, write_hf, write_peft
+    from mechfix.export import FORMATS, check_export, check_exported, write_gguf, write_hf, write_peft
     from mechfix.fix import load_fix
 
     if fmt not in FORMATS:
@@ -62,7 +62,7 @@ def export(
     if fmt == "gguf":
         _gguf(fix, write_gguf(fix, out_path), as_json)
         return
-    check_writable_dir(out_path, *((HF_MARKER, "a merged checkpoint", "-fixed") if fmt == "hf" else ()))
+    check_writable_dir(out_path, "hf" if fmt == "hf" else "lora")
     spec = model if model is not None else fix.model.get("source")
     lm = _load_model(spec, device, dtype, trust_remote_code)
     check_same_model({"model": fix.model}, lm.identity, fix_path)

@@ -87,7 +87,7 @@ def monitor(
     from mechfix.record import decision_requests
 
     loaded = _load_source(recipe, transcript, decision, mode)
-    check_paths({**source_inputs(loaded, transcript, decision), "--probe": probe})
+    check_paths({**source_inputs(loaded, transcript, decision, chat_template), "--probe": probe})
     fix = load_fix(probe)
     gate = probe_of(fix)
     conds = condition or loaded.recipe.condition_names

@@ -94,7 +94,7 @@ def record(
     """
     loaded = _load_source(recipe, transcript, decision, mode)
     target = out_path or Path(f"{loaded.recipe.name}.rec.safetensors")
-    check_paths(source_inputs(loaded, transcript, decision), {"--out": target})
+    check_paths(source_inputs(loaded, transcript, decision, chat_template), {"--out": target})
     check_remote(remote, recipe=loaded.recipe)
     batch = parse_batch_size(batch_size)
     dtype_of_acts = parse_act_dtype(act_dtype)
@@ -121,11 +121,19 @@ def record(
         _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
 
 
-def source_inputs(loaded, transcript: Path | None, decision: Path | None) -> dict[str, Path | None]:
-    """The files a recipe or transcript was read from, named for :func:`~mechfix.cli.checks.check_paths`."""
+def source_inputs(loaded, transcript: Path | None, decision: Path | None,
+                  chat_template: str | None = None) -> dict[str, Path | None]:
+    """The files a recipe or transcript (and a chat template file) were read from, for :func:`~mechfix.cli.checks.check_paths`.
+
+    Every file mechfix reads is an input: no output may be written over it.
+    """
+    from mechfix.templates import BUILTIN_TEMPLATES
+
+    template = {"--chat-template": Path(chat_template)} if chat_template and chat_template not in BUILTIN_TEMPLATES else {}
     if transcript is not None:
-        return {"--transcript": transcript, "--decision": decision}
-    return {"RECIPE": Path(loaded.path)}
+        return {"--transcript": transcript, "--decision": decision, **template}
+    items = {"the recipe's items file": Path(loaded.items_path)} if loaded.items_path else {}
+    return {"RECIPE": Path(loaded.path), **items, **template}
 
 
 def _load_source(recipe: str | None, transcript: Path | None, decision: Path | None, mode: str | None):

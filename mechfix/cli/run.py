@@ -62,7 +62,7 @@ from mechfix.cli.common import (
     err,
     gate_settings,
 )
-from mechfix.cli.record import _do_record, pick_style
+from mechfix.cli.record import _do_record, pick_style, source_inputs
 from mechfix.cli.steer import (
     _do_steer,
     _fix_target,
@@ -177,7 +177,7 @@ def run(
         **({} if no_report else {"report": Path(f"{stem}.report.html")}),
     }
     files, folders = fix_outputs(paths["fix"], kind, "the fix")
-    check_paths({"RECIPE": Path(loaded.path), "--neutral": neutral},
+    check_paths({**source_inputs(loaded, None, None, chat_template), "--neutral": neutral},
                 {**{f"the {k}": p for k, p in paths.items() if k != "fix"}, **files, "--junit": junit}, folders,
                 either=named("--capabilities", capabilities, skip="builtin"))
     check_lora_folder(paths["fix"], kind)

@@ -178,7 +178,7 @@ def verify(
         raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
     _check_replay(replay)
     loaded = _load_source(recipe, transcript, decision, mode)
-    check_paths({**source_inputs(loaded, transcript, decision), "--neutral": neutral}, {"--junit": junit},
+    check_paths({**source_inputs(loaded, transcript, decision, chat_template), "--neutral": neutral}, {"--junit": junit},
                 either={"--fix": fix_path, **named("--compare", compare), **named("--capabilities", capabilities, skip="builtin")})
     fix = load_fix(fix_path)
     tasks = caps.load_tasks(capabilities)

@@ -130,10 +130,11 @@ def summary(run: RunFiles) -> dict[str, Any]:
         for g in report.get("gates", []):
             gates.append({"name": g["name"], "value": g.get("error") or _fmt(g.get("value"), ".4g"),
                           "passed": bool(g["passed"])})
-        rows += [
-            ("held-out reduction", reduction_text(report["reduction"]["value"], report["reduction"].get("ci95"))),
-            ("KL on neutral text", f"{_fmt(report['kl']['value'], '.4f')} nats/token"),
-        ]
+        if report.get("error") is None:  # a report of a verify that stopped on an error measured nothing
+            rows += [
+                ("held-out reduction", reduction_text(report["reduction"]["value"], report["reduction"].get("ci95"))),
+                ("KL on neutral text", f"{_fmt(report['kl']['value'], '.4f')} nats/token"),
+            ]
     verdict = None if report is None else ("PASS" if report["passed"] else "FAIL")
     return {
         "rows": rows,
