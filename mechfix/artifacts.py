@@ -233,8 +233,8 @@ def check_writable_dir(path: str | Path, kind: str = "lora") -> Path:
         if foreign:
             shown = ", ".join(visible(e) for e in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise BadInputError(
-                f"output folder '{path}' holds files mechfix did not write as {spec.what} ({shown}), and the folder would "
-                "be replaced whole; mechfix will not delete them. Choose another --out, or move those files away.")
+                f"output folder '{path}' holds files mechfix did not write as {spec.what} ({shown}); mechfix will not "
+                "replace the folder, which would delete them. Choose another --out, or move those files away.")
     return _check_parent(path)
 
 

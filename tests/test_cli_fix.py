@@ -182,7 +182,7 @@ def test_steer_portable_makes_a_fix_that_exports_as_an_adapter_and_a_checkpoint_
     other.mkdir()
     (other / "notes.txt").write_text("keep")
     code, _, stderr = run(monkeypatch, capsys, "export", str(fix), "--format", "hf", "--out", str(other))
-    assert code == 2 and "not a merged checkpoint" in stderr and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    assert code == 2 and "did not write as a merged checkpoint (notes.txt)" in stderr and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
 def test_portable_refusals_and_exports_that_could_not_be_exact_exit_2_writing_nothing(monkeypatch, capsys, tmp_path, pipeline):
