@@ -223,5 +223,18 @@ def speaker_list(recipe: Recipe) -> list[str]:
 
 
 def option_ids(tokenizer, option: str) -> list[int]:
-    """Token ids of an option as a continuation (no special tokens)."""
-    return list(tokenizer(option, add_special_tokens=False)["input_ids"])
+    """Token ids of an option as a continuation (no special tokens).
+
+    Raises:
+        BadInputError: When the option has no tokens (it renders to nothing): it could not be scored.
+    """
+    ids = list(tokenizer(option, add_special_tokens=False)["input_ids"])
+    if not ids:
+        from mechfix.errors import BadInputError
+        from mechfix.untrusted import visible
+
+        raise BadInputError(
+            f"the option '{visible(option)}' has no tokens once rendered, so the model's preference for it cannot be "
+            "scored. Give every option some text: check the recipe's decision options (aligned, misaligned, others) "
+            "and the items' values they use.")
+    return ids

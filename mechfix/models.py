@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from mechfix.architectures import ArchSpec, config_value, get_path, spec_for
 from mechfix.errors import BadInputError, ModelLoadError
@@ -378,6 +379,25 @@ def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
     return value
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_no_pickles(folder: Path, spec: str) -> None:
+    """A model folder must hold its weights as safetensors: mechfix never reads a pickle, whatever it holds.
+
+    Raises:
+        ModelLoadError: When the folder's weights are pickles only.
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(q.name for q in folder.iterdir() if q.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"model folder '{spec}' holds its weights as pickles only ({', '.join(pickles[:3])}), and mechfix never loads "
+            "a pickle: reading one can run code hidden in it. Convert the model to safetensors where you trust it "
+            "(model.save_pretrained(folder, safe_serialization=True)) and pass that folder.")
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -422,6 +442,7 @@ def load_model(
                 )
             folder = p
             _check_remote_code(p, spec, trust_remote_code)
+            _check_no_pickles(p, spec)
         elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a hub id is "org/name"
             raise ModelLoadError(f"model path '{spec}' does not exist. Check the path, or leave out --model for the embedded default.")
         else:
@@ -441,8 +462,10 @@ def load_model(
             offload = cache_dir() / "offload"
             offload.mkdir(parents=True, exist_ok=True)
             placed = {"device_map": device_map, "offload_folder": str(offload)}
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code, **placed)
-    except (OSError, ValueError) as exc:
+        # Weights only from safetensors: a pickle (pytorch_model.bin) can run code when it is read.
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dt, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True, **placed)
+    except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise ModelLoadError(

@@ -17,9 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from rich.markup import escape
-
-from mechfix.cli.common import DEBUG, app, err
+from mechfix.cli.common import DEBUG, app, err, shown
 from mechfix.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MechfixError
 
 # Each command module registers its command on the app when imported, in the order of `mechfix --help`.
@@ -93,10 +91,10 @@ def main() -> None:
         exc.show(file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
     except MechfixError as exc:  # BadInputError and its kinds carry exit code 2
-        _error(escape(str(exc)))
+        _error(shown(str(exc)))
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last resort: exit 3, one line, the traceback in a file
-        _error(escape(unexpected(exc, sys.argv[1:])))
+        _error(shown(unexpected(exc, sys.argv[1:])))
         sys.exit(EXIT_FAILURE)
     if code == EXIT_INTERRUPTED:
         # typer turns Ctrl-C into a plain exit code 130, so say it here.

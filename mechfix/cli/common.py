@@ -13,9 +13,46 @@ from rich.console import Console
 
 from mechfix import __version__
 
-err = Console(stderr=True)
+class SafeConsole(Console):
+    """A console for text from strangers: control characters are shown, never sent; markup only where asked.
 
-out = Console()
+    Everything mechfix prints may hold what an agent wrote or an artifact says.
+    Every string this console renders (a line, a table cell, a rule's title) has
+    its control characters written out (:func:`mechfix.untrusted.visible`), so an
+    escape sequence cannot clear the screen, retitle the window or plant a link;
+    and rich markup is off unless a call passes ``markup=True`` (mechfix's own
+    styled lines, with any data in them put through :func:`shown`), so a name
+    such as ``[/]`` or ``[link=...]`` is printed as it is and never breaks a table.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(markup=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs: Any):
+        from mechfix.untrusted import visible
+
+        return super().render_str(visible(text), **kwargs)
+
+
+def shown(text: Any) -> str:
+    """Untrusted text for a line printed with ``markup=True``: control characters visible, markup escaped."""
+    from rich.markup import escape
+
+    from mechfix.untrusted import visible
+
+    return escape(visible(text))
+
+
+def styled(markup: str):
+    """mechfix's own styled text (``[green]pass[/green]``) for a table cell, where markup is otherwise off."""
+    from rich.text import Text
+
+    return Text.from_markup(markup)
+
+
+err = SafeConsole(stderr=True)
+
+out = SafeConsole()
 
 app = typer.Typer(
     name="mechfix",

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from mechfix.cli.checks import check_paths
@@ -29,6 +28,7 @@ from mechfix.cli.common import (
     _progress,
     app,
     err,
+    styled,
 )
 from mechfix.cli.record import _load_source, pick_style, source_inputs
 
@@ -133,9 +133,9 @@ def _print_monitor(result: dict, scores, top: int) -> None:
     for name in ("item", "condition", "at decision", "flagged", "raised most by (rise)"):
         t.add_column(name, justify="right" if name in ("item", "at decision") else "left")
     for s in scores[:top]:
-        raisers = "; ".join(f"{escape(r.text[:40])} (+{r.rise:.2f})" for r in s.raisers(2)) or "-"
+        raisers = "; ".join(f"{r.text[:40]} (+{r.rise:.2f})" for r in s.raisers(2)) or "-"
         item = str(s.meta.get("item")) + (f" r{s.meta['round']}" if "round" in s.meta else "")
-        t.add_row(item, str(s.meta.get("condition")), f"{s.decision:+.2f}", "[red]yes[/red]" if s.flagged else "no", raisers)
+        t.add_row(item, str(s.meta.get("condition")), f"{s.decision:+.2f}", styled("[red]yes[/red]") if s.flagged else "no", raisers)
     err.print(t)
     if len(scores) > top:
         err.print(f"({len(scores) - top} more conversations in --json)")
@@ -143,10 +143,10 @@ def _print_monitor(result: dict, scores, top: int) -> None:
     for name in ("speaker", "messages", "mean rise", "raised it most in"):
         sp.add_column(name, justify="left" if name == "speaker" else "right")
     for name, row in result["by_speaker"].items():
-        sp.add_row(escape(name), str(row["messages"]), f"{row['mean_rise']:+.2f}", f"{row['top_raiser']} conversation(s)")
+        sp.add_row(name, str(row["messages"]), f"{row['mean_rise']:+.2f}", f"{row['top_raiser']} conversation(s)")
     err.print(sp)
     rates = ", ".join(f"{c} {v['flagged']}/{v['conversations']}" for c, v in result["by_condition"].items())
     err.print(f"flagged at the decision: {result['flagged']} of {result['conversations']} ({rates})")
     if result["max_rate"] is not None:
         verdict = "[green]within[/green]" if result["passed"] else "[red]over[/red]"
-        err.print(f"{verdict} --max-rate {result['max_rate']:g} (flagged rate {result['flagged_rate']:.0%})")
+        err.print(f"{verdict} --max-rate {result['max_rate']:g} (flagged rate {result['flagged_rate']:.0%})", markup=True)

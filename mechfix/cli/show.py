@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from mechfix.cli.checks import check_paths
-from mechfix.cli.common import JsonOpt, _clean_nan, _emit_json, app, err
+from mechfix.cli.common import JsonOpt, _clean_nan, _emit_json, app, err, shown
 from mechfix.cli.views import _print_attribution, _print_record_summary
 
 
@@ -42,7 +42,8 @@ def show(
         )
         return
     model = manifest.get("model", {})
-    err.print(f"[bold]{path}[/bold]: {kind} artifact, schema {manifest.get('schema')}, made {manifest.get('created')}")
+    err.print(f"[bold]{shown(path)}[/bold]: {shown(kind)} artifact, schema {shown(manifest.get('schema'))}, made "
+              f"{shown(manifest.get('created'))}", markup=True)
     err.print(
         f"model: {model.get('name')} ({model.get('architecture')}, config {str(model.get('config_hash'))[:12]}, "
         f"weights {str(model.get('weights_fingerprint'))[:12]})"
@@ -71,7 +72,7 @@ def show(
     for cond, texts in shown.items():
         for text in texts[:transcripts]:
             err.rule(f"transcript: {cond}")
-            err.print(text, markup=False, highlight=False)
+            err.print(text, highlight=False)
     t = Table(title="tensors", title_justify="left")
     t.add_column("name")
     t.add_column("dtype")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 
-from mechfix.cli.common import _clean_nan, err
+from mechfix.cli.common import _clean_nan, err, shown, styled
 from mechfix.verdict import comparison_cells, comparison_names, why_failed
 from mechfix.verdict import pct as _pct  # one formatting of shares for the terminal and the report
 
@@ -111,7 +110,7 @@ def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: 
     t.add_column("share", justify="right")
     for i, e in enumerate(summary["top"], 1):
         share = "-" if e.get("share") is None else f"{e['share']:.0%}"
-        name = e["component"] + (" [yellow]![/yellow]" if e.get("flag") else "")
+        name = styled(f"{shown(e['component'])} [yellow]![/yellow]") if e.get("flag") else e["component"]
         t.add_row(str(i), name, _fmt_effect(e["atp"], e["atp_ci95"]), _fmt_effect(e["exact"], e["exact_ci95"]), share)
     err.print(t)
     err.print(
@@ -139,10 +138,10 @@ def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: 
         kind = "exact" if summary["layers"][0]["resid_exact"] is not None else "estimate"
         err.print(f"residual stream by layer ({kind}): " + " ".join(f"L{layer} {v:+.1f}" for layer, v in resid))
     for w in summary.get("warnings", []):
-        err.print(f"[yellow]![/yellow] {escape(w)}", soft_wrap=True)
+        err.print(f"[yellow]![/yellow] {shown(w)}", soft_wrap=True, markup=True)
     for note in (summary.get("speakers_note"), summary["positions"]["note"]):
         if note:
-            err.print(f"note: {escape(note)}", soft_wrap=True)
+            err.print(f"note: {note}", soft_wrap=True)
     if wrote:
         err.print(f"wrote {wrote}")
 
@@ -157,13 +156,13 @@ def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict
         t.add_column(name, justify="left" if name == "" else "right", no_wrap=True)
     for p in sweep:
         if chosen is not None and p["strength"] == chosen:
-            mark = "[bold green]chosen[/bold green]"
+            mark = styled("[bold green]chosen[/bold green]")
         elif p.get("over"):
-            mark = "[yellow]over " + ",".join(_SHORT.get(o, o) for o in p["over"]) + "[/yellow]"
+            mark = styled("[yellow]over " + shown(",".join(_SHORT.get(o, o) for o in p["over"])) + "[/yellow]")
         elif p.get("measured") == "scored":
-            mark = "[dim]-[/dim]"
+            mark = styled("[dim]-[/dim]")
         else:
-            mark = "" if p["within_budget"] else "[yellow]over[/yellow]"
+            mark = "" if p["within_budget"] else styled("[yellow]over[/yellow]")
         kl = "-" if p["kl"] is None else (">" if p.get("kl_lower_bound") else "") + f"{p['kl']:.4f}"
         t.add_row(f"{p['strength']:g}", _pct(p["reduction"]), _pct(p.get("cv_reduction")), kl, _pct(p["clean_agreement"]),
                   _pct(p.get("clean_margin")), _pct(p.get("capability")), _pct(p.get("helpful_loss")), mark)
@@ -216,12 +215,12 @@ def _print_steer(summary: dict[str, Any]) -> None:
         _print_candidates(summary["selection"])
     _print_sweep(summary["sweep"], chosen_strength, summary["budget"], "the chosen candidate's strengths (training split)")
     for note in (summary.get("selection") or {}).get("notes", []):
-        err.print(f"note: {escape(note)}", soft_wrap=True)
+        err.print(f"note: {note}", soft_wrap=True)
     if summary.get("training"):
         _print_training(summary["training"])
     err.print(f"fix: {summary['kind']} / {summary['op']} on {', '.join(summary['targets'])} at strength {chosen_strength:g}"
               f" ({summary.get('parameters')} parameters)")
-    err.print(f"targets: {escape(summary['why'])}", soft_wrap=True)
+    err.print(f"targets: {summary['why']}", soft_wrap=True)
     if summary.get("gate"):
         _print_gate(summary["gate"])
     ch = summary["chosen"]
@@ -240,9 +239,9 @@ def print_fix(manifest: dict[str, Any]) -> None:
     f = manifest["fix"]
     err.print(f"fix: {f.get('kind')} / {f.get('op')} on {', '.join(f.get('targets', []))} at strength {f.get('strength')}"
               + (f" ({f['parameters']} parameters)" if "parameters" in f else ""))
-    err.print(f"hook: {f.get('hook')}, at {f.get('positions')} positions; {escape(str(f.get('formula')))}", soft_wrap=True)
+    err.print(f"hook: {f.get('hook')}, at {f.get('positions')} positions; {f.get('formula')}", soft_wrap=True)
     if f.get("loss"):
-        err.print(f"loss: {escape(str(f['loss']))}", soft_wrap=True)
+        err.print(f"loss: {f['loss']}", soft_wrap=True)
     if f.get("exported_from"):
         src = f["exported_from"]
         err.print(f"exported from: {src.get('path')} (sha256 {str(src.get('sha256'))[:12]}), {src.get('kind')} / {src.get('op')} "
@@ -264,7 +263,7 @@ def _print_gate(gate: dict[str, Any]) -> None:
     tr = gate.get("train") or {}
     fires = tr.get("fires") or {}
     err.print(f"gate: a linear probe of L{gate['layer']}'s residual stream; the fix edits a position only where the probe's "
-              f"logit is above {gate['threshold']:.3g} (layer chosen: {escape(str(gate.get('chosen_by', 'given')))})",
+              f"logit is above {gate['threshold']:.3g} (layer chosen: {gate.get('chosen_by', 'given')})",
               soft_wrap=True)
     if tr:
         err.print(f"gate on the training split: AUROC {_num(tr.get('auroc'))} (pressure vs baseline), fires on "
@@ -343,7 +342,7 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     g.add_column("result")
     for gate in report["gates"]:
         value = "-" if gate["value"] is None else f"{gate['value']:.4g}"
-        res = "[red]error[/red]" if gate.get("error") else ("[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]")
+        res = styled("[red]error[/red]" if gate.get("error") else ("[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"))
         g.add_row(gate["name"], value, res)
     err.print(g)
     live = report.get("live_outcome")
@@ -354,8 +353,8 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
             _print_outcome(c, live["before"][c], prefix="  without fix, ")
             _print_outcome(c, live["after"][c], prefix="  with fix,    ")
     for w in report.get("warnings", []):
-        err.print(f"[yellow]![/yellow] {escape(w)}", soft_wrap=True)
-    err.print("[bold green]PASSED[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]")
+        err.print(f"[yellow]![/yellow] {shown(w)}", soft_wrap=True, markup=True)
+    err.print("[bold green]PASSED[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]", markup=True)
 
 
 def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
@@ -363,10 +362,10 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     t = Table(title=title, title_justify="left")
     t.add_column("held-out")
     for name in comparison_names(rows):
-        t.add_column(escape(name), justify="right", overflow="fold")
+        t.add_column(name, justify="right", overflow="fold")
     for name, cells in comparison_cells(rows):
         if name == "gates":
-            cells = ["[green]pass[/green]" if c == "pass" else "[red]FAIL[/red]" for c in cells]
+            cells = [styled("[green]pass[/green]" if c == "pass" else "[red]FAIL[/red]") for c in cells]
         t.add_row(name, *cells)
     err.print(t)
 
@@ -409,7 +408,7 @@ def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
         t.add_row("live episodes (pressure)", f"after the last round {state}; the target names the misaligned option "
                   f"{b['misaligned_replies']:.0%} -> {a['misaligned_replies']:.0%}")
     t.add_row("gates", ", ".join(f"{g['name']}: " + ("pass" if g["passed"] else "FAIL") for g in v["gates"]))
-    t.add_row("verdict", "[bold green]PASSED[/bold green]" if s["passed"] else "[bold red]FAILED[/bold red]")
+    t.add_row("verdict", styled("[bold green]PASSED[/bold green]" if s["passed"] else "[bold red]FAILED[/bold red]"))
     if not s["passed"]:
         t.add_row("why", why_failed(v))
     t.add_row("artifacts", ", ".join(s["artifacts"].values()))
