@@ -36,6 +36,7 @@ from mechfix.artifacts import (
 from mechfix.errors import ArtifactError
 from mechfix.fix import LoraWeights
 from mechfix.textio import load_json, read_text
+from mechfix.untrusted import visible
 
 _PREFIX = "base_model.model."
 
@@ -143,12 +144,17 @@ def lora_from_artifact(art: Artifact) -> tuple[LoraWeights, list[int]]:
     if art.path is None or not Path(art.path).is_dir():
         raise ArtifactError(f"'{art.path}' is a lora fix but not an adapter folder. Give the folder `mechfix steer --kind lora` wrote.")
     cfg = _read_config(Path(art.path))
-    made_for = hub_id(art.manifest.get("model", {}).get("source"))
+    model = art.manifest.get("model", {})
+    made_for = hub_id(model.get("source"))
     named = cfg.get("base_model_name_or_path")
-    if named and made_for and named != made_for:
+    # mechfix writes the base model's hub id there, or nothing for a model without one (a local folder, a GGUF file,
+    # the embedded default): any other name means the config is another adapter's.
+    if named and named != made_for:
+        made = f"'{made_for}'" if made_for else f"{visible(model.get('name'))}, which has no hub id"
         raise ArtifactError(
-            f"'{art.path}': {ADAPTER_CONFIG} names the base model '{named}', but the adapter was made for '{made_for}' "
-            "(its manifest). The folder was edited or mixed up; make the adapter again with `mechfix steer --kind lora`."
+            f"'{art.path}': {ADAPTER_CONFIG} names the base model '{visible(named)}', but the adapter's manifest says it "
+            f"was made for {made}. The folder was edited or mixed up with another adapter; mechfix will not apply it. "
+            "Make the adapter again with `mechfix steer --kind lora`."
         )
     desc = art.manifest.get("fix", {})
     entries = desc.get("modules") or []
