@@ -52,15 +52,15 @@ class Limits:
     Attributes:
         seconds: Wall-clock time.
         steps: Loop iterations, calls, lookups, operators and printed values.
-        output_chars: Characters in the rendering (about a million tokens: more than any model's context).
+        output_chars: Characters in the rendering, and in any one value (about four million tokens).
         work_chars: Characters made by all operations together.
         int_bits: Bits in any whole number a template computes.
     """
 
     seconds: float = 10.0
     steps: int = 1_000_000
-    output_chars: int = 4_000_000
-    work_chars: int = 64_000_000
+    output_chars: int = 16_000_000
+    work_chars: int = 256_000_000
     int_bits: int = 4096
 
 

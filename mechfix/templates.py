@@ -126,13 +126,13 @@ def use_template(tokenizer, template: Template) -> None:
              {"role": "assistant", "content": "hi"}, {"role": "user", "content": "Ben: and now?"}]
     fix = "Fix the template, or choose a built-in one with --chat-template."
     text = render_chat(tokenizer, probe, f"chat template {template.name} does not render a four-message conversation",
-                       fix, name=template.name)
+                       fix, name=f"chat template {template.name}")
     if not text.strip():
         raise BadInputError(f"chat template {template.name} renders a four-message conversation to nothing, so the "
                             f"model would see no text. {fix}")
 
 
-def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: str = "of this model") -> str:
+def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: str = "the chat template") -> str:
     """The tokenizer's chat template over ``messages`` with the generation prompt, as ``apply_chat_template`` renders it.
 
     The template runs in mechfix's limited sandbox (:mod:`mechfix.sandbox`): it
@@ -146,7 +146,7 @@ def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: s
             as transformers does.
         problem: What failed, for the message when the template fails ("the chat template does not render ...").
         fix: What to do then.
-        name: The template's name, for the message when it goes over a limit.
+        name: What the template is, for the message when it goes over a limit.
 
     Raises:
         BadInputError: When the template fails, or goes over a limit (the message names which).
@@ -162,7 +162,7 @@ def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: s
         return render(source.source, variables)
     except TemplateLimitError as exc:
         raise BadInputError(
-            f"chat template {name} went {exc} while rendering {len(messages)} messages, and was stopped. mechfix runs "
+            f"{name} went {exc} while rendering {len(messages)} messages, and was stopped. mechfix runs "
             "chat templates in a sandbox with limits on time, steps, output and work far above what a real chat template "
             "needs; one that goes over them loops or grows without end. Check where the template came from, or choose a "
             "built-in one with --chat-template.") from None

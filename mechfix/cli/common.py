@@ -426,7 +426,7 @@ def _progress():
     )
 
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # descriptions may name what a user gave
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -501,7 +501,7 @@ def _load_model(
         if device is not None or device_map is not None or dtype is not None:
             raise BadInputError("--remote runs on NDIF's GPUs: leave out --device, --device-map and --dtype.")
         with err.status("reaching NDIF") as st:
-            return use_backend(load_remote(model, status=lambda msg: st.update(msg)), "nnsight")
+            return use_backend(load_remote(model, status=lambda msg: st.update(shown(msg))), "nnsight")
     placed = parse_device_map(device_map)
     with err.status("loading model") as st:
         lm = load_model(
@@ -509,7 +509,7 @@ def _load_model(
             device=device,
             dtype=dtype,
             trust_remote_code=trust,
-            status=lambda msg: st.update(msg),
+            status=lambda msg: st.update(shown(msg)),
             device_map=placed,
         )
     return use_backend(lm, backend or "hooks")

@@ -68,8 +68,8 @@ def show(
         _print_record_summary(_clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
     # A live recording keeps every episode whole: show those, not each round's decision point.
     live = manifest.get("live", {}).get("episodes")
-    shown = {c: [e["transcript"] for e in eps] for c, eps in live.items()} if live else manifest.get("transcripts", {})
-    for cond, texts in shown.items():
+    said = {c: [e["transcript"] for e in eps] for c, eps in live.items()} if live else manifest.get("transcripts", {})
+    for cond, texts in said.items():
         for text in texts[:transcripts]:
             err.rule(f"transcript: {cond}")
             err.print(text, highlight=False)
