@@ -360,3 +360,73 @@ def test_a_page_named_by_its_artifacts_lands_in_the_chosen_folder_under_a_safe_n
     assert _run(["report", str(folder)], monkeypatch, capsys)[0] == 0
     assert sorted(p.name for p in folder.iterdir()) == ["escaped.report.html", "m.rec.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+HOSTILE = ESCAPES + " " + MARKUP
+
+
+def _hostile(x):
+    """Every string value (not key) of a result with hostile text appended: what a tampered artifact would say."""
+    if isinstance(x, str):
+        return x + HOSTILE
+    if isinstance(x, dict):
+        return {k: _hostile(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_hostile(v) for v in x]
+    return x
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """`mechfix run --json` on the tiny model with a planted pressure head (so it makes a fix): its folder and JSON."""
+    from test_attribute import _planted_model
+    from test_cli_fix import LOOSE
+    from test_report import ALL_CONDITIONS
+    from tiny import save_model_dir
+
+    root = tmp_path_factory.mktemp("views")
+    model = save_model_dir(_planted_model(), root / "model")
+    (root / "plant.yaml").write_text(ALL_CONDITIONS)
+    argv = sys.argv
+    try:
+        sys.argv = ["mechfix", "run", str(root / "plant.yaml"), "--model", str(model), "--out", str(root / "run"), "--json",
+                    "--no-report", "--top-heads", "1", "--op", "scale", "--min-reduction", "0.3",
+                    "--min-clean-agreement", "0.5", *LOOSE]
+        with pytest.MonkeyPatch.context() as mp:
+            lines: list[str] = []
+            mp.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+            with pytest.raises(SystemExit) as exc:
+                main()
+        assert exc.value.code in (0, 1)
+    finally:
+        sys.argv = argv
+    return root / "run", json.loads(lines[-1])
+
+
+def test_every_terminal_view_prints_hostile_text_as_text(finished_run, capsys):
+    from mechfix.artifacts import load_artifact
+    from mechfix.cli import views
+    from mechfix.verdict import comparison_rows
+
+    out, summary = finished_run
+    assert summary["fix"] is not None, "the tiny run must make a fix for every view to be shown"
+    rec = load_artifact(out / "plant.rec.safetensors").manifest
+    att = load_artifact(out / "plant.attr.safetensors").manifest
+    fix = load_artifact(out / "plant.fix.safetensors").manifest
+    report = json.loads((out / "plant.verify.json").read_text())
+    capsys.readouterr()
+    shown = {
+        "record summary": lambda: views._print_record_summary(_hostile(rec["summary"]), HOSTILE, HOSTILE, wrote=HOSTILE),
+        "attribution": lambda: views._print_attribution(_hostile(att["summary"]), HOSTILE, HOSTILE, wrote=HOSTILE),
+        "fix (show)": lambda: views.print_fix(_hostile(fix)),
+        "verify": lambda: views._print_verify(_hostile(report), HOSTILE),
+        "comparison": lambda: views._print_comparison(_hostile(comparison_rows([report, report])), HOSTILE),
+        "run summary": lambda: views._print_run_summary(_hostile(summary), HOSTILE, HOSTILE),
+    }
+    for name, view in shown.items():
+        view()
+        err = capsys.readouterr().err
+        assert not any(ord(ch) < 32 and ch != "\n" or 0x7f <= ord(ch) <= 0x9f or ch == "\u202e" for ch in err), name
+        flat = "".join(err.split())
+        # The hostile text is there, written out and literal: escapes made visible, markup printed as it is.
+        assert "\\x1b]0;owned-title\\x07" in flat and "[link=http://evil.example]x[/link]" in flat, (name, err)

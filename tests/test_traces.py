@@ -13,7 +13,7 @@ from mechfix.attribute import attribute
 from mechfix.fix import Fix, apply_fix
 from mechfix.forward import Request, run_requests
 from mechfix.patching import decision_grads, encode_prefixes, run_tails, tails_for
-from mechfix.record import record
+from mechfix.record import decision_requests, record
 
 FAMILIES = ["llama", "gemma3_text", "gpt2", "gpt_neox", "qwen3"]
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -358,13 +358,18 @@ def test_all_positions_stream_to_disk_and_save_the_same_numbers(tmp_path):
     loaded = _loaded(MINI_RECIPE)
     kept = record(lm, loaded.recipe, all_positions=True, act_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # the backing files are unlinked once mapped
-    reqs = [Request(t.ids, [[0], [0]]) for t in kept.tokens["pressure"]]
-    direct = run_requests(lm, reqs, all_positions=True)  # held in memory, the old way
-    for j, res in enumerate(direct):
+    # The same passes (every condition's requests, in record's order and batches), held in memory, the old way:
+    # streamed to disk, every condition's activations are those numbers exactly.
+    conditions = loaded.recipe.condition_names
+    requests = decision_requests(lm, loaded.recipe, None).requests
+    direct = run_requests(lm, [r for c in conditions for r in requests[c]], all_positions=True)
+    rows = len(kept.tokens["pressure"])
+    for k, res in enumerate(direct):
+        c, j = conditions[k // rows], k % rows
         n = res.acts["heads"].shape[0]
         for site in res.acts:
-            torch.testing.assert_close(kept.acts["pressure"][site][j, :n], res.acts[site])
-            assert not kept.acts["pressure"][site][j, n:].any()  # padding stays zero
+            assert torch.equal(kept.acts[c][site][j, :n], res.acts[site]), (c, j, site)
+            assert not kept.acts[c][site][j, n:].any()  # padding stays zero
     art = to_artifact(kept, lm, loaded, {})
     save_artifact(tmp_path / "r.rec.safetensors", art)
     back = load_artifact(tmp_path / "r.rec.safetensors", expect="record")

@@ -129,7 +129,9 @@ def source_inputs(loaded, transcript: Path | None, decision: Path | None,
     """
     from mechfix.templates import BUILTIN_TEMPLATES
 
-    template = {"--chat-template": Path(chat_template)} if chat_template and chat_template not in BUILTIN_TEMPLATES else {}
+    # A template file is an input; a name that is no file is left to resolve_template, which lists the built-ins.
+    is_file = bool(chat_template) and chat_template not in BUILTIN_TEMPLATES and Path(chat_template).is_file()
+    template = {"--chat-template": Path(chat_template)} if is_file else {}
     if transcript is not None:
         return {"--transcript": transcript, "--decision": decision, **template}
     items = {"the recipe's items file": Path(loaded.items_path)} if loaded.items_path else {}

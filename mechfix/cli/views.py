@@ -100,7 +100,7 @@ def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: 
     total = summary["total_effect"]
     method = {"atp": "attribution patching", "exact": "exact patching", "both": "attribution patching, top confirmed exactly"}
     t = Table(
-        title=f"{recipe} on {model}: top components ({method[summary['method']]}, restoring {summary['baseline']})",
+        title=f"{recipe} on {model}: top components ({method.get(summary['method'], summary['method'])}, restoring {summary['baseline']})",
         title_justify="left",
     )
     t.add_column("#", justify="right")
