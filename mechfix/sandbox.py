@@ -152,7 +152,19 @@ def _check_widths(fmt: Any) -> None:
 
 
 def _size(x: Any) -> int:
-    return len(x) if isinstance(x, str) else len(str(x)) if isinstance(x, (int, float)) else len(x) if hasattr(x, "__len__") else 1
+    """About how many characters ``str(x)`` has, found without making it (containers are added up)."""
+    if isinstance(x, str):
+        return len(x)
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return 2 + sum(_size(v) + 2 for v in x)
+    if isinstance(x, dict):
+        return 2 + sum(_size(k) + _size(v) + 4 for k, v in x.items())
+    return len(str(x)) if isinstance(x, (int, float, bool)) or x is None else 64
+
+
+def _width(v: Any) -> int:
+    """An indent given as a number of spaces or as the text itself."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else len(str(v)) if v is not None else 0
 
 
 def _replace_size(s: str, old: Any, new: Any) -> int:
@@ -166,8 +178,7 @@ def _join_size(items: list, sep: Any) -> int:
 
 
 def _indent_size(s: str, width: Any = 4, *_: Any, **__: Any) -> int:
-    pad = len(width) if isinstance(width, str) else int(width)
-    return len(s) + (s.count("\n") + 1) * max(pad, 0)
+    return len(s) + (s.count("\n") + 1) * max(_width(width), 0)
 
 
 def _wordwrap_size(s: str, width: Any = 79, break_long_words: Any = True, wrapstring: Any = None, *_: Any, **__: Any) -> int:
@@ -205,7 +216,7 @@ def _guard_filter(name: str, func):
             args = (*args[:at], items, *rest)
         elif name == "format":
             _check_widths(value)
-        elif name == "tojson" and _size(kwargs.get("indent", rest[1] if len(rest) > 1 else None) or "") > 16:
+        elif name == "tojson" and _width(kwargs.get("indent", rest[1] if len(rest) > 1 else None)) > 16:
             raise TemplateLimitError("output_chars", b.limits.output_chars, "tojson's indent is over 16")
         elif name in _FILTER_SIZE:
             b.grow(_FILTER_SIZE[name](value, *rest, **kwargs), name)
@@ -328,15 +339,14 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
     def _printed(self, value: Any) -> Any:
         b = _budget()
         b.step()
-        b.spend(value if isinstance(value, str) else str(value))
+        b.grow(_size(value), "a printed value")  # before Jinja turns it into text
         return value
 
     def bounded_concat(self, parts: tuple) -> str:
         b = _budget()
         b.step()
-        texts = [p if isinstance(p, str) else str(p) for p in parts]
-        b.grow(sum(map(len, texts)), "~")
-        return "".join(texts)
+        b.grow(sum(_size(p) for p in parts), "~")  # before any part is turned into text
+        return "".join(p if isinstance(p, str) else str(p) for p in parts)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         _budget().step()

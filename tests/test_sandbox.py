@@ -123,6 +123,23 @@ def test_a_render_over_a_limit_is_a_refusal_that_names_the_limit_and_what_to_do(
         render_chat(tok, CONVERSATIONS[0], "does not render", "fix it")
 
 
+@pytest.mark.parametrize("template", [
+    "{{ messages|tojson(indent=10000000) }}",
+    "{{ 'a\nb'|indent(10000000) }}",
+    "{% set s = 'a' * 9000000 %}{{ [s, s] }}",
+    "{% set s = 'a' * 9000000 %}{{ [s] ~ [s] }}",
+    "{% set s = 'a' * 9000000 %}{{ [[s, s]]|join }}",
+])
+def test_an_operation_that_would_make_too_much_is_refused_before_it_runs(template, monkeypatch):
+    import json
+
+    made = []
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: made.append(a) or "")
+    with pytest.raises(TemplateLimitError, match="output size|tojson"):
+        render(template, {"messages": [{"role": "user", "content": "hi"}]})
+    assert made == []  # tojson refused before it ran
+
+
 def test_the_sandbox_keeps_its_walls():
     for escape in ("{{ ''.__class__.__mro__ }}", "{{ cycler.__init__.__globals__ }}", "{{ [].append(1) }}",
                    "{% set ns = namespace() %}{% set ns._x = 1 %}"):
