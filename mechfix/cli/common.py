@@ -13,6 +13,7 @@ from rich.console import Console
 
 from mechfix import __version__
 
+
 class SafeConsole(Console):
     """A console for text from strangers: control characters are shown, never sent; markup only where asked.
 
