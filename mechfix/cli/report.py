@@ -24,7 +24,8 @@ def report(
     paths: Annotated[list[Path], typer.Argument(help="A run's folder (as `mechfix run --out` writes it), or its artifacts "
                                                 "and verify reports (NAME.verify.json).", show_default=False)],
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="The HTML file to write (default: NAME.report.html "
-                                                  "in the first folder given, or beside the first file).")] = None,
+                                                  "in the first folder given, or beside the first file; NAME is the "
+                                                  "recipe's name, reduced to a safe file name).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML page: summary and gates, behaviour per item, attribution map, who carries it, the fix.
