@@ -11,7 +11,9 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from mechfix.errors import BadInputError
 from mechfix.recipe import Recipe
+from mechfix.textio import MAX_RENDER_CHARS
 
 FRAME = "<frame>"  # speaker of text that no agent says: preamble, narration, layout
 # What fill reads in a template: a doubled brace (a literal one) or a {name} placeholder.
@@ -65,6 +67,12 @@ def fill(template: str, values: dict[str, str]) -> str:
     Only plain names are substituted (no attribute access, no format specs), so
     a recipe can never run code.
     """
+    # A template that repeats a placeholder multiplies its value: the size is known before anything is made.
+    size = len(template) + sum(len(values.get(m.group(1), "")) for m in _TOKENS.finditer(template) if m.group(1))
+    if size > MAX_RENDER_CHARS:
+        raise BadInputError(
+            f"a recipe text renders to {size:,} characters, over mechfix's limit of {MAX_RENDER_CHARS:,} for one "
+            "rendering (its placeholders repeat long values). Shorten the text or the items' values.")
     # One left-to-right pass over the template: an inserted value is never read again, so braces in it stay.
     return _TOKENS.sub(lambda m: _BRACE.get(m.group(0)) or values.get(m.group(1), m.group(0)), template)
 
@@ -230,7 +238,6 @@ def option_ids(tokenizer, option: str) -> list[int]:
     """
     ids = list(tokenizer(option, add_special_tokens=False)["input_ids"])
     if not ids:
-        from mechfix.errors import BadInputError
         from mechfix.untrusted import visible
 
         raise BadInputError(

@@ -44,6 +44,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from mechfix.textio import MAX_RENDER_CHARS
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -59,7 +61,7 @@ class Limits:
 
     seconds: float = 10.0
     steps: int = 1_000_000
-    output_chars: int = 16_000_000
+    output_chars: int = MAX_RENDER_CHARS
     work_chars: int = 256_000_000
     int_bits: int = 4096
 

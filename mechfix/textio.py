@@ -20,6 +20,9 @@ from mechfix.errors import BadInputError
 MAX_TEXT_BYTES = 64 * 2**20
 # How deep mappings and lists may nest in a YAML or JSON file (recipes need fewer than ten levels).
 MAX_DEPTH = 64
+# The most characters one rendering of a user's template may have (a recipe's turn, a chat template's output):
+# about four million tokens, more than any model reads, yet a bound on templates that multiply their input.
+MAX_RENDER_CHARS = 16_000_000
 
 
 def read_text(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES, error: type[BadInputError] = BadInputError) -> str:

@@ -264,6 +264,12 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], int, str]] = {
         _verify_json({**_VALID_REPORT, "gates": [{"name": "kl", "passed": False}]}), 2, "needs metric, op, threshold and value"),
     "a verify report whose comparison rows are empty": (
         _verify_json({**_VALID_REPORT, "comparison": [{}]}), 2, "comparison.0"),
+    "a recipe whose placeholders multiply its items' text": (
+        _folder_with({"r.yaml": MINI_RECIPE.replace('{speaker: Host, text: "{question}"}',
+                                                    '{speaker: Host, text: "' + "{question}" * 20000 + '"}').replace(
+            'question: "Capital of France?"', 'question: "' + "Capital of France? " * 60 + '"')},
+            lambda good, case: ["record", str(case / "r.yaml"), "--model", str(good / "model"), "--out", str(case / "o.rec.safetensors")]),
+        2, "over mechfix's limit of 16,000,000 for one rendering"),
     # Refusals, not crashes.
     "an option that renders to no tokens": (
         _folder_with({"r.yaml": MINI_RECIPE.split("items:")[0].replace('others: [" none"]', 'others: ["{none}"]') + "items:\n" + "".join(
