@@ -14,6 +14,7 @@ options, ``T`` any length, ``F`` fix targets; an integer is a fixed size.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from mechfix.errors import ArtifactError
@@ -152,6 +153,7 @@ _SAY = {"N": "decisions", "L": "layers", "H": "heads", "D": "head width", "W": "
 # ---- verify reports (JSON, read back by `mechfix report`) --------------------------------------------------------
 # A verify report is JSON anyone can write; the report page reads these fields, so they are checked before it does.
 
+@lru_cache(maxsize=1)
 def _verify_models():
     from pydantic import BaseModel, ConfigDict, model_validator
 

@@ -153,13 +153,13 @@ def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: s
     """
     from mechfix.sandbox import TemplateLimitError, render
 
-    source = model_template(tokenizer)
-    if source is None:
+    template = model_template(tokenizer)
+    if template is None:
         raise BadInputError(f"{problem}: the tokenizer has no chat template. {fix}")
     variables = {**tokenizer.special_tokens_map, "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
                  "tools": None, "documents": None, "add_generation_prompt": True}
     try:
-        return render(source.source, variables)
+        return render(template.source, variables)
     except TemplateLimitError as exc:
         raise BadInputError(
             f"{name} went {exc} while rendering {len(messages)} messages, and was stopped. mechfix runs "

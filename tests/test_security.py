@@ -171,15 +171,10 @@ assert _HOSTILE_RECIPE.count("Ana[/]") == 2 and "\\e]0;" in _HOSTILE_RECIPE
 
 def _hostile_attribution(good: Path, case: Path) -> list[str]:
     """A recording of agents named with markup and escape sequences (made here), then attribute on it."""
+    from test_report import _cli
+
     (case / "r.yaml").write_text(_HOSTILE_RECIPE)
-    argv = sys.argv
-    try:
-        sys.argv = ["mechfix", "record", str(case / "r.yaml"), "--model", str(good / "model"), "--out", str(case / "h.rec.safetensors")]
-        with pytest.raises(SystemExit) as exc:
-            main()
-        assert exc.value.code == 0
-    finally:
-        sys.argv = argv
+    assert _cli("record", str(case / "r.yaml"), "--model", str(good / "model"), "--out", str(case / "h.rec.safetensors")) == 0
     return ["attribute", str(case / "h.rec.safetensors"), "--model", str(good / "model"), "--method", "atp",
             "--out", str(case / "h.attr.safetensors")]
 

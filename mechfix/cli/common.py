@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from mechfix import __version__
+from mechfix.untrusted import visible
 
 
 class SafeConsole(Console):
@@ -30,16 +31,12 @@ class SafeConsole(Console):
         super().__init__(markup=False, **kwargs)
 
     def render_str(self, text: str, **kwargs: Any):
-        from mechfix.untrusted import visible
-
         return super().render_str(visible(text), **kwargs)
 
 
 def shown(text: Any) -> str:
     """Untrusted text for a line printed with ``markup=True``: control characters visible, markup escaped."""
     from rich.markup import escape
-
-    from mechfix.untrusted import visible
 
     return escape(visible(text))
 
