@@ -187,6 +187,10 @@ def _wordwrap_size(s: str, width: Any = 79, break_long_words: Any = True, wrapst
     return len(s) * (1 + len(str(wrapstring) if wrapstring is not None else "\n"))
 
 
+def _padded_size(s: str, width: Any = 0, *_: Any, **__: Any) -> int:
+    return max(len(s), int(width))
+
+
 def _ints_fit(args: tuple, kwargs: dict) -> None:
     """A number given to a call or filter (a width, a count) may not exceed the output limit."""
     limit = _budget().limits.output_chars
@@ -200,7 +204,7 @@ _FILTER_SIZE = {
     "replace": lambda s, old="", new="", *_, **__: _replace_size(str(s), old, new),
     "indent": lambda s, *a, **k: _indent_size(str(s), *a, **k),
     "wordwrap": lambda s, *a, **k: _wordwrap_size(str(s), *a, **k),
-    "center": lambda s, width=80, *_, **__: max(len(str(s)), int(width)),
+    "center": lambda s, width=80, *_, **__: _padded_size(str(s), width),
 }
 
 
@@ -231,10 +235,10 @@ def _guard_filter(name: str, func):
 _METHOD_SIZE = {
     "replace": lambda s, old="", new="", *_: _replace_size(s, old, new),
     "expandtabs": lambda s, tabsize=8: len(s) * max(int(tabsize), 1),
-    "center": lambda s, width=0, *_: max(len(s), int(width)),
-    "ljust": lambda s, width=0, *_: max(len(s), int(width)),
-    "rjust": lambda s, width=0, *_: max(len(s), int(width)),
-    "zfill": lambda s, width=0: max(len(s), int(width)),
+    "center": _padded_size,
+    "ljust": _padded_size,
+    "rjust": _padded_size,
+    "zfill": _padded_size,
 }
 
 

@@ -88,6 +88,13 @@ class Template:
         return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
 
 
+def template_file(spec: str | None) -> Path | None:
+    """The file ``--chat-template`` names; None for a built-in's name, no value, or no file there."""
+    if not spec or spec in BUILTIN_TEMPLATES or not Path(spec).is_file():
+        return None
+    return Path(spec)
+
+
 def resolve_template(spec: str) -> Template:
     """A built-in template by name, or a Jinja template file.
 
@@ -96,8 +103,8 @@ def resolve_template(spec: str) -> Template:
     """
     if spec in BUILTIN_TEMPLATES:
         return Template(spec, BUILTIN_TEMPLATES[spec])
-    path = Path(spec)
-    if not path.is_file():
+    path = template_file(spec)
+    if path is None:
         raise BadInputError(
             f"--chat-template '{spec}' is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a file. "
             "Give one of those names, or the path of a Jinja chat template.")

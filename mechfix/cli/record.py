@@ -127,11 +127,11 @@ def source_inputs(loaded, transcript: Path | None, decision: Path | None,
 
     Every file mechfix reads is an input: no output may be written over it.
     """
-    from mechfix.templates import BUILTIN_TEMPLATES
+    from mechfix.templates import template_file
 
     # A template file is an input; a name that is no file is left to resolve_template, which lists the built-ins.
-    is_file = bool(chat_template) and chat_template not in BUILTIN_TEMPLATES and Path(chat_template).is_file()
-    template = {"--chat-template": Path(chat_template)} if is_file else {}
+    path = template_file(chat_template)
+    template = {"--chat-template": path} if path is not None else {}
     if transcript is not None:
         return {"--transcript": transcript, "--decision": decision, **template}
     items = {"the recipe's items file": Path(loaded.items_path)} if loaded.items_path else {}
