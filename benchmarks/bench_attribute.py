@@ -39,11 +39,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_record import bare_batches  # noqa: E402
 
-from mechfix.attribute import Component, attribute, decisions_from_record  # noqa: E402
-from mechfix.forward import Request, _rows  # noqa: E402
+from mechfix.stages.attribute import Component, attribute, decisions_from_record  # noqa: E402
+from mechfix.engine.forward import Request, _rows  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
-from mechfix.recipe import load_recipe  # noqa: E402
-from mechfix.record import record, to_artifact  # noqa: E402
+from mechfix.scenario.recipe import load_recipe  # noqa: E402
+from mechfix.stages.record import record, to_artifact  # noqa: E402
 
 
 def naive_exact_heads(lm, reqs, clean_heads) -> torch.Tensor:

@@ -9,7 +9,7 @@ the Gemma chat template, in both styles:
 - ``text``: every agent continues the one shared transcript (one cached writer);
 - ``chat``: every agent writes from its own chat (its system prompt, its turns
   as assistant, the others' as user), one cached writer per agent
-  (:class:`mechfix.chat.ChatWriters`), so each agent's context differs.
+  (:class:`mechfix.scenario.chat.ChatWriters`), so each agent's context differs.
 
 Repeats are interleaved and the median is kept. The embedded model is a base
 model that was never trained on the template, so its chat replies say little;
@@ -28,11 +28,11 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mechfix.chat import Style  # noqa: E402
-from mechfix.live import run_live  # noqa: E402
+from mechfix.scenario.chat import Style  # noqa: E402
+from mechfix.scenario.live import run_live  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
-from mechfix.recipe import load_recipe  # noqa: E402
-from mechfix.templates import resolve_template, use_template  # noqa: E402
+from mechfix.scenario.recipe import load_recipe  # noqa: E402
+from mechfix.scenario.templates import resolve_template, use_template  # noqa: E402
 
 
 def main() -> None:

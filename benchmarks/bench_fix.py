@@ -25,10 +25,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from mechfix.episodes import render_episode  # noqa: E402
-from mechfix.fix import apply_fix, load_fix  # noqa: E402
+from mechfix.scenario.episodes import render_episode  # noqa: E402
+from mechfix.fixes.fix import apply_fix, load_fix  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
-from mechfix.recipe import load_recipe  # noqa: E402
+from mechfix.scenario.recipe import load_recipe  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 Plays the first ``--items`` items of the built-in ``commons-live`` recipe for
 ``--rounds`` rounds under the pressure condition, twice over:
 
-- ``writer``: what mechfix does (:class:`mechfix.generation.Writer`): all items
+- ``writer``: what mechfix does (:class:`mechfix.engine.generation.Writer`): all items
   in one batch, one key/value cache, only new text fed each turn;
 - ``one by one``: every generated turn is ``model.generate`` (greedy, cache on)
   on that conversation's full text, one conversation at a time, which is what
@@ -29,10 +29,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-import mechfix.live  # noqa: E402
-from mechfix.generation import Writer  # noqa: E402
+import mechfix.scenario.live  # noqa: E402
+from mechfix.engine.generation import Writer  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
-from mechfix.recipe import load_recipe  # noqa: E402
+from mechfix.scenario.recipe import load_recipe  # noqa: E402
 
 
 class OneByOne(Writer):
@@ -51,13 +51,13 @@ class OneByOne(Writer):
 
 
 def play(lm, recipe, items: list[int], writer_cls) -> tuple[float, list[str]]:
-    mechfix.live.Writer = writer_cls
+    mechfix.scenario.live.Writer = writer_cls
     try:
         t0 = time.perf_counter()
-        eps = mechfix.live.run_live(lm, recipe, "pressure", items)
+        eps = mechfix.scenario.live.run_live(lm, recipe, "pressure", items)
         return time.perf_counter() - t0, [e.text for e in eps]
     finally:
-        mechfix.live.Writer = Writer
+        mechfix.scenario.live.Writer = Writer
 
 
 def main() -> None:
@@ -81,7 +81,7 @@ def main() -> None:
         times["one_by_one"].append(t)
         assert fast == slow, "the batched writer and one-by-one generation wrote different transcripts"
     med = {k: statistics.median(v) for k, v in times.items()}
-    turns = args.items * mechfix.live.generated_turns(recipe, "pressure")
+    turns = args.items * mechfix.scenario.live.generated_turns(recipe, "pressure")
     print(json.dumps({
         "items": args.items, "rounds": args.rounds, "generated_turns": turns,
         "seconds": {k: round(v, 2) for k, v in med.items()},

@@ -27,12 +27,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from mechfix.artifacts import load_artifact  # noqa: E402
-from mechfix.attribute import decisions_from_record  # noqa: E402
-from mechfix.evaluate import neutral_set  # noqa: E402
-from mechfix.forward import Request, option_scores  # noqa: E402
-from mechfix.lora import LoraSettings, lora_targets, train_lora  # noqa: E402
+from mechfix.stages.attribute import decisions_from_record  # noqa: E402
+from mechfix.measure.evaluate import neutral_set  # noqa: E402
+from mechfix.engine.forward import Request, option_scores  # noqa: E402
+from mechfix.stages.lora import LoraSettings, lora_targets, train_lora  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
-from mechfix.steer import pick_targets  # noqa: E402
+from mechfix.stages.steer import pick_targets  # noqa: E402
 
 
 def _peak_mib() -> float:

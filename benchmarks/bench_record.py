@@ -27,10 +27,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from mechfix.episodes import option_ids, render_episode, speaker_list, tokenize_episode  # noqa: E402
-from mechfix.forward import Request, _rows, run_requests  # noqa: E402
+from mechfix.scenario.episodes import option_ids, render_episode, speaker_list, tokenize_episode  # noqa: E402
+from mechfix.engine.forward import Request, _rows, run_requests  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
-from mechfix.recipe import load_recipe  # noqa: E402
+from mechfix.scenario.recipe import load_recipe  # noqa: E402
 
 
 def requests_for(lm, recipe) -> list[Request]:

@@ -89,11 +89,11 @@ def main() -> None:
     from mechfix.cli.verify import _do_verify
     from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN, MIN_REDUCTION
     from mechfix.errors import GateError
-    from mechfix.fix import Fix, fix_from_artifact
-    from mechfix.recipe import load_recipe
-    from mechfix.steer import Budget
-    from mechfix.traces import use_backend
-    from mechfix.verify import gates_for
+    from mechfix.fixes.fix import Fix, fix_from_artifact
+    from mechfix.scenario.recipe import load_recipe
+    from mechfix.stages.steer import Budget
+    from mechfix.engine.backends.nnsight import use_backend
+    from mechfix.stages.verify import gates_for
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

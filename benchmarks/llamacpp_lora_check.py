@@ -28,7 +28,7 @@ def ours(fix_path: str, out: str, model: str | None) -> None:
     import torch
 
     from mechfix import apply_fix, load_fix, load_model
-    from mechfix.evaluate import neutral_passages
+    from mechfix.measure.evaluate import neutral_passages
 
     lm = load_model(model) if model else load_model()
     fix = load_fix(fix_path)

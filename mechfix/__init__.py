@@ -19,8 +19,8 @@ and its probe alone is a pressure monitor for a running system::
 
 __version__ = "0.1.0.dev0"
 
-_LAZY = {"load_fix": "mechfix.fix", "apply_fix": "mechfix.fix", "Fix": "mechfix.fix", "load_model": "mechfix.models",
-         "score_conversation": "mechfix.monitor"}
+_LAZY = {"load_fix": "mechfix.fixes.fix", "apply_fix": "mechfix.fixes.fix", "Fix": "mechfix.fixes.fix", "load_model": "mechfix.models",
+         "score_conversation": "mechfix.stages.monitor"}
 __all__ = ["__version__", *_LAZY]
 
 

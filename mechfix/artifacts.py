@@ -290,7 +290,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, met
     shape and byte range; the metadata) padded with spaces to 8 bytes, then the
     tensors' bytes. Writing it here rather than through ``safetensors.torch.save_file``
     keeps memory flat however large the tensors are (activations at every position
-    live in disk-backed tensors: :mod:`mechfix.actstore`), and sorted keys make
+    live in disk-backed tensors: :mod:`mechfix.engine.actstore`), and sorted keys make
     the file's bytes depend on its content only.
     """
     names = sorted(tensors)

@@ -52,13 +52,13 @@ class LoadedModel:
         spec: The architecture-table row for its family.
         identity: Name, source, architecture, config hash and weight fingerprint.
         backend: How passes run: ``hooks`` (PyTorch hooks, the default) or
-            ``nnsight`` (nnsight traces; see :mod:`mechfix.traces`).
+            ``nnsight`` (nnsight traces; see :mod:`mechfix.engine.backends.nnsight`).
         remote: Traces run on NDIF (the nnsight backend only).
         envoy: The nnsight wrapper of ``model`` (the nnsight backend only).
         trace_prefixes: Keep prefix caches between traces (nnsight backend); off on
             NDIF, where nothing outlives a request and each tail reruns its prefix.
         edits_in_traces: A fix's edits are applied inside every trace rather than as
-            PyTorch hooks (NDIF, where the model is not here to hook; see :mod:`mechfix.edits`).
+            PyTorch hooks (NDIF, where the model is not here to hook; see :mod:`mechfix.engine.edits`).
         edits: The edits pending for the next traces (with ``edits_in_traces``).
     """
 

@@ -9,12 +9,12 @@ from tiny import TINY_CONFIGS, byte_tokenizer, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mechfix.artifacts import load_artifact, save_artifact
-from mechfix.attribute import Component, attribute, decisions_from_record, summarize, to_artifact
+from mechfix.stages.attribute import Component, attribute, decisions_from_record, summarize, to_artifact
 from mechfix.models import wrap_model
-from mechfix.patching import Patch, encode_prefixes, run_tails, tails_for
-from mechfix.recipe import LoadedRecipe, parse_recipe
-from mechfix.record import record
-from mechfix.record import to_artifact as record_artifact
+from mechfix.engine.patching import Patch, encode_prefixes, run_tails, tails_for
+from mechfix.scenario.recipe import LoadedRecipe, parse_recipe
+from mechfix.stages.record import record
+from mechfix.stages.record import to_artifact as record_artifact
 
 # Single-letter options (one byte-level token each). Peers say the wrong letter
 # under pressure and the right one when clean, so the two conditions are
@@ -314,7 +314,7 @@ def test_attribution_artifact_round_trips_with_its_provenance(tiny_llama, tmp_pa
 
 
 def test_flag_marks_a_disagreement_by_ratio_or_sign_not_by_straddling_the_noise_floor():
-    from mechfix.attribute import _flag
+    from mechfix.stages.attribute import _flag
 
     total = 8.6  # noise floor 0.172
     assert _flag(0.167, 0.172, total) is None  # one just under the floor, one just over: they agree

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from tiny import tiny_model
 
-from mechfix import capabilities as caps
+from mechfix.measure import capabilities as caps
 from mechfix.errors import BadInputError
-from mechfix.verify import _control_reading
+from mechfix.stages.verify import _control_reading
 
 
 def test_the_shipped_suite_has_four_tasks_of_sixty_items_split_between_steer_and_verify():

@@ -16,18 +16,18 @@ import pytest
 import torch
 from test_attribute import _loaded, _recording, bare_llama
 
-from mechfix import capabilities as caps
-from mechfix.attribute import attribute
-from mechfix.attribute import to_artifact as attribution_artifact
-from mechfix.crossval import fold_masks, item_folds, row_items
-from mechfix.attribute import decisions_from_record
-from mechfix.evaluate import neutral_passages, neutral_set, score_requests
-from mechfix.forward import Request
-from mechfix.fix import Fix, LoraWeights
+from mechfix.measure import capabilities as caps
+from mechfix.stages.attribute import attribute
+from mechfix.stages.attribute import to_artifact as attribution_artifact
+from mechfix.measure.crossval import fold_masks, item_folds, row_items
+from mechfix.stages.attribute import decisions_from_record
+from mechfix.measure.evaluate import neutral_passages, neutral_set, score_requests
+from mechfix.engine.forward import Request
+from mechfix.fixes.fix import Fix, LoraWeights
 from mechfix.models import wrap_model
-from mechfix.stats import decision_scores
-from mechfix.steer import Budget, steer
-from mechfix.verify import gates_for, verify
+from mechfix.measure.stats import decision_scores
+from mechfix.stages.steer import Budget, steer
+from mechfix.stages.verify import gates_for, verify
 
 LETTERS = "JKVWXZ"
 COPY_HEAD = (1, 2)  # layer, head: copies the peers' upper-case letters
@@ -257,7 +257,7 @@ def test_every_point_of_the_chosen_sweep_has_the_numbers_a_direct_measurement_gi
 
 
 def test_an_operation_that_fits_nothing_is_scored_once_for_its_fit_and_its_held_out_folds(carry, monkeypatch):
-    import mechfix.steer as steer_mod
+    import mechfix.stages.steer as steer_mod
 
     lm, rec, att, _ = carry
     select = neutral_set(lm, neutral_passages(part="select")[:4])
@@ -278,8 +278,8 @@ def test_an_operation_that_fits_nothing_is_scored_once_for_its_fit_and_its_held_
 
 def test_verify_of_several_fixes_gives_the_same_numbers_with_the_lower_layers_run_once(carry, monkeypatch):
     """verify runs the layers below the lowest edited one once per batch; every number is as with plain passes."""
-    import mechfix.verify as verify_mod
-    from mechfix.layerskip import LayerSkip
+    import mechfix.stages.verify as verify_mod
+    from mechfix.engine.layerskip import LayerSkip
 
     lm, _, _, tasks = carry
     off = Fix(op="scale", layers=[COPY_HEAD[0]], heads=[COPY_HEAD[1]], vectors=torch.zeros(1, lm.head_dim),

@@ -12,12 +12,12 @@ from test_cli import run
 from test_cli_fix import planted_dir  # noqa: F401, F811 (a fixture)
 from tiny import tiny_model
 
-from mechfix.chat import Style, agent_messages, choose_style, style_mismatch, template_ids
-from mechfix.episodes import FRAME, render_episode, speaker_list
+from mechfix.scenario.chat import Style, agent_messages, choose_style, style_mismatch, template_ids
+from mechfix.scenario.episodes import FRAME, render_episode, speaker_list
 from mechfix.errors import BadInputError
 from mechfix.models import wrap_model
-from mechfix.record import decision_requests, record
-from mechfix.templates import BUILTIN_TEMPLATES, TEMPLATE_TOKENS, Template, resolve_template, use_template
+from mechfix.stages.record import decision_requests, record
+from mechfix.scenario.templates import BUILTIN_TEMPLATES, TEMPLATE_TOKENS, Template, resolve_template, use_template
 
 # A template of our own, as a user would write one in a file: role tags in square brackets.
 FILE_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}[/{{ m['role'] }}]{% endfor %}"
@@ -109,7 +109,7 @@ def test_the_style_default_follows_the_template_and_the_fix_and_bad_templates_ar
     chosen = choose_style(lm.tokenizer, recipe, None, "chatml")
     assert chosen.name == "chat" and chosen.template.name == "chatml"
     # verify renders as the fix's recording was: a text-made fix stays text on a model with a template.
-    from mechfix.recipe import load_recipe
+    from mechfix.scenario.recipe import load_recipe
 
     assert choose_style(lm.tokenizer, load_recipe("commons-live").recipe).name == "chat"  # live recipes too
     assert choose_style(lm.tokenizer, recipe, None, None, {"name": "text"}).name == "text"
@@ -130,7 +130,7 @@ def test_the_style_default_follows_the_template_and_the_fix_and_bad_templates_ar
 
 def _greedy_reply(lm, ids: list[int], max_tokens: int) -> str:
     """Greedy decoding from token ids with no cache and no batch, stopping as a chat reply does."""
-    from mechfix.chat import reply_stops
+    from mechfix.scenario.chat import reply_stops
 
     tok, out, stops = lm.tokenizer, [], set(reply_stops(lm.tokenizer))
     with torch.inference_mode():
@@ -148,9 +148,9 @@ def _greedy_reply(lm, ids: list[int], max_tokens: int) -> str:
 def test_live_turns_are_written_from_each_agents_own_chat_token_for_token(name):
     from test_live import LIVE
 
-    from mechfix.chat import view_ids
-    from mechfix.live import run_live
-    from mechfix.recipe import parse_recipe
+    from mechfix.scenario.chat import view_ids
+    from mechfix.scenario.live import run_live
+    from mechfix.scenario.recipe import parse_recipe
 
     lm, template = chat_tiny(name)
     # Ana's turns are generated too, so two agents write, each from its own chat.
@@ -231,7 +231,7 @@ def test_record_in_chat_style_keeps_the_style_and_template_in_every_artifact(mon
 
 def _transcript(tmp_path, conv: list[dict], decision: str):
     """The recipe of one transcript conversation and its decision file, written to ``tmp_path``."""
-    from mechfix.transcript import load_transcript
+    from mechfix.scenario.transcript import load_transcript
 
     path, dec = tmp_path / "chat.json", tmp_path / "d.yaml"
     path.write_text(json.dumps(conv))
@@ -292,7 +292,7 @@ def test_a_target_who_spoke_before_sees_its_messages_as_its_own_and_system_messa
 
 
 def test_generate_mode_in_chat_style_writes_each_turn_from_its_agents_chat():
-    from mechfix.chat import view_ids
+    from mechfix.scenario.chat import view_ids
 
     lm, template = chat_tiny("chatml")
     text = MINI_RECIPE.replace('  - {speaker: Ana, text: "{wrong}.", when: [pressure]}\n',
@@ -310,10 +310,10 @@ def test_steer_refuses_an_attribution_and_recording_of_different_styles():
     from test_attribute import _planted_model, _recording
     from test_steer import PLANT_MORE
 
-    from mechfix.attribute import attribute
-    from mechfix.attribute import to_artifact as attribution_artifact
-    from mechfix.evaluate import neutral_passages, neutral_set
-    from mechfix.steer import steer
+    from mechfix.stages.attribute import attribute
+    from mechfix.stages.attribute import to_artifact as attribution_artifact
+    from mechfix.measure.evaluate import neutral_passages, neutral_set
+    from mechfix.stages.steer import steer
 
     lm = _planted_model()
     rec = _recording(lm, PLANT_MORE)
@@ -325,9 +325,9 @@ def test_steer_refuses_an_attribution_and_recording_of_different_styles():
 
 
 def test_the_monitor_reads_a_chat_made_probe_at_the_targets_own_chat_after_each_message():
-    from mechfix.chat import view_ids
-    from mechfix.gate import Gate, layer_acts, prompt_batches
-    from mechfix.monitor import score_episodes
+    from mechfix.scenario.chat import view_ids
+    from mechfix.fixes.gate import Gate, layer_acts, prompt_batches
+    from mechfix.stages.monitor import score_episodes
 
     lm, template = chat_tiny("chatml")
     recipe = _loaded(MINI_RECIPE).recipe

@@ -105,12 +105,12 @@ def test_the_installed_entry_point_maps_bad_input_to_exit_2(tmp_path):
 
 def test_an_interrupted_record_exits_130_and_leaves_no_artifact(monkeypatch, capsys, tmp_path, mini_recipe_path,
                                                                  tiny_model_dir):
-    import mechfix.record
+    import mechfix.stages.record
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mechfix.record, "record", interrupted)
+    monkeypatch.setattr(mechfix.stages.record, "record", interrupted)
     out = tmp_path / "o.safetensors"
     code, _, stderr = run(monkeypatch, capsys, "record", str(mini_recipe_path), "--model", str(tiny_model_dir),
                           "--out", str(out))
@@ -198,12 +198,12 @@ def test_the_same_inputs_and_seed_give_byte_identical_artifacts(monkeypatch, cap
 
 
 def test_an_unexpected_failure_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys, tmp_path):
-    import mechfix.recipe
+    import mechfix.scenario.recipe
 
     def broken():
         raise KeyError("boom")
 
-    monkeypatch.setattr(mechfix.recipe, "builtin_recipes", broken)
+    monkeypatch.setattr(mechfix.scenario.recipe, "builtin_recipes", broken)
     monkeypatch.setenv("MECHFIX_CACHE", str(tmp_path))
     monkeypatch.delenv("MECHFIX_DEBUG", raising=False)
     code, stdout, err = run(monkeypatch, capsys, "recipes")

@@ -40,9 +40,9 @@ def test_record_conformity_on_the_embedded_model_shows_a_positive_effect(monkeyp
 
 
 def test_batched_scores_equal_unbatched_on_the_embedded_model(gemma):
-    from mechfix.episodes import option_ids, render_episode, speaker_list, tokenize_episode
-    from mechfix.forward import Request, run_requests
-    from mechfix.recipe import load_recipe
+    from mechfix.scenario.episodes import option_ids, render_episode, speaker_list, tokenize_episode
+    from mechfix.engine.forward import Request, run_requests
+    from mechfix.scenario.recipe import load_recipe
 
     r = load_recipe("conformity").recipe
     reqs = []
@@ -71,8 +71,8 @@ def test_a_gguf_path_is_the_same_model_as_the_default_and_reuses_its_conversion(
 @pytest.fixture(scope="module")
 def conformity_recording(gemma, tmp_path_factory):
     from mechfix.artifacts import load_artifact, save_artifact
-    from mechfix.recipe import load_recipe
-    from mechfix.record import record, to_artifact
+    from mechfix.scenario.recipe import load_recipe
+    from mechfix.stages.record import record, to_artifact
 
     loaded = load_recipe("conformity")
     path = tmp_path_factory.mktemp("conf") / "conformity.rec.safetensors"
@@ -98,7 +98,7 @@ def test_attribute_on_the_embedded_model_agrees_with_exact_patching(monkeypatch,
 def test_exact_patching_on_the_embedded_model_equals_a_patched_full_forward(gemma, conformity_recording):
     from test_attribute import _naive_patched_score
 
-    from mechfix.attribute import attribute, decisions_from_record
+    from mechfix.stages.attribute import attribute, decisions_from_record
 
     att = attribute(gemma, conformity_recording, method="exact", batch_size=8)
     dec = decisions_from_record(conformity_recording, gemma.tokenizer, ["pressure", "clean"])
@@ -113,8 +113,8 @@ def test_live_commons_on_the_embedded_model_collapses_the_lake_under_pressure_on
     """Six items, three seasons of the built-in live recipe: every catch after the opening is generated."""
     import yaml
 
-    from mechfix.recipe import builtin_recipe_dir, load_recipe
-    from mechfix.record import record, summarize
+    from mechfix.scenario.recipe import builtin_recipe_dir, load_recipe
+    from mechfix.stages.record import record, summarize
 
     data = yaml.safe_load((builtin_recipe_dir() / "commons-live.yaml").read_text())
     data["items"], data["rounds"]["count"] = data["items"][:6], 3
@@ -143,15 +143,15 @@ def test_live_commons_on_the_embedded_model_collapses_the_lake_under_pressure_on
 def test_a_gate_on_the_embedded_model_reads_the_pressure_and_leaves_quiet_prompts_exactly_alone(gemma, conformity_recording):
     from pathlib import Path
 
-    from mechfix.attribute import decisions_from_record
-    from mechfix.evaluate import neutral_set, score_requests
-    from mechfix.fix import Fix
-    from mechfix.forward import Request
-    from mechfix.gate import GateSettings, layer_acts, prompt_batches
-    from mechfix.monitor import score_episodes
-    from mechfix.record import decision_requests
-    from mechfix.steer import directions, fit_gates
-    from mechfix.transcript import load_transcript
+    from mechfix.stages.attribute import decisions_from_record
+    from mechfix.measure.evaluate import neutral_set, score_requests
+    from mechfix.fixes.fix import Fix
+    from mechfix.engine.forward import Request
+    from mechfix.fixes.gate import GateSettings, layer_acts, prompt_batches
+    from mechfix.stages.monitor import score_episodes
+    from mechfix.stages.record import decision_requests
+    from mechfix.stages.steer import directions, fit_gates
+    from mechfix.scenario.transcript import load_transcript
 
     rec = conformity_recording
     layers, heads = [12, 12, 11], [1, 2, 2]  # the heads the README's fixes edit
@@ -186,11 +186,11 @@ def test_a_gate_on_the_embedded_model_reads_the_pressure_and_leaves_quiet_prompt
 def test_every_built_in_recipe_renders_in_chat_style_through_the_gemma_template_token_for_token(gemma):
     import copy
 
-    from mechfix.chat import Style, agent_messages, template_ids
-    from mechfix.episodes import render_episode
-    from mechfix.recipe import load_recipe
-    from mechfix.record import decision_requests
-    from mechfix.templates import resolve_template, use_template
+    from mechfix.scenario.chat import Style, agent_messages, template_ids
+    from mechfix.scenario.episodes import render_episode
+    from mechfix.scenario.recipe import load_recipe
+    from mechfix.stages.record import decision_requests
+    from mechfix.scenario.templates import resolve_template, use_template
 
     tok = copy.deepcopy(gemma.tokenizer)  # the shared model's tokenizer keeps no template
     template = resolve_template("gemma")
@@ -213,13 +213,13 @@ def test_every_built_in_recipe_renders_in_chat_style_through_the_gemma_template_
 def test_the_nnsight_backend_gives_the_hooks_numbers_on_the_embedded_model(gemma, conformity_recording):
     import dataclasses
 
-    from mechfix.attribute import attribute
-    from mechfix.evaluate import neutral_kl, neutral_passages, neutral_set
-    from mechfix.fix import Fix, apply_fix
-    from mechfix.forward import Request, run_requests
-    from mechfix.recipe import load_recipe
-    from mechfix.record import record
-    from mechfix.traces import use_backend
+    from mechfix.stages.attribute import attribute
+    from mechfix.measure.evaluate import neutral_kl, neutral_passages, neutral_set
+    from mechfix.fixes.fix import Fix, apply_fix
+    from mechfix.engine.forward import Request, run_requests
+    from mechfix.scenario.recipe import load_recipe
+    from mechfix.stages.record import record
+    from mechfix.engine.backends.nnsight import use_backend
 
     tol = dict(atol=1e-4, rtol=1e-4)
     nn = use_backend(dataclasses.replace(gemma), "nnsight")  # the same weights, traced

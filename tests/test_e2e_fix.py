@@ -41,7 +41,7 @@ RETRIEVAL = ("--capabilities", str(_CAPS / "retrieval-prose.jsonl"), "--capabili
 @pytest.fixture(scope="module")
 def conformity_run(tmp_path_factory):
     """`mechfix run` on the built-in conformity recipe, the README's main command with one operation (`--op project`)."""
-    from mechfix.evaluate import neutral_passages
+    from mechfix.measure.evaluate import neutral_passages
 
     out = tmp_path_factory.mktemp("run") / "run"
     # A fifth of the verification set keeps the KL passes (the output head's 262k words dominate them) within
@@ -95,7 +95,7 @@ def test_lora_fix_on_the_embedded_model_is_verified_beside_the_heads_fix_and_pef
 
     from peft import PeftModel
 
-    from mechfix.fix import apply_fix, load_fix
+    from mechfix.fixes.fix import apply_fix, load_fix
 
     _, summary, out = conformity_run
     folder = tmp_path / "conformity.lora"
@@ -139,7 +139,7 @@ def test_a_linear_heads_fix_on_the_embedded_model_exports_as_an_adapter_and_a_ch
     from transformers import AutoModelForCausalLM
 
     from mechfix.artifacts import load_artifact, save_artifact
-    from mechfix.fix import apply_fix, load_fix
+    from mechfix.fixes.fix import apply_fix, load_fix
 
     _, summary, out = conformity_run
     project = out / "conformity.fix.safetensors"

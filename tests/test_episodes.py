@@ -5,8 +5,8 @@ from __future__ import annotations
 from conftest import MINI_RECIPE
 from tiny import byte_tokenizer
 
-from mechfix.episodes import FRAME, fill, render_episode, speaker_list, tokenize_episode
-from mechfix.recipe import parse_recipe
+from mechfix.scenario.episodes import FRAME, fill, render_episode, speaker_list, tokenize_episode
+from mechfix.scenario.recipe import parse_recipe
 
 
 def test_conditions_render_their_own_turns():

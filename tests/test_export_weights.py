@@ -13,10 +13,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from mechfix.errors import BadInputError
-from mechfix.export import check_export, lora_fix_artifact, write_hf, write_peft
-from mechfix.fix import OPS, Fix, apply_fix, load_fix
-from mechfix.gate import Gate
-from mechfix.weights import as_lora, merged, weight_edit
+from mechfix.stages.export import check_export, lora_fix_artifact, write_hf, write_peft
+from mechfix.fixes.fix import OPS, Fix, apply_fix, load_fix
+from mechfix.fixes.gate import Gate
+from mechfix.fixes.weights import as_lora, merged, weight_edit
 from tiny import TINY_CONFIGS, gpt2_lora_fix, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -155,7 +155,7 @@ def test_exports_that_would_approximate_are_refused_with_what_to_use_instead(tmp
         with pytest.raises(BadInputError, match=words):
             check_export(fix, fmt)
             if fmt == "gguf":
-                from mechfix.export import control_vector
+                from mechfix.stages.export import control_vector
 
                 control_vector(fix)
     gated = _fix(lm, "ablate")

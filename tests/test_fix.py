@@ -10,8 +10,8 @@ from tiny import tiny_model
 
 from mechfix.artifacts import Artifact, load_artifact, new_manifest, save_artifact
 from mechfix.errors import ArtifactError, BadInputError
-from mechfix.export import write_gguf
-from mechfix.fix import OPS, Fix, apply_fix, fix_from_artifact, fix_tensors, load_fix
+from mechfix.stages.export import write_gguf
+from mechfix.fixes.fix import OPS, Fix, apply_fix, fix_from_artifact, fix_tensors, load_fix
 
 
 def _ids(lm, text: str = "Ana: Lyon. Ben: Lyon. Sam:") -> torch.Tensor:

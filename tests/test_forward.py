@@ -7,7 +7,7 @@ import torch
 from tiny import TINY_CONFIGS, tiny_model
 
 from mechfix.architectures import get_path
-from mechfix.forward import Request, run_requests
+from mechfix.engine.forward import Request, run_requests
 
 
 def _requests(tok) -> list[Request]:
@@ -118,8 +118,8 @@ def test_run_requests_rejects_empty_options_and_unknown_sites(tiny_llama):
 def test_cached_passes_use_the_current_cache_keyword_and_raise_no_deprecation_warning():
     import warnings
 
-    from mechfix.generation import Writer
-    from mechfix.patching import encode_prefixes, run_tails, tails_for
+    from mechfix.engine.generation import Writer
+    from mechfix.engine.patching import encode_prefixes, run_tails, tails_for
 
     lm = tiny_model("llama")
     prompts = [lm.tokenizer("Ana: Lyon. Sam:").input_ids, lm.tokenizer("Ben: Paris, then Rome. Sam:").input_ids]
@@ -133,11 +133,11 @@ def test_cached_passes_use_the_current_cache_keyword_and_raise_no_deprecation_wa
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_and_the_scores_are_the_same(tiny_llama, monkeypatch):
-    import mechfix.forward as fw
+    import mechfix.engine.forward as fw
     from conftest import MINI_RECIPE
     from test_attribute import _loaded
 
-    from mechfix.record import decision_requests
+    from mechfix.stages.record import decision_requests
 
     lm = tiny_llama
     reqs = [r for rs in decision_requests(lm, _loaded(MINI_RECIPE).recipe).requests.values() for r in rs]
@@ -179,8 +179,8 @@ _PASSAGES = [("The river rose slowly through the night, and by morning the low f
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2 soft-caps its logits: KL then compares full distributions
 def test_kl_on_neutral_text_splits_a_batch_that_runs_out_of_memory_and_measures_the_same_positions(arch, monkeypatch):
-    import mechfix.evaluate as ev
-    from mechfix.fix import Fix
+    import mechfix.measure.evaluate as ev
+    from mechfix.fixes.fix import Fix
 
     lm = tiny_model(arch)
     g = torch.Generator().manual_seed(0)
@@ -218,8 +218,8 @@ def test_kl_on_neutral_text_splits_a_batch_that_runs_out_of_memory_and_measures_
 
 
 def test_reading_a_probe_layer_retries_halves_after_running_out_of_memory_and_keeps_nothing_from_the_failed_pass():
-    from mechfix.forward import pad_batch
-    from mechfix.gate import layer_acts
+    from mechfix.engine.forward import pad_batch
+    from mechfix.fixes.gate import layer_acts
 
     lm = tiny_model("qwen3")
     seqs = [lm.tokenizer(p).input_ids for p in _PASSAGES]

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from test_transcript import DECISION, QUESTIONS, _chat
 
 from mechfix.errors import MechfixError
-from mechfix.recipe import parse_recipe
-from mechfix.transcript import load_transcript
+from mechfix.scenario.recipe import parse_recipe
+from mechfix.scenario.transcript import load_transcript
 
 FUZZ = settings(max_examples=150, derandomize=True, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,13 +11,13 @@ from tiny import tiny_model
 
 from mechfix.artifacts import load_artifact, save_artifact
 from mechfix.errors import ArtifactError, BadInputError
-from mechfix.evaluate import neutral_passages, neutral_set, score_requests
-from mechfix.fix import OPS, Fix, RowFixes, apply_fix, apply_row_fixes, load_fix
-from mechfix.forward import Request
-from mechfix.gate import Gate, GateSettings, auroc, budget_threshold, fit_gate, fit_probe, layer_acts
-from mechfix.steer import steer
-from mechfix.steer import to_artifact as fix_artifact
-from mechfix.verify import gates_for, verify
+from mechfix.measure.evaluate import neutral_passages, neutral_set, score_requests
+from mechfix.fixes.fix import OPS, Fix, RowFixes, apply_fix, apply_row_fixes, load_fix
+from mechfix.engine.forward import Request
+from mechfix.fixes.gate import Gate, GateSettings, auroc, budget_threshold, fit_gate, fit_probe, layer_acts
+from mechfix.stages.steer import steer
+from mechfix.stages.steer import to_artifact as fix_artifact
+from mechfix.stages.verify import gates_for, verify
 
 
 def _planted_acts(n: int, d: int = 32, seed: int = 0, shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,7 +118,7 @@ def test_the_gate_leaves_unflagged_rows_and_positions_bit_for_bit_unchanged():
 def test_batched_scores_equal_unbatched_with_the_gate_on(tiny_llama, op):
     from conftest import MINI_RECIPE
 
-    from mechfix.record import decision_requests
+    from mechfix.stages.record import decision_requests
 
     lm = tiny_llama
     by_cond = decision_requests(lm, _loaded(MINI_RECIPE).recipe, list(range(3))).requests
@@ -135,7 +135,7 @@ def test_batched_scores_equal_unbatched_with_the_gate_on(tiny_llama, op):
 def test_row_fixes_give_each_row_its_own_folds_gate(tiny_llama):
     from conftest import MINI_RECIPE
 
-    from mechfix.record import decision_requests
+    from mechfix.stages.record import decision_requests
 
     lm = tiny_llama
     by_cond = decision_requests(lm, _loaded(MINI_RECIPE).recipe, list(range(3))).requests
@@ -220,8 +220,8 @@ def test_steer_fits_a_gate_on_the_planted_detector_and_sweeps_with_it_on(gated):
     assert train["fires"]["baseline"] <= 0.05 and train["fires"]["neutral_tokens"] <= 0.01
     # The training fit of the chosen point is what the saved gated fix does (the sweep ran with the gate on).
     chosen = st.sweep[st.chosen]
-    from mechfix.attribute import decisions_from_record
-    from mechfix.stats import decision_scores
+    from mechfix.stages.attribute import decisions_from_record
+    from mechfix.measure.stats import decision_scores
 
     dec = decisions_from_record(rec, lm.tokenizer, ["pressure", "clean"], split=0)
     reqs = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in ("pressure", "clean")}

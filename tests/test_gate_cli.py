@@ -10,8 +10,8 @@ from test_cli import run
 from tiny import save_model_dir
 from test_cli_fix import LOOSE
 
-from mechfix.fix import load_fix
-from mechfix.monitor import score_conversation
+from mechfix.fixes.fix import load_fix
+from mechfix.stages.monitor import score_conversation
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from tiny import tiny_model
 
 from mechfix.artifacts import load_artifact, save_artifact
 from mechfix.errors import RecipeError
-from mechfix.expr import ExprError, evaluate, first_number, fmt, parse
-from mechfix.generation import Writer
-from mechfix.live import outcome, run_live
-from mechfix.recipe import LoadedRecipe, parse_recipe
-from mechfix.record import decision_requests, record, to_artifact
+from mechfix.scenario.expr import ExprError, evaluate, first_number, fmt, parse
+from mechfix.engine.generation import Writer
+from mechfix.scenario.live import outcome, run_live
+from mechfix.scenario.recipe import LoadedRecipe, parse_recipe
+from mechfix.stages.record import decision_requests, record, to_artifact
 
 LIVE = """\
 name: tiny-live
@@ -194,9 +194,9 @@ def test_expressions_allow_arithmetic_only():
 
 
 def test_verify_on_a_live_recipe_scores_every_held_out_round_and_replays_the_episodes_with_the_fix(tiny_llama):
-    from mechfix.evaluate import neutral_passages, neutral_set
-    from mechfix.fix import Fix
-    from mechfix.verify import gates_for, verify
+    from mechfix.measure.evaluate import neutral_passages, neutral_set
+    from mechfix.fixes.fix import Fix
+    from mechfix.stages.verify import gates_for, verify
 
     recipe = _recipe()
     g = torch.Generator().manual_seed(0)
@@ -226,7 +226,7 @@ def test_verify_on_a_live_recipe_scores_every_held_out_round_and_replays_the_epi
 
 
 def test_replaying_with_only_the_target_fixed_leaves_the_other_agents_the_model_as_it_is(tiny_llama):
-    from mechfix.fix import Fix, apply_fix
+    from mechfix.fixes.fix import Fix, apply_fix
 
     recipe = _recipe(**{'    - {speaker: Ana, text: "I take {fair}.", capture: ana, when: [clean, control]}':
                         '    - {speaker: Ana, prompt: "I take", capture: ana, default: "fair", max_tokens: 4, when: [clean, control]}'})
@@ -241,7 +241,7 @@ def test_replaying_with_only_the_target_fixed_leaves_the_other_agents_the_model_
     assert target_only.rounds[0].reply == everyone.rounds[0].reply != plain.rounds[0].reply
     # Ana, unfixed when only the target is, continues that same text as the plain model would.
     ana = target_only.rounds[0].decision.text + " " + target_only.rounds[0].reply.strip() + "\nAna: I take"
-    from mechfix.generation import generate_reply
+    from mechfix.engine.generation import generate_reply
 
     assert target_only.text.split("\nAna: I take", 1)[1].split("\n")[0].strip() == generate_reply(tiny_llama, ana, 4).strip()
 

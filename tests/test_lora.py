@@ -11,15 +11,15 @@ from test_steer import planted  # noqa: F401  (a fixture)
 from tiny import gpt2_lora_fix, tiny_model
 
 from mechfix.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, new_manifest
-from mechfix.attribute import decisions_from_record
+from mechfix.stages.attribute import decisions_from_record
 from mechfix.errors import ArtifactError, BadInputError
-from mechfix.evaluate import score_requests
-from mechfix.fix import Fix, LoraWeights, apply_fix, fix_tensors, load_fix, save_fix
-from mechfix.forward import Request
-from mechfix.lora import LoraSettings, bucket_kl, lora_targets, train_lora
-from mechfix.steer import Budget, steer
-from mechfix.steer import to_artifact as fix_artifact
-from mechfix.stats import decision_scores
+from mechfix.measure.evaluate import score_requests
+from mechfix.fixes.fix import Fix, LoraWeights, apply_fix, fix_tensors, load_fix, save_fix
+from mechfix.engine.forward import Request
+from mechfix.stages.lora import LoraSettings, bucket_kl, lora_targets, train_lora
+from mechfix.stages.steer import Budget, steer
+from mechfix.stages.steer import to_artifact as fix_artifact
+from mechfix.measure.stats import decision_scores
 
 # The planted head is the model's only way to read a letter, the clean answers' too, so the clean margin is left out.
 LOOSE = Budget(max_kl=5.0, min_clean_agreement=0.95, min_clean_margin=None)
@@ -105,8 +105,8 @@ def test_training_is_deterministic_with_a_seed_and_keeps_masked_columns_zero(pla
 
 
 def test_a_training_step_that_runs_out_of_memory_is_redone_in_halves_to_the_same_adapter(planted, monkeypatch):  # noqa: F811
-    import mechfix.forward as fw
-    import mechfix.lora as lo
+    import mechfix.engine.forward as fw
+    import mechfix.stages.lora as lo
 
     lm, rec, att, neutral = planted
     reqs = _requests(lm, rec)
@@ -181,7 +181,7 @@ def test_gpt2_adapter_round_trips_through_peft_with_conv1d_layout():
     lm = tiny_model("gpt2")
     fix = gpt2_lora_fix(lm)
     lora, targets = fix.lora, lora_targets(lm, [1, 2], [0, 3])
-    from mechfix.adapter import peft_config
+    from mechfix.fixes.adapter import peft_config
 
     manifest = new_manifest("fix", model=lm.identity, fix={
         "kind": "lora", "op": "lora", "strength": 1.0,

@@ -9,7 +9,7 @@ import torch
 from conftest import MINI_RECIPE
 
 from mechfix.errors import RecipeError
-from mechfix.recipe import builtin_recipes, load_recipe, parse_recipe
+from mechfix.scenario.recipe import builtin_recipes, load_recipe, parse_recipe
 
 
 def _line_of(text: str, needle: str) -> int:
@@ -157,7 +157,7 @@ def test_builtin_recipes_cover_all_seven_failure_families():
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_builtin_recipe_has_24_items_three_conditions_and_distinct_options(name):
     # A helpful condition (the same channel carrying the right answer) joins every family where it makes sense.
-    from mechfix.episodes import render_episode
+    from mechfix.scenario.episodes import render_episode
 
     r = load_recipe(name).recipe
     assert len(r.items) >= 24
@@ -178,7 +178,7 @@ def test_every_builtin_recipe_has_24_items_three_conditions_and_distinct_options
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
 def test_every_builtin_recipe_records_in_score_and_generate_mode(tiny_llama, mode):
-    from mechfix.record import record, summarize
+    from mechfix.stages.record import record, summarize
 
     for path in builtin_recipes():
         loaded = load_recipe(path, mode=mode)
@@ -205,7 +205,7 @@ def test_an_unknown_mode_is_refused():
 
 def test_a_built_in_name_means_the_built_in_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
     # `mechfix run recipes/conformity.yaml --out conformity` leaves a folder named like the built-in recipe.
-    from mechfix.recipe import builtin_recipe_dir, load_recipe
+    from mechfix.scenario.recipe import builtin_recipe_dir, load_recipe
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "conformity").mkdir()

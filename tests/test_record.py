@@ -6,9 +6,9 @@ import torch
 from conftest import MINI_RECIPE
 
 from mechfix.artifacts import load_artifact, save_artifact
-from mechfix.forward import Request, run_requests
-from mechfix.recipe import LoadedRecipe, parse_recipe
-from mechfix.record import parse_choice, record, split_items, summarize, to_artifact
+from mechfix.engine.forward import Request, run_requests
+from mechfix.scenario.recipe import LoadedRecipe, parse_recipe
+from mechfix.stages.record import parse_choice, record, split_items, summarize, to_artifact
 
 
 def _loaded(text=MINI_RECIPE) -> LoadedRecipe:

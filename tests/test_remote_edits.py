@@ -12,12 +12,12 @@ from tiny import tiny_model
 
 from mechfix import traces
 from mechfix.errors import BadInputError
-from mechfix.evaluate import neutral_kl, neutral_passages, neutral_set, score_requests
-from mechfix.fix import Fix, LoraWeights, RowFixes, apply_fix, apply_row_fixes
-from mechfix.forward import final_hidden, pad_batch
-from mechfix.record import decision_requests
-from mechfix.steer import Budget, steer
-from mechfix.verify import gates_for, verify
+from mechfix.measure.evaluate import neutral_kl, neutral_passages, neutral_set, score_requests
+from mechfix.fixes.fix import Fix, LoraWeights, RowFixes, apply_fix, apply_row_fixes
+from mechfix.engine.forward import final_hidden, pad_batch
+from mechfix.stages.record import decision_requests
+from mechfix.stages.steer import Budget, steer
+from mechfix.stages.verify import gates_for, verify
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -133,11 +133,11 @@ def test_report_of_a_live_recipe_shows_the_state_per_round_before_and_after_the_
     from test_live import _recipe
 
     from mechfix.artifacts import save_artifact
-    from mechfix.evaluate import neutral_passages, neutral_set
-    from mechfix.fix import Fix
-    from mechfix.recipe import LoadedRecipe
-    from mechfix.record import record, to_artifact
-    from mechfix.verify import gates_for, verify
+    from mechfix.measure.evaluate import neutral_passages, neutral_set
+    from mechfix.fixes.fix import Fix
+    from mechfix.scenario.recipe import LoadedRecipe
+    from mechfix.stages.record import record, to_artifact
+    from mechfix.stages.verify import gates_for, verify
 
     need_browser()
     recipe = _recipe()

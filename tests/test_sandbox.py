@@ -8,8 +8,8 @@ import pytest
 from tiny import byte_tokenizer
 
 from mechfix.errors import BadInputError
-from mechfix.sandbox import LIMITS, Limits, TemplateLimitError, render
-from mechfix.templates import BUILTIN_TEMPLATES, render_chat
+from mechfix.scenario.sandbox import LIMITS, Limits, TemplateLimitError, render
+from mechfix.scenario.templates import BUILTIN_TEMPLATES, render_chat
 
 # Templates written the way real model families write theirs: tools and namespaces (Qwen-like), a date and a
 # system default (Llama-3.1-like), {% generation %} marks and loop controls (SmolLM-like).

@@ -407,7 +407,7 @@ def finished_run(tmp_path_factory):
 def test_every_terminal_view_prints_hostile_text_as_text(finished_run, capsys):
     from mechfix.artifacts import load_artifact
     from mechfix.cli import views
-    from mechfix.verdict import comparison_rows
+    from mechfix.measure.verdict import comparison_rows
 
     out, summary = finished_run
     assert summary["fix"] is not None, "the tiny run must make a fix for every view to be shown"

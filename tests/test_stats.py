@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mechfix.stats import behaviour_summary, bootstrap_ci, flip_rate
+from mechfix.measure.stats import behaviour_summary, bootstrap_ci, flip_rate
 
 
 def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():

@@ -9,15 +9,15 @@ import torch
 from test_attribute import PLANT_RECIPE, _loaded, _planted_model, _recording
 from tiny import tiny_model
 
-from mechfix.attribute import attribute, decisions_from_record
-from mechfix.attribute import to_artifact as attribution_artifact
+from mechfix.stages.attribute import attribute, decisions_from_record
+from mechfix.stages.attribute import to_artifact as attribution_artifact
 from mechfix.errors import GateError
-from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, neutral_passages, neutral_set, score_requests
-from mechfix.fix import Fix, apply_fix
-from mechfix.forward import Request
-from mechfix.steer import Budget, pick_targets, steer
-from mechfix.stats import decision_scores
-from mechfix.verify import error_report, gates_for, junit_xml, verify
+from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, neutral_passages, neutral_set, score_requests
+from mechfix.fixes.fix import Fix, apply_fix
+from mechfix.engine.forward import Request
+from mechfix.stages.steer import Budget, pick_targets, steer
+from mechfix.measure.stats import decision_scores
+from mechfix.stages.verify import error_report, gates_for, junit_xml, verify
 
 # Twelve items, half held out, so both splits have room; the same planted setup as test_attribute.
 PLANT_MORE = PLANT_RECIPE.replace("split: {heldout: 0.25, seed: 1}", "split: {heldout: 0.5, seed: 2}") + """\
@@ -129,7 +129,7 @@ def test_verify_measures_control_change_and_clean_agreement_per_decision(tiny_ll
     cc = report["control_change"]
     assert cc["change"] == pytest.approx(cc["after"] - cc["before"])
     assert cc["before"] == pytest.approx(report["before"]["control_effect"]["mean"])
-    from mechfix.record import decision_requests
+    from mechfix.stages.record import decision_requests
 
     reqs = decision_requests(tiny_llama, recipe, [0, 1, 2, 3, 4]).requests
     b = score_requests(tiny_llama, {"clean": reqs["clean"]})["clean"]
@@ -144,8 +144,8 @@ def test_row_fixes_score_each_request_exactly_as_its_own_fix_alone(tiny_llama, o
     """Cross-validation scores every fold in one pass, each row with its own fold's fix."""
     from conftest import MINI_RECIPE
 
-    from mechfix.fix import RowFixes, apply_row_fixes
-    from mechfix.record import decision_requests
+    from mechfix.fixes.fix import RowFixes, apply_row_fixes
+    from mechfix.stages.record import decision_requests
 
     lm = tiny_llama
     by_cond = decision_requests(lm, _loaded(MINI_RECIPE).recipe, list(range(3))).requests
@@ -199,7 +199,7 @@ def test_applying_a_fix_during_generation_changes_the_text_only_while_applied():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_kl_through_the_cached_unfixed_terms_equals_the_full_vocabulary_product(arch, monkeypatch):
-    import mechfix.evaluate as ev
+    import mechfix.measure.evaluate as ev
 
     lm = tiny_model(arch)
     g = torch.Generator().manual_seed(0)
@@ -216,7 +216,7 @@ def test_kl_through_the_cached_unfixed_terms_equals_the_full_vocabulary_product(
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 def test_skipping_the_layers_below_a_fix_gives_the_same_scores_and_kl(arch):
-    from mechfix.layerskip import LayerSkip
+    from mechfix.engine.layerskip import LayerSkip
 
     lm = tiny_model(arch)
     g = torch.Generator().manual_seed(0)

@@ -8,12 +8,12 @@ from conftest import MINI_RECIPE
 from test_attribute import PLANT_RECIPE, _loaded, _recording
 from tiny import tiny_model
 
-from mechfix import traces
-from mechfix.attribute import attribute
-from mechfix.fix import Fix, apply_fix
-from mechfix.forward import Request, run_requests
-from mechfix.patching import decision_grads, encode_prefixes, run_tails, tails_for
-from mechfix.record import decision_requests, record
+from mechfix.engine.backends import nnsight as traces
+from mechfix.stages.attribute import attribute
+from mechfix.fixes.fix import Fix, apply_fix
+from mechfix.engine.forward import Request, run_requests
+from mechfix.engine.patching import decision_grads, encode_prefixes, run_tails, tails_for
+from mechfix.stages.record import decision_requests, record
 
 FAMILIES = ["llama", "gemma3_text", "gpt2", "gpt_neox", "qwen3"]
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -286,7 +286,7 @@ BF16_SHARE = 0.02
 def test_bf16_agrees_with_fp32_within_two_percent_of_the_scale(backend):
     from test_attribute import _planted_model
 
-    from mechfix.attribute import Component
+    from mechfix.stages.attribute import Component
 
     full = traces.use_backend(_planted_model(), backend)
     half = traces.use_backend(_planted_model(), backend)
@@ -308,7 +308,7 @@ def test_bf16_agrees_with_fp32_within_two_percent_of_the_scale(backend):
 
 
 def test_attribution_that_runs_out_of_memory_halves_its_batch_and_gets_the_same_numbers(monkeypatch):
-    import mechfix.attribute as attribute_module
+    import mechfix.stages.attribute as attribute_module
 
     lm = tiny_model("llama")
     rec = _recording(lm, MINI_RECIPE.replace("heldout: 0.5", "heldout: 0.2"))
@@ -333,7 +333,7 @@ def test_attribution_that_runs_out_of_memory_halves_its_batch_and_gets_the_same_
 
 
 def test_auto_batch_size_is_16_on_a_cpu_and_grows_with_free_gpu_memory():
-    from mechfix.forward import auto_batch_size, batch_for_memory
+    from mechfix.engine.forward import auto_batch_size, batch_for_memory
 
     lm = tiny_model("llama")
     assert auto_batch_size(lm, 512) == 16
@@ -350,9 +350,9 @@ def test_a_batch_size_that_is_not_a_positive_number_or_auto_is_refused(monkeypat
 
 
 def test_all_positions_stream_to_disk_and_save_the_same_numbers(tmp_path):
-    from mechfix.actstore import disk_tensor
+    from mechfix.engine.actstore import disk_tensor
     from mechfix.artifacts import load_artifact, save_artifact
-    from mechfix.record import to_artifact
+    from mechfix.stages.record import to_artifact
 
     lm = tiny_model("llama")
     loaded = _loaded(MINI_RECIPE)

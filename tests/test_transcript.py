@@ -7,10 +7,10 @@ import json
 import pytest
 from test_cli import run
 
-from mechfix.episodes import render_episode
+from mechfix.scenario.episodes import render_episode
 from mechfix.errors import RecipeError
-from mechfix.record import record
-from mechfix.transcript import TranscriptError, load_transcript, read_transcripts
+from mechfix.stages.record import record
+from mechfix.scenario.transcript import TranscriptError, load_transcript, read_transcripts
 
 QUESTIONS = [("What is the capital of France?", "Paris", "Lyon"), ("Which planet is red?", "Mars", "Venus"),
              ("Who wrote Hamlet?", "Shakespeare", "Dickens"), ("What do bees make?", "honey", "wax")]

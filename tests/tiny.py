@@ -61,8 +61,8 @@ def gpt2_lora_fix(lm: LoadedModel, seed: int = 0, scale: float = 0.1, strength: 
     """A LoRA fix on a tiny GPT-2 (Conv1D projections) of layers 1 and 2, reading heads 0 and 3, with a trained-looking B."""
     import torch as _torch
 
-    from mechfix.fix import Fix
-    from mechfix.lora import init_lora, lora_targets
+    from mechfix.fixes.fix import Fix
+    from mechfix.stages.lora import init_lora, lora_targets
 
     lora = init_lora(lora_targets(lm, [1, 2], [0, 3]), rank=3, head_dim=lm.head_dim, seed=seed)
     lora.b = [_torch.randn_like(b) * scale for b in lora.b]

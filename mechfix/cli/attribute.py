@@ -33,8 +33,8 @@ from mechfix.cli.views import _print_attribution
 def _do_attribute(lm, rec, target: Path, method: str, top: int, baseline: str, batch_size: int, plot: Path | None = None):
     """Attribute a record artifact, save the attribution (and the heatmap); returns the artifact."""
     from mechfix.artifacts import save_artifact
-    from mechfix.attribute import attribute as run_attribute
-    from mechfix.attribute import to_artifact
+    from mechfix.stages.attribute import attribute as run_attribute
+    from mechfix.stages.attribute import to_artifact
 
     with _progress() as progress:
         att = run_attribute(lm, rec, method=method, top=top, baseline=baseline, batch_size=batch_size, on_progress=progress)
@@ -42,7 +42,7 @@ def _do_attribute(lm, rec, target: Path, method: str, top: int, baseline: str, b
     artifact = to_artifact(att, lm, rec, params, top=top)
     save_artifact(target, artifact)
     if plot is not None:
-        from mechfix.plot import heatmap
+        from mechfix.report.plot import heatmap
 
         heatmap(
             artifact.tensors,
@@ -104,7 +104,7 @@ def attribute(
     which must be the same model) and refuses a recording of another model.
     """
     from mechfix.artifacts import check_same_model, load_artifact
-    from mechfix.attribute import METHODS
+    from mechfix.stages.attribute import METHODS
     from mechfix.errors import BadInputError
 
     if method not in METHODS:

@@ -235,7 +235,7 @@ def gate_settings(gate: str, layer: int | None, max_clean: float, max_neutral: f
         BadInputError: For another ``--gate`` value, a gate layer without ``--gate probe``, or a gated LoRA fix.
     """
     from mechfix.errors import BadInputError
-    from mechfix.gate import GateSettings
+    from mechfix.fixes.gate import GateSettings
 
     if gate not in ("none", "probe"):
         raise BadInputError(f"--gate must be none or probe, not '{gate}'.")
@@ -346,8 +346,8 @@ def parse_batch_size(text: str | int) -> int | None:
 
 
 def resolve_batch_size(lm, parsed: int | None) -> int:
-    """The batch size to run: the number given, or :func:`mechfix.forward.auto_batch_size`."""
-    from mechfix.forward import auto_batch_size
+    """The batch size to run: the number given, or :func:`mechfix.engine.forward.auto_batch_size`."""
+    from mechfix.engine.forward import auto_batch_size
 
     return parsed if parsed is not None else auto_batch_size(lm, AUTO_BATCH_TOKENS)
 
@@ -490,7 +490,7 @@ def _load_model(
     """
     from mechfix.errors import BadInputError
     from mechfix.models import load_model, load_remote, parse_device_map
-    from mechfix.traces import check_backend, use_backend
+    from mechfix.engine.backends.nnsight import check_backend, use_backend
 
     check_backend(backend, remote)
     if device is not None and device_map is not None:
@@ -550,7 +550,7 @@ def _ints(text: str | None, name: str) -> list[int] | None:
 
 def _neutral(lm, path: Path | None, part: str = "select", stride: int = 1):
     from mechfix.errors import BadInputError
-    from mechfix.evaluate import neutral_passages, neutral_set
+    from mechfix.measure.evaluate import neutral_passages, neutral_set
 
     if path is not None and not path.is_file():
         raise BadInputError(f"--neutral '{path}' does not exist. Give a text file of passages separated by blank lines.")
@@ -595,7 +595,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _check_replay(replay: str) -> None:
     """Refuse an unknown --replay before any model is loaded."""
     from mechfix.errors import BadInputError
-    from mechfix.verify import REPLAY
+    from mechfix.stages.verify import REPLAY
 
     if replay not in REPLAY:
         raise BadInputError(f"--replay must be one of {', '.join(REPLAY)}, not '{replay}'.")

@@ -50,8 +50,8 @@ def export(
     """
     from mechfix.artifacts import check_same_model, check_writable_dir
     from mechfix.errors import BadInputError
-    from mechfix.export import FORMATS, check_export, check_exported, write_gguf, write_hf, write_peft
-    from mechfix.fix import load_fix
+    from mechfix.stages.export import FORMATS, check_export, check_exported, write_gguf, write_hf, write_peft
+    from mechfix.fixes.fix import load_fix
 
     if fmt not in FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")

@@ -80,11 +80,11 @@ def monitor(
     and more conversations are flagged than it allows; 2 on bad input.
     """
     from mechfix.artifacts import check_same_model
-    from mechfix.chat import recorded_style, style_mismatch
+    from mechfix.scenario.chat import recorded_style, style_mismatch
     from mechfix.errors import BadInputError
-    from mechfix.fix import load_fix
-    from mechfix.monitor import probe_of, score_episodes, summary
-    from mechfix.record import decision_requests
+    from mechfix.fixes.fix import load_fix
+    from mechfix.stages.monitor import probe_of, score_episodes, summary
+    from mechfix.stages.record import decision_requests
 
     loaded = _load_source(recipe, transcript, decision, mode)
     check_paths({**source_inputs(loaded, transcript, decision, chat_template), "--probe": probe})

@@ -10,7 +10,7 @@ from mechfix.cli.common import JsonOpt, _emit_json, app, out
 @app.command(epilog="Examples:\n\n  mechfix recipes\n\n  mechfix recipes --json")
 def recipes(as_json: JsonOpt = False) -> None:
     """List the built-in recipes, one line each."""
-    from mechfix.recipe import builtin_recipes, load_recipe
+    from mechfix.scenario.recipe import builtin_recipes, load_recipe
 
     rows = []
     for p in builtin_recipes():

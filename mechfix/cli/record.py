@@ -127,7 +127,7 @@ def source_inputs(loaded, transcript: Path | None, decision: Path | None,
 
     Every file mechfix reads is an input: no output may be written over it.
     """
-    from mechfix.templates import template_file
+    from mechfix.scenario.templates import template_file
 
     # A template file is an input; a name that is no file is left to resolve_template, which lists the built-ins.
     path = template_file(chat_template)
@@ -141,7 +141,7 @@ def source_inputs(loaded, transcript: Path | None, decision: Path | None,
 def _load_source(recipe: str | None, transcript: Path | None, decision: Path | None, mode: str | None):
     """The recipe to run: a recipe file or built-in name, or a transcript with its decision file."""
     from mechfix.errors import BadInputError
-    from mechfix.recipe import load_recipe
+    from mechfix.scenario.recipe import load_recipe
 
     if transcript is None and decision is None:
         if recipe is None:
@@ -154,14 +154,14 @@ def _load_source(recipe: str | None, transcript: Path | None, decision: Path | N
         )
     if mode == "generate":
         raise BadInputError("--mode generate does not apply to --transcript: the conversation is replayed as it happened.")
-    from mechfix.transcript import load_transcript
+    from mechfix.scenario.transcript import load_transcript
 
     return load_transcript(transcript, decision)
 
 
 def pick_style(lm, loaded, style: str | None, chat_template: str | None, made: dict | None = None):
-    """The rendering style of a command (see :func:`mechfix.chat.choose_style`); says so when it is chat."""
-    from mechfix.chat import choose_style
+    """The rendering style of a command (see :func:`mechfix.scenario.chat.choose_style`); says so when it is chat."""
+    from mechfix.scenario.chat import choose_style
     from mechfix.cli.common import err
 
     chosen = choose_style(lm.tokenizer, loaded.recipe, style, chat_template, made)
@@ -176,7 +176,7 @@ def parse_act_dtype(text: str | None):
     Raises:
         BadInputError: For another name.
     """
-    from mechfix.actstore import ACT_DTYPES
+    from mechfix.engine.actstore import ACT_DTYPES
     from mechfix.errors import BadInputError
 
     if text is None:
@@ -188,10 +188,10 @@ def parse_act_dtype(text: str | None):
 
 def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False, style=None, act_dtype=None):
     """Record a loaded recipe and save the artifact; returns (artifact, recording)."""
-    from mechfix.actstore import default_act_dtype
+    from mechfix.engine.actstore import default_act_dtype
     from mechfix.artifacts import save_artifact
-    from mechfix.record import record as run_record
-    from mechfix.record import to_artifact
+    from mechfix.stages.record import record as run_record
+    from mechfix.stages.record import to_artifact
 
     act_dtype = act_dtype or default_act_dtype(lm)
     with _progress() as progress:

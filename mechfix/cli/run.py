@@ -86,7 +86,7 @@ from mechfix.defaults import (
     MIN_CLEAN_MARGIN,
     MIN_REDUCTION,
 )
-from mechfix.verdict import why_failed
+from mechfix.measure.verdict import why_failed
 
 
 @app.command(
@@ -153,13 +153,13 @@ def run(
     NAME.verify.json and NAME.report.html (the page `mechfix report` makes;
     --no-report leaves it out), then prints one summary. Exit codes as for verify.
     """
-    from mechfix import capabilities as caps
+    from mechfix.measure import capabilities as caps
     from mechfix.errors import BadInputError, GateError
-    from mechfix.fix import fix_from_artifact
-    from mechfix.lora import LoraSettings, lora_settings_check
-    from mechfix.recipe import load_recipe
-    from mechfix.steer import Budget, check_kind_op, check_portable
-    from mechfix.verify import gates_for, junit_xml
+    from mechfix.fixes.fix import fix_from_artifact
+    from mechfix.stages.lora import LoraSettings, lora_settings_check
+    from mechfix.scenario.recipe import load_recipe
+    from mechfix.stages.steer import Budget, check_kind_op, check_portable
+    from mechfix.stages.verify import gates_for, junit_xml
 
     _check_replay(replay)
     loaded = load_recipe(recipe, mode)
@@ -222,7 +222,7 @@ def run(
     (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay, tasks, rendering)
     _write_text_atomic(paths["verify"], _json_text(report) + "\n")
     if junit is not None:
-        _write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
+        _write_text_atomic(junit, junit_xml(report, f"mechfix.stages.verify.{name}"))
     _print_verify(report, f"{name}: held-out check of the {fix.kind} fix")
     _write_report(paths)
     summary = _run_summary(rec_summary, att.manifest["summary"], steer_summary, report, paths)

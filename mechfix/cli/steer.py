@@ -76,12 +76,12 @@ def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: 
               neutral_path: Path | None, capabilities: list[str] | None, tasks, folds: int, seed: int, batch_size: int,
               lora=None, gate=None, portable: bool = False):
     """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
-    from mechfix import capabilities as caps
+    from mechfix.measure import capabilities as caps
     from mechfix.errors import GateError
-    from mechfix.fix import save_fix
-    from mechfix.lora import LoraSettings
-    from mechfix.steer import SEARCH_KL_STRIDE, steer
-    from mechfix.steer import to_artifact as fix_artifact
+    from mechfix.fixes.fix import save_fix
+    from mechfix.stages.lora import LoraSettings
+    from mechfix.stages.steer import SEARCH_KL_STRIDE, steer
+    from mechfix.stages.steer import to_artifact as fix_artifact
 
     neutral = _neutral(lm, neutral_path, "select", SEARCH_KL_STRIDE)
     suite = caps.build_suite(lm, tasks, "select")
@@ -225,10 +225,10 @@ def steer(
     linear probe says the agent is under pressure (see the README's "Gated
     fixes"). Exit 1 (nothing written) when nothing fits the budget.
     """
-    from mechfix import capabilities as caps
+    from mechfix.measure import capabilities as caps
     from mechfix.artifacts import check_same_model, load_artifact
-    from mechfix.lora import LoraSettings, lora_settings_check
-    from mechfix.steer import Budget, check_kind_op, check_portable
+    from mechfix.stages.lora import LoraSettings, lora_settings_check
+    from mechfix.stages.steer import Budget, check_kind_op, check_portable
 
     check_kind_op(kind, op)
     check_remote(remote, kind=kind, gate=gate)

@@ -55,14 +55,14 @@ from mechfix.defaults import (
     MIN_CLEAN_MARGIN,
     MIN_REDUCTION,
 )
-from mechfix.verdict import comparison_rows
+from mechfix.measure.verdict import comparison_rows
 
 
 def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all",
                tasks=None, style=None) -> list[dict[str, Any]]:
     """Verify one or more fixes on the recipe's held-out split: one report per fix."""
-    from mechfix import capabilities as caps
-    from mechfix.verify import verify_fixes
+    from mechfix.measure import capabilities as caps
+    from mechfix.stages.verify import verify_fixes
 
     neutral = _neutral(lm, neutral_path, "verify")
     suite = caps.build_suite(lm, tasks, "verify") if tasks is not None else None
@@ -89,7 +89,7 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
 
 def _check_styles(fixes, rendering, recipe: str | None, fix_path: Path) -> None:
     """Refuse to verify a fix on renderings of another style or template than its own (unless asked for)."""
-    from mechfix.chat import recorded_style, style_mismatch
+    from mechfix.scenario.chat import recorded_style, style_mismatch
     from mechfix.errors import BadInputError
 
     for f in fixes:
@@ -167,12 +167,12 @@ def verify(
     them side by side: reduction, KL, clean agreement, control, parameters.
     With a live recipe, the episodes are also played again with the fix (see --replay).
     """
-    from mechfix import capabilities as caps
+    from mechfix.measure import capabilities as caps
     from mechfix.artifacts import check_same_model
-    from mechfix.chat import recorded_style
+    from mechfix.scenario.chat import recorded_style
     from mechfix.errors import ArtifactError, BadInputError
-    from mechfix.fix import load_fix
-    from mechfix.verify import error_report, gates_for, junit_xml
+    from mechfix.fixes.fix import load_fix
+    from mechfix.stages.verify import error_report, gates_for, junit_xml
 
     if fix_path is None:
         raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
@@ -189,7 +189,7 @@ def verify(
     batch = parse_batch_size(batch_size)
     lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
     batch_size = resolve_batch_size(lm, batch)
-    suite = f"mechfix.verify.{loaded.recipe.name}"
+    suite = f"mechfix.stages.verify.{loaded.recipe.name}"
     try:
         check_same_model(fix.manifest, lm.identity, fix_path)
     except ArtifactError as exc:

@@ -7,8 +7,8 @@ from typing import Any
 from rich.table import Table
 
 from mechfix.cli.common import _clean_nan, err, shown, styled
-from mechfix.verdict import comparison_cells, comparison_names, why_failed
-from mechfix.verdict import pct as _pct  # one formatting of shares for the terminal and the report
+from mechfix.measure.verdict import comparison_cells, comparison_names, why_failed
+from mechfix.measure.verdict import pct as _pct  # one formatting of shares for the terminal and the report
 
 
 def _fmt_ci(stat: dict[str, Any] | None) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from mechfix.report import figures
 from mechfix.report.collect import RunFiles, Source, chain
-from mechfix.verdict import comparison_cells, comparison_names, comparison_rows, reduction_text, why_failed
+from mechfix.measure.verdict import comparison_cells, comparison_names, comparison_rows, reduction_text, why_failed
 
 # How many live episodes per condition the page prints (folded), and how many state variables it plots.
 LIVE_TRANSCRIPTS = 3

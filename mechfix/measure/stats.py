@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechfix.recipe import ALIGNED, MISALIGNED
+from mechfix.scenario.recipe import ALIGNED, MISALIGNED
 
 
 def decision_scores(option_scores: torch.Tensor) -> torch.Tensor:

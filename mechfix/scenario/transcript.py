@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from mechfix.errors import BadInputError, RecipeError
-from mechfix.recipe import (
+from mechfix.scenario.recipe import (
     Format,
     LoadedRecipe,
     Recipe,

@@ -1,6 +1,6 @@
 """The pressure monitor: where, in what an agent reads, a gated fix's probe says the pressure comes from.
 
-A gated fix holds a linear probe of the residual stream (:mod:`mechfix.gate`)
+A gated fix holds a linear probe of the residual stream (:mod:`mechfix.fixes.gate`)
 that fires where the target agent is under pressure. Run on its own, the
 probe is an early warning. It was fitted at decision positions (the target's
 turn opened), so the monitor reads it there: at the decision, and at the
@@ -12,7 +12,7 @@ batches of a forward pass up to the probe's layer; nothing is generated.
 Use it from a running system::
 
     from mechfix import load_model, load_fix
-    from mechfix.monitor import score_conversation
+    from mechfix.stages.monitor import score_conversation
     lm, probe = load_model(), load_fix("conformity.gated.fix.safetensors")
     result = score_conversation(lm, probe, messages, target="Sam")   # OpenAI-format messages
     if result.flagged: ...
@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from mechfix.chat import Style, choose_style, recorded_style, style_mismatch, view_ids
-from mechfix.episodes import FRAME, Episode, render_episode
+from mechfix.scenario.chat import Style, choose_style, recorded_style, style_mismatch, view_ids
+from mechfix.scenario.episodes import FRAME, Episode, render_episode
 from mechfix.errors import BadInputError
-from mechfix.fix import Fix
-from mechfix.gate import Gate, layer_acts, prompt_batches
+from mechfix.fixes.fix import Fix
+from mechfix.fixes.gate import Gate, layer_acts, prompt_batches
 from mechfix.models import LoadedModel
-from mechfix.recipe import Format, Recipe
+from mechfix.scenario.recipe import Format, Recipe
 
 # The text of a message shown in tables and JSON (the whole message stays in the transcript).
 _SHOWN = 80
@@ -199,8 +199,8 @@ def conversation_episode(messages: Sequence[dict[str, Any]], target: str, layout
     Raises:
         BadInputError: For malformed messages.
     """
-    from mechfix.transcript import DecisionFile, Edit, Message, transcript_recipe
-    from mechfix.transcript import _conversation as parse
+    from mechfix.scenario.transcript import DecisionFile, Edit, Message, transcript_recipe
+    from mechfix.scenario.transcript import _conversation as parse
 
     convo = parse(list(messages), "messages")
     # The target's own reply ends the conversation: a transcript's episode is cut just before its target message.

@@ -9,7 +9,7 @@ episode's turns; :func:`tokenize_chat` renders it with the tokenizer's
 template and keeps a speaker for every token: a message's content tokens
 belong to its speaker, the template's own tokens to ``<frame>``. The token ids
 are exactly ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``'s
-(rendered in mechfix's limited sandbox, :mod:`mechfix.sandbox`, never by
+(rendered in mechfix's limited sandbox, :mod:`mechfix.scenario.sandbox`, never by
 transformers itself), followed by the decision prompt's tokens (the start of
 the agent's reply).
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from mechfix.episodes import FRAME, Episode, Segment, Tokenized, fill, tokenize_episode
+from mechfix.scenario.episodes import FRAME, Episode, Segment, Tokenized, fill, tokenize_episode
 from mechfix.errors import BadInputError
-from mechfix.recipe import Recipe
-from mechfix.templates import Template, render_chat
+from mechfix.scenario.recipe import Recipe
+from mechfix.scenario.templates import Template, render_chat
 
 STYLES = ("text", "chat")
 _JOIN = "\n\n"
@@ -208,7 +208,7 @@ def choose_style(tokenizer, recipe: Recipe, style: str | None = None, template: 
     Raises:
         BadInputError: For an unknown style, chat style without a template, or a template that does not render.
     """
-    from mechfix.templates import model_template, resolve_template, use_template
+    from mechfix.scenario.templates import model_template, resolve_template, use_template
 
     if style is not None and style not in STYLES:
         raise BadInputError(f"--style must be text or chat, not '{style}'.")
@@ -261,7 +261,7 @@ def reply_stops(tokenizer) -> list[int]:
 
 
 class ChatWriters:
-    """Batched, cached generation in chat style: one :class:`~mechfix.generation.Writer` per agent.
+    """Batched, cached generation in chat style: one :class:`~mechfix.engine.generation.Writer` per agent.
 
     Each agent's context is its own chat (its system prompt, its turns as
     assistant), so rows of different agents share no prefix; an agent's own
@@ -285,7 +285,7 @@ class ChatWriters:
     def write(self, agent: str, views: list[tuple[list[tuple[str | None, str]], dict[str, str], str]],
               max_tokens: int) -> list[str]:
         """Every row's reply by ``agent``, from ``(turns, values, prompt)`` per row; cut at the first newline."""
-        from mechfix.generation import Writer, row_seed
+        from mechfix.engine.generation import Writer, row_seed
 
         if agent not in self.writers:
             self.writers[agent] = Writer(self.lm, self.n, self.temperature, [row_seed(s, agent) for s in self.seeds])

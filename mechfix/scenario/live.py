@@ -15,7 +15,7 @@ condition:
    ana - sam)"``). The next round sees the whole history.
 
 All items of a condition advance together, so each turn is one batched
-generation (:class:`mechfix.generation.Writer`). Greedy by default; with
+generation (:class:`mechfix.engine.generation.Writer`). Greedy by default; with
 ``rounds.temperature`` every conversation samples from its own generator,
 seeded from ``rounds.seed``, the item and the condition, so a run is
 reproducible and does not depend on which items run beside it.
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mechfix.chat import ChatWriters, Style
-from mechfix.episodes import (
+from mechfix.scenario.chat import ChatWriters, Style
+from mechfix.scenario.episodes import (
     FRAME,
     Episode,
     Segment,
@@ -39,11 +39,11 @@ from mechfix.episodes import (
     turn_segments,
 )
 from mechfix.errors import RecipeError
-from mechfix.expr import ExprError, compile_rule, evaluate, first_number, fmt, to_number
-from mechfix.fix import Fix, apply_fix
-from mechfix.generation import Writer, row_seed
+from mechfix.scenario.expr import ExprError, compile_rule, evaluate, first_number, fmt, to_number
+from mechfix.fixes.fix import Fix, apply_fix
+from mechfix.engine.generation import Writer, row_seed
 from mechfix.models import LoadedModel
-from mechfix.recipe import Recipe, RoundTurn, round_rules
+from mechfix.scenario.recipe import Recipe, RoundTurn, round_rules
 
 
 @dataclass
@@ -209,7 +209,7 @@ def run_live(
             (and key/value cache) of its own, since a fixed model reads the
             history differently.
         style: In chat style every turn is written from its own agent's chat
-            (:class:`mechfix.chat.ChatWriters`: one cached writer per agent); the
+            (:class:`mechfix.scenario.chat.ChatWriters`: one cached writer per agent); the
             transcript keeps the text layout.
 
     Returns:

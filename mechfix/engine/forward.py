@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from mechfix.edits import check_plain_pass
+from mechfix.engine.edits import check_plain_pass
 from mechfix.models import LoadedModel
 
 T = TypeVar("T")
@@ -195,7 +195,7 @@ def _batch_pass_of(lm: LoadedModel) -> BatchPass:
     """The batch pass of the model's backend."""
     if lm.backend == "hooks":
         return _hooks_pass
-    from mechfix.traces import request_pass
+    from mechfix.engine.backends.nnsight import request_pass
 
     return request_pass
 
@@ -380,7 +380,7 @@ def run_requests(
         all_positions: Capture every prompt position instead of the decision position.
         on_batch: Called with the number of requests finished after each batch (progress).
         on_rows: Called before each batch's forward pass with the index of the request each row
-            belongs to (for edits that differ per request, :class:`~mechfix.fix.RowFixes`).
+            belongs to (for edits that differ per request, :class:`~mechfix.fixes.fix.RowFixes`).
         on_acts: Called with each request's index and activations as soon as they are
             captured, instead of keeping them in its :class:`Result` (record streams
             activations at every position to disk this way).

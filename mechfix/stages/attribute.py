@@ -10,7 +10,7 @@ Positive means the component carries the behaviour.
 - Attribution patching (``atp``) estimates every effect at once, to first
   order: ``(pressure − baseline activation) · ∂score/∂activation``.
 - Exact patching (``exact``) runs the patched model. Both run on cached
-  prefixes (:mod:`mechfix.patching`): a patched decision costs a few tokens.
+  prefixes (:mod:`mechfix.engine.patching`): a patched decision costs a few tokens.
 - Per-speaker split of a head's effect: the head's output at the decision
   position is a sum over the tokens it attends to, ``Σ_j a_j v_j``; projected
   on the gradient and grouped by who spoke token j, the pressure run's terms
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from mechfix.artifacts import Artifact, new_manifest
-from mechfix.chat import recorded_style
-from mechfix.episodes import option_ids
+from mechfix.scenario.chat import recorded_style
+from mechfix.scenario.episodes import option_ids
 from mechfix.errors import BadInputError
-from mechfix.forward import Request, run_requests, with_backoff
+from mechfix.engine.forward import Request, run_requests, with_backoff
 from mechfix.models import LoadedModel
-from mechfix.patching import (
+from mechfix.engine.patching import (
     Patch,
     Prefixes,
     Tail,
@@ -44,7 +44,7 @@ from mechfix.patching import (
     run_tails,
     tails_for,
 )
-from mechfix.stats import bootstrap_ci_columns, mean_ci, spearman
+from mechfix.measure.stats import bootstrap_ci_columns, mean_ci, spearman
 
 METHODS = ("atp", "exact", "both")
 KINDS = ("heads", "attn", "mlp", "resid")

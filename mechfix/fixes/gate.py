@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mechfix.edits import check_plain_pass
+from mechfix.engine.edits import check_plain_pass
 from mechfix.models import LoadedModel
 
 MAX_CLEAN_FIRE = 0.05
@@ -110,7 +110,7 @@ class GateMask:
 
 
 def gated(op, mask: GateMask):
-    """The operation ``op`` (a :class:`mechfix.fix.Op`) applied only where ``mask`` fires; elsewhere its input as it is."""
+    """The operation ``op`` (a :class:`mechfix.fixes.fix.Op`) applied only where ``mask`` fires; elsewhere its input as it is."""
     if op.site == "lora":
         # A LoRA edit is added to the module's output: where the gate is shut, nothing is added.
         return dataclasses.replace(op, apply=lambda x, a, b, s: torch.where(mask.over(x), op.apply(x, a, b, s), 0.0))
@@ -140,7 +140,7 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
     """Residual-stream activations (decoder layer outputs) at every real position, or only the last, of padded batches.
 
     Runs each batch only up to the highest layer asked for; a batch that runs
-    out of memory is split in halves and retried (:func:`mechfix.forward.with_backoff`).
+    out of memory is split in halves and retried (:func:`mechfix.engine.forward.with_backoff`).
 
     Args:
         lm: The model.
@@ -151,7 +151,7 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
     Returns:
         Layer to ``[positions, hidden]`` float32 activations, batches concatenated in order.
     """
-    from mechfix.forward import with_backoff
+    from mechfix.engine.forward import with_backoff
 
     layers = sorted(set(int(x) for x in layers))
     top = layers[-1]
@@ -194,7 +194,7 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
 
 def prompt_batches(lm: LoadedModel, prompts: Sequence[Sequence[int]], batch_size: int = 16):
     """Right-padded ``(ids, mask)`` batches of token sequences, in order."""
-    from mechfix.forward import pad_batch
+    from mechfix.engine.forward import pad_batch
 
     for i in range(0, len(prompts), batch_size):
         yield pad_batch(lm, prompts[i: i + batch_size])

@@ -3,10 +3,10 @@
 Every pass the stages build on has a twin here that runs the same computation
 inside ``envoy.trace(...)``:
 
-- :func:`request_pass`: a batch of :mod:`mechfix.forward` (option scores and the
+- :func:`request_pass`: a batch of :mod:`mechfix.engine.forward` (option scores and the
   captured sites), for record and for every scoring pass of steer and verify;
 - :func:`encode_prefixes`, :func:`tail_pass`: the cached prefixes and tails of
-  :mod:`mechfix.patching` (patches at the decision position, activations, the
+  :mod:`mechfix.engine.patching` (patches at the decision position, activations, the
   gradient of the summed scores, the decision position's attention), for
   attribution patching and exact patching;
 - :func:`full_pass`: whole sequences with gradients at every position.
@@ -28,7 +28,7 @@ refuses a pass whose gradients did not all come back. The weights are kept out
 of the traced backward pass (:func:`_weights_frozen`), as with hooks.
 
 Fixes: locally a fix's edits are PyTorch hooks, which run inside traces too.
-On NDIF (``lm.edits_in_traces``) they are :class:`~mechfix.edits.Edit` records
+On NDIF (``lm.edits_in_traces``) they are :class:`~mechfix.engine.edits.Edit` records
 that every trace applies at their module in forward order (:func:`_visit`), and
 KL on neutral text is computed in traces (:func:`kl_base`, :func:`kl_fixed`).
 """
@@ -43,9 +43,9 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.errors import BadInputError, MechfixError
-from mechfix.forward import SITES, Capture, _Row, _target_logprobs, cache_kwargs, pad_batch, returned_cache
+from mechfix.engine.forward import SITES, Capture, _Row, _target_logprobs, cache_kwargs, pad_batch, returned_cache
 from mechfix.models import LoadedModel
-from mechfix.patching import (
+from mechfix.engine.patching import (
     Patch,
     Prefixes,
     Tail,
@@ -151,7 +151,7 @@ def _head(lm: LoadedModel) -> _Head:
 
 
 def _edit_slots(lm: LoadedModel) -> dict[tuple[int, str], list[Any]]:
-    """The pending edits (:mod:`mechfix.edits`) by ``(layer, slot)``, in the order they were put on.
+    """The pending edits (:mod:`mechfix.engine.edits`) by ``(layer, slot)``, in the order they were put on.
 
     Raises:
         BadInputError: For an edit on a module traces do not visit.
@@ -392,7 +392,7 @@ def _stack(lm: LoadedModel, per_layer: dict[str, list[torch.Tensor]], split_head
 
 
 def request_pass(lm: LoadedModel, batch: Sequence[_Row], ids: torch.Tensor, mask: torch.Tensor, capture: Capture):
-    """A batch pass of :func:`mechfix.forward.run_requests` as one trace (same return values as its hooks pass)."""
+    """A batch pass of :func:`mechfix.engine.forward.run_requests` as one trace (same return values as its hooks pass)."""
     import nnsight
 
     sites = capture.sites
@@ -431,7 +431,7 @@ def request_pass(lm: LoadedModel, batch: Sequence[_Row], ids: torch.Tensor, mask
 
 
 def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefixes:
-    """:func:`mechfix.patching.encode_prefixes` as a trace, or (remote) the prompts alone for whole-sequence tails."""
+    """:func:`mechfix.engine.patching.encode_prefixes` as a trace, or (remote) the prompts alone for whole-sequence tails."""
     lengths = [len(p) - 1 for p in prompts]
     width = max(lengths)
     kept = [list(p) for p in prompts]
@@ -463,7 +463,7 @@ def tail_pass(
     grad: bool = False,
     attention: bool = False,
 ) -> TailOutput:
-    """:func:`mechfix.patching.run_tails` as one trace (gradients computed in it; see :class:`TailOutput`)."""
+    """:func:`mechfix.engine.patching.run_tails` as one trace (gradients computed in it; see :class:`TailOutput`)."""
     # Remote traces run the server's attention kernel: no weights to return.
     attention = attention and not lm.remote
     if prefixes.cache is None:
@@ -510,7 +510,7 @@ def _whole_sequence_attention(per_layer: Sequence[tuple[torch.Tensor, torch.Tens
 
 
 def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITES) -> TailOutput:
-    """:func:`mechfix.patching.full_pass` as one trace: every position's activations and gradients."""
+    """:func:`mechfix.engine.patching.full_pass` as one trace: every position's activations and gradients."""
     ids, mask = pad_batch(lm, [t.ids for t in rows])
     res = _run(lm, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, [0] * len(rows), rows,
                sites=sites, grad=True, every_position=True)
@@ -523,17 +523,17 @@ def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITE
 
 def _kept(lm: LoadedModel, mask: torch.Tensor, pick: slice) -> torch.Tensor:
     """Inside a trace: the final hidden states ``[P, d]`` at the ``pick`` of the positions with a next token."""
-    from mechfix.evaluate import _keep
+    from mechfix.measure.evaluate import _keep
 
     hidden = get_path(lm.envoy, lm.spec.backbone).output[0]
     return hidden[_keep(mask).to(hidden.device)][pick]
 
 
 def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unfixed model's KL terms of one neutral batch (:func:`mechfix.evaluate.kl_base_terms`), in one trace."""
+    """The unfixed model's KL terms of one neutral batch (:func:`mechfix.measure.evaluate.kl_base_terms`), in one trace."""
     import nnsight
 
-    from mechfix.evaluate import kl_base_terms
+    from mechfix.measure.evaluate import kl_base_terms
 
     dev = _input_device(lm)
     with _remote_failures(lm), torch.inference_mode(False), torch.no_grad(), lm.envoy.trace(
@@ -544,9 +544,9 @@ def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice)
 
 
 def kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice, c: torch.Tensor, e: torch.Tensor) -> float:
-    """Summed KL over one neutral batch with the pending edits applied (:func:`mechfix.evaluate.kl_sum`), in one
+    """Summed KL over one neutral batch with the pending edits applied (:func:`mechfix.measure.evaluate.kl_sum`), in one
     trace that returns one number."""
-    from mechfix.evaluate import kl_sum
+    from mechfix.measure.evaluate import kl_sum
 
     edits = _edit_slots(lm)
     dev = _input_device(lm)

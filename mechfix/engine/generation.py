@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mechfix.forward import cache_kwargs, returned_cache
-from mechfix.edits import check_plain_pass
+from mechfix.engine.forward import cache_kwargs, returned_cache
+from mechfix.engine.edits import check_plain_pass
 from mechfix.models import LoadedModel
 
 

@@ -6,10 +6,10 @@
    projections of the layers holding the top heads.
 2. Directions come from the recording's activations at the decision position:
    mean(pressure) − mean(baseline condition). A ``lora`` fix is trained
-   instead (:mod:`mechfix.lora`), on the training split.
+   instead (:mod:`mechfix.stages.lora`), on the training split.
 3. Candidates: for a heads fix, every heads operation (unless ``op`` is given)
    on the top 1, 3 and ``top`` heads; for a vector fix, its layer. Each is
-   scored by cross-validation over the training items (:mod:`mechfix.crossval`):
+   scored by cross-validation over the training items (:mod:`mechfix.measure.crossval`):
    folds of items, each scored with the fix fitted on the other folds, the way
    verify will score the held-out items. A lora fix, whose training costs
    minutes, is not cross-validated: its strength is chosen on the training fit.
@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from mechfix import capabilities as caps
+from mechfix.measure import capabilities as caps
 from mechfix.artifacts import Artifact, new_manifest
-from mechfix.attribute import decisions_from_record
-from mechfix.chat import recorded_style
-from mechfix.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
+from mechfix.stages.attribute import decisions_from_record
+from mechfix.scenario.chat import recorded_style
+from mechfix.measure.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
     MAX_KL,
@@ -53,14 +53,14 @@ from mechfix.defaults import (
     MIN_CLEAN_MARGIN,
 )
 from mechfix.errors import BadInputError, GateError
-from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
-from mechfix.fix import DEFAULT_OP, OPS, Fix, RowFixes, apply_row_fixes, fix_tensors
-from mechfix.forward import Request
-from mechfix.gate import GateSettings, choose_gate, gate_layers, layer_acts
-from mechfix.layerskip import LayerSkip, first_layer
-from mechfix.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
+from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
+from mechfix.fixes.fix import DEFAULT_OP, OPS, Fix, RowFixes, apply_row_fixes, fix_tensors
+from mechfix.engine.forward import Request
+from mechfix.fixes.gate import GateSettings, choose_gate, gate_layers, layer_acts
+from mechfix.engine.layerskip import LayerSkip, first_layer
+from mechfix.stages.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
 from mechfix.models import LoadedModel
-from mechfix.stats import decision_scores, mean_ci, reduction, side_effects
+from mechfix.measure.stats import decision_scores, mean_ci, reduction, side_effects
 
 # Coarse strength grids: ops bounded by 1 (scale, restore) and unbounded ones.
 GRIDS = {"bounded": (0.25, 0.5, 0.75, 1.0), "unbounded": (0.5, 1.0, 2.0, 4.0)}
@@ -333,7 +333,7 @@ def _objective(p: SweepPoint, parameters: int = 0) -> tuple[float, float, float]
 class _Bench:
     """What every candidate is measured against, with the unfixed model's numbers on it computed once.
 
-    Every pass runs under one :class:`~mechfix.layerskip.LayerSkip`: the layers
+    Every pass runs under one :class:`~mechfix.engine.layerskip.LayerSkip`: the layers
     below the lowest layer any candidate touches run once per batch. A
     candidate's scores on the training split are kept per strength and
     condition, and each condition is scored only when something needs it: the
@@ -741,7 +741,7 @@ def steer(
         rec: The recording the attribution was made from (activations, decisions).
         neutral: Neutral text for the KL budget (the selection set; verify uses another).
         kind: ``vector``, ``heads`` or ``lora``.
-        op: Operation (a key of :data:`mechfix.fix.OPS` of that kind); None: a
+        op: Operation (a key of :data:`mechfix.fixes.fix.OPS` of that kind); None: a
             heads fix chooses among every heads operation, other kinds use their default.
         top: The most top heads a heads fix edits (1, 3 and ``top`` are tried).
         layers: Restrict targets to these layers (vector: use exactly these).
@@ -755,10 +755,10 @@ def steer(
         capabilities: The capability suite's selection part (None: capabilities are not part of the budget).
         folds: Cross-validation folds over the training items (0 or 1: choose on the training fit).
         seed: Seed of the folds.
-        gate: Gate every candidate with a probe fitted on the training split (:mod:`mechfix.gate`;
+        gate: Gate every candidate with a probe fitted on the training split (:mod:`mechfix.fixes.gate`;
             each fold's fix gets a probe fitted on its own folds), so the sweep runs with the gate on.
         portable: Keep only operations that export exactly as weights (a PEFT
-            adapter and a merged checkpoint, :attr:`mechfix.fix.Op.portable`);
+            adapter and a merged checkpoint, :attr:`mechfix.fixes.fix.Op.portable`);
             the notes say which were left out and why.
 
     Raises:
@@ -948,7 +948,7 @@ def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, par
     chosen = st.sweep[st.chosen]
     extra: dict[str, Any] = {}
     if st.fix.lora is not None and st.training is not None:
-        from mechfix.adapter import hub_id, peft_config
+        from mechfix.fixes.adapter import hub_id, peft_config
 
         fan = any(m.fan_in_fan_out for m in st.modules)
         extra = {"training": st.training.as_dict(),

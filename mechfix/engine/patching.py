@@ -12,7 +12,7 @@ Prefixes are padded on the left, so that every tail starts at the same cache
 index; position ids are passed explicitly, so a padded prefix computes what it
 would alone (the equality is tested against the model's own forward).
 
-Sites are the ones :mod:`mechfix.forward` records: ``resid`` (decoder layer
+Sites are the ones :mod:`mechfix.engine.forward` records: ``resid`` (decoder layer
 output), ``heads`` (input of the attention output projection, per head) and
 ``mlp`` (MLP output).
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mechfix.forward import SITES, cache_kwargs, pad_batch, returned_cache
+from mechfix.engine.forward import SITES, cache_kwargs, pad_batch, returned_cache
 from mechfix.models import LoadedModel
 
 
@@ -164,7 +164,7 @@ def encode_prefixes(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefix
     if min(lengths) < 1:
         raise ValueError("a prompt needs at least two tokens (a prefix and the decision token)")
     if lm.backend != "hooks":
-        from mechfix.traces import encode_prefixes as traced
+        from mechfix.engine.backends.nnsight import encode_prefixes as traced
 
         return traced(lm, prompts)
     width = max(lengths)
@@ -335,7 +335,7 @@ def run_tails(
             (runs the eager attention kernel).
     """
     if lm.backend != "hooks":
-        from mechfix.traces import tail_pass
+        from mechfix.engine.backends.nnsight import tail_pass
 
         return tail_pass(lm, prefixes, tails, patches=patches, sites=sites, grad=grad, attention=attention)
     dev = lm.device
@@ -429,7 +429,7 @@ def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITE
     gradients at every position are needed (per-position attribution).
     """
     if lm.backend != "hooks":
-        from mechfix.traces import full_pass as traced
+        from mechfix.engine.backends.nnsight import full_pass as traced
 
         return traced(lm, rows, sites)
     dev = lm.device

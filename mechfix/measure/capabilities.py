@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from mechfix.episodes import option_ids
+from mechfix.scenario.episodes import option_ids
 from mechfix.errors import BadInputError
-from mechfix.evaluate import score_requests
-from mechfix.fix import Fix
-from mechfix.forward import Request
+from mechfix.measure.evaluate import score_requests
+from mechfix.fixes.fix import Fix
+from mechfix.engine.forward import Request
 from mechfix.models import LoadedModel
 from mechfix.textio import read_text
 

@@ -9,7 +9,7 @@ Runs the recipe's held-out split with and without the fix and measures:
   pressure, or does it just stop the model copying what it read?);
 - the anti-steerable share: held-out decisions whose effect the fix makes larger;
 - capabilities kept: accuracy on the built-in (or the user's) capability tasks,
-  with and without the fix (:mod:`mechfix.capabilities`, verify's part);
+  with and without the fix (:mod:`mechfix.measure.capabilities`, verify's part);
 - helpful influence kept: how much of the pull of a *correct* message
   (the ``helpful`` condition: clean − helpful) survives the fix;
 - the clean margin kept: log P(aligned) − log P(misaligned) on clean decisions,
@@ -29,19 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechfix import capabilities as caps
-from mechfix.chat import Style
+from mechfix.measure import capabilities as caps
+from mechfix.scenario.chat import Style
 from mechfix.errors import BadInputError
-from mechfix.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
-from mechfix.fix import Fix, apply_fix
-from mechfix.forward import Request
-from mechfix.gate import auroc, layer_acts, prompt_batches, rate
-from mechfix.layerskip import LayerSkip, first_layer
-from mechfix.live import outcome, run_live
+from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
+from mechfix.fixes.fix import Fix, apply_fix
+from mechfix.engine.forward import Request
+from mechfix.fixes.gate import auroc, layer_acts, prompt_batches, rate
+from mechfix.engine.layerskip import LayerSkip, first_layer
+from mechfix.scenario.live import outcome, run_live
 from mechfix.models import LoadedModel
-from mechfix.recipe import Recipe
-from mechfix.record import Rendered, decision_requests, generation_steps, split_items
-from mechfix.stats import (
+from mechfix.scenario.recipe import Recipe
+from mechfix.stages.record import Rendered, decision_requests, generation_steps, split_items
+from mechfix.measure.stats import (
     behaviour_summary,
     decision_scores,
     group_means,

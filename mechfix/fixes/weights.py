@@ -1,7 +1,7 @@
 """A fix as weights: the exact change of the model's weights that a heads or LoRA fix makes.
 
 A heads operation that is affine in one head's output (``x' = x + (x Q^T) P + c``,
-:attr:`mechfix.fix.Op.affine`) acts on the input of the layer's attention output
+:attr:`mechfix.fixes.fix.Op.affine`) acts on the input of the layer's attention output
 projection ``W``, so ``W x' = W x + (W_h P^T)(Q x_h) + W_h c`` where ``W_h`` are
 the head's columns of ``W``. The middle term is a LoRA update of ``W`` with
 ``A = Q`` (placed in the head's columns) and ``B = W_h P^T``; the last is a
@@ -27,8 +27,8 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
-from mechfix.fix import OPS, Fix, LoraWeights
-from mechfix.lora import LoraTarget, lora_targets
+from mechfix.fixes.fix import OPS, Fix, LoraWeights
+from mechfix.stages.lora import LoraTarget, lora_targets
 from mechfix.models import LoadedModel
 
 

@@ -14,8 +14,8 @@ from importlib import resources
 import torch
 
 from mechfix.errors import BadInputError
-from mechfix.fix import Fix, apply_fix
-from mechfix.forward import Request, final_hidden, pad_batch, retry_smaller, run_requests
+from mechfix.fixes.fix import Fix, apply_fix
+from mechfix.engine.forward import Request, final_hidden, pad_batch, retry_smaller, run_requests
 from mechfix.models import LoadedModel
 from mechfix.textio import read_text
 
@@ -195,7 +195,7 @@ def _base_terms(lm: LoadedModel, neutral: NeutralSet, i: int) -> tuple[torch.Ten
         ids, mask = neutral.batches[i]
         if lm.backend == "nnsight":
             # The same terms, computed inside a trace (on NDIF the model is not here).
-            from mechfix.traces import kl_base
+            from mechfix.engine.backends.nnsight import kl_base
 
             neutral.base[i] = kl_base(lm, ids, mask, neutral.pick(i))
         else:
@@ -240,7 +240,7 @@ def _fixed_kl(lm: LoadedModel, fix: Fix, strength: float, ids: torch.Tensor, mas
     """Summed KL over one neutral batch with the fix applied at ``strength`` (in a trace on NDIF)."""
     with apply_fix(lm, fix, strength, check_model=False):
         if lm.backend == "nnsight":
-            from mechfix.traces import kl_fixed
+            from mechfix.engine.backends.nnsight import kl_fixed
 
             return kl_fixed(lm, ids, mask, pick, c, e)
         h = _kept_hidden(lm, ids, mask, pick)

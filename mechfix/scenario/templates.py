@@ -142,10 +142,10 @@ def use_template(tokenizer, template: Template) -> None:
 def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: str = "the chat template") -> str:
     """The tokenizer's chat template over ``messages`` with the generation prompt, as ``apply_chat_template`` renders it.
 
-    The template runs in mechfix's limited sandbox (:mod:`mechfix.sandbox`): it
+    The template runs in mechfix's limited sandbox (:mod:`mechfix.scenario.sandbox`): it
     sees what transformers gives it (``messages``, ``add_generation_prompt``,
     the tokenizer's special tokens, ``tools`` and ``documents`` as None), and
-    may spend no more than :data:`mechfix.sandbox.LIMITS`.
+    may spend no more than :data:`mechfix.scenario.sandbox.LIMITS`.
 
     Args:
         tokenizer: A tokenizer with a chat template.
@@ -158,7 +158,7 @@ def render_chat(tokenizer, messages: list[dict], problem: str, fix: str, name: s
     Raises:
         BadInputError: When the template fails, or goes over a limit (the message names which).
     """
-    from mechfix.sandbox import TemplateLimitError, render
+    from mechfix.scenario.sandbox import TemplateLimitError, render
 
     template = model_template(tokenizer)
     if template is None:

@@ -34,7 +34,7 @@ from mechfix.artifacts import (
     write_safetensors,
 )
 from mechfix.errors import ArtifactError
-from mechfix.fix import LoraWeights
+from mechfix.fixes.fix import LoraWeights
 from mechfix.textio import load_json, read_text
 from mechfix.untrusted import visible
 

@@ -1,10 +1,10 @@
 """Where a fix's edits go: PyTorch hooks on the model, or edits every nnsight trace applies.
 
-A fix edits the forward pass through hooks (:mod:`mechfix.fix`). Locally they
+A fix edits the forward pass through hooks (:mod:`mechfix.fixes.fix`). Locally they
 are PyTorch hooks, and every pass, traced or not, runs them. A model on NDIF is
 not here to hook: with ``lm.edits_in_traces`` the same hook functions are kept
 as :class:`Edit` records instead, and each trace applies them at their module,
-in forward order (:mod:`mechfix.traces`), so the edit travels with the trace.
+in forward order (:mod:`mechfix.engine.backends.nnsight`), so the edit travels with the trace.
 A pass that is not a trace cannot apply them, and refuses to run while any
 are pending (:func:`check_plain_pass`) rather than measure the unfixed model.
 """

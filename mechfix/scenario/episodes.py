@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from mechfix.errors import BadInputError
-from mechfix.recipe import Recipe
+from mechfix.scenario.recipe import Recipe
 from mechfix.textio import MAX_RENDER_CHARS
 
 FRAME = "<frame>"  # speaker of text that no agent says: preamble, narration, layout

@@ -3,7 +3,7 @@
 - ``gguf``: a vector fix as a llama.cpp control vector (below).
 - ``peft``: a heads fix of an operation without a constant term (``ablate``,
   ``scale``) as a PEFT LoRA adapter folder on the attention output projections
-  of its layers (:mod:`mechfix.weights`), which is also a mechfix LoRA fix; a
+  of its layers (:mod:`mechfix.fixes.weights`), which is also a mechfix LoRA fix; a
   LoRA fix is written again as one.
 - ``hf``: a heads fix of an affine operation, or a LoRA fix, merged into the
   weights of a complete transformers checkpoint.
@@ -41,7 +41,7 @@ from mechfix.artifacts import (
     sha256_file,
 )
 from mechfix.errors import BadInputError
-from mechfix.fix import OPS, Fix
+from mechfix.fixes.fix import OPS, Fix
 
 FORMATS = ("gguf", "peft", "hf")
 
@@ -136,9 +136,9 @@ def lora_fix_artifact(lm, fix: Fix) -> Artifact:
     Raises:
         BadInputError: For an operation an adapter cannot carry exactly.
     """
-    from mechfix.adapter import adapter_tensors, hub_id, peft_config
-    from mechfix.steer import HOOK_OF_SITE
-    from mechfix.weights import as_lora, weight_edit
+    from mechfix.fixes.adapter import adapter_tensors, hub_id, peft_config
+    from mechfix.stages.steer import HOOK_OF_SITE
+    from mechfix.fixes.weights import as_lora, weight_edit
 
     check_export(fix, "peft")
     edit = weight_edit(lm, fix)
@@ -177,7 +177,7 @@ def write_peft(lm, fix: Fix, path: str | Path) -> Artifact:
     Raises:
         BadInputError: For a fix an adapter cannot carry exactly, or an unusable ``path``.
     """
-    from mechfix.adapter import save_adapter
+    from mechfix.fixes.adapter import save_adapter
 
     check_writable_dir(path)
     art = lora_fix_artifact(lm, fix)
@@ -201,9 +201,9 @@ def check_exported(lm, fix: Fix, exported: Fix | None, tokens: int = 64) -> dict
     """
     import torch
 
-    from mechfix.evaluate import neutral_passages
-    from mechfix.fix import apply_fix
-    from mechfix.weights import merged, weight_edit
+    from mechfix.measure.evaluate import neutral_passages
+    from mechfix.fixes.fix import apply_fix
+    from mechfix.fixes.weights import merged, weight_edit
 
     ids = torch.tensor([lm.tokenizer(neutral_passages()[0]).input_ids[:tokens]], device=lm.device)
     with torch.inference_mode():
@@ -233,7 +233,7 @@ def write_hf(lm, fix: Fix, path: str | Path) -> dict[str, Any]:
     Raises:
         BadInputError: For a fix no weights reproduce, a constant term the family cannot hold, or an unusable ``path``.
     """
-    from mechfix.weights import bias_switch, check_bias, merged, weight_edit
+    from mechfix.fixes.weights import bias_switch, check_bias, merged, weight_edit
 
     check_export(fix, "hf")
     path = check_writable_dir(path, "hf")

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mechfix.artifacts import Artifact, new_manifest
-from mechfix.chat import ChatWriters, Style, chat_episode
-from mechfix.episodes import (
+from mechfix.scenario.chat import ChatWriters, Style, chat_episode
+from mechfix.scenario.episodes import (
     Episode,
     Tokenized,
     option_ids,
@@ -26,13 +26,13 @@ from mechfix.episodes import (
     speaker_list,
     tokenize_episode,
 )
-from mechfix.actstore import ActStore, default_act_dtype
-from mechfix.forward import SITES, Request, run_requests
-from mechfix.generation import generate_reply
-from mechfix.live import LiveEpisode, generated_turns, outcome, run_live
+from mechfix.engine.actstore import ActStore, default_act_dtype
+from mechfix.engine.forward import SITES, Request, run_requests
+from mechfix.engine.generation import generate_reply
+from mechfix.scenario.live import LiveEpisode, generated_turns, outcome, run_live
 from mechfix.models import LoadedModel
-from mechfix.recipe import LoadedRecipe, Recipe
-from mechfix.stats import behaviour_summary
+from mechfix.scenario.recipe import LoadedRecipe, Recipe
+from mechfix.measure.stats import behaviour_summary
 
 SITE_DOC = {
     "resid": "residual stream: output of decoder layer N",
@@ -164,10 +164,10 @@ def decision_requests(
     composition can change the last bits of a generated token's logits); only
     the rows of the asked items are returned. In chat style (``style``), each
     decision is rendered through the tokenizer's chat template as its agent saw
-    it (:mod:`mechfix.chat`).
+    it (:mod:`mechfix.scenario.chat`).
 
     Every generated turn is written from its own agent's point of view: in chat
-    style, its own chat (:class:`mechfix.chat.ChatWriters`).
+    style, its own chat (:class:`mechfix.scenario.chat.ChatWriters`).
     """
     items = list(range(len(recipe.items))) if items is None else items
     speakers = speaker_list(recipe)
@@ -300,11 +300,11 @@ def _stack_padded(xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def summarize(rec: Recording) -> dict[str, Any]:
-    """Behaviour summary of a recording (see :func:`mechfix.stats.behaviour_summary`), plus split sizes.
+    """Behaviour summary of a recording (see :func:`mechfix.measure.stats.behaviour_summary`), plus split sizes.
 
     A live recording adds ``rounds``, ``by_round`` (the summary of each
     round's decisions alone) and ``outcome`` (per condition, what the episodes
-    came to: see :func:`mechfix.live.outcome`); its intervals resample whole
+    came to: see :func:`mechfix.scenario.live.outcome`); its intervals resample whole
     episodes, since an episode's rounds are not independent.
     """
     seed = rec.recipe.split.seed

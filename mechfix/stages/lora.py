@@ -31,11 +31,11 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
-from mechfix.evaluate import NeutralSet
-from mechfix.fix import OPS, LoraWeights
-from mechfix.forward import Request, final_hidden, option_scores, pad_batch, retry_smaller
+from mechfix.measure.evaluate import NeutralSet
+from mechfix.fixes.fix import OPS, LoraWeights
+from mechfix.engine.forward import Request, final_hidden, option_scores, pad_batch, retry_smaller
 from mechfix.models import LoadedModel
-from mechfix.stats import decision_scores
+from mechfix.measure.stats import decision_scores
 
 SCOPES = ("heads", "modules")
 

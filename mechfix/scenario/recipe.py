@@ -19,9 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mechfix.errors import RecipeError
-from mechfix.expr import ExprError, to_number
-from mechfix.expr import names as expr_names
-from mechfix.expr import parse as parse_rule
+from mechfix.scenario.expr import ExprError, to_number
+from mechfix.scenario.expr import names as expr_names
+from mechfix.scenario.expr import parse as parse_rule
 from mechfix.textio import compose_yaml, decode_text, load_json, load_yaml, read_bytes, read_text
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -590,8 +590,8 @@ def _parse(text: str, path: str | Path) -> tuple[Recipe, Path | None]:
 
 def builtin_recipe_dir() -> Path:
     """Where the built-in recipes are: inside the installed package, or the source tree."""
-    packaged = Path(__file__).parent / "recipes"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+    packaged = Path(__file__).parents[1] / "recipes"  # inside an installed wheel
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
 def builtin_recipes() -> list[Path]:

@@ -11,9 +11,9 @@ or, for a gated fix, at every position where its probe fires:
   layer's output projection), by one of the operations in :data:`OPS`.
 - ``lora``: a trained low-rank update ``W x + B A x`` of chosen linear modules
   (the attention output projections of the layers holding the top heads),
-  saved as a PEFT adapter folder; see :mod:`mechfix.lora` and :mod:`mechfix.adapter`.
+  saved as a PEFT adapter folder; see :mod:`mechfix.stages.lora` and :mod:`mechfix.fixes.adapter`.
 
-A vector or heads fix may carry a *gate* (:mod:`mechfix.gate`): a linear probe
+A vector or heads fix may carry a *gate* (:mod:`mechfix.fixes.gate`): a linear probe
 of one layer's residual stream; the edit then applies only at the positions
 (of each row) where the probe fires, and everywhere else the model is unchanged.
 
@@ -37,9 +37,9 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.artifacts import Artifact, check_same_model, load_artifact
-from mechfix.edits import add_hook
+from mechfix.engine.edits import add_hook
 from mechfix.errors import ArtifactError
-from mechfix.gate import Gate, GateMask, gated, stacked_params
+from mechfix.fixes.gate import Gate, GateMask, gated, stacked_params
 from mechfix.models import LoadedModel
 
 
@@ -65,7 +65,7 @@ class Op:
             ``affine(v, mu, s) -> (P [k, head_dim], Q [k, head_dim], c [head_dim])``
             with ``apply(x) = x + (x Q^T) P + c``: then the edit is exactly a change
             of the layer's output projection (rank ``k`` per head, and a bias
-            ``W c``), see :mod:`mechfix.weights`. None: no weights compute it.
+            ``W c``), see :mod:`mechfix.fixes.weights`. None: no weights compute it.
         constant: The affine map has a constant term ``c`` (it needs an output
             projection bias; a LoRA adapter cannot carry it).
         not_weights: Why no weights compute it (for refusals), where ``affine`` is None.
@@ -503,7 +503,7 @@ def fix_tensors(fix: Fix) -> dict[str, torch.Tensor]:
     """The tensors a fix artifact stores (a lora fix: its adapter, under PEFT's key names)."""
     gate = {"gate/weight": fix.gate.weight.float().contiguous()} if fix.gate is not None else {}
     if fix.lora is not None:
-        from mechfix.adapter import adapter_tensors
+        from mechfix.fixes.adapter import adapter_tensors
 
         if fix.gate is not None:
             # PEFT would load the adapter and apply it at every position: a gate cannot travel in its folder.
@@ -544,7 +544,7 @@ def fix_from_artifact(art: Artifact) -> Fix:
     desc = art.manifest.get("fix", {})
     op = desc.get("op")
     if op in OPS and OPS[op].kind == "lora":
-        from mechfix.adapter import lora_from_artifact
+        from mechfix.fixes.adapter import lora_from_artifact
 
         lora, layers = lora_from_artifact(art)
         return Fix(op=op, layers=layers, heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
@@ -584,7 +584,7 @@ def save_fix(path: str | Path, artifact: Artifact) -> str:
     from mechfix.artifacts import save_artifact
 
     if artifact.manifest.get("fix", {}).get("kind") == "lora":
-        from mechfix.adapter import save_adapter
+        from mechfix.fixes.adapter import save_adapter
 
         return save_adapter(path, artifact, artifact.manifest["adapter_config"])
     return save_artifact(path, artifact)
