@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_record import bare_batches  # noqa: E402
 
 from mechfix.stages.attribute import Component, attribute, decisions_from_record  # noqa: E402
-from mechfix.engine.forward import Request, _rows  # noqa: E402
+from mechfix.engine.batches import Request, rows_of  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
 from mechfix.scenario.recipe import load_recipe  # noqa: E402
 from mechfix.stages.record import record, to_artifact  # noqa: E402
@@ -48,7 +48,7 @@ from mechfix.stages.record import record, to_artifact  # noqa: E402
 
 def naive_exact_heads(lm, reqs, clean_heads) -> torch.Tensor:
     """Patched decision score of every (head, decision): one batched full forward per head."""
-    rows = _rows(reqs)
+    rows = rows_of(reqs)
     pad = lm.tokenizer.pad_token_id
     width = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), width), pad)

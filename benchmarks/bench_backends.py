@@ -40,7 +40,7 @@ from mechfix.stages.attribute import attribute  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
 from mechfix.scenario.recipe import load_recipe  # noqa: E402
 from mechfix.stages.record import record, to_artifact  # noqa: E402
-from mechfix.engine.backends.nnsight import use_backend  # noqa: E402
+from mechfix.engine.backends import use_backend  # noqa: E402
 
 
 def _max_diff(a, b) -> float:

@@ -29,8 +29,10 @@ import torch  # noqa: E402
 from mechfix.artifacts import load_artifact  # noqa: E402
 from mechfix.stages.attribute import decisions_from_record  # noqa: E402
 from mechfix.measure.evaluate import neutral_set  # noqa: E402
-from mechfix.engine.forward import Request, option_scores  # noqa: E402
-from mechfix.stages.lora import LoraSettings, lora_targets, train_lora  # noqa: E402
+from mechfix.engine.batches import Request  # noqa: E402
+from mechfix.engine.forward import option_scores  # noqa: E402
+from mechfix.fixes.adapter import lora_targets  # noqa: E402
+from mechfix.stages.lora import LoraSettings, train_lora  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
 from mechfix.stages.steer import pick_targets  # noqa: E402
 

@@ -28,7 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from mechfix.scenario.episodes import option_ids, render_episode, speaker_list, tokenize_episode  # noqa: E402
-from mechfix.engine.forward import Request, _rows, run_requests  # noqa: E402
+from mechfix.engine.batches import Request, rows_of  # noqa: E402
+from mechfix.engine.forward import run_requests  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
 from mechfix.scenario.recipe import load_recipe  # noqa: E402
 
@@ -45,7 +46,7 @@ def requests_for(lm, recipe) -> list[Request]:
 
 def bare_batches(lm, reqs, batch_size):
     """The same padded batches run_requests builds (rows sorted longest first)."""
-    rows = sorted(_rows(reqs), key=lambda r: -len(r.ids))
+    rows = sorted(rows_of(reqs), key=lambda r: -len(r.ids))
     pad = lm.tokenizer.pad_token_id
     out = []
     for s in range(0, len(rows), batch_size):

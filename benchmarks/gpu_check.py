@@ -92,7 +92,7 @@ def main() -> None:
     from mechfix.fixes.fix import Fix, fix_from_artifact
     from mechfix.scenario.recipe import load_recipe
     from mechfix.stages.steer import Budget
-    from mechfix.engine.backends.nnsight import use_backend
+    from mechfix.engine.backends import use_backend
     from mechfix.stages.verify import gates_for
 
     cuda = args.device.startswith("cuda")

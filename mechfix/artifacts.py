@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mechfix.errors import ArtifactError, BadInputError
+from mechfix.textio import atomic_target, publish_mode
 from mechfix.untrusted import visible
 
 SCHEMA_VERSION = 1
@@ -132,37 +134,6 @@ def _check_parent(path: Path) -> Path:
     if not os.access(parent, os.W_OK):
         raise BadInputError(f"cannot write '{path}': the folder '{parent}' is not writable. Choose another --out.")
     return path
-
-
-def publish_mode(path: str | Path, mode: int = 0o666) -> None:
-    """Give a finished temporary file (or, with ``mode=0o777``, folder) the permissions a plain
-    ``open()`` (or ``mkdir``) would; mkstemp and mkdtemp make them private."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-@contextmanager
-def atomic_target(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
-    """A temporary file beside ``path`` to write into; renamed onto ``path`` only if the block succeeds.
-
-    On any failure (including Ctrl-C) the temporary file is removed, so nothing
-    half-written is ever left. The finished file gets ordinary permissions.
-
-    Args:
-        path: The final file.
-        suffix: Suffix of the temporary file (some writers pick the format from it).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
-    os.close(fd)
-    try:
-        yield tmp
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _lora_files(folder: Path) -> set[str]:
@@ -466,3 +437,5 @@ def check_same_model(manifest: Mapping[str, Any], identity: Mapping[str, Any], p
             f"their {key.replace('_', ' ')}s differ. Pass the recorded model with --model, "
             "or record again with this model."
         )
+
+

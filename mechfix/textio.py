@@ -1,4 +1,4 @@
-"""Reading the text files users give mechfix, with limits that hold before parsing goes far.
+"""Reading the text files users give mechfix, with limits that hold before parsing goes far; writing files whole.
 
 Every recipe, items file, decision file, transcript and capability task is
 read through :func:`read_text` (a byte limit, UTF-8 with the file named when
@@ -9,6 +9,11 @@ so no input can hang mechfix, exhaust its memory or end in a traceback.
 from __future__ import annotations
 
 import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +117,60 @@ def load_json(text: str) -> Any:
         return json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError(f"nested more deeply than mechfix reads (over {MAX_DEPTH} levels)", text, 0) from None
+
+
+def clean_nan(x: Any) -> Any:
+    """JSON has no NaN: ``None`` for every non-finite float in nested dicts and lists."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: clean_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [clean_nan(v) for v in x]
+    return x
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def json_text(obj: Any) -> str:
+    """The JSON mechfix prints and saves: indented, paths as text, no NaN allowed (see :func:`clean_nan`)."""
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+
+
+def publish_mode(path: str | Path, mode: int = 0o666) -> None:
+    """Give a finished temporary file (or, with ``mode=0o777``, folder) the permissions a plain
+    ``open()`` (or ``mkdir``) would; mkstemp and mkdtemp make them private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+@contextmanager
+def atomic_target(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary file beside ``path`` to write into; renamed onto ``path`` only if the block succeeds.
+
+    On any failure (including Ctrl-C) the temporary file is removed, so nothing
+    half-written is ever left. The finished file gets ordinary permissions.
+
+    Args:
+        path: The final file.
+        suffix: Suffix of the temporary file (some writers pick the format from it).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        yield tmp
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file whole or not at all (a temporary file renamed into place)."""
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)

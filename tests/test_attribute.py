@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mechfix.artifacts import load_artifact, save_artifact
 from mechfix.stages.attribute import Component, attribute, decisions_from_record, summarize, to_artifact
 from mechfix.models import wrap_model
-from mechfix.engine.patching import Patch, encode_prefixes, run_tails, tails_for
+from mechfix.engine.patching import encode_prefixes, run_tails
+from mechfix.engine.tails import Patch, tails_for
 from mechfix.scenario.recipe import LoadedRecipe, parse_recipe
 from mechfix.stages.record import record
 from mechfix.stages.record import to_artifact as record_artifact

@@ -64,7 +64,7 @@ def good(tmp_path_factory, tiny_model_dir) -> Path:
 def _lora_folder(folder: Path, model_dir: Path) -> None:
     from mechfix.fixes.adapter import peft_config
     from mechfix.fixes.fix import Fix, fix_tensors, save_fix
-    from mechfix.stages.lora import init_lora, lora_targets
+    from mechfix.fixes.adapter import init_lora, lora_targets
     from mechfix.models import load_model
 
     lm = load_model(str(model_dir))

@@ -22,8 +22,9 @@ from mechfix.stages.attribute import to_artifact as attribution_artifact
 from mechfix.measure.crossval import fold_masks, item_folds, row_items
 from mechfix.stages.attribute import decisions_from_record
 from mechfix.measure.evaluate import neutral_passages, neutral_set, score_requests
-from mechfix.engine.forward import Request
-from mechfix.fixes.fix import Fix, LoraWeights
+from mechfix.engine.batches import Request
+from mechfix.fixes.adapter import LoraWeights
+from mechfix.fixes.fix import Fix
 from mechfix.models import wrap_model
 from mechfix.measure.stats import decision_scores
 from mechfix.stages.steer import Budget, steer

@@ -41,7 +41,8 @@ def test_record_conformity_on_the_embedded_model_shows_a_positive_effect(monkeyp
 
 def test_batched_scores_equal_unbatched_on_the_embedded_model(gemma):
     from mechfix.scenario.episodes import option_ids, render_episode, speaker_list, tokenize_episode
-    from mechfix.engine.forward import Request, run_requests
+    from mechfix.engine.batches import Request
+    from mechfix.engine.forward import run_requests
     from mechfix.scenario.recipe import load_recipe
 
     r = load_recipe("conformity").recipe
@@ -146,7 +147,7 @@ def test_a_gate_on_the_embedded_model_reads_the_pressure_and_leaves_quiet_prompt
     from mechfix.stages.attribute import decisions_from_record
     from mechfix.measure.evaluate import neutral_set, score_requests
     from mechfix.fixes.fix import Fix
-    from mechfix.engine.forward import Request
+    from mechfix.engine.batches import Request
     from mechfix.fixes.gate import GateSettings, layer_acts, prompt_batches
     from mechfix.stages.monitor import score_episodes
     from mechfix.stages.record import decision_requests
@@ -216,10 +217,11 @@ def test_the_nnsight_backend_gives_the_hooks_numbers_on_the_embedded_model(gemma
     from mechfix.stages.attribute import attribute
     from mechfix.measure.evaluate import neutral_kl, neutral_passages, neutral_set
     from mechfix.fixes.fix import Fix, apply_fix
-    from mechfix.engine.forward import Request, run_requests
+    from mechfix.engine.batches import Request
+    from mechfix.engine.forward import run_requests
     from mechfix.scenario.recipe import load_recipe
     from mechfix.stages.record import record
-    from mechfix.engine.backends.nnsight import use_backend
+    from mechfix.engine.backends import use_backend
 
     tol = dict(atol=1e-4, rtol=1e-4)
     nn = use_backend(dataclasses.replace(gemma), "nnsight")  # the same weights, traced

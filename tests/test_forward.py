@@ -7,7 +7,8 @@ import torch
 from tiny import TINY_CONFIGS, tiny_model
 
 from mechfix.architectures import get_path
-from mechfix.engine.forward import Request, run_requests
+from mechfix.engine.batches import Request
+from mechfix.engine.forward import run_requests
 
 
 def _requests(tok) -> list[Request]:
@@ -119,7 +120,8 @@ def test_cached_passes_use_the_current_cache_keyword_and_raise_no_deprecation_wa
     import warnings
 
     from mechfix.engine.generation import Writer
-    from mechfix.engine.patching import encode_prefixes, run_tails, tails_for
+    from mechfix.engine.patching import encode_prefixes, run_tails
+    from mechfix.engine.tails import tails_for
 
     lm = tiny_model("llama")
     prompts = [lm.tokenizer("Ana: Lyon. Sam:").input_ids, lm.tokenizer("Ben: Paris, then Rome. Sam:").input_ids]
@@ -133,6 +135,7 @@ def test_cached_passes_use_the_current_cache_keyword_and_raise_no_deprecation_wa
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_and_the_scores_are_the_same(tiny_llama, monkeypatch):
+    import mechfix.engine.backends.hooks as hooks_backend
     import mechfix.engine.forward as fw
     from conftest import MINI_RECIPE
     from test_attribute import _loaded
@@ -142,7 +145,7 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_the_scores_are_the_same(ti
     lm = tiny_llama
     reqs = [r for rs in decision_requests(lm, _loaded(MINI_RECIPE).recipe).requests.values() for r in rs]
     plain = fw.run_requests(lm, reqs, batch_size=8, sites=("resid",))
-    real, sizes = fw.final_hidden, []
+    real, sizes = hooks_backend.final_hidden, []
 
     def small_memory(lm_, ids, mask):  # an accelerator that holds at most 3 sequences
         sizes.append(len(ids))
@@ -150,7 +153,7 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_the_scores_are_the_same(ti
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(lm_, ids, mask)
 
-    monkeypatch.setattr(fw, "final_hidden", small_memory)
+    monkeypatch.setattr(hooks_backend, "final_hidden", small_memory)
     split = fw.run_requests(lm, reqs, batch_size=8, sites=("resid",))
     # 8 and then 4 run out of memory; from then on every batch, later ones included, is at most 2.
     assert sizes[:2] == [8, 4] and max(sizes[2:]) == 2
@@ -161,14 +164,14 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_the_scores_are_the_same(ti
     def no_memory(lm_, ids, mask):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(fw, "final_hidden", no_memory)
+    monkeypatch.setattr(hooks_backend, "final_hidden", no_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         fw.run_requests(lm, reqs[:2], batch_size=2, sites=())
 
     def broken(lm_, ids, mask):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(fw, "final_hidden", broken)
+    monkeypatch.setattr(hooks_backend, "final_hidden", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not retried
         fw.run_requests(lm, reqs[:4], batch_size=4, sites=())
 
@@ -179,6 +182,7 @@ _PASSAGES = [("The river rose slowly through the night, and by morning the low f
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2 soft-caps its logits: KL then compares full distributions
 def test_kl_on_neutral_text_splits_a_batch_that_runs_out_of_memory_and_measures_the_same_positions(arch, monkeypatch):
+    import mechfix.engine.kl as kl
     import mechfix.measure.evaluate as ev
     from mechfix.fixes.fix import Fix
 
@@ -186,11 +190,12 @@ def test_kl_on_neutral_text_splits_a_batch_that_runs_out_of_memory_and_measures_
     g = torch.Generator().manual_seed(0)
     fix = Fix(op="scale", layers=[1, 2], heads=[0, 3], vectors=torch.randn(2, lm.head_dim, generator=g),
               means=torch.zeros(2, lm.head_dim), strength=1.0)
-    monkeypatch.setattr(ev, "_KL_CHUNK", 200)  # batches of several passages each
+    monkeypatch.setattr(ev, "KL_CHUNK", 200)  # batches of several passages each
+    monkeypatch.setattr(kl, "KL_CHUNK", 200)
     want = ev.neutral_kl(lm, fix, [0.5, 1.0], ev.neutral_set(lm, _PASSAGES, stride=3), reuse=True)
     neutral = ev.neutral_set(lm, _PASSAGES, stride=3)
     assert max(len(ids) for ids, _ in neutral.batches) > 2
-    real, sizes = ev.final_hidden, []
+    real, sizes = kl.final_hidden, []
 
     def small_memory(lm_, ids, mask):  # an accelerator that holds at most 2 passages
         sizes.append(len(ids))
@@ -198,11 +203,11 @@ def test_kl_on_neutral_text_splits_a_batch_that_runs_out_of_memory_and_measures_
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return real(lm_, ids, mask)
 
-    monkeypatch.setattr(ev, "final_hidden", small_memory)
+    monkeypatch.setattr(kl, "final_hidden", small_memory)
     got = ev.neutral_kl(lm, fix, [0.5, 1.0], neutral, reuse=True)
     assert any(n > 2 for n in sizes) and max(len(ids) for ids, _ in neutral.batches) <= 2
     # The halves measure exactly the positions the whole batches did (the stride counts on across a split).
-    counts = [int(ev._keep(m).sum()) for _, m in neutral.batches]
+    counts = [int(kl.keep_mask(m).sum()) for _, m in neutral.batches]
     assert sum(len(range(f, n, 3)) for f, n in zip(neutral.firsts, counts)) == neutral.n_tokens
     assert got == pytest.approx(want, rel=1e-5, abs=1e-9) and min(want) > 0
     # The smaller batches are kept: a later call runs no batch that fails.
@@ -212,13 +217,13 @@ def test_kl_on_neutral_text_splits_a_batch_that_runs_out_of_memory_and_measures_
     def broken(lm_, ids, mask):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(ev, "final_hidden", broken)
+    monkeypatch.setattr(kl, "final_hidden", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not retried
         ev.neutral_kl(lm, fix, [1.0], ev.neutral_set(lm, _PASSAGES))
 
 
 def test_reading_a_probe_layer_retries_halves_after_running_out_of_memory_and_keeps_nothing_from_the_failed_pass():
-    from mechfix.engine.forward import pad_batch
+    from mechfix.engine.batches import pad_batch
     from mechfix.fixes.gate import layer_acts
 
     lm = tiny_model("qwen3")

@@ -13,7 +13,7 @@ from mechfix.artifacts import load_artifact, save_artifact
 from mechfix.errors import ArtifactError, BadInputError
 from mechfix.measure.evaluate import neutral_passages, neutral_set, score_requests
 from mechfix.fixes.fix import OPS, Fix, RowFixes, apply_fix, apply_row_fixes, load_fix
-from mechfix.engine.forward import Request
+from mechfix.engine.batches import Request
 from mechfix.fixes.gate import Gate, GateSettings, auroc, budget_threshold, fit_gate, fit_probe, layer_acts
 from mechfix.stages.steer import steer
 from mechfix.stages.steer import to_artifact as fix_artifact

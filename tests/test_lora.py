@@ -14,9 +14,11 @@ from mechfix.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, new_man
 from mechfix.stages.attribute import decisions_from_record
 from mechfix.errors import ArtifactError, BadInputError
 from mechfix.measure.evaluate import score_requests
-from mechfix.fixes.fix import Fix, LoraWeights, apply_fix, fix_tensors, load_fix, save_fix
-from mechfix.engine.forward import Request
-from mechfix.stages.lora import LoraSettings, bucket_kl, lora_targets, train_lora
+from mechfix.fixes.adapter import LoraWeights
+from mechfix.fixes.fix import Fix, apply_fix, fix_tensors, load_fix, save_fix
+from mechfix.engine.batches import Request
+from mechfix.fixes.adapter import lora_targets
+from mechfix.stages.lora import LoraSettings, bucket_kl, train_lora
 from mechfix.stages.steer import Budget, steer
 from mechfix.stages.steer import to_artifact as fix_artifact
 from mechfix.measure.stats import decision_scores

@@ -6,7 +6,8 @@ import torch
 from conftest import MINI_RECIPE
 
 from mechfix.artifacts import load_artifact, save_artifact
-from mechfix.engine.forward import Request, run_requests
+from mechfix.engine.batches import Request
+from mechfix.engine.forward import run_requests
 from mechfix.scenario.recipe import LoadedRecipe, parse_recipe
 from mechfix.stages.record import parse_choice, record, split_items, summarize, to_artifact
 

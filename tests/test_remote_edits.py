@@ -10,11 +10,13 @@ from test_steer import LOOSE, PLANT_MORE, planted_setup
 from test_attribute import _planted_model
 from tiny import tiny_model
 
-from mechfix import traces
+from mechfix.engine.backends import nnsight as traces
+from mechfix.engine.backends import use_backend
 from mechfix.errors import BadInputError
 from mechfix.measure.evaluate import neutral_kl, neutral_passages, neutral_set, score_requests
-from mechfix.fixes.fix import Fix, LoraWeights, RowFixes, apply_fix, apply_row_fixes
-from mechfix.engine.forward import final_hidden, pad_batch
+from mechfix.fixes.adapter import LoraWeights
+from mechfix.fixes.fix import Fix, RowFixes, apply_fix, apply_row_fixes
+from mechfix.engine.batches import final_hidden, pad_batch
 from mechfix.stages.record import decision_requests
 from mechfix.stages.steer import Budget, steer
 from mechfix.stages.verify import gates_for, verify
@@ -24,7 +26,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 def remote_shaped(lm):
     """``lm`` as ``--remote`` runs it, but here: traces only, every tail rerunning its prompt, edits inside the traces."""
-    lm = traces.use_backend(lm, "nnsight")
+    lm = use_backend(lm, "nnsight")
     lm.trace_prefixes, lm.edits_in_traces = False, True
     return lm
 
@@ -85,7 +87,7 @@ def test_kl_on_neutral_text_computed_in_the_traces_equals_the_hooks_kl(op):
 
 
 def test_the_local_nnsight_backend_also_computes_kl_inside_its_traces_with_the_hooks_numbers(monkeypatch):
-    hooks, local = tiny_model("llama"), traces.use_backend(tiny_model("llama"), "nnsight")
+    hooks, local = tiny_model("llama"), use_backend(tiny_model("llama"), "nnsight")
     fix = _fixes(hooks)["scale"]
     passages = neutral_passages()[:3]
     want = neutral_kl(hooks, fix, [0.7], neutral_set(hooks, passages))

@@ -14,7 +14,7 @@ from mechfix.stages.attribute import to_artifact as attribution_artifact
 from mechfix.errors import GateError
 from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, neutral_passages, neutral_set, score_requests
 from mechfix.fixes.fix import Fix, apply_fix
-from mechfix.engine.forward import Request
+from mechfix.engine.batches import Request
 from mechfix.stages.steer import Budget, pick_targets, steer
 from mechfix.measure.stats import decision_scores
 from mechfix.stages.verify import error_report, gates_for, junit_xml, verify

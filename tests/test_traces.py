@@ -9,10 +9,13 @@ from test_attribute import PLANT_RECIPE, _loaded, _recording
 from tiny import tiny_model
 
 from mechfix.engine.backends import nnsight as traces
+from mechfix.engine.backends import use_backend
 from mechfix.stages.attribute import attribute
 from mechfix.fixes.fix import Fix, apply_fix
-from mechfix.engine.forward import Request, run_requests
-from mechfix.engine.patching import decision_grads, encode_prefixes, run_tails, tails_for
+from mechfix.engine.batches import Request
+from mechfix.engine.forward import run_requests
+from mechfix.engine.patching import encode_prefixes, run_tails
+from mechfix.engine.tails import decision_grads, tails_for
 from mechfix.stages.record import decision_requests, record
 
 FAMILIES = ["llama", "gemma3_text", "gpt2", "gpt_neox", "qwen3"]
@@ -22,7 +25,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 def _pair(arch: str, *, keep_prefixes: bool = True):
     """The same random model twice: one on hooks, one on nnsight (remote-shaped when ``keep_prefixes`` is False)."""
     hooks = tiny_model(arch)
-    nn = traces.use_backend(tiny_model(arch), "nnsight")
+    nn = use_backend(tiny_model(arch), "nnsight")
     nn.trace_prefixes = keep_prefixes
     return hooks, nn
 
@@ -150,10 +153,10 @@ def test_an_out_of_memory_trace_is_split_and_retried(monkeypatch):
 def test_an_unknown_backend_and_hooks_on_a_remote_model_are_refused():
     lm = tiny_model("llama")
     with pytest.raises(ValueError, match="--backend must be one of hooks, nnsight"):
-        traces.use_backend(lm, "vllm")
+        use_backend(lm, "vllm")
     lm.remote = True
     with pytest.raises(ValueError, match="--backend nnsight"):
-        traces.use_backend(lm, "hooks")
+        use_backend(lm, "hooks")
 
 
 def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -288,8 +291,8 @@ def test_bf16_agrees_with_fp32_within_two_percent_of_the_scale(backend):
 
     from mechfix.stages.attribute import Component
 
-    full = traces.use_backend(_planted_model(), backend)
-    half = traces.use_backend(_planted_model(), backend)
+    full = use_backend(_planted_model(), backend)
+    half = use_backend(_planted_model(), backend)
     half.model.to(torch.bfloat16)
     recipe = _loaded(PLANT_RECIPE).recipe
     a, b = record(full, recipe), record(half, recipe)

@@ -62,7 +62,7 @@ def gpt2_lora_fix(lm: LoadedModel, seed: int = 0, scale: float = 0.1, strength: 
     import torch as _torch
 
     from mechfix.fixes.fix import Fix
-    from mechfix.stages.lora import init_lora, lora_targets
+    from mechfix.fixes.adapter import init_lora, lora_targets
 
     lora = init_lora(lora_targets(lm, [1, 2], [0, 3]), rank=3, head_dim=lm.head_dim, seed=seed)
     lora.b = [_torch.randn_like(b) * scale for b in lora.b]

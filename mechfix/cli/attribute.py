@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mechfix.cli.checks import check_paths
+from mechfix.textio import clean_nan
 from mechfix.cli.common import (
     BatchOpt,
     BackendOpt,
@@ -18,7 +19,6 @@ from mechfix.cli.common import (
     ModelOpt,
     RemoteOpt,
     TrustOpt,
-    _clean_nan,
     _emit_json,
     _load_model,
     parse_batch_size,
@@ -126,7 +126,7 @@ def attribute(
     batch_size = resolve_batch_size(lm, batch)
     check_same_model(rec.manifest, lm.identity, recording)
     artifact = _do_attribute(lm, rec, target, method, top, baseline, batch_size, plot)
-    summary = _clean_nan(artifact.manifest["summary"])
+    summary = clean_nan(artifact.manifest["summary"])
     recipe_name = str(artifact.manifest.get("recipe"))
     if as_json:
         _emit_json({"artifact": str(target), "sha256": artifact.sha256, "model": lm.identity["name"],

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from mechfix import __version__
+from mechfix.textio import json_text
 from mechfix.untrusted import visible
 
 
@@ -381,30 +382,8 @@ def _root(
     DEBUG["on"] = DEBUG["on"] or debug
 
 
-def _json_text(obj: Any) -> str:
-    """The JSON mechfix prints and saves: indented, no NaN (see :func:`_clean_nan`)."""
-    return json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
-
-
 def _emit_json(obj: Any) -> None:
-    print(_json_text(obj))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean_nan(x: Any) -> Any:
-    """JSON has no NaN: write null instead."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean_nan(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean_nan(v) for v in x]
-    return x
+    print(json_text(obj))
 
 
 @contextmanager
@@ -490,7 +469,7 @@ def _load_model(
     """
     from mechfix.errors import BadInputError
     from mechfix.models import load_model, load_remote, parse_device_map
-    from mechfix.engine.backends.nnsight import check_backend, use_backend
+    from mechfix.engine.backends import check_backend, use_backend
 
     check_backend(backend, remote)
     if device is not None and device_map is not None:
@@ -499,7 +478,7 @@ def _load_model(
         if device is not None or device_map is not None or dtype is not None:
             raise BadInputError("--remote runs on NDIF's GPUs: leave out --device, --device-map and --dtype.")
         with err.status("reaching NDIF") as st:
-            return use_backend(load_remote(model, status=lambda msg: st.update(shown(msg))), "nnsight")
+            return use_backend(load_remote(model, status=lambda msg: st.update(shown(msg))))
     placed = parse_device_map(device_map)
     with err.status("loading model") as st:
         lm = load_model(
@@ -510,7 +489,7 @@ def _load_model(
             status=lambda msg: st.update(shown(msg)),
             device_map=placed,
         )
-    return use_backend(lm, backend or "hooks")
+    return use_backend(lm, backend)
 
 
 def _params(lm, **kw: Any) -> dict[str, Any]:
@@ -583,13 +562,6 @@ def _find_record(att, record: Path | None):
             "with --record, or run `mechfix attribute` again on this recording."
         )
     return rec
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    from mechfix.artifacts import atomic_target
-
-    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _check_replay(replay: str) -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from mechfix.cli.checks import check_paths
+from mechfix.textio import clean_nan
 from mechfix.cli.common import (
     BatchOpt,
     ChatTemplateOpt,
@@ -20,7 +21,6 @@ from mechfix.cli.common import (
     ModeOpt,
     TranscriptOpt,
     TrustOpt,
-    _clean_nan,
     _emit_json,
     _load_model,
     parse_batch_size,
@@ -120,7 +120,7 @@ def monitor(
     over = max_rate is not None and result["flagged_rate"] is not None and result["flagged_rate"] > max_rate
     result["passed"] = not over
     if as_json:
-        _emit_json(_clean_nan(result))
+        _emit_json(clean_nan(result))
     else:
         _print_monitor(result, scores, top)
     if over:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mechfix.cli.checks import check_paths
+from mechfix.textio import clean_nan
 from mechfix.cli.common import (
     BatchOpt,
     ChatTemplateOpt,
@@ -23,7 +24,6 @@ from mechfix.cli.common import (
     TranscriptOpt,
     RemoteOpt,
     TrustOpt,
-    _clean_nan,
     _emit_json,
     _load_model,
     check_remote,
@@ -102,7 +102,7 @@ def record(
     batch_size = resolve_batch_size(lm, batch)
     artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions, pick_style(lm, loaded, style, chat_template),
                                dtype_of_acts)
-    summary = _clean_nan(artifact.manifest["summary"])
+    summary = clean_nan(artifact.manifest["summary"])
     if as_json:
         _emit_json(
             {

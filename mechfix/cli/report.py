@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from mechfix.cli.checks import check_paths
-from mechfix.cli.common import JsonOpt, _emit_json, _write_text_atomic, app, err
+from mechfix.textio import write_text_atomic
+from mechfix.cli.common import JsonOpt, _emit_json, app, err
 
 
 @app.command(
@@ -48,7 +49,7 @@ def report(
         out_path = inside(folder, f"{file_stem(run.name)}.report.html")
     check_paths(either={f"PATH {s.path}": s.path for s in run.sources}, outputs={"--out": out_path})
     html = render(run)
-    _write_text_atomic(out_path, html)
+    write_text_atomic(out_path, html)
     kinds = [s.kind for s in run.sources]
     if as_json:
         _emit_json({"report": str(out_path), "bytes": len(html.encode("utf-8")), "inputs": [str(s.path) for s in run.sources],

@@ -9,6 +9,7 @@ import typer
 
 from mechfix.cli.attribute import _do_attribute
 from mechfix.cli.checks import check_paths, named
+from mechfix.textio import clean_nan, json_text, write_text_atomic
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
@@ -49,15 +50,12 @@ from mechfix.cli.common import (
     RemoteOpt,
     TrustOpt,
     _check_replay,
-    _clean_nan,
     _emit_json,
     _ints,
-    _json_text,
     _load_model,
     check_remote,
     parse_batch_size,
     resolve_batch_size,
-    _write_text_atomic,
     app,
     err,
     gate_settings,
@@ -199,11 +197,11 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     err.rule("1/4 record")
     rec, _ = _do_record(lm, loaded, paths["record"], batch_size, style=rendering)
-    rec_summary = _clean_nan(rec.manifest["summary"])
+    rec_summary = clean_nan(rec.manifest["summary"])
     _print_record_summary(rec_summary, lm.identity["name"], name, wrote=str(paths["record"]))
     err.rule("2/4 attribute")
     att = _do_attribute(lm, rec, paths["attribution"], "both", 10, baseline, batch_size, paths["plot"])
-    _print_attribution(_clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
+    _print_attribution(clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
     err.rule("3/4 steer")
     try:
         fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
@@ -220,9 +218,9 @@ def run(
     fix = fix_from_artifact(fix_art)
     gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
     (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay, tasks, rendering)
-    _write_text_atomic(paths["verify"], _json_text(report) + "\n")
+    write_text_atomic(paths["verify"], json_text(report) + "\n")
     if junit is not None:
-        _write_text_atomic(junit, junit_xml(report, f"mechfix.stages.verify.{name}"))
+        write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
     _print_verify(report, f"{name}: held-out check of the {fix.kind} fix")
     _write_report(paths)
     summary = _run_summary(rec_summary, att.manifest["summary"], steer_summary, report, paths)
@@ -241,7 +239,7 @@ def _write_report(paths: dict[str, Path]) -> None:
     from mechfix.report import collect, render
 
     made = [p for k, p in paths.items() if k in ("record", "attribution", "fix", "verify") and p.exists()]
-    _write_text_atomic(paths["report"], render(collect(made)))
+    write_text_atomic(paths["report"], render(collect(made)))
     err.print(f"wrote {paths['report']}", highlight=False)
 
 
@@ -250,7 +248,7 @@ def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None
     """The run's one JSON object; ``steer_s`` and ``report`` are None when steer found no fix (``why`` says why)."""
     top = [e["component"] for e in att["top"][:5]]
     written = {k: str(v) for k, v in paths.items() if report is not None or Path(v).exists()}  # no fix: what exists
-    return _clean_nan({
+    return clean_nan({
         "passed": bool(report and report["passed"]),
         "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},
         "top_components": top,

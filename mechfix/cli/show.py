@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from mechfix.cli.checks import check_paths
-from mechfix.cli.common import JsonOpt, _clean_nan, _emit_json, app, err, shown
+from mechfix.textio import clean_nan
+from mechfix.cli.common import JsonOpt, _emit_json, app, err, shown
 from mechfix.cli.views import _print_attribution, _print_record_summary
 
 
@@ -30,7 +31,7 @@ def show(
     kind, manifest, table = read_header(path)
     if as_json:
         _emit_json(
-            _clean_nan(
+            clean_nan(
                 {
                     "path": str(path),
                     "sha256": sha256_file(artifact_file(path)),
@@ -63,9 +64,9 @@ def show(
 
         print_fix(manifest)
     elif kind == "attribution" and "summary" in manifest:
-        _print_attribution(_clean_nan(manifest["summary"]), str(model.get("name")), str(manifest.get("recipe")))
+        _print_attribution(clean_nan(manifest["summary"]), str(model.get("name")), str(manifest.get("recipe")))
     elif "summary" in manifest and "recipe" in manifest:
-        _print_record_summary(_clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
+        _print_record_summary(clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
     # A live recording keeps every episode whole: show those, not each round's decision point.
     live = manifest.get("live", {}).get("episodes")
     said = {c: [e["transcript"] for e in eps] for c, eps in live.items()} if live else manifest.get("transcripts", {})

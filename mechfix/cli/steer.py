@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from mechfix.cli.checks import check_paths, named
+from mechfix.textio import clean_nan
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
@@ -42,7 +43,6 @@ from mechfix.cli.common import (
     TopHeadsOpt,
     RemoteOpt,
     TrustOpt,
-    _clean_nan,
     _emit_json,
     _find_record,
     _floats,
@@ -100,11 +100,11 @@ def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: 
                              capabilities=suite, folds=folds, seed=seed, gate=gate, portable=portable)
         except GateError as exc:
             if exc.detail is not None:
-                _print_sweep(_clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(),
+                _print_sweep(clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(),
                              "every point measured (training split)")
                 if exc.detail.search:
                     _print_candidates({"folds": exc.detail.folds, "by": "cross-validated reduction" if exc.detail.folds
-                                       else "training-fit reduction", "candidates": _clean_nan([p.as_dict() for p in exc.detail.search])})
+                                       else "training-fit reduction", "candidates": clean_nan([p.as_dict() for p in exc.detail.search])})
             raise
     extra = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} if kind == "lora" else {}
     if gate is not None:
@@ -129,7 +129,7 @@ def _steer_summary(artifact) -> dict[str, Any]:
         out["training"] = _training_summary(m)
     if f.get("gate"):
         out["gate"] = f["gate"]
-    return _clean_nan(out)
+    return clean_nan(out)
 
 
 def _fix_target(out: Path | None, stem: Path, kind: str) -> Path:

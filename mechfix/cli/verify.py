@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from mechfix.cli.checks import check_paths, named
+from mechfix.textio import clean_nan, write_text_atomic
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
@@ -34,7 +35,6 @@ from mechfix.cli.common import (
     RemoteOpt,
     TrustOpt,
     _check_replay,
-    _clean_nan,
     _emit_json,
     _load_model,
     check_remote,
@@ -42,7 +42,6 @@ from mechfix.cli.common import (
     resolve_batch_size,
     _neutral,
     _progress,
-    _write_text_atomic,
     app,
 )
 from mechfix.cli.record import _load_source, pick_style, source_inputs
@@ -83,7 +82,7 @@ def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: 
         report["model"] = lm.identity["name"]
         if style is not None:
             report["style"] = style.as_dict()
-        out.append(_clean_nan(report))
+        out.append(clean_nan(report))
     return out
 
 
@@ -189,13 +188,13 @@ def verify(
     batch = parse_batch_size(batch_size)
     lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
     batch_size = resolve_batch_size(lm, batch)
-    suite = f"mechfix.stages.verify.{loaded.recipe.name}"
+    suite = f"mechfix.verify.{loaded.recipe.name}"
     try:
         check_same_model(fix.manifest, lm.identity, fix_path)
     except ArtifactError as exc:
         report = error_report(f"model mismatch: {exc}", gates)
         if junit is not None:
-            _write_text_atomic(junit, junit_xml(report, suite))
+            write_text_atomic(junit, junit_xml(report, suite))
         if as_json:
             _emit_json(report)
         raise
@@ -209,7 +208,7 @@ def verify(
         report["compare"] = compared
         report["comparison"] = comparison_rows([report, *compared])
     if junit is not None:
-        _write_text_atomic(junit, junit_xml(report, suite))
+        write_text_atomic(junit, junit_xml(report, suite))
     if as_json:
         _emit_json(report)
     else:

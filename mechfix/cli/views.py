@@ -6,7 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
-from mechfix.cli.common import _clean_nan, err, shown, styled
+from mechfix.textio import clean_nan
+from mechfix.cli.common import err, shown, styled
 from mechfix.measure.verdict import comparison_cells, comparison_names, why_failed
 from mechfix.measure.verdict import pct as _pct  # one formatting of shares for the terminal and the report
 
@@ -252,10 +253,10 @@ def print_fix(manifest: dict[str, Any]) -> None:
     if manifest.get("training"):
         _print_training(_training_summary(manifest))
     if manifest.get("selection"):
-        _print_candidates(_clean_nan(manifest["selection"]))
+        _print_candidates(clean_nan(manifest["selection"]))
     if manifest.get("sweep") and manifest.get("budget"):
         chosen = (manifest.get("chosen") or {}).get("strength", f.get("strength"))
-        _print_sweep(_clean_nan(manifest["sweep"]), chosen, manifest["budget"], "the chosen candidate's strengths (training split)")
+        _print_sweep(clean_nan(manifest["sweep"]), chosen, manifest["budget"], "the chosen candidate's strengths (training split)")
 
 
 def _print_gate(gate: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mechfix.engine.forward import cache_kwargs, returned_cache
+from mechfix.engine.batches import cache_kwargs, returned_cache
 from mechfix.engine.edits import check_plain_pass
 from mechfix.models import LoadedModel
 

@@ -1,4 +1,6 @@
-"""A LoRA fix on disk: a PEFT adapter folder that also is a mechfix artifact.
+"""LoRA weights: the low-rank update, the modules it adapts, and its folder on disk.
+
+A LoRA fix on disk is a PEFT adapter folder that also is a mechfix artifact.
 
 The folder holds what ``peft.PeftModel.from_pretrained(model, folder)`` reads,
 and nothing it would not understand:
@@ -18,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,109 @@ from mechfix.artifacts import (
     sha256_file,
     write_safetensors,
 )
-from mechfix.errors import ArtifactError
-from mechfix.fixes.fix import LoraWeights
+from mechfix.architectures import get_path
+from mechfix.errors import ArtifactError, BadInputError
+from mechfix.models import LoadedModel
 from mechfix.textio import load_json, read_text
 from mechfix.untrusted import visible
+
+
+@dataclass
+class LoraWeights:
+    """A low-rank update of some linear modules, as PEFT's LoRA computes it: ``W x + B A x``.
+
+    PEFT's ``lora_alpha / r`` scaling is folded into ``B`` (mechfix writes
+    ``lora_alpha = r``), so ``B A`` is the whole update.
+
+    Attributes:
+        modules: Dotted path of each module from the causal-LM module
+            (``model.layers.12.self_attn.o_proj``), as PEFT names its targets.
+        a: ``[r, in]`` per module. Columns outside ``heads`` are zero.
+        b: ``[out, r]`` per module.
+        heads: Per module, the heads whose input columns the update reads, or
+            None for every column.
+    """
+
+    modules: list[str]
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+    heads: list[list[int] | None]
+
+    @property
+    def rank(self) -> int:
+        return int(self.a[0].shape[0]) if self.a else 0
+
+
+SCOPES = ("heads", "modules")
+
+@dataclass
+class LoraTarget:
+    """One module to adapt.
+
+    Attributes:
+        module: Dotted path from the causal-LM module (PEFT's target name).
+        layer: Its decoder layer.
+        heads: Heads whose input columns the update may read (None: all).
+        in_features: Input width.
+        out_features: Output width.
+        fan_in_fan_out: The module stores its weight as ``[in, out]`` (GPT-2's Conv1D).
+    """
+
+    module: str
+    layer: int
+    heads: list[int] | None
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool = False
+
+    def mask(self, head_dim: int) -> torch.Tensor:
+        """``[in]``: 1 on the columns the update may read."""
+        if self.heads is None:
+            return torch.ones(self.in_features)
+        m = torch.zeros(self.in_features)
+        for h in self.heads:
+            m[h * head_dim : (h + 1) * head_dim] = 1.0
+        return m
+
+def lora_targets(lm: LoadedModel, layers: Sequence[int], heads: Sequence[int], scope: str = "heads") -> list[LoraTarget]:
+    """The attention output projections of the layers holding the given heads.
+
+    Args:
+        lm: The model.
+        layers: Layer of each found head.
+        heads: Index of each found head.
+        scope: ``heads`` to restrict each update to its found heads' columns, ``modules`` for whole modules.
+
+    Raises:
+        BadInputError: For an unknown scope.
+    """
+    if scope not in SCOPES:
+        raise BadInputError(f"--lora-scope must be one of {', '.join(SCOPES)}, not '{scope}'.")
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in zip(layers, heads):
+        by_layer.setdefault(int(layer), []).append(int(h))
+    out = []
+    for layer in sorted(by_layer):
+        path = f"{lm.spec.layers}.{layer}.{lm.spec.attn_out}"
+        weight = get_path(lm.model, path).weight
+        rows, cols = weight.shape
+        flip = lm.spec.attn_out_fan_in_fan_out
+        in_f, out_f = (rows, cols) if flip else (cols, rows)
+        out.append(LoraTarget(path, layer, sorted(by_layer[layer]) if scope == "heads" else None, in_f, out_f, flip))
+    return out
+
+def init_lora(targets: Sequence[LoraTarget], rank: int, head_dim: int, seed: int) -> LoraWeights:
+    """PEFT's default start: A uniform in ±1/sqrt(in) (masked), B zero, so the update starts at zero."""
+    if rank < 1:
+        raise BadInputError(f"--rank must be at least 1, not {rank}.")
+    g = torch.Generator().manual_seed(seed)
+    a, b = [], []
+    for t in targets:
+        bound = 1.0 / t.in_features**0.5
+        a.append((torch.rand(rank, t.in_features, generator=g) * 2 - 1) * bound * t.mask(head_dim))
+        b.append(torch.zeros(t.out_features, rank))
+    return LoraWeights(modules=[t.module for t in targets], a=a, b=b, heads=[t.heads for t in targets])
+
 
 _PREFIX = "base_model.model."
 

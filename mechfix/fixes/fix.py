@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from mechfix.architectures import get_path
+from mechfix.fixes.adapter import LoraWeights, adapter_tensors, lora_from_artifact, save_adapter
 from mechfix.artifacts import Artifact, check_same_model, load_artifact
 from mechfix.engine.edits import add_hook
 from mechfix.errors import ArtifactError
@@ -190,32 +191,6 @@ OPS: dict[str, Op] = {
 }
 FIX_KINDS = ("vector", "heads", "lora")
 DEFAULT_OP = {"vector": "subtract", "heads": "project", "lora": "lora"}
-
-
-@dataclass
-class LoraWeights:
-    """A low-rank update of some linear modules, as PEFT's LoRA computes it: ``W x + B A x``.
-
-    PEFT's ``lora_alpha / r`` scaling is folded into ``B`` (mechfix writes
-    ``lora_alpha = r``), so ``B A`` is the whole update.
-
-    Attributes:
-        modules: Dotted path of each module from the causal-LM module
-            (``model.layers.12.self_attn.o_proj``), as PEFT names its targets.
-        a: ``[r, in]`` per module. Columns outside ``heads`` are zero.
-        b: ``[out, r]`` per module.
-        heads: Per module, the heads whose input columns the update reads, or
-            None for every column.
-    """
-
-    modules: list[str]
-    a: list[torch.Tensor]
-    b: list[torch.Tensor]
-    heads: list[list[int] | None]
-
-    @property
-    def rank(self) -> int:
-        return int(self.a[0].shape[0]) if self.a else 0
 
 
 @dataclass
@@ -503,8 +478,6 @@ def fix_tensors(fix: Fix) -> dict[str, torch.Tensor]:
     """The tensors a fix artifact stores (a lora fix: its adapter, under PEFT's key names)."""
     gate = {"gate/weight": fix.gate.weight.float().contiguous()} if fix.gate is not None else {}
     if fix.lora is not None:
-        from mechfix.fixes.adapter import adapter_tensors
-
         if fix.gate is not None:
             # PEFT would load the adapter and apply it at every position: a gate cannot travel in its folder.
             raise ValueError("a gated lora fix cannot be saved as a PEFT adapter")
@@ -544,8 +517,6 @@ def fix_from_artifact(art: Artifact) -> Fix:
     desc = art.manifest.get("fix", {})
     op = desc.get("op")
     if op in OPS and OPS[op].kind == "lora":
-        from mechfix.fixes.adapter import lora_from_artifact
-
         lora, layers = lora_from_artifact(art)
         return Fix(op=op, layers=layers, heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
                    strength=float(desc.get("strength", 1.0)), model=art.manifest.get("model", {}),
@@ -584,8 +555,6 @@ def save_fix(path: str | Path, artifact: Artifact) -> str:
     from mechfix.artifacts import save_artifact
 
     if artifact.manifest.get("fix", {}).get("kind") == "lora":
-        from mechfix.fixes.adapter import save_adapter
-
         return save_adapter(path, artifact, artifact.manifest["adapter_config"])
     return save_artifact(path, artifact)
 

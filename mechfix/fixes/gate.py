@@ -194,7 +194,7 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
 
 def prompt_batches(lm: LoadedModel, prompts: Sequence[Sequence[int]], batch_size: int = 16):
     """Right-padded ``(ids, mask)`` batches of token sequences, in order."""
-    from mechfix.engine.forward import pad_batch
+    from mechfix.engine.batches import pad_batch
 
     for i in range(0, len(prompts), batch_size):
         yield pad_batch(lm, prompts[i: i + batch_size])

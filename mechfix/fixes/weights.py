@@ -27,8 +27,9 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
-from mechfix.fixes.fix import OPS, Fix, LoraWeights
-from mechfix.stages.lora import LoraTarget, lora_targets
+from mechfix.fixes.adapter import LoraWeights
+from mechfix.fixes.fix import Fix, OPS
+from mechfix.fixes.adapter import LoraTarget, lora_targets
 from mechfix.models import LoadedModel
 
 

@@ -37,7 +37,7 @@ from mechfix.scenario.episodes import option_ids
 from mechfix.errors import BadInputError
 from mechfix.measure.evaluate import score_requests
 from mechfix.fixes.fix import Fix
-from mechfix.engine.forward import Request
+from mechfix.engine.batches import Request
 from mechfix.models import LoadedModel
 from mechfix.textio import read_text
 

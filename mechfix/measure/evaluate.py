@@ -15,13 +15,12 @@ import torch
 
 from mechfix.errors import BadInputError
 from mechfix.fixes.fix import Fix, apply_fix
-from mechfix.engine.forward import Request, final_hidden, pad_batch, retry_smaller, run_requests
+from mechfix.engine.backends import backend_of
+from mechfix.engine.batches import Request, pad_batch
+from mechfix.engine.forward import retry_smaller, run_requests
+from mechfix.engine.kl import KL_CHUNK, keep_mask, kept_hidden
 from mechfix.models import LoadedModel
 from mechfix.textio import read_text
-
-# Positions of neutral text whose full-vocabulary log-probabilities are held at once
-# (262k-wide rows: 128 rows are 134 MB in float32).
-_KL_CHUNK = 128
 
 
 NEUTRAL_SETS = {"select": "data/neutral-select.txt", "verify": "data/neutral-verify.txt"}
@@ -86,7 +85,7 @@ def clean_agreement(before: torch.Tensor, after: torch.Tensor) -> float:
 
 @dataclass
 class NeutralSet:
-    """Neutral passages, tokenized, in batches of about :data:`_KL_CHUNK` scored positions.
+    """Neutral passages, tokenized, in batches of about :data:`KL_CHUNK` scored positions.
 
     ``base`` caches, per batch, what KL needs of the unfixed model (see
     :func:`neutral_kl`), so that every fix and strength measured on the same
@@ -121,7 +120,7 @@ class NeutralSet:
             halves.append((ids[rows, :width], mask[rows, :width]))
         first = self.firsts[i]
         self.batches[i: i + 1] = halves
-        self.firsts[i: i + 1] = [first, (first - int(_keep(halves[0][1]).sum())) % self.stride]
+        self.firsts[i: i + 1] = [first, (first - int(keep_mask(halves[0][1]).sum())) % self.stride]
         self.base = {(k if k < i else k + 1): v for k, v in self.base.items() if k != i}
 
 
@@ -141,34 +140,22 @@ def neutral_set(lm: LoadedModel, passages: Sequence[str] | None = None, stride: 
     seqs = [s for s in seqs if len(s) >= 2]
     batches, cur, width = [], [], 0
     for s in sorted(seqs, key=len):
-        if cur and (len(cur) + 1) * max(width, len(s)) > _KL_CHUNK * 2:
+        if cur and (len(cur) + 1) * max(width, len(s)) > KL_CHUNK * 2:
             batches.append(pad_batch(lm, cur))
             cur, width = [], 0
         cur.append(s)
         width = max(width, len(s))
     if cur:
         batches.append(pad_batch(lm, cur))
-    measured = sum(len(range(0, int(_keep(m).sum()), stride)) for _, m in batches)
+    measured = sum(len(range(0, int(keep_mask(m).sum()), stride)) for _, m in batches)
     # Every position but the last predicts a next token that exists.
     return NeutralSet(batches=batches, n_tokens=measured, stride=stride, positions=sum(len(s) - 1 for s in seqs),
                       firsts=[0] * len(batches))
 
 
-def _keep(mask: torch.Tensor) -> torch.Tensor:
-    keep = mask.clone()
-    keep[torch.arange(len(mask)), mask.sum(1) - 1] = 0  # the last token predicts nothing we can check
-    return keep.bool()
-
-
-def _kept_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice = slice(None)) -> torch.Tensor:
-    """Final hidden states ``[P, d]`` at the ``pick`` of the positions that have a next token (see :meth:`NeutralSet.pick`)."""
-    hidden = final_hidden(lm, ids, mask)
-    return hidden[_keep(mask).to(hidden.device)][pick]
-
-
 def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice = slice(None)) -> torch.Tensor:
     """Full-vocabulary log-probabilities at the ``pick`` of the positions that have a next token, ``[P, V]``."""
-    return torch.log_softmax(lm.logits(_kept_hidden(lm, ids, mask, pick)).float(), dim=-1)
+    return torch.log_softmax(lm.logits(kept_hidden(lm, ids, mask, pick)).float(), dim=-1)
 
 
 def _plain_head(lm: LoadedModel, fix: Fix) -> bool:
@@ -193,58 +180,15 @@ def _base_terms(lm: LoadedModel, neutral: NeutralSet, i: int) -> tuple[torch.Ten
     """
     if i not in neutral.base:
         ids, mask = neutral.batches[i]
-        if lm.backend == "nnsight":
-            # The same terms, computed inside a trace (on NDIF the model is not here).
-            from mechfix.engine.backends.nnsight import kl_base
-
-            neutral.base[i] = kl_base(lm, ids, mask, neutral.pick(i))
-        else:
-            head = lm.model.get_output_embeddings()
-            neutral.base[i] = kl_base_terms(lm.logits, head.weight, getattr(head, "bias", None),
-                                            _kept_hidden(lm, ids, mask, neutral.pick(i)))
+        neutral.base[i] = backend_of(lm).kl_base(lm, ids, mask, neutral.pick(i))
     return neutral.base[i]
-
-
-def kl_base_terms(logits: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
-                  hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unfixed model's KL terms ``(c [P], e [P, d])`` from its final hidden states ``[P, d]`` (see :func:`_base_terms`).
-
-    Args:
-        logits: The output head (soft-capping included), hidden states to logits.
-        weight: The head's weight ``[V, d]``.
-        bias: Its bias ``[V]``, or None.
-        hidden: The hidden states.
-    """
-    cs, es = [], []
-    for chunk in hidden.split(_KL_CHUNK):
-        z = logits(chunk).float()
-        p = torch.softmax(z, dim=-1)
-        c = (p * z).sum(-1) - torch.logsumexp(z, dim=-1)
-        if bias is not None:
-            c = c - p @ bias.float()
-        cs.append(c.double())
-        es.append((p.to(weight.dtype) @ weight).float())
-    return torch.cat(cs), torch.cat(es)
-
-
-def kl_sum(logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, c: torch.Tensor,
-           e: torch.Tensor) -> torch.Tensor:
-    """Summed KL(unfixed ‖ fixed) over positions, from the fixed model's hidden states and the unfixed terms ``(c, e)``."""
-    lse = torch.cat([torch.logsumexp(logits(chunk).float(), dim=-1) for chunk in hidden.split(_KL_CHUNK)])
-    c, e = c.to(hidden.device), e.to(hidden.device)
-    return (c - (hidden.double() * e.double()).sum(-1) + lse.double()).sum()
 
 
 def _fixed_kl(lm: LoadedModel, fix: Fix, strength: float, ids: torch.Tensor, mask: torch.Tensor, pick: slice,
               c: torch.Tensor, e: torch.Tensor) -> float:
     """Summed KL over one neutral batch with the fix applied at ``strength`` (in a trace on NDIF)."""
     with apply_fix(lm, fix, strength, check_model=False):
-        if lm.backend == "nnsight":
-            from mechfix.engine.backends.nnsight import kl_fixed
-
-            return kl_fixed(lm, ids, mask, pick, c, e)
-        h = _kept_hidden(lm, ids, mask, pick)
-    return float(kl_sum(lm.logits, h, c, e))
+        return backend_of(lm).kl_fixed(lm, ids, mask, pick, c, e)
 
 
 def _batch_kl(lm: LoadedModel, fix: Fix, strengths: Sequence[float], neutral: NeutralSet, i: int, plain: bool) -> list[float]:
@@ -300,9 +244,9 @@ def neutral_kl(
             "soft-caps them (or the fix edits the output head). Run steer and verify for it where the weights are."
         )
     # The cached terms cost more than one plain pass of the unfixed model: worth it when they will be reused. The
-    # nnsight backend always uses them, inside its traces (one number per batch back); locally, a soft-capped head
+    # backends that compute KL inside their passes always use them (one number per batch back); locally, a soft-capped head
     # falls back to comparing full distributions outside them.
-    plain = linear and (lm.backend == "nnsight" or reuse or bool(neutral.base) or len(strengths) > 1)
+    plain = linear and (backend_of(lm).kl_terms_only or reuse or bool(neutral.base) or len(strengths) > 1)
     with torch.inference_mode():
         i = 0
         while i < len(neutral.batches):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mechfix.artifacts import atomic_target
+from mechfix.textio import atomic_target
 
 
 def heatmap(tensors: dict[str, torch.Tensor], path: str | Path, title: str, label: str) -> Path:

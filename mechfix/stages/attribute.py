@@ -32,18 +32,11 @@ from mechfix.artifacts import Artifact, new_manifest
 from mechfix.scenario.chat import recorded_style
 from mechfix.scenario.episodes import option_ids
 from mechfix.errors import BadInputError
-from mechfix.engine.forward import Request, run_requests, with_backoff
+from mechfix.engine.batches import Request
+from mechfix.engine.forward import run_requests, with_backoff
 from mechfix.models import LoadedModel
-from mechfix.engine.patching import (
-    Patch,
-    Prefixes,
-    Tail,
-    decision_grads,
-    encode_prefixes,
-    full_pass,
-    run_tails,
-    tails_for,
-)
+from mechfix.engine.patching import encode_prefixes, full_pass, run_tails
+from mechfix.engine.tails import Patch, Prefixes, Tail, decision_grads, tails_for
 from mechfix.measure.stats import bootstrap_ci_columns, mean_ci, spearman
 
 METHODS = ("atp", "exact", "both")

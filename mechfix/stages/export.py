@@ -29,17 +29,8 @@ from typing import Any
 import numpy as np
 
 from mechfix.architectures import ARCHITECTURES
-from mechfix.artifacts import (
-    ADAPTER_WEIGHTS,
-    HF_MARKER,
-    Artifact,
-    atomic_dir,
-    atomic_target,
-    check_writable,
-    check_writable_dir,
-    new_manifest,
-    sha256_file,
-)
+from mechfix.artifacts import ADAPTER_WEIGHTS, Artifact, HF_MARKER, atomic_dir, check_writable, check_writable_dir, new_manifest, sha256_file
+from mechfix.textio import atomic_target
 from mechfix.errors import BadInputError
 from mechfix.fixes.fix import OPS, Fix
 

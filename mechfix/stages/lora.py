@@ -32,12 +32,12 @@ import torch
 from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
 from mechfix.measure.evaluate import NeutralSet
-from mechfix.fixes.fix import OPS, LoraWeights
-from mechfix.engine.forward import Request, final_hidden, option_scores, pad_batch, retry_smaller
+from mechfix.fixes.adapter import SCOPES, LoraTarget, LoraWeights, init_lora, lora_targets
+from mechfix.fixes.fix import OPS
+from mechfix.engine.batches import Request, final_hidden, pad_batch
+from mechfix.engine.forward import option_scores, retry_smaller
 from mechfix.models import LoadedModel
 from mechfix.measure.stats import decision_scores
-
-SCOPES = ("heads", "modules")
 
 
 @dataclass
@@ -86,36 +86,6 @@ def lora_settings_check(settings: LoraSettings) -> LoraSettings:
 
 
 @dataclass
-class LoraTarget:
-    """One module to adapt.
-
-    Attributes:
-        module: Dotted path from the causal-LM module (PEFT's target name).
-        layer: Its decoder layer.
-        heads: Heads whose input columns the update may read (None: all).
-        in_features: Input width.
-        out_features: Output width.
-        fan_in_fan_out: The module stores its weight as ``[in, out]`` (GPT-2's Conv1D).
-    """
-
-    module: str
-    layer: int
-    heads: list[int] | None
-    in_features: int
-    out_features: int
-    fan_in_fan_out: bool = False
-
-    def mask(self, head_dim: int) -> torch.Tensor:
-        """``[in]``: 1 on the columns the update may read."""
-        if self.heads is None:
-            return torch.ones(self.in_features)
-        m = torch.zeros(self.in_features)
-        for h in self.heads:
-            m[h * head_dim : (h + 1) * head_dim] = 1.0
-        return m
-
-
-@dataclass
 class TrainingLog:
     """What training did: the loss at every step, and how long it took."""
 
@@ -125,47 +95,6 @@ class TrainingLog:
 
     def as_dict(self) -> dict:
         return {"settings": asdict(self.settings), "steps": self.steps, "seconds": round(self.seconds, 2)}
-
-
-def lora_targets(lm: LoadedModel, layers: Sequence[int], heads: Sequence[int], scope: str = "heads") -> list[LoraTarget]:
-    """The attention output projections of the layers holding the given heads.
-
-    Args:
-        lm: The model.
-        layers: Layer of each found head.
-        heads: Index of each found head.
-        scope: ``heads`` to restrict each update to its found heads' columns, ``modules`` for whole modules.
-
-    Raises:
-        BadInputError: For an unknown scope.
-    """
-    if scope not in SCOPES:
-        raise BadInputError(f"--lora-scope must be one of {', '.join(SCOPES)}, not '{scope}'.")
-    by_layer: dict[int, list[int]] = {}
-    for layer, h in zip(layers, heads):
-        by_layer.setdefault(int(layer), []).append(int(h))
-    out = []
-    for layer in sorted(by_layer):
-        path = f"{lm.spec.layers}.{layer}.{lm.spec.attn_out}"
-        weight = get_path(lm.model, path).weight
-        rows, cols = weight.shape
-        flip = lm.spec.attn_out_fan_in_fan_out
-        in_f, out_f = (rows, cols) if flip else (cols, rows)
-        out.append(LoraTarget(path, layer, sorted(by_layer[layer]) if scope == "heads" else None, in_f, out_f, flip))
-    return out
-
-
-def init_lora(targets: Sequence[LoraTarget], rank: int, head_dim: int, seed: int) -> LoraWeights:
-    """PEFT's default start: A uniform in ±1/sqrt(in) (masked), B zero, so the update starts at zero."""
-    if rank < 1:
-        raise BadInputError(f"--rank must be at least 1, not {rank}.")
-    g = torch.Generator().manual_seed(seed)
-    a, b = [], []
-    for t in targets:
-        bound = 1.0 / t.in_features**0.5
-        a.append((torch.rand(rank, t.in_features, generator=g) * 2 - 1) * bound * t.mask(head_dim))
-        b.append(torch.zeros(t.out_features, rank))
-    return LoraWeights(modules=[t.module for t in targets], a=a, b=b, heads=[t.heads for t in targets])
 
 
 @contextmanager

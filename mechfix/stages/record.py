@@ -27,7 +27,8 @@ from mechfix.scenario.episodes import (
     tokenize_episode,
 )
 from mechfix.engine.actstore import ActStore, default_act_dtype
-from mechfix.engine.forward import SITES, Request, run_requests
+from mechfix.engine.batches import Request, SITES
+from mechfix.engine.forward import run_requests
 from mechfix.engine.generation import generate_reply
 from mechfix.scenario.live import LiveEpisode, generated_turns, outcome, run_live
 from mechfix.models import LoadedModel

@@ -55,10 +55,11 @@ from mechfix.defaults import (
 from mechfix.errors import BadInputError, GateError
 from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fixes.fix import DEFAULT_OP, OPS, Fix, RowFixes, apply_row_fixes, fix_tensors
-from mechfix.engine.forward import Request
+from mechfix.engine.batches import Request
 from mechfix.fixes.gate import GateSettings, choose_gate, gate_layers, layer_acts
 from mechfix.engine.layerskip import LayerSkip, first_layer
-from mechfix.stages.lora import LoraSettings, LoraTarget, TrainingLog, lora_targets, train_lora
+from mechfix.fixes.adapter import LoraTarget, lora_targets
+from mechfix.stages.lora import LoraSettings, TrainingLog, train_lora
 from mechfix.models import LoadedModel
 from mechfix.measure.stats import decision_scores, mean_ci, reduction, side_effects
 

@@ -34,7 +34,7 @@ from mechfix.scenario.chat import Style
 from mechfix.errors import BadInputError
 from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
 from mechfix.fixes.fix import Fix, apply_fix
-from mechfix.engine.forward import Request
+from mechfix.engine.batches import Request
 from mechfix.fixes.gate import auroc, layer_acts, prompt_batches, rate
 from mechfix.engine.layerskip import LayerSkip, first_layer
 from mechfix.scenario.live import outcome, run_live

@@ -3,7 +3,7 @@
 Every pass the stages build on has a twin here that runs the same computation
 inside ``envoy.trace(...)``:
 
-- :func:`request_pass`: a batch of :mod:`mechfix.engine.forward` (option scores and the
+- :func:`request_pass`: a batch of :func:`mechfix.engine.forward.run_requests` (option scores and the
   captured sites), for record and for every scoring pass of steer and verify;
 - :func:`encode_prefixes`, :func:`tail_pass`: the cached prefixes and tails of
   :mod:`mechfix.engine.patching` (patches at the decision position, activations, the
@@ -11,7 +11,7 @@ inside ``envoy.trace(...)``:
   attribution patching and exact patching;
 - :func:`full_pass`: whole sequences with gradients at every position.
 
-The stages call them when the model's backend is ``nnsight`` (:func:`use_backend`).
+They are the methods of :class:`NnsightBackend` (:mod:`mechfix.engine.backends.base`).
 Scores, log-softmaxes and gradients are computed inside the trace, so only small
 results leave it: the part that matters for NDIF (``--remote``), where only saved
 values travel back.
@@ -43,21 +43,22 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.errors import BadInputError, MechfixError
-from mechfix.engine.forward import SITES, Capture, _Row, _target_logprobs, cache_kwargs, pad_batch, returned_cache
+from mechfix.engine.backends.base import BatchOutput
+from mechfix.engine.batches import SITES, Capture, Row, cache_kwargs, pad_batch, returned_cache, target_logprobs
+from mechfix.engine.kl import keep_mask, kl_base_terms, kl_sum
 from mechfix.models import LoadedModel
-from mechfix.engine.patching import (
+from mechfix.engine.tails import (
     Patch,
     Prefixes,
     Tail,
     TailOutput,
-    _attention_impl,
-    _decision_attention,
+    attention_impl,
+    decision_attention,
     prefix_inputs,
     score_rows,
     tail_inputs,
 )
 
-BACKENDS = ("hooks", "nnsight")
 # The order a decoder layer computes its sites in: a trace must read them in forward order
 # (and ask for their gradients in the reverse order).
 _FORWARD_ORDER = ("heads", "mlp", "resid")
@@ -90,33 +91,6 @@ def _remote_failures(lm: LoadedModel) -> Iterator[None]:
             "is busy or the model was taken down, try again later (`python -c \"import nnsight; "
             "print(nnsight.ndif.status())\"` shows what it runs)."
         ) from exc
-
-
-def check_backend(backend: str | None, remote: bool) -> None:
-    """Refuse an unknown backend, or ``hooks`` for a model on NDIF (None: the default, always fine).
-
-    Raises:
-        BadInputError: Naming the backends, or the one a remote model needs.
-    """
-    if backend is not None and backend not in BACKENDS:
-        raise BadInputError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
-    if remote and backend not in (None, "nnsight"):
-        raise BadInputError("--remote runs through nnsight traces: use --backend nnsight (or leave --backend out).")
-
-
-def use_backend(lm: LoadedModel, backend: str = "hooks") -> LoadedModel:
-    """Run the model's passes with ``backend`` (``hooks`` or ``nnsight``); returns ``lm``.
-
-    Raises:
-        BadInputError: For an unknown backend, or ``hooks`` on a remote model.
-    """
-    check_backend(backend, lm.remote)
-    lm.backend = backend
-    if backend == "nnsight" and lm.envoy is None:
-        import nnsight
-
-        lm.envoy = nnsight.TransformersModel(lm.model, tokenizer=lm.tokenizer)
-    return lm
 
 
 class _Head:
@@ -391,7 +365,7 @@ def _stack(lm: LoadedModel, per_layer: dict[str, list[torch.Tensor]], split_head
     return out
 
 
-def request_pass(lm: LoadedModel, batch: Sequence[_Row], ids: torch.Tensor, mask: torch.Tensor, capture: Capture):
+def request_pass(lm: LoadedModel, batch: Sequence[Row], ids: torch.Tensor, mask: torch.Tensor, capture: Capture):
     """A batch pass of :func:`mechfix.engine.forward.run_requests` as one trace (same return values as its hooks pass)."""
     import nnsight
 
@@ -413,7 +387,7 @@ def request_pass(lm: LoadedModel, batch: Sequence[_Row], ids: torch.Tensor, mask
                 for r, length in zip(capture.rows.tolist(), capture.lengths):
                     kept.append(x[r, :length].float())
         hidden = get_path(lm.envoy, lm.spec.backbone).output[0]
-        picked = _target_logprobs(_head(lm), hidden, batch)[1].save()
+        picked = target_logprobs(_head(lm), hidden, batch)[1].save()
     # Only saved values leave a trace: which (row, option) each score is, again out here.
     where = [(b, k) for b, r in enumerate(batch) for k, _, _ in r.targets]
     got: dict[str, object] = {}
@@ -482,13 +456,13 @@ def tail_pass(
         mode = "output" if attention else "none"
     if attention:
         inputs["output_attentions"] = True
-    with _attention_impl(lm, "eager" if attention else None):
+    with attention_impl(lm, "eager" if attention else None):
         res = _run(lm, inputs, offsets, tails, patches=patches, sites=sites, grad=grad, attention=mode)
     out = TailOutput(scores=res["scores"].float().cpu(), acts=_stack(lm, res["acts"], split_heads=True) if sites else {})
     if grad:
         out.grads = _stack(lm, res["grads"], split_heads=True)
     if mode == "output":
-        out.attention = _decision_attention(res["attention"][0], before, cache, prefixes, tails, rows)
+        out.attention = decision_attention(res["attention"][0], before, cache, prefixes, tails, rows)
     elif mode == "decision":
         out.attention = _whole_sequence_attention(res["attention"], mask)
     return out
@@ -523,17 +497,13 @@ def full_pass(lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str] = SITE
 
 def _kept(lm: LoadedModel, mask: torch.Tensor, pick: slice) -> torch.Tensor:
     """Inside a trace: the final hidden states ``[P, d]`` at the ``pick`` of the positions with a next token."""
-    from mechfix.measure.evaluate import _keep
-
     hidden = get_path(lm.envoy, lm.spec.backbone).output[0]
-    return hidden[_keep(mask).to(hidden.device)][pick]
+    return hidden[keep_mask(mask).to(hidden.device)][pick]
 
 
 def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unfixed model's KL terms of one neutral batch (:func:`mechfix.measure.evaluate.kl_base_terms`), in one trace."""
+    """The unfixed model's KL terms of one neutral batch (:func:`mechfix.engine.kl.kl_base_terms`), in one trace."""
     import nnsight
-
-    from mechfix.measure.evaluate import kl_base_terms
 
     dev = _input_device(lm)
     with _remote_failures(lm), torch.inference_mode(False), torch.no_grad(), lm.envoy.trace(
@@ -544,10 +514,8 @@ def kl_base(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice)
 
 
 def kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice, c: torch.Tensor, e: torch.Tensor) -> float:
-    """Summed KL over one neutral batch with the pending edits applied (:func:`mechfix.measure.evaluate.kl_sum`), in one
+    """Summed KL over one neutral batch with the pending edits applied (:func:`mechfix.engine.kl.kl_sum`), in one
     trace that returns one number."""
-    from mechfix.measure.evaluate import kl_sum
-
     edits = _edit_slots(lm)
     dev = _input_device(lm)
     with _remote_failures(lm), torch.inference_mode(False), torch.no_grad(), lm.envoy.trace(
@@ -558,3 +526,45 @@ def kl_fixed(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice
         head = _head(lm)
         total = kl_sum(head.logits, _kept(lm, mask, pick), c, e).save()
     return float(total)
+
+
+class NnsightBackend:
+    """nnsight traces, locally or on NDIF (see the module's docstring)."""
+
+    name = "nnsight"
+    # Only the cached KL terms travel back from a trace, so KL is always computed from them.
+    kl_terms_only = True
+
+    def attach(self, lm: LoadedModel) -> None:
+        """Wrap the model for tracing (a remote model comes wrapped already)."""
+        if lm.envoy is None:
+            import nnsight
+
+            lm.envoy = nnsight.TransformersModel(lm.model, tokenizer=lm.tokenizer)
+
+    def request_pass(self, lm: LoadedModel, batch: Sequence[Row], ids: torch.Tensor, mask: torch.Tensor,
+                     capture: Capture) -> BatchOutput:
+        """:func:`request_pass`."""
+        return request_pass(lm, batch, ids, mask, capture)
+
+    def encode_prefixes(self, lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> Prefixes:
+        """:func:`encode_prefixes`."""
+        return encode_prefixes(lm, prompts)
+
+    def run_tails(self, lm: LoadedModel, prefixes: Prefixes, tails: Sequence[Tail], *, patches: Sequence[Patch],
+                  sites: Sequence[str], grad: bool, attention: bool) -> TailOutput:
+        """:func:`tail_pass`."""
+        return tail_pass(lm, prefixes, tails, patches=patches, sites=sites, grad=grad, attention=attention)
+
+    def full_pass(self, lm: LoadedModel, rows: Sequence[Tail], sites: Sequence[str]) -> TailOutput:
+        """:func:`full_pass`."""
+        return full_pass(lm, rows, sites)
+
+    def kl_base(self, lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`kl_base`."""
+        return kl_base(lm, ids, mask, pick)
+
+    def kl_fixed(self, lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pick: slice, c: torch.Tensor,
+                 e: torch.Tensor) -> float:
+        """:func:`kl_fixed`."""
+        return kl_fixed(lm, ids, mask, pick, c, e)
