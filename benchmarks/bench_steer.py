@@ -34,7 +34,8 @@ from mechfix import capabilities as caps  # noqa: E402
 from mechfix.artifacts import load_artifact  # noqa: E402
 from mechfix.measure.evaluate import neutral_passages, neutral_set  # noqa: E402
 from mechfix.models import load_model  # noqa: E402
-from mechfix.stages.steer import SEARCH_KL_STRIDE, Budget, steer  # noqa: E402
+from mechfix.stages.steer import SEARCH_KL_STRIDE, steer  # noqa: E402
+from mechfix.stages.sweep import Budget  # noqa: E402
 
 OLD_NEUTRAL_TOKENS = 1064  # the size of the single neutral set steer and verify shared before
 

@@ -91,7 +91,7 @@ def main() -> None:
     from mechfix.errors import GateError
     from mechfix.fixes.fix import Fix, fix_from_artifact
     from mechfix.scenario.recipe import load_recipe
-    from mechfix.stages.steer import Budget
+    from mechfix.stages.sweep import Budget
     from mechfix.engine.backends import use_backend
     from mechfix.stages.verify import gates_for
 

@@ -1,9 +1,22 @@
 """mechfix: find why multi-agent LLM misbehaviour happens inside the model, and patch it.
 
-The Python API for fixes (imported lazily, so that the CLI's ``--help`` stays instant)::
+The pipeline from Python (imported lazily, so that the CLI's ``--help`` stays instant)::
+
+    import mechfix
+
+    lm = mechfix.load_model()                                   # the embedded Gemma 3 270M
+    rec = mechfix.record("conformity", lm)                      # a recipe file or a built-in name
+    att = mechfix.attribute(rec, lm)
+    fix = mechfix.steer(att, rec, lm)                           # a GateError when no fix keeps the budget
+    report = mechfix.verify("conformity", fix, lm)              # report["passed"], report["reduction"]
+    result = mechfix.run("conformity", "runs/conformity")      # all four; every artifact in the folder
+
+Each returns what the command of the same name saves (an artifact, a verify
+report) and saves it too when given ``out=``.
+
+Fixes in a running system::
 
     from mechfix import load_model, load_fix, apply_fix
-    lm = load_model()                                  # the embedded Gemma 3 270M
     fix = load_fix("conformity.fix.safetensors")      # or a LoRA fix's folder, "conformity.lora"
     with apply_fix(lm, fix):
         out = lm.model.generate(...)
@@ -19,8 +32,22 @@ and its probe alone is a pressure monitor for a running system::
 
 __version__ = "0.1.0.dev0"
 
-_LAZY = {"load_fix": "mechfix.fixes.fix", "apply_fix": "mechfix.fixes.fix", "Fix": "mechfix.fixes.fix", "load_model": "mechfix.models",
-         "score_conversation": "mechfix.stages.monitor"}
+# Public name -> the module that defines it (looked up on first use).
+_LAZY = {
+    "load_model": "mechfix.models",
+    "use_backend": "mechfix.engine.backends",
+    "load_fix": "mechfix.fixes.fix",
+    "apply_fix": "mechfix.fixes.fix",
+    "Fix": "mechfix.fixes.fix",
+    "score_conversation": "mechfix.stages.monitor",
+    "record": "mechfix.stages.pipeline",
+    "attribute": "mechfix.stages.pipeline",
+    "steer": "mechfix.stages.pipeline",
+    "verify": "mechfix.stages.pipeline",
+    "verify_all": "mechfix.stages.pipeline",
+    "run": "mechfix.stages.pipeline",
+    "RunResult": "mechfix.stages.pipeline",
+}
 __all__ = ["__version__", *_LAZY]
 
 

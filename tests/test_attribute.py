@@ -9,7 +9,8 @@ from tiny import TINY_CONFIGS, byte_tokenizer, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mechfix.artifacts import load_artifact, save_artifact
-from mechfix.stages.attribute import Component, attribute, decisions_from_record, summarize, to_artifact
+from mechfix.stages.attribute import Component, attribute, decisions_from_record
+from mechfix.stages.attribution import summarize, to_artifact
 from mechfix.models import wrap_model
 from mechfix.engine.patching import encode_prefixes, run_tails
 from mechfix.engine.tails import Patch, tails_for

@@ -18,7 +18,7 @@ from test_attribute import _loaded, _recording, bare_llama
 
 from mechfix.measure import capabilities as caps
 from mechfix.stages.attribute import attribute
-from mechfix.stages.attribute import to_artifact as attribution_artifact
+from mechfix.stages.attribution import to_artifact as attribution_artifact
 from mechfix.measure.crossval import fold_masks, item_folds, row_items
 from mechfix.stages.attribute import decisions_from_record
 from mechfix.measure.evaluate import neutral_passages, neutral_set, score_requests
@@ -27,7 +27,8 @@ from mechfix.fixes.adapter import LoraWeights
 from mechfix.fixes.fix import Fix
 from mechfix.models import wrap_model
 from mechfix.measure.stats import decision_scores
-from mechfix.stages.steer import Budget, steer
+from mechfix.stages.steer import steer
+from mechfix.stages.sweep import Budget
 from mechfix.stages.verify import gates_for, verify
 
 LETTERS = "JKVWXZ"
@@ -258,7 +259,7 @@ def test_every_point_of_the_chosen_sweep_has_the_numbers_a_direct_measurement_gi
 
 
 def test_an_operation_that_fits_nothing_is_scored_once_for_its_fit_and_its_held_out_folds(carry, monkeypatch):
-    import mechfix.stages.steer as steer_mod
+    import mechfix.stages.sweep as steer_mod  # the bench scores the candidates
 
     lm, rec, att, _ = carry
     select = neutral_set(lm, neutral_passages(part="select")[:4])

@@ -311,7 +311,7 @@ def test_steer_refuses_an_attribution_and_recording_of_different_styles():
     from test_steer import PLANT_MORE
 
     from mechfix.stages.attribute import attribute
-    from mechfix.stages.attribute import to_artifact as attribution_artifact
+    from mechfix.stages.attribution import to_artifact as attribution_artifact
     from mechfix.measure.evaluate import neutral_passages, neutral_set
     from mechfix.stages.steer import steer
 

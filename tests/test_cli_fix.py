@@ -317,7 +317,7 @@ def test_the_command_line_defaults_of_every_gate_are_the_ones_steer_and_verify_u
     from mechfix.cli.run import run as run_cmd
     from mechfix.cli.steer import steer as steer_cmd
     from mechfix.cli.verify import verify as verify_cmd
-    from mechfix.stages.steer import Budget
+    from mechfix.stages.sweep import Budget
 
     expected = {"max_kl": defaults.MAX_KL, "min_clean_agreement": defaults.MIN_CLEAN_AGREEMENT,
                 "min_capability": defaults.MIN_CAPABILITY, "max_helpful_loss": defaults.MAX_HELPFUL_LOSS,

@@ -19,7 +19,8 @@ from mechfix.fixes.fix import Fix, apply_fix, fix_tensors, load_fix, save_fix
 from mechfix.engine.batches import Request
 from mechfix.fixes.adapter import lora_targets
 from mechfix.stages.lora import LoraSettings, bucket_kl, train_lora
-from mechfix.stages.steer import Budget, steer
+from mechfix.stages.steer import steer
+from mechfix.stages.sweep import Budget
 from mechfix.stages.steer import to_artifact as fix_artifact
 from mechfix.measure.stats import decision_scores
 

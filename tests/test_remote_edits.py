@@ -18,7 +18,8 @@ from mechfix.fixes.adapter import LoraWeights
 from mechfix.fixes.fix import Fix, RowFixes, apply_fix, apply_row_fixes
 from mechfix.engine.batches import final_hidden, pad_batch
 from mechfix.stages.record import decision_requests
-from mechfix.stages.steer import Budget, steer
+from mechfix.stages.steer import steer
+from mechfix.stages.sweep import Budget
 from mechfix.stages.verify import gates_for, verify
 
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -417,12 +417,12 @@ def test_every_terminal_view_prints_hostile_text_as_text(finished_run, capsys):
     report = json.loads((out / "plant.verify.json").read_text())
     capsys.readouterr()
     shown = {
-        "record summary": lambda: views._print_record_summary(_hostile(rec["summary"]), HOSTILE, HOSTILE, wrote=HOSTILE),
-        "attribution": lambda: views._print_attribution(_hostile(att["summary"]), HOSTILE, HOSTILE, wrote=HOSTILE),
+        "record summary": lambda: views.print_record_summary(_hostile(rec["summary"]), HOSTILE, HOSTILE, wrote=HOSTILE),
+        "attribution": lambda: views.print_attribution(_hostile(att["summary"]), HOSTILE, HOSTILE, wrote=HOSTILE),
         "fix (show)": lambda: views.print_fix(_hostile(fix)),
-        "verify": lambda: views._print_verify(_hostile(report), HOSTILE),
-        "comparison": lambda: views._print_comparison(_hostile(comparison_rows([report, report])), HOSTILE),
-        "run summary": lambda: views._print_run_summary(_hostile(summary), HOSTILE, HOSTILE),
+        "verify": lambda: views.print_verify(_hostile(report), HOSTILE),
+        "comparison": lambda: views.print_comparison(_hostile(comparison_rows([report, report])), HOSTILE),
+        "run summary": lambda: views.print_run_summary(_hostile(summary), HOSTILE, HOSTILE),
     }
     for name, view in shown.items():
         view()

@@ -10,12 +10,13 @@ from test_attribute import PLANT_RECIPE, _loaded, _planted_model, _recording
 from tiny import tiny_model
 
 from mechfix.stages.attribute import attribute, decisions_from_record
-from mechfix.stages.attribute import to_artifact as attribution_artifact
+from mechfix.stages.attribution import to_artifact as attribution_artifact
 from mechfix.errors import GateError
 from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, neutral_passages, neutral_set, score_requests
 from mechfix.fixes.fix import Fix, apply_fix
 from mechfix.engine.batches import Request
-from mechfix.stages.steer import Budget, pick_targets, steer
+from mechfix.stages.steer import pick_targets, steer
+from mechfix.stages.sweep import Budget
 from mechfix.measure.stats import decision_scores
 from mechfix.stages.verify import error_report, gates_for, junit_xml, verify
 

@@ -19,38 +19,14 @@ from mechfix.cli.common import (
     ModelOpt,
     RemoteOpt,
     TrustOpt,
-    _emit_json,
-    _load_model,
+    emit_json,
+    load_command_model,
     parse_batch_size,
     resolve_batch_size,
-    _params,
-    _progress,
+    progress_bars,
     app,
 )
-from mechfix.cli.views import _print_attribution
-
-
-def _do_attribute(lm, rec, target: Path, method: str, top: int, baseline: str, batch_size: int, plot: Path | None = None):
-    """Attribute a record artifact, save the attribution (and the heatmap); returns the artifact."""
-    from mechfix.artifacts import save_artifact
-    from mechfix.stages.attribute import attribute as run_attribute
-    from mechfix.stages.attribute import to_artifact
-
-    with _progress() as progress:
-        att = run_attribute(lm, rec, method=method, top=top, baseline=baseline, batch_size=batch_size, on_progress=progress)
-    params = _params(lm, method=method, top=top, baseline=baseline, batch_size=batch_size)
-    artifact = to_artifact(att, lm, rec, params, top=top)
-    save_artifact(target, artifact)
-    if plot is not None:
-        from mechfix.report.plot import heatmap
-
-        heatmap(
-            artifact.tensors,
-            plot,
-            title=f"{artifact.manifest.get('recipe')} on {lm.identity['name']}: effect of restoring {baseline}",
-            label="score removed (nats)",
-        )
-    return artifact
+from mechfix.cli.views import print_attribution
 
 
 def _default_attr_path(recording: Path) -> Path:
@@ -122,14 +98,18 @@ def attribute(
         )
     spec = model if model is not None else rec.manifest.get("model", {}).get("source")
     batch = parse_batch_size(batch_size)
-    lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    lm = load_command_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
     batch_size = resolve_batch_size(lm, batch)
     check_same_model(rec.manifest, lm.identity, recording)
-    artifact = _do_attribute(lm, rec, target, method, top, baseline, batch_size, plot)
+    from mechfix.stages.pipeline import attribute as run_attribute
+
+    with progress_bars() as progress:
+        artifact = run_attribute(rec, lm, method=method, top=top, baseline=baseline, batch_size=batch_size, out=target,
+                                 plot=plot, on_progress=progress)
     summary = clean_nan(artifact.manifest["summary"])
     recipe_name = str(artifact.manifest.get("recipe"))
     if as_json:
-        _emit_json({"artifact": str(target), "sha256": artifact.sha256, "model": lm.identity["name"],
+        emit_json({"artifact": str(target), "sha256": artifact.sha256, "model": lm.identity["name"],
                     "recipe": recipe_name, "plot": str(plot) if plot else None, **summary})
     else:
-        _print_attribution(summary, lm.identity["name"], recipe_name, wrote=str(target) + (f" and {plot}" if plot else ""))
+        print_attribution(summary, lm.identity["name"], recipe_name, wrote=str(target) + (f" and {plot}" if plot else ""))

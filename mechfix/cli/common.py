@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -382,12 +380,12 @@ def _root(
     DEBUG["on"] = DEBUG["on"] or debug
 
 
-def _emit_json(obj: Any) -> None:
+def emit_json(obj: Any) -> None:
     print(json_text(obj))
 
 
 @contextmanager
-def _progress():
+def progress_bars():
     """A progress bar on stderr; yields a callback ``(phase, advance, total, key=None)``.
 
     Each phase gets its own bar. With ``key``, one bar is kept under that key
@@ -450,7 +448,7 @@ def check_remote(remote: bool, *, recipe=None, kind: str | None = None, gate: st
                                 "--remote cannot do." + where)
 
 
-def _load_model(
+def load_command_model(
     model: str | None,
     device: str | None,
     dtype: str | None,
@@ -502,7 +500,7 @@ def _params(lm, **kw: Any) -> dict[str, Any]:
     return {**kw, **where}
 
 
-def _floats(text: str | None, name: str) -> list[float] | None:
+def parse_floats(text: str | None, name: str) -> list[float] | None:
     from mechfix.errors import BadInputError
 
     if text is None:
@@ -516,7 +514,7 @@ def _floats(text: str | None, name: str) -> list[float] | None:
     return vals
 
 
-def _ints(text: str | None, name: str) -> list[int] | None:
+def parse_ints(text: str | None, name: str) -> list[int] | None:
     from mechfix.errors import BadInputError
 
     if text is None:
@@ -564,7 +562,7 @@ def _find_record(att, record: Path | None):
     return rec
 
 
-def _check_replay(replay: str) -> None:
+def check_replay(replay: str) -> None:
     """Refuse an unknown --replay before any model is loaded."""
     from mechfix.errors import BadInputError
     from mechfix.stages.verify import REPLAY

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from mechfix.cli.checks import check_paths
-from mechfix.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TrustOpt, _emit_json, _load_model, _progress, app, err
+from mechfix.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TrustOpt, emit_json, load_command_model, progress_bars, app, err
 
 
 @app.command(
@@ -64,9 +64,9 @@ def export(
         return
     check_writable_dir(out_path, "hf" if fmt == "hf" else "lora")
     spec = model if model is not None else fix.model.get("source")
-    lm = _load_model(spec, device, dtype, trust_remote_code)
+    lm = load_command_model(spec, device, dtype, trust_remote_code)
     check_same_model({"model": fix.model}, lm.identity, fix_path)
-    with _progress() as progress:
+    with progress_bars() as progress:
         progress(f"writing the {fmt} export", 1, None, key="export")
         if fmt == "peft":
             art = write_peft(lm, fix, out_path)
@@ -82,7 +82,7 @@ def export(
     info = {"path": str(out_path), "format": fmt, "from": str(fix_path), "kind": fix.kind, "op": fix.op,
             "targets": fix.targets, "strength": fix.strength, **info}
     if as_json:
-        _emit_json(info)
+        emit_json(info)
         return
     what = f"{fix.kind} fix ({fix.op} on {', '.join(fix.targets)}, strength {fix.strength:g})"
     if fmt == "peft":
@@ -110,7 +110,7 @@ def _gguf(fix, path: Path, as_json: bool) -> None:
     info = {"path": str(path), "sha256": sha256_file(path), "format": "gguf", "layers": fix.layers,
             "strength": fix.strength, "model_hint": field.contents() if field is not None else None}
     if as_json:
-        _emit_json(info)
+        emit_json(info)
     else:
         err.print(f"wrote {path}: llama.cpp control vector for {info['model_hint']} ({', '.join(fix.targets)}, "
                   f"strength {fix.strength:g} baked in). Use it with `llama-cli --control-vector {path}`.")

@@ -21,16 +21,16 @@ from mechfix.cli.common import (
     ModeOpt,
     TranscriptOpt,
     TrustOpt,
-    _emit_json,
-    _load_model,
+    emit_json,
+    load_command_model,
     parse_batch_size,
     resolve_batch_size,
-    _progress,
+    progress_bars,
     app,
     err,
     styled,
 )
-from mechfix.cli.record import _load_source, pick_style, source_inputs
+from mechfix.cli.record import load_source, pick_style, source_inputs
 
 
 @app.command(
@@ -86,7 +86,7 @@ def monitor(
     from mechfix.stages.monitor import probe_of, score_episodes, summary
     from mechfix.stages.record import decision_requests
 
-    loaded = _load_source(recipe, transcript, decision, mode)
+    loaded = load_source(recipe, transcript, decision, mode)
     check_paths({**source_inputs(loaded, transcript, decision, chat_template), "--probe": probe})
     fix = load_fix(probe)
     gate = probe_of(fix)
@@ -96,7 +96,7 @@ def monitor(
         raise BadInputError(f"--condition {', '.join(unknown)} is not a condition of '{loaded.recipe.name}' "
                             f"(it has {', '.join(loaded.recipe.condition_names)}).")
     batch = parse_batch_size(batch_size)
-    lm = _load_model(model if model is not None else fix.model.get("source"), device, dtype, trust_remote_code)
+    lm = load_command_model(model if model is not None else fix.model.get("source"), device, dtype, trust_remote_code)
     batch_size = resolve_batch_size(lm, batch)
     check_same_model({"model": fix.model}, lm.identity, str(probe))
     # The probe reads conversations rendered as the ones it was fitted on.
@@ -106,7 +106,7 @@ def monitor(
     if why:
         raise BadInputError(f"{why}: the probe would read a kind of text it was not fitted on. Give --chat-template "
                             "the template the fix was made with.")
-    with _progress() as progress:
+    with progress_bars() as progress:
         rendered = decision_requests(lm, loaded.recipe, style=rendering)
         episodes = [ep for c in conds for ep in rendered.episodes[c]]
         scores = score_episodes(lm, fix, episodes, batch_size,
@@ -120,7 +120,7 @@ def monitor(
     over = max_rate is not None and result["flagged_rate"] is not None and result["flagged_rate"] > max_rate
     result["passed"] = not over
     if as_json:
-        _emit_json(clean_nan(result))
+        emit_json(clean_nan(result))
     else:
         _print_monitor(result, scores, top)
     if over:

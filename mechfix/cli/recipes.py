@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from mechfix.cli.common import JsonOpt, _emit_json, app, out
+from mechfix.cli.common import JsonOpt, emit_json, app, out
 
 
 @app.command(epilog="Examples:\n\n  mechfix recipes\n\n  mechfix recipes --json")
@@ -28,7 +28,7 @@ def recipes(as_json: JsonOpt = False) -> None:
             }
         )
     if as_json:
-        _emit_json({"recipes": rows})
+        emit_json({"recipes": rows})
         return
     t = Table()
     for col in ("name", "family", "items", "rounds", "conditions", "description"):

@@ -24,16 +24,15 @@ from mechfix.cli.common import (
     TranscriptOpt,
     RemoteOpt,
     TrustOpt,
-    _emit_json,
-    _load_model,
+    emit_json,
+    load_command_model,
     check_remote,
     parse_batch_size,
     resolve_batch_size,
-    _params,
-    _progress,
+    progress_bars,
     app,
 )
-from mechfix.cli.views import _print_record_summary
+from mechfix.cli.views import print_record_summary
 
 
 @app.command(
@@ -92,33 +91,37 @@ def record(
     turn written by the model; each round's decision is scored and recorded,
     and the whole episodes are kept in the artifact.
     """
-    loaded = _load_source(recipe, transcript, decision, mode)
+    loaded = load_source(recipe, transcript, decision, mode)
     target = out_path or Path(f"{loaded.recipe.name}.rec.safetensors")
     check_paths(source_inputs(loaded, transcript, decision, chat_template), {"--out": target})
     check_remote(remote, recipe=loaded.recipe)
     batch = parse_batch_size(batch_size)
     dtype_of_acts = parse_act_dtype(act_dtype)
-    lm = _load_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    lm = load_command_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
     batch_size = resolve_batch_size(lm, batch)
-    artifact, rec = _do_record(lm, loaded, target, batch_size, all_positions, pick_style(lm, loaded, style, chat_template),
-                               dtype_of_acts)
+    from mechfix.stages.pipeline import record as run_record
+
+    rendering = pick_style(lm, loaded, style, chat_template)
+    with progress_bars() as progress:
+        artifact = run_record(loaded, lm, batch_size=batch_size, all_positions=all_positions, style=rendering,
+                              act_dtype=dtype_of_acts, out=target, on_progress=progress)
     summary = clean_nan(artifact.manifest["summary"])
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "artifact": str(target),
                 "sha256": artifact.sha256,
                 "model": lm.identity["name"],
                 "recipe": loaded.recipe.name,
-                "decisions": len(rec.split) * len(rec.conditions),
-                "conditions": rec.conditions,
+                "decisions": len(artifact.tensors["split"]) * len(artifact.manifest["conditions"]),
+                "conditions": artifact.manifest["conditions"],
                 **summary,
                 "rate": summary["rate"]["rate"],
                 "flips": {k: summary["rate"][k] for k in ("flipped", "eligible")},
             }
         )
     else:
-        _print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
+        print_record_summary(summary, lm.identity["name"], loaded.recipe.name, wrote=str(target))
 
 
 def source_inputs(loaded, transcript: Path | None, decision: Path | None,
@@ -138,7 +141,7 @@ def source_inputs(loaded, transcript: Path | None, decision: Path | None,
     return {"RECIPE": Path(loaded.path), **items, **template}
 
 
-def _load_source(recipe: str | None, transcript: Path | None, decision: Path | None, mode: str | None):
+def load_source(recipe: str | None, transcript: Path | None, decision: Path | None, mode: str | None):
     """The recipe to run: a recipe file or built-in name, or a transcript with its decision file."""
     from mechfix.errors import BadInputError
     from mechfix.scenario.recipe import load_recipe
@@ -184,21 +187,3 @@ def parse_act_dtype(text: str | None):
     if text not in ACT_DTYPES:
         raise BadInputError(f"--act-dtype must be one of {', '.join(ACT_DTYPES)}, not '{text}'.")
     return ACT_DTYPES[text]
-
-
-def _do_record(lm, loaded, target: Path, batch_size: int, all_positions: bool = False, style=None, act_dtype=None):
-    """Record a loaded recipe and save the artifact; returns (artifact, recording)."""
-    from mechfix.engine.actstore import default_act_dtype
-    from mechfix.artifacts import save_artifact
-    from mechfix.stages.record import record as run_record
-    from mechfix.stages.record import to_artifact
-
-    act_dtype = act_dtype or default_act_dtype(lm)
-    with _progress() as progress:
-        # Activations at every position stream to the disk the artifact goes to (not to a RAM-backed /tmp).
-        rec = run_record(lm, loaded.recipe, batch_size=batch_size, all_positions=all_positions, on_progress=progress,
-                         style=style, act_dtype=act_dtype, act_dir=target.resolve().parent)
-    artifact = to_artifact(rec, lm, loaded, _params(lm, batch_size=batch_size, all_positions=all_positions,
-                                                     act_dtype=str(act_dtype).removeprefix("torch.")))
-    save_artifact(target, artifact)
-    return artifact, rec

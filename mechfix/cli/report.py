@@ -9,7 +9,7 @@ import typer
 
 from mechfix.cli.checks import check_paths
 from mechfix.textio import write_text_atomic
-from mechfix.cli.common import JsonOpt, _emit_json, app, err
+from mechfix.cli.common import JsonOpt, emit_json, app, err
 
 
 @app.command(
@@ -52,7 +52,7 @@ def report(
     write_text_atomic(out_path, html)
     kinds = [s.kind for s in run.sources]
     if as_json:
-        _emit_json({"report": str(out_path), "bytes": len(html.encode("utf-8")), "inputs": [str(s.path) for s in run.sources],
+        emit_json({"report": str(out_path), "bytes": len(html.encode("utf-8")), "inputs": [str(s.path) for s in run.sources],
                     "kinds": kinds})
     else:
         err.print(f"wrote {out_path} ({len(html.encode('utf-8')) / 2**20:.1f} MB; from {len(kinds)} inputs: "

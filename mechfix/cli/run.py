@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mechfix.cli.attribute import _do_attribute
 from mechfix.cli.checks import check_paths, named
-from mechfix.textio import clean_nan, json_text, write_text_atomic
+from mechfix.textio import clean_nan, write_text_atomic
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
@@ -49,32 +48,31 @@ from mechfix.cli.common import (
     TopHeadsOpt,
     RemoteOpt,
     TrustOpt,
-    _check_replay,
-    _emit_json,
-    _ints,
-    _load_model,
+    check_replay,
+    emit_json,
+    parse_ints,
+    load_command_model,
     check_remote,
     parse_batch_size,
     resolve_batch_size,
     app,
+    progress_bars,
     err,
     gate_settings,
 )
-from mechfix.cli.record import _do_record, pick_style, source_inputs
+from mechfix.cli.record import pick_style, source_inputs
 from mechfix.cli.steer import (
-    _do_steer,
-    _fix_target,
-    _steer_summary,
+    steer_summary,
     check_lora_folder,
     fix_outputs,
+    print_failed_sweep,
 )
-from mechfix.cli.verify import _do_verify
 from mechfix.cli.views import (
-    _print_attribution,
-    _print_record_summary,
-    _print_run_summary,
-    _print_steer,
-    _print_verify,
+    print_attribution,
+    print_record_summary,
+    print_run_summary,
+    print_steer,
+    print_verify,
 )
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
@@ -152,95 +150,87 @@ def run(
     --no-report leaves it out), then prints one summary. Exit codes as for verify.
     """
     from mechfix.measure import capabilities as caps
-    from mechfix.errors import BadInputError, GateError
-    from mechfix.fixes.fix import fix_from_artifact
+    from mechfix.errors import BadInputError
     from mechfix.stages.lora import LoraSettings, lora_settings_check
     from mechfix.scenario.recipe import load_recipe
-    from mechfix.stages.steer import Budget, check_kind_op, check_portable
-    from mechfix.stages.verify import gates_for, junit_xml
+    from mechfix.stages.pipeline import run as run_pipeline
+    from mechfix.stages.pipeline import run_paths
+    from mechfix.stages.steer import check_kind_op, check_portable
+    from mechfix.stages.sweep import Budget
+    from mechfix.stages.verify import junit_xml
 
-    _check_replay(replay)
+    check_replay(replay)
     loaded = load_recipe(recipe, mode)
     name = loaded.recipe.name
     if baseline not in loaded.recipe.condition_names or baseline == "pressure":
         raise BadInputError(f"--baseline '{baseline}' is not a condition of recipe '{name}' other than pressure; use clean or control.")
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"--out '{out_dir}' is a file; give a folder.")
-    stem = out_dir / name
-    paths = {
-        **{k: Path(f"{stem}{suffix}") for k, suffix in (
-            ("record", ".rec.safetensors"), ("attribution", ".attr.safetensors"), ("plot", "-heads.png"))},
-        "fix": _fix_target(None, stem, kind),
-        "verify": Path(f"{stem}.verify.json"),
-        **({} if no_report else {"report": Path(f"{stem}.report.html")}),
-    }
+    paths = run_paths(out_dir, name, kind, report=not no_report)
     files, folders = fix_outputs(paths["fix"], kind, "the fix")
     check_paths({**source_inputs(loaded, None, None, chat_template), "--neutral": neutral},
                 {**{f"the {k}": p for k, p in paths.items() if k != "fix"}, **files, "--junit": junit}, folders,
                 either=named("--capabilities", capabilities, skip="builtin"))
     check_lora_folder(paths["fix"], kind)
-    layer_list = _ints(layers, "--layers")
+    layer_list = parse_ints(layers, "--layers")
     check_kind_op(kind, op)
     check_remote(remote, recipe=loaded.recipe, kind=kind, gate=gate)
     probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
     if portable:
         check_portable(kind, op, probe)
-    tasks = caps.load_tasks(capabilities)
+    caps.load_tasks(capabilities)  # refused here, before the model loads
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
     batch = parse_batch_size(batch_size)
-    lm = _load_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    lm = load_command_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
     batch_size = resolve_batch_size(lm, batch)
     rendering = pick_style(lm, loaded, style, chat_template)
-    # Created only now, once every check has passed and the model has loaded.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    err.rule("1/4 record")
-    rec, _ = _do_record(lm, loaded, paths["record"], batch_size, style=rendering)
-    rec_summary = clean_nan(rec.manifest["summary"])
-    _print_record_summary(rec_summary, lm.identity["name"], name, wrote=str(paths["record"]))
-    err.rule("2/4 attribute")
-    att = _do_attribute(lm, rec, paths["attribution"], "both", 10, baseline, batch_size, paths["plot"])
-    _print_attribution(clean_nan(att.manifest["summary"]), lm.identity["name"], name, wrote=f"{paths['attribution']} and {paths['plot']}")
-    err.rule("3/4 steer")
-    try:
-        fix_art = _do_steer(lm, att, rec, paths["fix"], kind, op, top_heads, layer_list, None, budget, neutral, capabilities,
-                            tasks, folds, seed, batch_size, settings, probe, portable)
-    except GateError as exc:
+    model_name = lm.identity["name"]
+    titles = {"record": "1/4 record", "attribute": "2/4 attribute", "steer": "3/4 steer", "verify": "4/4 verify"}
+
+    def on_stage(stage: str, made) -> None:
+        if made is None:
+            err.rule(titles[stage])
+        elif stage == "record":
+            print_record_summary(clean_nan(made.manifest["summary"]), model_name, name, wrote=str(paths["record"]))
+        elif stage == "attribute":
+            print_attribution(clean_nan(made.manifest["summary"]), model_name, name,
+                               wrote=f"{paths['attribution']} and {paths['plot']}")
+        elif stage == "steer":
+            print_steer(steer_summary(made))
+        else:
+            print_verify(made, f"{name}: held-out check of the {kind} fix")
+
+    result = run_pipeline(loaded, out_dir, lm, kind=kind, op=op, top_heads=top_heads, layers=layer_list, baseline=baseline,
+                          budget=budget, min_reduction=min_reduction, neutral=neutral, capabilities=capabilities,
+                          folds=folds, seed=seed, lora=settings, gate=probe, portable=portable, batch_size=batch_size,
+                          replay=replay, style=rendering, report=not no_report, progress=progress_bars, on_stage=on_stage)
+    rec_summary, att_summary = clean_nan(result.recording.manifest["summary"]), result.attribution.manifest["summary"]
+    if result.steer_error is not None:
         # No fix to verify: the page still shows the diagnosis; a --json caller gets the run's one object (then exit 1).
-        _write_report(paths)
+        print_failed_sweep(result.steer_error, budget)
+        _said_report(paths)
         if as_json:
-            _emit_json(_run_summary(rec_summary, att.manifest["summary"], None, None, paths, why=f"steer: {exc}"))
-        raise
-    steer_summary = _steer_summary(fix_art)
-    _print_steer(steer_summary)
-    err.rule("4/4 verify")
-    fix = fix_from_artifact(fix_art)
-    gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
-    (report,) = _do_verify(lm, loaded, [fix], neutral, gates, batch_size, replay, tasks, rendering)
-    write_text_atomic(paths["verify"], json_text(report) + "\n")
+            emit_json(_run_summary(rec_summary, att_summary, None, None, paths, why=f"steer: {result.steer_error}"))
+        raise result.steer_error
+    report = result.report
     if junit is not None:
         write_text_atomic(junit, junit_xml(report, f"mechfix.verify.{name}"))
-    _print_verify(report, f"{name}: held-out check of the {fix.kind} fix")
-    _write_report(paths)
-    summary = _run_summary(rec_summary, att.manifest["summary"], steer_summary, report, paths)
+    _said_report(paths)
+    summary = _run_summary(rec_summary, att_summary, steer_summary(result.fix), report, paths)
     if as_json:
-        _emit_json(summary)
+        emit_json(summary)
     else:
-        _print_run_summary(summary, name, lm.identity["name"])
-    if not report["passed"]:
+        print_run_summary(summary, name, model_name)
+    if not result.passed:
         raise typer.Exit(1)
 
 
-def _write_report(paths: dict[str, Path]) -> None:
-    """The run's page from the artifacts it wrote (none when --no-report)."""
-    if "report" not in paths:
-        return
-    from mechfix.report import collect, render
-
-    made = [p for k, p in paths.items() if k in ("record", "attribution", "fix", "verify") and p.exists()]
-    write_text_atomic(paths["report"], render(collect(made)))
-    err.print(f"wrote {paths['report']}", highlight=False)
+def _said_report(paths: dict[str, Path]) -> None:
+    """Say where the run's page went (none when --no-report)."""
+    if "report" in paths:
+        err.print(f"wrote {paths['report']}", highlight=False)
 
 
 def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None, paths: dict[str, Path],

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from mechfix.cli.checks import check_paths
 from mechfix.textio import clean_nan
-from mechfix.cli.common import JsonOpt, _emit_json, app, err, shown
-from mechfix.cli.views import _print_attribution, _print_record_summary
+from mechfix.cli.common import JsonOpt, emit_json, app, err, shown
+from mechfix.cli.views import print_attribution, print_record_summary
 
 
 @app.command(
@@ -30,7 +30,7 @@ def show(
     check_paths(either={"PATH": path})
     kind, manifest, table = read_header(path)
     if as_json:
-        _emit_json(
+        emit_json(
             clean_nan(
                 {
                     "path": str(path),
@@ -64,9 +64,9 @@ def show(
 
         print_fix(manifest)
     elif kind == "attribution" and "summary" in manifest:
-        _print_attribution(clean_nan(manifest["summary"]), str(model.get("name")), str(manifest.get("recipe")))
+        print_attribution(clean_nan(manifest["summary"]), str(model.get("name")), str(manifest.get("recipe")))
     elif "summary" in manifest and "recipe" in manifest:
-        _print_record_summary(clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
+        print_record_summary(clean_nan(manifest["summary"]), str(model.get("name")), manifest["recipe"].get("name", "?"))
     # A live recording keeps every episode whole: show those, not each round's decision point.
     live = manifest.get("live", {}).get("episodes")
     said = {c: [e["transcript"] for e in eps] for c, eps in live.items()} if live else manifest.get("transcripts", {})

@@ -43,25 +43,22 @@ from mechfix.cli.common import (
     TopHeadsOpt,
     RemoteOpt,
     TrustOpt,
-    _emit_json,
-    _find_record,
-    _floats,
-    _ints,
-    _load_model,
+    emit_json,
+    parse_floats,
+    parse_ints,
+    load_command_model,
     check_remote,
     parse_batch_size,
     resolve_batch_size,
-    _neutral,
-    _params,
-    _progress,
+    progress_bars,
     app,
     gate_settings,
 )
 from mechfix.cli.views import (
-    _print_candidates,
-    _print_steer,
-    _print_sweep,
-    _training_summary,
+    print_candidates,
+    print_steer,
+    print_sweep,
+    training_summary,
 )
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
@@ -72,61 +69,24 @@ from mechfix.defaults import (
 )
 
 
-def _do_steer(lm, att, rec, target: Path, kind: str, op: str | None, top_heads: int, layers, strengths, budget,
-              neutral_path: Path | None, capabilities: list[str] | None, tasks, folds: int, seed: int, batch_size: int,
-              lora=None, gate=None, portable: bool = False):
-    """Run steer and save the fix; on a failed budget, print the sweep and re-raise."""
-    from mechfix.measure import capabilities as caps
-    from mechfix.errors import GateError
-    from mechfix.fixes.fix import save_fix
-    from mechfix.stages.lora import LoraSettings
-    from mechfix.stages.steer import SEARCH_KL_STRIDE, steer
-    from mechfix.stages.steer import to_artifact as fix_artifact
-
-    neutral = _neutral(lm, neutral_path, "select", SEARCH_KL_STRIDE)
-    suite = caps.build_suite(lm, tasks, "select")
-    lora = lora or LoraSettings()
-    with _progress() as progress:
-        def on_train(step: int, losses: dict[str, float]) -> None:
-            progress(f"training the LoRA fix (loss {losses['loss']:.3f}: behaviour {losses['behaviour']:.3f}, "
-                     f"KL {losses['kl']:.4f})", 1, lora.steps, key="train")
-
-        def on_step(label: str) -> None:
-            progress(f"choosing the fix (measured {label})", 1, None, key="sweep")
-
-        try:
-            steering = steer(lm, att, rec, neutral, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
-                             budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train,
-                             capabilities=suite, folds=folds, seed=seed, gate=gate, portable=portable)
-        except GateError as exc:
-            if exc.detail is not None:
-                _print_sweep(clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(),
-                             "every point measured (training split)")
-                if exc.detail.search:
-                    _print_candidates({"folds": exc.detail.folds, "by": "cross-validated reduction" if exc.detail.folds
-                                       else "training-fit reduction", "candidates": clean_nan([p.as_dict() for p in exc.detail.search])})
-            raise
-    extra = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} if kind == "lora" else {}
-    if gate is not None:
-        extra["gate"] = {"probe": True, "layer": gate.layer, "max_clean_fire": gate.max_clean_fire,
-                         "max_neutral_fire": gate.max_neutral_fire, "l2": gate.l2}
-    params = _params(lm, kind=kind, op=op, top_heads=top_heads, layers=layers, strengths=strengths, **budget.as_dict(),
-                     neutral=str(neutral_path) if neutral_path else "builtin:select",
-                     capabilities=capabilities or ["builtin"], folds=folds, seed=seed, batch_size=batch_size,
-                     portable=portable, **extra)
-    artifact = fix_artifact(steering, lm, att, rec, params)
-    save_fix(target, artifact)
-    return artifact
+def print_failed_sweep(exc, budget) -> None:
+    """What steer measured before it found no fix within the budget (a GateError's detail), on stderr."""
+    if exc.detail is None:
+        return
+    print_sweep(clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(), "every point measured (training split)")
+    if exc.detail.search:
+        print_candidates({"folds": exc.detail.folds, "by": "cross-validated reduction" if exc.detail.folds
+                           else "training-fit reduction", "candidates": clean_nan([p.as_dict() for p in exc.detail.search])})
 
 
-def _steer_summary(artifact) -> dict[str, Any]:
+def steer_summary(artifact) -> dict[str, Any]:
     m = artifact.manifest
     f = m["fix"]
     out = {"artifact": artifact.path, "sha256": artifact.sha256, **{k: f[k] for k in ("kind", "op", "site", "targets", "strength", "why")},
            "parameters": f.get("parameters"), "budget": m["budget"], "sweep": m["sweep"], "chosen": m["chosen"],
            "selection": m.get("selection")}
     if "training" in m:
-        out["training"] = _training_summary(m)
+        out["training"] = training_summary(m)
     if f.get("gate"):
         out["gate"] = f["gate"]
     return clean_nan(out)
@@ -134,7 +94,9 @@ def _steer_summary(artifact) -> dict[str, Any]:
 
 def _fix_target(out: Path | None, stem: Path, kind: str) -> Path:
     """Where a fix is written: ``out``, or STEM.fix.safetensors (the folder STEM.lora for a LoRA fix)."""
-    return out or stem.with_name(f"{stem.name}.lora" if kind == "lora" else f"{stem.name}.fix.safetensors")
+    from mechfix.stages.pipeline import fix_path
+
+    return out or fix_path(stem, kind)
 
 
 def fix_outputs(target: Path, kind: str, name: str = "--out") -> tuple[dict[str, Path], dict[str, Path]]:
@@ -228,14 +190,16 @@ def steer(
     from mechfix.measure import capabilities as caps
     from mechfix.artifacts import check_same_model, load_artifact
     from mechfix.stages.lora import LoraSettings, lora_settings_check
-    from mechfix.stages.steer import Budget, check_kind_op, check_portable
+    from mechfix.stages.pipeline import find_recording
+    from mechfix.stages.steer import check_kind_op, check_portable
+    from mechfix.stages.sweep import Budget
 
     check_kind_op(kind, op)
     check_remote(remote, kind=kind, gate=gate)
     probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
     if portable:
         check_portable(kind, op, probe)
-    tasks = caps.load_tasks(capabilities)
+    caps.load_tasks(capabilities)  # refused here, before the model loads
     budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
                     max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     target = _fix_target(out_path, _attribution_stem(attribution), kind)
@@ -244,18 +208,28 @@ def steer(
                 either=named("--capabilities", capabilities, skip="builtin"))
     check_lora_folder(target, kind)
     att = load_artifact(attribution, expect="attribution")
-    layer_list, grid = _ints(layers, "--layers"), _floats(strengths, "--strengths")
+    layer_list, grid = parse_ints(layers, "--layers"), parse_floats(strengths, "--strengths")
     settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
-    rec = _find_record(att, record)
+    rec = find_recording(att, record)
     spec = model if model is not None else att.manifest.get("model", {}).get("source")
     batch = parse_batch_size(batch_size)
-    lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    lm = load_command_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
     batch_size = resolve_batch_size(lm, batch)
     check_same_model(att.manifest, lm.identity, attribution)
-    artifact = _do_steer(lm, att, rec, target, kind, op, top_heads, layer_list, grid, budget, neutral, capabilities, tasks,
-                         folds, seed, batch_size, settings, probe, portable)
-    summary = _steer_summary(artifact)
+    from mechfix.errors import GateError
+    from mechfix.stages.pipeline import steer as run_steer
+
+    try:
+        with progress_bars() as progress:
+            artifact = run_steer(att, rec, lm, kind=kind, op=op, top_heads=top_heads, layers=layer_list, strengths=grid,
+                                 budget=budget, neutral=neutral, capabilities=capabilities, folds=folds, seed=seed,
+                                 batch_size=batch_size, lora=settings, gate=probe, portable=portable, out=target,
+                                 on_progress=progress)
+    except GateError as exc:
+        print_failed_sweep(exc, budget)
+        raise
+    summary = steer_summary(artifact)
     if as_json:
-        _emit_json(summary)
+        emit_json(summary)
     else:
-        _print_steer(summary)
+        print_steer(summary)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mechfix.cli.checks import check_paths, named
-from mechfix.textio import clean_nan, write_text_atomic
+from mechfix.textio import write_text_atomic
 from mechfix.cli.common import (
     BatchOpt,
     CapabilitiesOpt,
@@ -34,18 +34,17 @@ from mechfix.cli.common import (
     TranscriptOpt,
     RemoteOpt,
     TrustOpt,
-    _check_replay,
-    _emit_json,
-    _load_model,
+    check_replay,
+    emit_json,
+    load_command_model,
     check_remote,
     parse_batch_size,
     resolve_batch_size,
-    _neutral,
-    _progress,
+    progress_bars,
     app,
 )
-from mechfix.cli.record import _load_source, pick_style, source_inputs
-from mechfix.cli.views import _print_comparison, _print_verify
+from mechfix.cli.record import load_source, pick_style, source_inputs
+from mechfix.cli.views import print_comparison, print_verify
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
     MAX_KL,
@@ -55,35 +54,6 @@ from mechfix.defaults import (
     MIN_REDUCTION,
 )
 from mechfix.measure.verdict import comparison_rows
-
-
-def _do_verify(lm, loaded, fixes, neutral_path: Path | None, gates, batch_size: int, replay: str = "all",
-               tasks=None, style=None) -> list[dict[str, Any]]:
-    """Verify one or more fixes on the recipe's held-out split: one report per fix."""
-    from mechfix.measure import capabilities as caps
-    from mechfix.stages.verify import verify_fixes
-
-    neutral = _neutral(lm, neutral_path, "verify")
-    suite = caps.build_suite(lm, tasks, "verify") if tasks is not None else None
-    with _progress() as progress:
-        reports = verify_fixes(lm, loaded.recipe, fixes, neutral, gates=gates, batch_size=batch_size, replay=replay,
-                               capabilities=suite, on_progress=progress, style=style)
-    out = []
-    for fix, report in zip(fixes, reports):
-        trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
-        report["recipe"] = {"name": loaded.recipe.name, "path": loaded.path, "sha256": loaded.sha256,
-                            "same_as_training": trained_on == loaded.sha256 if trained_on else None}
-        if trained_on and trained_on != loaded.sha256:
-            report["warnings"].append(
-                "this recipe differs from the one the fix was made from: its held-out split is not the one steer left out."
-            )
-        report["fix"] = {"path": fix.path, "kind": fix.kind, "op": fix.op, "targets": fix.targets, "strength": fix.strength,
-                         "sha256": fix.sha256}
-        report["model"] = lm.identity["name"]
-        if style is not None:
-            report["style"] = style.as_dict()
-        out.append(clean_nan(report))
-    return out
 
 
 def _check_styles(fixes, rendering, recipe: str | None, fix_path: Path) -> None:
@@ -175,18 +145,18 @@ def verify(
 
     if fix_path is None:
         raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
-    _check_replay(replay)
-    loaded = _load_source(recipe, transcript, decision, mode)
+    check_replay(replay)
+    loaded = load_source(recipe, transcript, decision, mode)
     check_paths({**source_inputs(loaded, transcript, decision, chat_template), "--neutral": neutral}, {"--junit": junit},
                 either={"--fix": fix_path, **named("--compare", compare), **named("--capabilities", capabilities, skip="builtin")})
     fix = load_fix(fix_path)
-    tasks = caps.load_tasks(capabilities)
+    caps.load_tasks(capabilities)  # refused here, before the model loads
     others = [load_fix(p) for p in compare or []]
     check_remote(remote, recipe=loaded.recipe, fixes=[fix, *others])
     gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
     spec = model if model is not None else fix.model.get("source")
     batch = parse_batch_size(batch_size)
-    lm = _load_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
+    lm = load_command_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
     batch_size = resolve_batch_size(lm, batch)
     suite = f"mechfix.verify.{loaded.recipe.name}"
     try:
@@ -196,24 +166,28 @@ def verify(
         if junit is not None:
             write_text_atomic(junit, junit_xml(report, suite))
         if as_json:
-            _emit_json(report)
+            emit_json(report)
         raise
     for other in others:
         check_same_model(other.manifest, lm.identity, other.path or "a --compare fix")
     rendering = pick_style(lm, loaded, style, chat_template, recorded_style(fix.manifest))
     if not allow_style_mismatch:
         _check_styles([fix, *others], rendering, recipe, fix_path)
-    report, *compared = _do_verify(lm, loaded, [fix, *others], neutral, gates, batch_size, replay, tasks, rendering)
+    from mechfix.stages.pipeline import verify_all
+
+    with progress_bars() as progress:
+        report, *compared = verify_all(loaded, [fix, *others], lm, gates=gates, neutral=neutral, capabilities=capabilities,
+                                       batch_size=batch_size, replay=replay, style=rendering, on_progress=progress)
     if compared:
         report["compare"] = compared
         report["comparison"] = comparison_rows([report, *compared])
     if junit is not None:
         write_text_atomic(junit, junit_xml(report, suite))
     if as_json:
-        _emit_json(report)
+        emit_json(report)
     else:
-        _print_verify(report, f"{loaded.recipe.name} on {lm.identity['name']}: {fix.kind} fix ({fix.op} on {', '.join(fix.targets)}, strength {fix.strength:g})")
+        print_verify(report, f"{loaded.recipe.name} on {lm.identity['name']}: {fix.kind} fix ({fix.op} on {', '.join(fix.targets)}, strength {fix.strength:g})")
         if compared:
-            _print_comparison(report["comparison"], f"{loaded.recipe.name}: fixes side by side on the same {report['heldout']} held-out decisions")
+            print_comparison(report["comparison"], f"{loaded.recipe.name}: fixes side by side on the same {report['heldout']} held-out decisions")
     if not report["passed"]:
         raise typer.Exit(1)

@@ -39,7 +39,7 @@ def _budget_title(budget: dict[str, Any]) -> str:
 _SHORT = {"clean_agreement": "clean", "clean_margin": "margin", "helpful_loss": "helpful", "capability": "capab"}
 
 
-def _print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
+def print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
     t = Table(title=f"{recipe} on {model}", title_justify="left")
     t.add_column("condition")
     t.add_column("mean score", justify="right")
@@ -97,7 +97,7 @@ def _print_outcome(condition: str, o: dict[str, Any], prefix: str = "") -> None:
     )
 
 
-def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
+def print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: str | None = None) -> None:
     total = summary["total_effect"]
     method = {"atp": "attribution patching", "exact": "exact patching", "both": "attribution patching, top confirmed exactly"}
     t = Table(
@@ -147,7 +147,7 @@ def _print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: 
         err.print(f"wrote {wrote}")
 
 
-def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict[str, float], title: str) -> None:
+def print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict[str, float], title: str) -> None:
     ops = sorted({f"{p.get('op')}" + (f" on {p['heads']} heads" if p.get("heads") else "") for p in sweep if p.get("op")})
     t = Table(title=f"{title}{': ' + ', '.join(ops) if ops else ''}; budget: {_budget_title(budget)}; fit/cv = "
               "reduction on the training fit / cross-validated over items; helpf- = helpful influence removed",
@@ -170,7 +170,7 @@ def _print_sweep(sweep: list[dict[str, Any]], chosen: float | None, budget: dict
     err.print(t)
 
 
-def _print_candidates(selection: dict[str, Any]) -> None:
+def print_candidates(selection: dict[str, Any]) -> None:
     """One line per candidate (operation, heads): its best cross-validated reduction inside the budget."""
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for p in selection.get("candidates", []):
@@ -194,7 +194,7 @@ def _print_candidates(selection: dict[str, Any]) -> None:
     err.print(t)
 
 
-def _training_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+def training_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """A LoRA fix's training in brief: steps, seconds, first and last losses, the folded strength."""
     steps = manifest["training"].get("steps", [])
     return {"steps": len(steps), "seconds": manifest["training"].get("seconds", 0.0), "first": steps[0] if steps else None,
@@ -210,11 +210,11 @@ def _print_training(t: dict[str, Any]) -> None:
     )
 
 
-def _print_steer(summary: dict[str, Any]) -> None:
+def print_steer(summary: dict[str, Any]) -> None:
     chosen_strength = summary["chosen"]["strength"]
     if summary.get("selection"):
-        _print_candidates(summary["selection"])
-    _print_sweep(summary["sweep"], chosen_strength, summary["budget"], "the chosen candidate's strengths (training split)")
+        print_candidates(summary["selection"])
+    print_sweep(summary["sweep"], chosen_strength, summary["budget"], "the chosen candidate's strengths (training split)")
     for note in (summary.get("selection") or {}).get("notes", []):
         err.print(f"note: {note}", soft_wrap=True)
     if summary.get("training"):
@@ -251,12 +251,12 @@ def print_fix(manifest: dict[str, Any]) -> None:
     if f.get("gate"):
         _print_gate(f["gate"])
     if manifest.get("training"):
-        _print_training(_training_summary(manifest))
+        _print_training(training_summary(manifest))
     if manifest.get("selection"):
-        _print_candidates(clean_nan(manifest["selection"]))
+        print_candidates(clean_nan(manifest["selection"]))
     if manifest.get("sweep") and manifest.get("budget"):
         chosen = (manifest.get("chosen") or {}).get("strength", f.get("strength"))
-        _print_sweep(clean_nan(manifest["sweep"]), chosen, manifest["budget"], "the chosen candidate's strengths (training split)")
+        print_sweep(clean_nan(manifest["sweep"]), chosen, manifest["budget"], "the chosen candidate's strengths (training split)")
 
 
 def _print_gate(gate: dict[str, Any]) -> None:
@@ -287,7 +287,7 @@ def _print_probe(probe: dict[str, Any]) -> None:
               f"clean agreement {_pct(u['clean_agreement'])}", soft_wrap=True)
 
 
-def _print_verify(report: dict[str, Any], title: str) -> None:
+def print_verify(report: dict[str, Any], title: str) -> None:
     t = Table(title=title, title_justify="left")
     t.add_column("held-out", justify="left")
     t.add_column("without fix", justify="right", no_wrap=True)
@@ -358,7 +358,7 @@ def _print_verify(report: dict[str, Any], title: str) -> None:
     err.print("[bold green]PASSED[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]", markup=True)
 
 
-def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
+def print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     # One column per fix, so that three or four fixes fit a terminal side by side.
     t = Table(title=title, title_justify="left")
     t.add_column("held-out")
@@ -371,7 +371,7 @@ def _print_comparison(rows: list[dict[str, Any]], title: str) -> None:
     err.print(t)
 
 
-def _print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
+def print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
     err.rule("summary")
     v = s["verify"]
     t = Table(title=f"mechfix run: {recipe} on {model}", title_justify="left", show_header=False)

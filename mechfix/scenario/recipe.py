@@ -31,11 +31,13 @@ REQUIRED_CONDITIONS = ("pressure", "clean")
 ITEM_FILE_SUFFIXES = (".yaml", ".yml", ".jsonl", ".json", ".csv")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A recipe block: unknown fields, loose types and changes are refused."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class Agent(_Strict):
+class Agent(StrictModel):
     """One participant of the episode."""
 
     name: str = Field(min_length=1, description="How the agent is named in the transcript.")
@@ -43,7 +45,7 @@ class Agent(_Strict):
     persona: str = Field("", description="Who the agent is; used when its turns are generated.")
 
 
-class Turn(_Strict):
+class Turn(StrictModel):
     """One turn of the episode template."""
 
     speaker: str | None = Field(None, description="Agent name; omit for narration (no speaker).")
@@ -70,7 +72,7 @@ class RoundTurn(Turn):
     decision: bool = Field(False, description="This entry is the target's decision (scored, then generated).")
 
 
-class Rounds(_Strict):
+class Rounds(StrictModel):
     """Live multi-round episodes: every round's turns are generated and a state evolves by the recipe's rules."""
 
     count: int = Field(gt=0, le=50, description="How many rounds; the target decides once in each.")
@@ -85,7 +87,7 @@ class Rounds(_Strict):
     seed: int = Field(0, description="Seed of the sampling (used when temperature > 0).")
 
 
-class Format(_Strict):
+class Format(StrictModel):
     """How turns are laid out as text."""
 
     preamble: str = Field("", description="Text before the first turn; may use {cast}.")
@@ -105,14 +107,14 @@ class Format(_Strict):
         return v
 
 
-class Condition(_Strict):
+class Condition(StrictModel):
     """One way of rendering the episode."""
 
     description: str = ""
     vars: dict[str, str] = Field(default_factory=dict, description="Placeholders set for this condition only.")
 
 
-class Decision(_Strict):
+class Decision(StrictModel):
     """The point where the target agent acts, and its options."""
 
     agent: str = Field(description="The target agent; its turn ends the episode.")
@@ -123,18 +125,18 @@ class Decision(_Strict):
     max_tokens: int = Field(32, gt=0, le=1024, description="Reply length in generate mode.")
 
 
-class Split(_Strict):
+class Split(StrictModel):
     """Which items are held out for verify."""
 
     heldout: float = Field(0.5, gt=0.0, lt=1.0, description="Share of items held out.")
     seed: int = 0
 
 
-class ItemsFile(_Strict):
+class ItemsFile(StrictModel):
     file: str = Field(min_length=1, description="Path of a .yaml, .jsonl or .csv file beside the recipe.")
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """A multi-agent scenario: agents, episode template, items, conditions, decision."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Short id, used in file names.")

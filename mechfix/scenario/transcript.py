@@ -37,7 +37,7 @@ from mechfix.scenario.recipe import (
     LoadedRecipe,
     Recipe,
     Split,
-    _Strict,
+    StrictModel,
     recipe_from_data,
     validate_yaml,
 )
@@ -63,14 +63,14 @@ class TranscriptError(BadInputError):
     """A transcript file is malformed; the message names the file and the position."""
 
 
-class Edit(_Strict):
+class Edit(StrictModel):
     """How one condition differs from the conversation as it happened."""
 
     drop: list[int] = Field(default_factory=list, description="Indices of messages to leave out.")
     replace: dict[int, str] = Field(default_factory=dict, description="Message index to the text it gets instead.")
 
 
-class DecisionFile(_Strict):
+class DecisionFile(StrictModel):
     """What to measure in imported conversations."""
 
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Recipe id; default the transcript's file name.")
@@ -123,7 +123,7 @@ def _content_text(content: Any, where: str) -> str:
     raise TranscriptError(f"{where}: 'content' must be a string or a list of text parts, not {type(content).__name__}.")
 
 
-def _conversation(raw: Any, where: str) -> list[Message]:
+def parse_conversation(raw: Any, where: str) -> list[Message]:
     if isinstance(raw, dict) and "messages" in raw:
         raw = raw["messages"]
     if not isinstance(raw, list) or not raw:
@@ -194,7 +194,7 @@ def read_openai(path: Path, data: Any = None) -> list[list[Message]]:
                 raw = load_json(line)
             except json.JSONDecodeError as exc:
                 raise _json_error(path, exc, n - 1) from None
-            convs.append(_conversation(raw, f"{path}, line {n}"))
+            convs.append(parse_conversation(raw, f"{path}, line {n}"))
         if not convs:
             raise TranscriptError(f"{path}: holds no conversations.")
         return convs
@@ -202,8 +202,8 @@ def read_openai(path: Path, data: Any = None) -> list[list[Message]]:
         data = _load_json(path)
     # One conversation (a list of messages), or a list of conversations.
     if isinstance(data, list) and data and all(isinstance(c, list) or (isinstance(c, dict) and "messages" in c) for c in data):
-        return [_conversation(c, f"{path}: conversation {i}") for i, c in enumerate(data)]
-    return [_conversation(data, f"{path}: conversation 0")]
+        return [parse_conversation(c, f"{path}: conversation {i}") for i, c in enumerate(data)]
+    return [parse_conversation(data, f"{path}: conversation 0")]
 
 
 def _load_json(path: Path) -> Any:
@@ -244,7 +244,7 @@ def read_inspect(path: Path) -> list[list[Message]]:
     convs = []
     for i, sample in enumerate(log.samples):
         raw = [{"role": m.role, "content": m.text} for m in sample.messages]
-        convs.append(_conversation(raw, f"{path}: sample {i} (id {sample.id})"))
+        convs.append(parse_conversation(raw, f"{path}: sample {i} (id {sample.id})"))
     return convs
 
 

@@ -32,7 +32,7 @@ import torch
 from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
 from mechfix.measure.evaluate import NeutralSet
-from mechfix.fixes.adapter import SCOPES, LoraTarget, LoraWeights, init_lora, lora_targets
+from mechfix.fixes.adapter import SCOPES, LoraTarget, LoraWeights, init_lora
 from mechfix.fixes.fix import OPS
 from mechfix.engine.batches import Request, final_hidden, pad_batch
 from mechfix.engine.forward import option_scores, retry_smaller

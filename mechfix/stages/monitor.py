@@ -200,7 +200,7 @@ def conversation_episode(messages: Sequence[dict[str, Any]], target: str, layout
         BadInputError: For malformed messages.
     """
     from mechfix.scenario.transcript import DecisionFile, Edit, Message, transcript_recipe
-    from mechfix.scenario.transcript import _conversation as parse
+    from mechfix.scenario.transcript import parse_conversation as parse
 
     convo = parse(list(messages), "messages")
     # The target's own reply ends the conversation: a transcript's episode is cut just before its target message.

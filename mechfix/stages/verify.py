@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN, MIN_REDUCTION
 from mechfix.measure import capabilities as caps
 from mechfix.scenario.chat import Style
 from mechfix.errors import BadInputError
@@ -97,6 +98,11 @@ def gates_for(
     if min_clean_margin is not None:
         gates.append(GateSpec(f"clean_margin_kept >= {min_clean_margin:g}", "clean_margin_kept", ">=", min_clean_margin))
     return gates
+
+
+def default_gates() -> list[GateSpec]:
+    """The gates ``mechfix verify`` applies when no threshold is given (:mod:`mechfix.defaults`)."""
+    return gates_for(MIN_REDUCTION, MAX_KL, MIN_CLEAN_AGREEMENT, MIN_CAPABILITY, MAX_HELPFUL_LOSS, MIN_CLEAN_MARGIN)
 
 
 def _reduction_ci(
