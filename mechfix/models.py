@@ -53,7 +53,8 @@ class LoadedModel:
         identity: Name, source, architecture, config hash and weight fingerprint.
         backend: How passes run: ``hooks`` (PyTorch hooks, the default) or
             ``nnsight`` (nnsight traces; see :mod:`mechfix.engine.backends.nnsight`).
-        remote: Traces run on NDIF (the nnsight backend only).
+        remote: Traces run on NDIF (the nnsight backend only); ``"local"``: serialized as for NDIF and
+            run here (:func:`mechfix.engine.backends.simulate_remote`).
         envoy: The nnsight wrapper of ``model`` (the nnsight backend only).
         trace_prefixes: Keep prefix caches between traces (nnsight backend); off on
             NDIF, where nothing outlives a request and each tail reruns its prefix.
@@ -67,7 +68,7 @@ class LoadedModel:
     spec: ArchSpec
     identity: dict[str, Any]
     backend: str = "hooks"
-    remote: bool = False
+    remote: bool | str = False
     envoy: Any = None
     trace_prefixes: bool = True
     edits_in_traces: bool = False

@@ -221,7 +221,7 @@ def test_the_nnsight_backend_gives_the_hooks_numbers_on_the_embedded_model(gemma
     from mechfix.engine.forward import run_requests
     from mechfix.scenario.recipe import load_recipe
     from mechfix.stages.record import record
-    from mechfix.engine.backends import use_backend
+    from mechfix.engine.backends import simulate_remote, use_backend
 
     tol = dict(atol=1e-4, rtol=1e-4)
     nn = use_backend(dataclasses.replace(gemma), "nnsight")  # the same weights, traced
@@ -251,13 +251,17 @@ def test_the_nnsight_backend_gives_the_hooks_numbers_on_the_embedded_model(gemma
     mu = torch.stack([acts["acts/clean/heads"][:, c.layer, c.head].mean(0) for c in top])
     reqs = [Request(t[: int(n)].tolist(), [[0], [1]]) for t, n in zip(acts["tokens/pressure"][:8], acts["lengths/pressure"][:8])]
     scored, kls = [], []
-    for lm in (gemma, nn):
+    # The fix also travels inside requests serialized as for NDIF (nnsight's offline simulation of --remote).
+    remote = simulate_remote(dataclasses.replace(gemma))
+    for lm in (gemma, nn, remote):
         fix = Fix(op="project", layers=[c.layer for c in top], heads=[c.head for c in top], vectors=v, means=mu,
                   strength=2.0, model=lm.identity)
         with apply_fix(lm, fix):
             scored.append(torch.stack([r.scores for r in run_requests(lm, reqs, sites=())]))
         # KL on neutral text by the cached unfixed terms (steer's way): on hooks, and inside traces through nnsight.
         kls.append(torch.tensor(neutral_kl(lm, fix, [2.0], neutral_set(lm, neutral_passages()[:3]), reuse=True)))
-    torch.testing.assert_close(*scored, **tol)
+    for other in scored[1:]:
+        torch.testing.assert_close(other, scored[0], **tol)
     assert kls[0][0] > 0
-    torch.testing.assert_close(*kls, atol=1e-6, rtol=1e-4)
+    for other in kls[1:]:
+        torch.testing.assert_close(other, kls[0], atol=1e-6, rtol=1e-4)

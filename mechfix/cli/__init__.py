@@ -2,7 +2,8 @@
 
 One module per command (``record``, ``attribute``, ``show``, ``recipes``,
 ``steer``, ``verify``, ``run``, ``monitor``, ``export``, ``report``), the options and helpers they share
-in :mod:`mechfix.cli.common`, the tables they print in :mod:`mechfix.cli.views`.
+in :mod:`mechfix.cli.common`, option groups in :mod:`mechfix.cli.options`, the tables they print in
+:mod:`mechfix.cli.views`. Each command calls the library (:mod:`mechfix.stages.pipeline`).
 
 Conventions: ``--json`` prints one JSON object on stdout; progress and prose go
 to stderr. Exit codes: 0 ok, 1 a verify gate failed, 2 bad input or usage,

@@ -9,20 +9,11 @@ import typer
 
 from mechfix.cli.checks import check_paths
 from mechfix.textio import clean_nan
+from mechfix.cli.options import ModelOptions, with_groups
 from mechfix.cli.common import (
-    BatchOpt,
-    BackendOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
     JsonOpt,
-    ModelOpt,
-    RemoteOpt,
     TrustOpt,
     emit_json,
-    load_command_model,
-    parse_batch_size,
-    resolve_batch_size,
     progress_bars,
     app,
 )
@@ -47,6 +38,7 @@ def _default_attr_path(recording: Path) -> Path:
 )
 
 
+@with_groups
 def attribute(
     recording: Annotated[Path, typer.Argument(help="A record artifact (from `mechfix record`).")],
     out_path: Annotated[
@@ -64,13 +56,7 @@ def attribute(
         str, typer.Option(help="Condition restored into the pressure run: clean, or control (what is social beyond copying).")
     ] = "clean",
     plot: Annotated[Path | None, typer.Option(help="Also write a layers x heads heatmap (.png, .pdf or .svg).")] = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    backend: BackendOpt = None,
-    remote: RemoteOpt = False,
-    device_map: DeviceMapOpt = None,
-    batch_size: BatchOpt = "auto",
+    models: ModelOptions = ModelOptions(),
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -96,10 +82,7 @@ def attribute(
             f"--baseline '{baseline}' is not a condition of '{recording}' other than pressure "
             f"(it has {', '.join(conditions)}). Use clean or control."
         )
-    spec = model if model is not None else rec.manifest.get("model", {}).get("source")
-    batch = parse_batch_size(batch_size)
-    lm = load_command_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
-    batch_size = resolve_batch_size(lm, batch)
+    lm, batch_size = models.load(trust_remote_code, default=rec.manifest.get("model", {}).get("source"))
     check_same_model(rec.manifest, lm.identity, recording)
     from mechfix.stages.pipeline import attribute as run_attribute
 

@@ -490,16 +490,6 @@ def load_command_model(
     return use_backend(lm, backend)
 
 
-def _params(lm, **kw: Any) -> dict[str, Any]:
-    """A stage's parameters as recorded in its artifact, plus where and how it ran."""
-    where = {"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "backend": lm.backend}
-    if lm.remote:
-        where["remote"] = "NDIF"
-    if getattr(lm.model, "hf_device_map", None) and len(set(lm.model.hf_device_map.values())) > 1:
-        where["device_map"] = {k: str(v) for k, v in lm.model.hf_device_map.items()}
-    return {**kw, **where}
-
-
 def parse_floats(text: str | None, name: str) -> list[float] | None:
     from mechfix.errors import BadInputError
 
@@ -523,43 +513,6 @@ def parse_ints(text: str | None, name: str) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise BadInputError(f"{name} takes comma-separated layer numbers such as 10,12, not '{text}'.") from None
-
-
-def _neutral(lm, path: Path | None, part: str = "select", stride: int = 1):
-    from mechfix.errors import BadInputError
-    from mechfix.measure.evaluate import neutral_passages, neutral_set
-
-    if path is not None and not path.is_file():
-        raise BadInputError(f"--neutral '{path}' does not exist. Give a text file of passages separated by blank lines.")
-    passages = neutral_passages(str(path) if path else None, part)
-    neutral = neutral_set(lm, passages, stride)
-    if neutral.n_tokens == 0:
-        raise BadInputError(f"--neutral '{path}' holds no text to measure KL on. Give passages separated by blank lines.")
-    return neutral
-
-
-def _find_record(att, record: Path | None):
-    """The recording an attribution was made from: --record, the recorded path, or its name beside the attribution."""
-    from mechfix.artifacts import load_artifact
-    from mechfix.errors import ArtifactError
-
-    inp = att.manifest.get("inputs", {}).get("record", {})
-    if record is None:
-        named = Path(str(inp.get("path", "")))
-        beside = Path(att.path).parent / named.name
-        record = next((p for p in (named, beside) if str(p) and p.is_file()), None)
-        if record is None:
-            raise ArtifactError(
-                f"cannot find the recording '{inp.get('path')}' that '{att.path}' was made from. "
-                "Pass it with --record REC.safetensors."
-            )
-    rec = load_artifact(record, expect="record")
-    if inp.get("sha256") and rec.sha256 != inp["sha256"]:
-        raise ArtifactError(
-            f"'{record}' is not the recording '{att.path}' was made from (its sha256 differs). Pass the right one "
-            "with --record, or run `mechfix attribute` again on this recording."
-        )
-    return rec
 
 
 def check_replay(replay: str) -> None:

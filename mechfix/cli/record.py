@@ -9,26 +9,17 @@ import typer
 
 from mechfix.cli.checks import check_paths
 from mechfix.textio import clean_nan
+from mechfix.cli.options import ModelOptions, with_groups
 from mechfix.cli.common import (
-    BatchOpt,
     ChatTemplateOpt,
     DecisionOpt,
-    BackendOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
     JsonOpt,
-    ModelOpt,
     ModeOpt,
     StyleOpt,
     TranscriptOpt,
-    RemoteOpt,
     TrustOpt,
     emit_json,
-    load_command_model,
     check_remote,
-    parse_batch_size,
-    resolve_batch_size,
     progress_bars,
     app,
 )
@@ -52,6 +43,7 @@ from mechfix.cli.views import print_record_summary
 )
 
 
+@with_groups
 def record(
     recipe: Annotated[
         str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe (see `mechfix recipes`).")
@@ -59,13 +51,7 @@ def record(
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Artifact to write. Default: NAME.rec.safetensors here.")
     ] = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    backend: BackendOpt = None,
-    remote: RemoteOpt = False,
-    device_map: DeviceMapOpt = None,
-    batch_size: BatchOpt = "auto",
+    models: ModelOptions = ModelOptions(),
     all_positions: Annotated[
         bool, typer.Option("--all-positions", help="Keep activations at every position, not only the decision.")
     ] = False,
@@ -94,11 +80,10 @@ def record(
     loaded = load_source(recipe, transcript, decision, mode)
     target = out_path or Path(f"{loaded.recipe.name}.rec.safetensors")
     check_paths(source_inputs(loaded, transcript, decision, chat_template), {"--out": target})
-    check_remote(remote, recipe=loaded.recipe)
-    batch = parse_batch_size(batch_size)
+    check_remote(models.remote, recipe=loaded.recipe)
+    models.batch()
     dtype_of_acts = parse_act_dtype(act_dtype)
-    lm = load_command_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
-    batch_size = resolve_batch_size(lm, batch)
+    lm, batch_size = models.load(trust_remote_code)
     from mechfix.stages.pipeline import record as run_record
 
     rendering = pick_style(lm, loaded, style, chat_template)

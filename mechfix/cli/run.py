@@ -9,56 +9,32 @@ import typer
 
 from mechfix.cli.checks import check_paths, named
 from mechfix.textio import clean_nan, write_text_atomic
+from mechfix.cli.options import BudgetOptions, LoraOptions, ModelOptions, ProbeOptions, with_groups
 from mechfix.cli.common import (
-    BatchOpt,
     CapabilitiesOpt,
     ChatTemplateOpt,
-    BackendOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
     FoldsOpt,
-    GateCleanOpt,
-    GateLayerOpt,
-    GateNeutralOpt,
-    GateOpt,
     JsonOpt,
     JunitOpt,
     KindOpt,
-    KlWeightOpt,
     LayersOpt,
-    LrOpt,
-    MaxHelpfulLossOpt,
-    MaxKlOpt,
-    MinCapabilityOpt,
-    MinCleanMarginOpt,
-    MinCleanOpt,
     MinReductionOpt,
-    ModelOpt,
     ModeOpt,
     NeutralOpt,
     OpOpt,
     PortableOpt,
-    RankOpt,
     ReplayOpt,
-    ScopeOpt,
     SeedOpt,
-    StepsOpt,
     StyleOpt,
     TopHeadsOpt,
-    RemoteOpt,
     TrustOpt,
     check_replay,
     emit_json,
     parse_ints,
-    load_command_model,
     check_remote,
-    parse_batch_size,
-    resolve_batch_size,
     app,
     progress_bars,
     err,
-    gate_settings,
 )
 from mechfix.cli.record import pick_style, source_inputs
 from mechfix.cli.steer import (
@@ -75,11 +51,6 @@ from mechfix.cli.views import (
     print_verify,
 )
 from mechfix.defaults import (
-    MAX_HELPFUL_LOSS,
-    MAX_KL,
-    MIN_CAPABILITY,
-    MIN_CLEAN_AGREEMENT,
-    MIN_CLEAN_MARGIN,
     MIN_REDUCTION,
 )
 from mechfix.measure.verdict import why_failed
@@ -98,6 +69,7 @@ from mechfix.measure.verdict import why_failed
 )
 
 
+@with_groups
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a built-in recipe.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for every artifact (created if missing).")],
@@ -107,33 +79,16 @@ def run(
     layers: LayersOpt = None,
     baseline: Annotated[str, typer.Option(help="Condition the fix pulls the pressure run towards: clean or control.")] = "clean",
     min_reduction: MinReductionOpt = MIN_REDUCTION,
-    max_kl: MaxKlOpt = MAX_KL,
-    min_clean_agreement: MinCleanOpt = MIN_CLEAN_AGREEMENT,
-    min_capability: MinCapabilityOpt = MIN_CAPABILITY,
-    max_helpful_loss: MaxHelpfulLossOpt = MAX_HELPFUL_LOSS,
-    min_clean_margin: MinCleanMarginOpt = MIN_CLEAN_MARGIN,
+    budget: BudgetOptions = BudgetOptions(),
     junit: JunitOpt = None,
     neutral: NeutralOpt = None,
     capabilities: CapabilitiesOpt = None,
     folds: FoldsOpt = 5,
-    rank: RankOpt = 4,
-    steps: StepsOpt = 40,
-    lr: LrOpt = 5e-3,
-    kl_weight: KlWeightOpt = 10.0,
-    lora_scope: ScopeOpt = "heads",
+    lora: LoraOptions = LoraOptions(),
     portable: PortableOpt = False,
-    gate: GateOpt = "none",
-    gate_layer: GateLayerOpt = None,
-    gate_max_clean: GateCleanOpt = 0.05,
-    gate_max_neutral: GateNeutralOpt = 0.01,
+    probe: ProbeOptions = ProbeOptions(),
     seed: SeedOpt = 0,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    backend: BackendOpt = None,
-    remote: RemoteOpt = False,
-    device_map: DeviceMapOpt = None,
-    batch_size: BatchOpt = "auto",
+    models: ModelOptions = ModelOptions(),
     mode: ModeOpt = None,
     replay: ReplayOpt = "all",
     style: StyleOpt = None,
@@ -151,12 +106,10 @@ def run(
     """
     from mechfix.measure import capabilities as caps
     from mechfix.errors import BadInputError
-    from mechfix.stages.lora import LoraSettings, lora_settings_check
     from mechfix.scenario.recipe import load_recipe
     from mechfix.stages.pipeline import run as run_pipeline
     from mechfix.stages.pipeline import run_paths
     from mechfix.stages.steer import check_kind_op, check_portable
-    from mechfix.stages.sweep import Budget
     from mechfix.stages.verify import junit_xml
 
     check_replay(replay)
@@ -174,17 +127,14 @@ def run(
     check_lora_folder(paths["fix"], kind)
     layer_list = parse_ints(layers, "--layers")
     check_kind_op(kind, op)
-    check_remote(remote, recipe=loaded.recipe, kind=kind, gate=gate)
-    probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
+    check_remote(models.remote, recipe=loaded.recipe, kind=kind, gate=probe.gate)
+    gate = probe.settings(kind)
     if portable:
-        check_portable(kind, op, probe)
+        check_portable(kind, op, gate)
     caps.load_tasks(capabilities)  # refused here, before the model loads
-    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
-                    max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
-    settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
-    batch = parse_batch_size(batch_size)
-    lm = load_command_model(model, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
-    batch_size = resolve_batch_size(lm, batch)
+    limits = budget.budget()
+    settings = lora.settings(seed)
+    lm, batch_size = models.load(trust_remote_code)
     rendering = pick_style(lm, loaded, style, chat_template)
     model_name = lm.identity["name"]
     titles = {"record": "1/4 record", "attribute": "2/4 attribute", "steer": "3/4 steer", "verify": "4/4 verify"}
@@ -203,13 +153,13 @@ def run(
             print_verify(made, f"{name}: held-out check of the {kind} fix")
 
     result = run_pipeline(loaded, out_dir, lm, kind=kind, op=op, top_heads=top_heads, layers=layer_list, baseline=baseline,
-                          budget=budget, min_reduction=min_reduction, neutral=neutral, capabilities=capabilities,
-                          folds=folds, seed=seed, lora=settings, gate=probe, portable=portable, batch_size=batch_size,
+                          budget=limits, min_reduction=min_reduction, neutral=neutral, capabilities=capabilities,
+                          folds=folds, seed=seed, lora=settings, gate=gate, portable=portable, batch_size=batch_size,
                           replay=replay, style=rendering, report=not no_report, progress=progress_bars, on_stage=on_stage)
     rec_summary, att_summary = clean_nan(result.recording.manifest["summary"]), result.attribution.manifest["summary"]
     if result.steer_error is not None:
         # No fix to verify: the page still shows the diagnosis; a --json caller gets the run's one object (then exit 1).
-        print_failed_sweep(result.steer_error, budget)
+        print_failed_sweep(result.steer_error, limits)
         _said_report(paths)
         if as_json:
             emit_json(_run_summary(rec_summary, att_summary, None, None, paths, why=f"steer: {result.steer_error}"))

@@ -10,62 +10,31 @@ import typer
 from mechfix.cli.checks import check_paths, named
 from mechfix.textio import clean_nan
 from mechfix.cli.common import (
-    BatchOpt,
     CapabilitiesOpt,
-    BackendOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
     FoldsOpt,
-    GateCleanOpt,
-    GateLayerOpt,
-    GateNeutralOpt,
-    GateOpt,
     JsonOpt,
     KindOpt,
-    KlWeightOpt,
     LayersOpt,
-    LrOpt,
-    MaxHelpfulLossOpt,
-    MaxKlOpt,
-    MinCapabilityOpt,
-    MinCleanMarginOpt,
-    MinCleanOpt,
-    ModelOpt,
     NeutralOpt,
     OpOpt,
     PortableOpt,
-    RankOpt,
-    ScopeOpt,
     SeedOpt,
-    StepsOpt,
     StrengthsOpt,
     TopHeadsOpt,
-    RemoteOpt,
     TrustOpt,
     emit_json,
     parse_floats,
     parse_ints,
-    load_command_model,
     check_remote,
-    parse_batch_size,
-    resolve_batch_size,
     progress_bars,
     app,
-    gate_settings,
 )
+from mechfix.cli.options import BudgetOptions, LoraOptions, ModelOptions, ProbeOptions, with_groups
 from mechfix.cli.views import (
     print_candidates,
     print_steer,
     print_sweep,
     training_summary,
-)
-from mechfix.defaults import (
-    MAX_HELPFUL_LOSS,
-    MAX_KL,
-    MIN_CAPABILITY,
-    MIN_CLEAN_AGREEMENT,
-    MIN_CLEAN_MARGIN,
 )
 
 
@@ -132,6 +101,7 @@ def _attribution_stem(att_path: Path) -> Path:
 )
 
 
+@with_groups
 def steer(
     attribution: Annotated[Path, typer.Argument(help="An attribution artifact (from `mechfix attribute`).")],
     out_path: Annotated[
@@ -142,33 +112,16 @@ def steer(
     top_heads: TopHeadsOpt = 5,
     layers: LayersOpt = None,
     strengths: StrengthsOpt = None,
-    max_kl: MaxKlOpt = MAX_KL,
-    min_clean_agreement: MinCleanOpt = MIN_CLEAN_AGREEMENT,
-    min_capability: MinCapabilityOpt = MIN_CAPABILITY,
-    max_helpful_loss: MaxHelpfulLossOpt = MAX_HELPFUL_LOSS,
-    min_clean_margin: MinCleanMarginOpt = MIN_CLEAN_MARGIN,
+    budget: BudgetOptions = BudgetOptions(),
     record: Annotated[Path | None, typer.Option(help="The recording the attribution came from (default: the path it names).")] = None,
     neutral: NeutralOpt = None,
     capabilities: CapabilitiesOpt = None,
     folds: FoldsOpt = 5,
-    rank: RankOpt = 4,
-    steps: StepsOpt = 40,
-    lr: LrOpt = 5e-3,
-    kl_weight: KlWeightOpt = 10.0,
-    lora_scope: ScopeOpt = "heads",
+    lora: LoraOptions = LoraOptions(),
     portable: PortableOpt = False,
-    gate: GateOpt = "none",
-    gate_layer: GateLayerOpt = None,
-    gate_max_clean: GateCleanOpt = 0.05,
-    gate_max_neutral: GateNeutralOpt = 0.01,
+    probe: ProbeOptions = ProbeOptions(),
     seed: SeedOpt = 0,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    backend: BackendOpt = None,
-    remote: RemoteOpt = False,
-    device_map: DeviceMapOpt = None,
-    batch_size: BatchOpt = "auto",
+    models: ModelOptions = ModelOptions(),
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -189,32 +142,26 @@ def steer(
     """
     from mechfix.measure import capabilities as caps
     from mechfix.artifacts import check_same_model, load_artifact
-    from mechfix.stages.lora import LoraSettings, lora_settings_check
     from mechfix.stages.pipeline import find_recording
     from mechfix.stages.steer import check_kind_op, check_portable
-    from mechfix.stages.sweep import Budget
 
     check_kind_op(kind, op)
-    check_remote(remote, kind=kind, gate=gate)
-    probe = gate_settings(gate, gate_layer, gate_max_clean, gate_max_neutral, kind)
+    check_remote(models.remote, kind=kind, gate=probe.gate)
+    gate = probe.settings(kind)
     if portable:
-        check_portable(kind, op, probe)
+        check_portable(kind, op, gate)
     caps.load_tasks(capabilities)  # refused here, before the model loads
-    budget = Budget(max_kl=max_kl, min_clean_agreement=min_clean_agreement, min_capability=min_capability,
-                    max_helpful_loss=max_helpful_loss, min_clean_margin=min_clean_margin)
     target = _fix_target(out_path, _attribution_stem(attribution), kind)
     files, folders = fix_outputs(target, kind)
     check_paths({"ATTRIBUTION": attribution, "--record": record, "--neutral": neutral}, files, folders,
                 either=named("--capabilities", capabilities, skip="builtin"))
     check_lora_folder(target, kind)
     att = load_artifact(attribution, expect="attribution")
+    limits = budget.budget()
     layer_list, grid = parse_ints(layers, "--layers"), parse_floats(strengths, "--strengths")
-    settings = lora_settings_check(LoraSettings(rank=rank, steps=steps, lr=lr, kl_weight=kl_weight, scope=lora_scope, seed=seed))
+    settings = lora.settings(seed)
     rec = find_recording(att, record)
-    spec = model if model is not None else att.manifest.get("model", {}).get("source")
-    batch = parse_batch_size(batch_size)
-    lm = load_command_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
-    batch_size = resolve_batch_size(lm, batch)
+    lm, batch_size = models.load(trust_remote_code, default=att.manifest.get("model", {}).get("source"))
     check_same_model(att.manifest, lm.identity, attribution)
     from mechfix.errors import GateError
     from mechfix.stages.pipeline import steer as run_steer
@@ -222,11 +169,11 @@ def steer(
     try:
         with progress_bars() as progress:
             artifact = run_steer(att, rec, lm, kind=kind, op=op, top_heads=top_heads, layers=layer_list, strengths=grid,
-                                 budget=budget, neutral=neutral, capabilities=capabilities, folds=folds, seed=seed,
-                                 batch_size=batch_size, lora=settings, gate=probe, portable=portable, out=target,
+                                 budget=limits, neutral=neutral, capabilities=capabilities, folds=folds, seed=seed,
+                                 batch_size=batch_size, lora=settings, gate=gate, portable=portable, out=target,
                                  on_progress=progress)
     except GateError as exc:
-        print_failed_sweep(exc, budget)
+        print_failed_sweep(exc, limits)
         raise
     summary = steer_summary(artifact)
     if as_json:

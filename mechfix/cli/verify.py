@@ -9,48 +9,29 @@ import typer
 
 from mechfix.cli.checks import check_paths, named
 from mechfix.textio import write_text_atomic
+from mechfix.cli.options import BudgetOptions, ModelOptions, with_groups
 from mechfix.cli.common import (
-    BatchOpt,
     CapabilitiesOpt,
     ChatTemplateOpt,
     DecisionOpt,
-    BackendOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
     JsonOpt,
     JunitOpt,
-    MaxHelpfulLossOpt,
-    MaxKlOpt,
-    MinCapabilityOpt,
-    MinCleanMarginOpt,
-    MinCleanOpt,
     MinReductionOpt,
-    ModelOpt,
     ModeOpt,
     NeutralOpt,
     ReplayOpt,
     StyleOpt,
     TranscriptOpt,
-    RemoteOpt,
     TrustOpt,
     check_replay,
     emit_json,
-    load_command_model,
     check_remote,
-    parse_batch_size,
-    resolve_batch_size,
     progress_bars,
     app,
 )
 from mechfix.cli.record import load_source, pick_style, source_inputs
 from mechfix.cli.views import print_comparison, print_verify
 from mechfix.defaults import (
-    MAX_HELPFUL_LOSS,
-    MAX_KL,
-    MIN_CAPABILITY,
-    MIN_CLEAN_AGREEMENT,
-    MIN_CLEAN_MARGIN,
     MIN_REDUCTION,
 )
 from mechfix.measure.verdict import comparison_rows
@@ -86,6 +67,7 @@ def _check_styles(fixes, rendering, recipe: str | None, fix_path: Path) -> None:
 )
 
 
+@with_groups
 def verify(
     recipe: Annotated[str | None, typer.Argument(help="Recipe file, or the name of a built-in recipe.")] = None,
     fix_path: Annotated[
@@ -97,21 +79,11 @@ def verify(
                      "The exit code follows --fix only."),
     ] = None,
     min_reduction: MinReductionOpt = MIN_REDUCTION,
-    max_kl: MaxKlOpt = MAX_KL,
-    min_clean_agreement: MinCleanOpt = MIN_CLEAN_AGREEMENT,
-    min_capability: MinCapabilityOpt = MIN_CAPABILITY,
-    max_helpful_loss: MaxHelpfulLossOpt = MAX_HELPFUL_LOSS,
-    min_clean_margin: MinCleanMarginOpt = MIN_CLEAN_MARGIN,
+    budget: BudgetOptions = BudgetOptions(),
     junit: JunitOpt = None,
     neutral: NeutralOpt = None,
     capabilities: CapabilitiesOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    backend: BackendOpt = None,
-    remote: RemoteOpt = False,
-    device_map: DeviceMapOpt = None,
-    batch_size: BatchOpt = "auto",
+    models: ModelOptions = ModelOptions(),
     mode: ModeOpt = None,
     transcript: TranscriptOpt = None,
     decision: DecisionOpt = None,
@@ -141,7 +113,7 @@ def verify(
     from mechfix.scenario.chat import recorded_style
     from mechfix.errors import ArtifactError, BadInputError
     from mechfix.fixes.fix import load_fix
-    from mechfix.stages.verify import error_report, gates_for, junit_xml
+    from mechfix.stages.verify import error_report, junit_xml
 
     if fix_path is None:
         raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
@@ -152,12 +124,9 @@ def verify(
     fix = load_fix(fix_path)
     caps.load_tasks(capabilities)  # refused here, before the model loads
     others = [load_fix(p) for p in compare or []]
-    check_remote(remote, recipe=loaded.recipe, fixes=[fix, *others])
-    gates = gates_for(min_reduction, max_kl, min_clean_agreement, min_capability, max_helpful_loss, min_clean_margin)
-    spec = model if model is not None else fix.model.get("source")
-    batch = parse_batch_size(batch_size)
-    lm = load_command_model(spec, device, dtype, trust_remote_code, backend=backend, remote=remote, device_map=device_map)
-    batch_size = resolve_batch_size(lm, batch)
+    check_remote(models.remote, recipe=loaded.recipe, fixes=[fix, *others])
+    gates = budget.gates(min_reduction)
+    lm, batch_size = models.load(trust_remote_code, default=fix.model.get("source"))
     suite = f"mechfix.verify.{loaded.recipe.name}"
     try:
         check_same_model(fix.manifest, lm.identity, fix_path)

@@ -76,7 +76,7 @@ def run_params(lm: LoadedModel, **kw: Any) -> dict[str, Any]:
     """A stage's parameters as recorded in its artifact, plus where and how it ran."""
     where: dict[str, Any] = {"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "backend": lm.backend}
     if lm.remote:
-        where["remote"] = "NDIF"
+        where["remote"] = "NDIF" if lm.remote is True else f"{lm.remote} (simulated)"
     if getattr(lm.model, "hf_device_map", None) and len(set(lm.model.hf_device_map.values())) > 1:
         where["device_map"] = {k: str(v) for k, v in lm.model.hf_device_map.items()}
     return {**kw, **where}

@@ -47,3 +47,16 @@ def use_backend(lm: LoadedModel, backend: str | None = None) -> LoadedModel:
 def backend_of(lm: LoadedModel) -> Backend:
     """The backend that runs ``lm``'s passes."""
     return BACKENDS[lm.backend]
+
+
+def simulate_remote(lm: LoadedModel) -> LoadedModel:
+    """Run ``lm`` as ``--remote`` runs a model on NDIF, but here; returns ``lm``.
+
+    Every trace is serialized exactly as for NDIF (mechfix's own code by value),
+    deserialized with local modules hidden, and run on this model (nnsight's
+    ``remote="local"``). As on NDIF, a fix's edits travel inside the traces and
+    each tail reruns its prompt. The offline test of the ``--remote`` path.
+    """
+    use_backend(lm, REMOTE_BACKEND)
+    lm.remote, lm.trace_prefixes, lm.edits_in_traces = "local", False, True
+    return lm
