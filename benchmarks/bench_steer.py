@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from mechfix import capabilities as caps  # noqa: E402
+from mechfix.measure import capabilities as caps  # noqa: E402
 from mechfix.artifacts import load_artifact  # noqa: E402
 from mechfix.measure.evaluate import neutral_passages, neutral_set  # noqa: E402
 from mechfix.models import load_model  # noqa: E402

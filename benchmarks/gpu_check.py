@@ -80,20 +80,12 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="A folder with the Gemma 3 tokenizer (default: the embedded model's).")
     args = ap.parse_args()
 
-    from mechfix import capabilities as caps
-    from mechfix.artifacts import load_artifact
-    from mechfix.cli.attribute import _do_attribute
+    import mechfix
     from mechfix.cli.common import parse_batch_size, resolve_batch_size
-    from mechfix.cli.record import _do_record
-    from mechfix.cli.steer import _do_steer
-    from mechfix.cli.verify import _do_verify
-    from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN, MIN_REDUCTION
+    from mechfix.engine.backends import use_backend
     from mechfix.errors import GateError
     from mechfix.fixes.fix import Fix, fix_from_artifact
     from mechfix.scenario.recipe import load_recipe
-    from mechfix.stages.sweep import Budget
-    from mechfix.engine.backends import use_backend
-    from mechfix.stages.verify import gates_for
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -126,22 +118,18 @@ def main() -> None:
     batch = resolve_batch_size(lm, parse_batch_size(args.batch_size))
     out["batch_size"] = batch
     loaded = load_recipe("conformity")
-    budget = Budget()
-    tasks = caps.load_tasks(None)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         with stage("record"):
-            rec, recording = _do_record(lm, loaded, folder / "c.rec.safetensors", batch)
-        out["decisions"] = len(recording.split) * len(recording.conditions)
+            rec = mechfix.record(loaded, lm, batch_size=batch, out=folder / "c.rec.safetensors")
+        out["decisions"] = len(rec.tensors["split"]) * len(rec.manifest["conditions"])
         with stage("attribute"):
-            att = _do_attribute(lm, rec, folder / "c.attr.safetensors", "both", 10, "clean", batch)
+            att = mechfix.attribute(rec, lm, batch_size=batch, out=folder / "c.attr.safetensors")
         top = att.manifest["summary"]["top"][:3]
         out["attribute_top"] = [t["component"] for t in top]
         with stage("steer"):
             try:
-                _do_steer(lm, att, rec, folder / "c.fix.safetensors", "heads", None, 5, None, None, budget, None,
-                          None, tasks, 5, 0, batch)
-                fix = fix_from_artifact(load_artifact(folder / "c.fix.safetensors", expect="fix"))
+                fix = fix_from_artifact(mechfix.steer(att, rec, lm, batch_size=batch, out=folder / "c.fix.safetensors"))
                 out["steer"] = f"{fix.op} on {', '.join(fix.targets)} at strength {fix.strength:g}"
             except GateError as exc:
                 out["steer"] = f"no fix within the budget ({str(exc)[:160]})"
@@ -152,8 +140,7 @@ def main() -> None:
                       vectors=torch.randn(len(heads), lm.head_dim), means=torch.zeros(len(heads), lm.head_dim),
                       strength=1.0, model=lm.identity)
         with stage("verify"):
-            (report,) = _do_verify(lm, loaded, [fix], None, gates_for(MIN_REDUCTION, MAX_KL, MIN_CLEAN_AGREEMENT,
-                                                       MIN_CAPABILITY, MAX_HELPFUL_LOSS, MIN_CLEAN_MARGIN), batch, tasks=tasks)
+            report = mechfix.verify(loaded, fix, lm, batch_size=batch)
         out["verify_passed"] = report["passed"]
     out["seconds"] = seconds
     out["peak_gpu_gib"] = peak or None

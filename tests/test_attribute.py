@@ -316,7 +316,7 @@ def test_attribution_artifact_round_trips_with_its_provenance(tiny_llama, tmp_pa
 
 
 def test_flag_marks_a_disagreement_by_ratio_or_sign_not_by_straddling_the_noise_floor():
-    from mechfix.stages.attribute import _flag
+    from mechfix.stages.attribution import _flag
 
     total = 8.6  # noise floor 0.172
     assert _flag(0.167, 0.172, total) is None  # one just under the floor, one just over: they agree
