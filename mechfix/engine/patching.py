@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from mechfix.engine.backends import backend_of
 from mechfix.engine.batches import SITES
-from mechfix.engine.tails import Patch, Prefixes, Tail, TailOutput, decision_grads, tails_for  # noqa: F401 - the module's vocabulary
+from mechfix.engine.tails import Patch, Prefixes, Tail, TailOutput
 from mechfix.models import LoadedModel
 
 

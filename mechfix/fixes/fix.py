@@ -37,7 +37,7 @@ import torch
 
 from mechfix.architectures import get_path
 from mechfix.fixes.adapter import LoraWeights, adapter_tensors, lora_from_artifact, save_adapter
-from mechfix.artifacts import Artifact, check_same_model, load_artifact
+from mechfix.artifacts import Artifact, check_same_model, load_artifact, save_artifact
 from mechfix.engine.edits import add_hook
 from mechfix.errors import ArtifactError
 from mechfix.fixes.gate import Gate, GateMask, gated, stacked_params
@@ -552,8 +552,6 @@ def save_fix(path: str | Path, artifact: Artifact) -> str:
     Returns:
         The sha256 of the (weights) file.
     """
-    from mechfix.artifacts import save_artifact
-
     if artifact.manifest.get("fix", {}).get("kind") == "lora":
         return save_adapter(path, artifact, artifact.manifest["adapter_config"])
     return save_artifact(path, artifact)

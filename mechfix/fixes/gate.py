@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
+from mechfix.engine.batches import pad_batch
 from mechfix.engine.edits import check_plain_pass
+from mechfix.engine.forward import with_backoff
 from mechfix.models import LoadedModel
 
 MAX_CLEAN_FIRE = 0.05
@@ -151,8 +153,6 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
     Returns:
         Layer to ``[positions, hidden]`` float32 activations, batches concatenated in order.
     """
-    from mechfix.engine.forward import with_backoff
-
     layers = sorted(set(int(x) for x in layers))
     top = layers[-1]
     got: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -194,8 +194,6 @@ def layer_acts(lm: LoadedModel, layers: Sequence[int], batches: Iterable[tuple[t
 
 def prompt_batches(lm: LoadedModel, prompts: Sequence[Sequence[int]], batch_size: int = 16):
     """Right-padded ``(ids, mask)`` batches of token sequences, in order."""
-    from mechfix.engine.batches import pad_batch
-
     for i in range(0, len(prompts), batch_size):
         yield pad_batch(lm, prompts[i: i + batch_size])
 

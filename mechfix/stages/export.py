@@ -32,7 +32,11 @@ from mechfix.architectures import ARCHITECTURES
 from mechfix.artifacts import ADAPTER_WEIGHTS, Artifact, HF_MARKER, atomic_dir, check_writable, check_writable_dir, new_manifest, sha256_file
 from mechfix.textio import atomic_target
 from mechfix.errors import BadInputError
-from mechfix.fixes.fix import OPS, Fix
+from mechfix.fixes.adapter import adapter_tensors, hub_id, peft_config, save_adapter
+from mechfix.fixes.fix import OPS, Fix, apply_fix
+from mechfix.fixes.weights import as_lora, bias_switch, check_bias, merged, weight_edit
+from mechfix.measure.evaluate import neutral_passages
+from mechfix.stages.steer import HOOK_OF_SITE
 
 FORMATS = ("gguf", "peft", "hf")
 
@@ -127,10 +131,6 @@ def lora_fix_artifact(lm, fix: Fix) -> Artifact:
     Raises:
         BadInputError: For an operation an adapter cannot carry exactly.
     """
-    from mechfix.fixes.adapter import adapter_tensors, hub_id, peft_config
-    from mechfix.stages.steer import HOOK_OF_SITE
-    from mechfix.fixes.weights import as_lora, weight_edit
-
     check_export(fix, "peft")
     edit = weight_edit(lm, fix)
     lora = as_lora(edit)
@@ -168,8 +168,6 @@ def write_peft(lm, fix: Fix, path: str | Path) -> Artifact:
     Raises:
         BadInputError: For a fix an adapter cannot carry exactly, or an unusable ``path``.
     """
-    from mechfix.fixes.adapter import save_adapter
-
     check_writable_dir(path)
     art = lora_fix_artifact(lm, fix)
     save_adapter(path, art, art.manifest["adapter_config"])
@@ -191,10 +189,6 @@ def check_exported(lm, fix: Fix, exported: Fix | None, tokens: int = 64) -> dict
         makes) and ``max_abs_diff`` (largest logit difference between fix and export).
     """
     import torch
-
-    from mechfix.measure.evaluate import neutral_passages
-    from mechfix.fixes.fix import apply_fix
-    from mechfix.fixes.weights import merged, weight_edit
 
     ids = torch.tensor([lm.tokenizer(neutral_passages()[0]).input_ids[:tokens]], device=lm.device)
     with torch.inference_mode():
@@ -224,8 +218,6 @@ def write_hf(lm, fix: Fix, path: str | Path) -> dict[str, Any]:
     Raises:
         BadInputError: For a fix no weights reproduce, a constant term the family cannot hold, or an unusable ``path``.
     """
-    from mechfix.fixes.weights import bias_switch, check_bias, merged, weight_edit
-
     check_export(fix, "hf")
     path = check_writable_dir(path, "hf")
     edit = weight_edit(lm, fix)

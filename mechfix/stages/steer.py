@@ -51,7 +51,7 @@ from mechfix.fixes.fix import DEFAULT_OP, OPS, Fix, fix_tensors
 from mechfix.engine.batches import Request
 from mechfix.fixes.gate import GateSettings, choose_gate, gate_layers, layer_acts
 from mechfix.engine.layerskip import first_layer
-from mechfix.fixes.adapter import LoraTarget, lora_targets
+from mechfix.fixes.adapter import LoraTarget, hub_id, lora_targets, peft_config
 from mechfix.stages.lora import LoraSettings, TrainingLog, train_lora
 from mechfix.models import LoadedModel
 from mechfix.stages.sweep import REFINE_STEPS, Bench, Budget, Candidate, SweepPoint, choose
@@ -522,8 +522,6 @@ def to_artifact(st: Steering, lm: LoadedModel, att: Artifact, rec: Artifact, par
     chosen = st.sweep[st.chosen]
     extra: dict[str, Any] = {}
     if st.fix.lora is not None and st.training is not None:
-        from mechfix.fixes.adapter import hub_id, peft_config
-
         fan = any(m.fan_in_fan_out for m in st.modules)
         extra = {"training": st.training.as_dict(),
                  "adapter_config": peft_config(st.fix.lora, hub_id(lm.identity.get("source")), fan)}
