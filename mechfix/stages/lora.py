@@ -232,6 +232,8 @@ def train_lora(
     neutral: NeutralSet,
     settings: LoraSettings | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    *,
+    goal: torch.Tensor | None = None,
 ) -> tuple[LoraWeights, TrainingLog]:
     """Train the adapter (a pure function of the model, the data and the seed).
 
@@ -244,6 +246,9 @@ def train_lora(
         settings: Training settings.
         on_step: Called after each step with its number (from 1) and losses
             (``loss``, ``behaviour``, ``kl``).
+        goal: ``[N]`` scores the pressure decisions are pulled to (default: the
+            same items' baseline scores, which removes the behaviour; higher
+            scores plant one, as ``benchmarks/organisms.py`` does).
 
     Returns:
         The trained adapter (float32, on the CPU) and the training log.
@@ -262,8 +267,10 @@ def train_lora(
         lora.b[i] = lora.b[i].to(lm.device).requires_grad_(True)
         params += [lora.a[i], lora.b[i]]
     g = torch.Generator().manual_seed(settings.seed + 1)
+    if goal is not None and len(goal) != len(pressure):
+        raise BadInputError(f"LoRA training got {len(goal)} goal scores for {len(pressure)} pressure decisions.")
     with torch.no_grad():
-        target = decision_scores(option_scores(lm, list(baseline))).detach()
+        target = decision_scores(option_scores(lm, list(baseline))).detach() if goal is None else goal.detach().float()
     kl = _kl_set(lm, [r.prompt for r in baseline], neutral, settings.topk)
     n_items, n_neutral = len(pressure), len(kl.ids) - len(baseline)
     opt = torch.optim.Adam(params, lr=settings.lr)
