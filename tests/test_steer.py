@@ -260,5 +260,5 @@ def test_steer_refuses_a_training_split_that_shows_no_behaviour_instead_of_fitti
     steps: list[str] = []
     with pytest.raises(GateError, match="shows no behaviour to fix") as exc:
         steer(lm, att, rec, neutral_set(lm, neutral_passages()[:2]), kind="heads", on_step=steps.append)
-    assert "interval reaches zero" in str(exc.value) and exc.value.detail is None
+    assert "interval does not lie above zero" in str(exc.value) and exc.value.detail is None
     assert steps == []  # refused before measuring anything

@@ -431,7 +431,7 @@ def steer(
 
 
 def _require_behaviour(att: Artifact, baseline: str) -> None:
-    """Refuse to fit a fix to a training split that shows no behaviour (its effect's interval reaches zero).
+    """Refuse to fit a fix to a training split that shows no behaviour (its effect's interval does not lie above zero).
 
     A "reduction" of an effect indistinguishable from zero is a ratio of noise
     (a fix can remove 2,500% of +0.1 nats), so no search over it means anything.
@@ -442,7 +442,7 @@ def _require_behaviour(att: Artifact, baseline: str) -> None:
         return
     raise GateError(
         f"the training split shows no behaviour to fix: pressure − {baseline} is {total['mean']:+.2f} "
-        f"[{ci[0]:+.2f}, {ci[1]:+.2f}] nats over {total.get('n', '?')} decisions, and that 95% interval reaches zero. "
+        f"[{ci[0]:+.2f}, {ci[1]:+.2f}] nats over {total.get('n', '?')} decisions, and that 95% interval does not lie above zero. "
         "A fix fitted to it would be fitted to noise, so steer does not search. Check the recipe with `mechfix record` "
         "(does this model show the behaviour at all?), add items, or try a model that shows it."
     )
