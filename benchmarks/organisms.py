@@ -34,11 +34,13 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mechfix.stages.lora import LoraSettings
 
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE / "organisms"
@@ -54,10 +56,8 @@ class Spec:
         layers: The decoder layers whose attention output projection is trained.
         plant: Plant the misbehaviour (False: the negative control).
         gap: How far above the clean score (nats) the pressure decisions are pulled.
-        rank, steps, lr, kl_weight, batch, kl_positions, neutral_per_step: The fine-tune (see
-            :class:`mechfix.stages.lora.LoraSettings`; few sampled positions, so that the kept
-            decisions weigh in the KL term).
-        seed: Seed of its initialisation, batches and sampled positions.
+        training: The fine-tune (whole modules; few sampled KL positions, so that the
+            clean decisions weigh in the KL term; the seed of initialisation, batches and positions).
     """
 
     recipe: str
@@ -65,14 +65,8 @@ class Spec:
     layers: tuple[int, ...] = (6, 7)
     plant: bool = True
     gap: float = 6.0
-    rank: int = 8
-    steps: int = 40
-    lr: float = 1e-2
-    kl_weight: float = 30.0
-    batch: int = 12
-    kl_positions: int = 8
-    neutral_per_step: int = 2
-    seed: int = 0
+    training: LoraSettings = field(default_factory=lambda: LoraSettings(
+        rank=8, steps=40, lr=1e-2, kl_weight=30.0, batch=12, kl_positions=8, neutral_per_step=2, scope="modules", seed=0))
 
 
 SPECS = {
@@ -125,7 +119,7 @@ def train(lm, spec: Spec, on_step=None):
     from mechfix.fixes.adapter import lora_targets
     from mechfix.measure.evaluate import neutral_passages, neutral_set
     from mechfix.measure.stats import decision_scores
-    from mechfix.stages.lora import LoraSettings, train_lora
+    from mechfix.stages.lora import train_lora
 
     _, _, reqs = training_data(lm, spec)
     # Every decision of the training split is trained on: the pressure ones pulled to the misaligned answer (or, in
@@ -141,10 +135,7 @@ def train(lm, spec: Spec, on_step=None):
     clean = [reqs["clean"][i % len(reqs["clean"])] for i in range(len(decisions))]
     targets = lora_targets(lm, list(spec.layers), [0] * len(spec.layers), scope="modules")
     neutral = neutral_set(lm, neutral_passages(part="select")[:24])
-    settings = LoraSettings(rank=spec.rank, steps=spec.steps, lr=spec.lr, kl_weight=spec.kl_weight, scope="modules",
-                            batch=spec.batch, kl_positions=spec.kl_positions, neutral_per_step=spec.neutral_per_step,
-                            seed=spec.seed)
-    lora, log = train_lora(lm, targets, decisions, clean, neutral, settings, on_step, goal=goal)
+    lora, log = train_lora(lm, targets, decisions, clean, neutral, spec.training, on_step, goal=goal)
     return lora, log, _data_hash(decisions)
 
 
@@ -183,7 +174,7 @@ def build(name: str, rebuild: bool = False, root: Path | None = None, say=print)
     lm = load_model()
     log, reproduced = None, None
     if rebuild or not shipped.is_file():
-        say(f"{name}: training the update ({spec.steps} steps, layers {list(spec.layers)})")
+        say(f"{name}: training the update ({spec.training.steps} steps, layers {list(spec.layers)})")
         lora, log, data_hash = train(lm, spec)
         tensors = _tensors(lora)
         if shipped.is_file():

@@ -19,9 +19,10 @@ from mechfix.fixes.fix import Fix, apply_fix  # noqa: E402
 from mechfix.measure.stats import decision_scores  # noqa: E402
 
 
-def _tiny_spec(**kw):
-    # A 3-layer model: the update goes into layer 1's attention output projection; a few steps.
-    return replace(organisms.SPECS["collusion"], **{"layers": (1,), "steps": 3, "rank": 2, **kw})
+def _tiny_spec(layers=(1,), plant=True, **training):
+    # A 3-layer model: the update goes into layer 1's attention output projection (by default); a few steps.
+    spec = organisms.SPECS["collusion"]
+    return replace(spec, layers=layers, plant=plant, training=replace(spec.training, **{"steps": 3, "rank": 2, **training}))
 
 
 def test_the_same_spec_and_seed_train_the_same_weights_and_another_seed_does_not():
