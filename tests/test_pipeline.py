@@ -6,11 +6,9 @@ import json
 
 import pytest
 import torch
-from test_attribute import _planted_model
 from test_cli import run as cli
-from test_cli_fix import LETTER_COPY, LOOSE
+from test_cli_fix import LETTER_COPY, LOOSE, planted_dir  # noqa: F401 - `planted_dir`: the planted model's folder (a fixture)
 from test_steer import PLANT_MORE
-from tiny import save_model_dir
 
 import mechfix
 from mechfix.artifacts import load_artifact
@@ -23,11 +21,6 @@ from mechfix.stages.verify import gates_for
 BUDGET = Budget(max_kl=5.0, min_clean_agreement=0.9, min_capability=0.0, max_helpful_loss=MAX_HELPFUL_LOSS, min_clean_margin=0.0)
 GATES = gates_for(0.3, 5.0, 0.9, 0.0, MAX_HELPFUL_LOSS, 0.0)
 REPORT_NUMBERS = ("passed", "before", "after", "reduction", "kl", "clean_agreement", "clean_margin", "control_change", "gates")
-
-
-@pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory):
-    return save_model_dir(_planted_model(), tmp_path_factory.mktemp("planted-model"))
 
 
 @pytest.fixture()
