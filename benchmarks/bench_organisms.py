@@ -1,14 +1,16 @@
 """Does mechfix find and remove a misbehaviour whose cause is known? `mechfix run` on the model organisms.
 
-    python benchmarks/bench_organisms.py [--json] [--out DIR] [--only NAME ...] [--no-base]
+    python benchmarks/bench_organisms.py [--json] [--out DIR] [--only NAME ...] [--no-base] [--save FILE]
 
 Builds what is not cached (``benchmarks/organisms.py``), then runs
 ``mechfix run RECIPE --model ORGANISM --json`` with every option at its
 default on each organism and the negative control, and on the unplanted base
 model with the same recipes for comparison. Per run: the behaviour's effect
-(pressure − clean, nats, training split); where attribution puts it (the rank
-of the first planted head among all heads, by attribution patching, and the
-planted heads' share of the heads' positive effect); the fix steer chose; the
+(pressure − clean, nats, every item); where attribution puts it (the rank of
+the first planted head among all heads and of the first planted layer's
+attention output among all layers', by attribution patching, and their share of
+the positive effect, at the decision position and summed over every position);
+the fix steer chose; the
 held-out reduction, KL, capability kept and helpful loss verify measured; the
 verdict (``PASS``, ``FAIL`` or ``no fix``) with every gate at its default.
 
@@ -54,26 +56,52 @@ def mechfix_run(recipe: Path, out: Path, model: Path | None) -> tuple[dict, floa
     return json.loads(done.stdout), seconds
 
 
-def where_attribution_puts_it(attribution: Path, layers: list[int]) -> dict:
-    """The planted heads (every head of the trained ``layers``): the rank of the first among all heads (1 = top),
-    and their share of the heads' positive effect, by attribution patching."""
-    from mechfix.artifacts import load_artifact
-
-    heads = load_artifact(attribution, expect="attribution").tensors["heads"].float()
-    n_heads = heads.shape[1]
-    planted = [f"L{layer}.H{h}" for layer in layers for h in range(n_heads)]
-    order = heads.flatten().argsort(descending=True).tolist()
-    names = [f"L{i // n_heads}.H{i % n_heads}" for i in order]
-    positive = heads.clamp(min=0)
-    share = sum(float(positive[int(c[1:].split(".H")[0]), int(c.split(".H")[1])]) for c in planted)
+def _ranking(effects, names: list[str], planted: list[str]) -> dict:
+    """Rank of the first planted component by ``effects`` (1 = top), and the planted components' share of the
+    positive effect."""
+    flat = effects.flatten()
+    order = flat.argsort(descending=True).tolist()
+    positive = flat.clamp(min=0)
+    share = sum(float(positive[names.index(c)]) for c in planted)
     return {
-        "first_planted_rank": next((r + 1 for r, c in enumerate(names) if c in planted), None) if planted else None,
-        "planted_share": share / float(positive.sum()) if planted and float(positive.sum()) > 0 else None,
-        "top_heads": names[:5],
+        "first_planted_rank": next((r + 1 for r, i in enumerate(order) if names[i] in planted), None),
+        "planted_share": share / float(positive.sum()) if float(positive.sum()) > 0 else None,
+        "top": [names[i] for i in order[:5]],
     }
 
 
-def row(name: str, recipe: Path, model: Path | None, out: Path, layers: list[int], planted: bool) -> dict:
+def where_attribution_puts_it(attribution: Path, layers: list[int]) -> dict:
+    """Where attribution patching puts the effect, against what was planted: the heads of the trained ``layers``
+    (``planted``), and, one level up, those layers' attention outputs, the modules the update changed
+    (``*_module``: their rank among every layer's attention output).
+
+    At the decision position (what ``attribute`` ranks and steer reads), and, when the recipe's pressure and clean
+    prompts are token-aligned, summed over every position (``*_all_positions``): a head's weights act at every
+    position, and a planted head may do its work where the trigger is read rather than where the answer is given.
+    """
+    from mechfix.artifacts import load_artifact
+
+    art = load_artifact(attribution, expect="attribution")
+    n_layers, n_heads = art.tensors["heads"].shape
+    heads = [f"L{i}.H{h}" for i in range(n_layers) for h in range(n_heads)]
+    modules = [f"L{i}.attn" for i in range(n_layers)]
+    planted = [f"L{layer}.H{h}" for layer in layers for h in range(n_heads)]
+    planted_modules = [f"L{layer}.attn" for layer in layers]
+
+    def both(per_head) -> dict:
+        one = _ranking(per_head, heads, planted)
+        up = _ranking(per_head.sum(1), modules, planted_modules)  # a layer's attention output: the sum of its heads
+        return {"first_planted_rank": one["first_planted_rank"], "planted_share": one["planted_share"],
+                "top_heads": one["top"], "first_planted_module_rank": up["first_planted_rank"],
+                "planted_module_share": up["planted_share"]}
+
+    out = {"planted": planted, **both(art.tensors["heads"].float())}
+    if "positions/heads" in art.tensors:  # [N, T, L, H], zero past each prompt's end
+        out.update({f"{k}_all_positions": v for k, v in both(art.tensors["positions/heads"].float().sum(1).mean(0)).items()})
+    return out
+
+
+def row(name: str, recipe: Path, model: Path | None, out: Path, layers: list[int]) -> dict:
     """One benchmark entry: ``mechfix run`` and what its artifacts say."""
     summary, seconds = mechfix_run(recipe, out, model)
     art = summary["artifacts"]
@@ -85,7 +113,6 @@ def row(name: str, recipe: Path, model: Path | None, out: Path, layers: list[int
         "model": str(model) if model else "embedded base model",
         "recipe": str(recipe.relative_to(ROOT)),
         "fix": art.get("fix") if fix else None,
-        "planted": [f"L{layer}.attn_out" for layer in layers] if planted else [],
         **where_attribution_puts_it(Path(art["attribution"]), layers),
         "effect": summary["behaviour"]["effect"]["mean"] if isinstance(summary["behaviour"]["effect"], dict)
         else summary["behaviour"]["effect"],
@@ -109,12 +136,14 @@ def _fmt(x, pct: bool = False) -> str:
 
 
 def table(result: dict) -> str:
-    head = ("name", "effect", "first_planted_rank", "planted_share", "chosen", "reduction", "kl", "capability_kept",
-            "helpful_loss", "verdict")
+    head = ("name", "effect", "first_planted_rank", "planted_share", "first_planted_rank_all_positions",
+            "planted_share_all_positions", "first_planted_module_rank", "first_planted_module_rank_all_positions",
+            "chosen", "reduction", "kl", "capability_kept", "helpful_loss", "verdict")
     rows = [*result["organisms"], result["negative_control"], *result["base"]]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        lines.append(" | ".join(_fmt(r[k], pct=k in ("planted_share", "reduction", "capability_kept", "helpful_loss")) for k in head))
+        lines.append(" | ".join(_fmt(r.get(k), pct=k.startswith("planted_share") or k in ("reduction", "capability_kept", "helpful_loss"))
+                                for k in head))
     return "\n".join(lines)
 
 
@@ -124,6 +153,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep every run's folder here (default: a temporary folder)")
     ap.add_argument("--only", nargs="*", default=None, help="organisms to run (default: all, and the negative control)")
     ap.add_argument("--no-base", action="store_true", help="skip the base model's runs")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="also write the JSON object to this file (the recorded results: benchmarks/organisms/results.json)")
     args = ap.parse_args()
     import mechfix
 
@@ -138,7 +169,9 @@ def main() -> None:
             truth = json.loads((folder / "organism.json").read_text())
             recipe = ROOT / truth["recipe"]
             print(f"{name}: mechfix run", file=sys.stderr)
-            entry = row(name, recipe, folder, out / name, truth["spec"]["layers"], truth["planted"])
+            entry = row(name, recipe, folder, out / name, truth["spec"]["layers"])
+            if not truth["planted"]:  # the negative control: the same heads trained, nothing planted in them
+                entry["planted"] = []
             entry["trigger"] = truth["trigger"]
             if name == NEGATIVE:
                 result["negative_control"] = entry
@@ -149,8 +182,11 @@ def main() -> None:
                 print(f"base model on {recipe}: mechfix run", file=sys.stderr)
                 layers = next(list(s.layers) for s in organisms.SPECS.values() if s.recipe == recipe)
                 # The same heads as the organism's, read in the base model: where they stand without the fine-tune.
-                result["base"].append(row(f"base:{Path(recipe).stem}", organisms.FOLDER / recipe, None,
-                                          out / f"base-{Path(recipe).stem}", layers, False))
+                entry = row(f"base:{Path(recipe).stem}", organisms.FOLDER / recipe, None, out / f"base-{Path(recipe).stem}", layers)
+                entry["planted"] = []  # nothing planted: the ranks are those of the organisms' heads in the base model
+                result["base"].append(entry)
+    if args.save:
+        args.save.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -56,7 +56,7 @@ def gemma():
 # The slowest files first, each started on a worker of its own when the suite runs in parallel
 # (`-n auto --dist loadfile --no-loadscope-reorder` in pyproject.toml): the suite then takes about as
 # long as its longest file instead of their sum.
-_SLOWEST_FIRST = ("test_e2e_fix.py", "test_e2e.py")
+_SLOWEST_FIRST = ("test_e2e_organism.py", "test_e2e_fix.py", "test_e2e.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -262,3 +262,37 @@ def test_steer_refuses_a_training_split_that_shows_no_behaviour_instead_of_fitti
         steer(lm, att, rec, neutral_set(lm, neutral_passages()[:2]), kind="heads", on_step=steps.append)
     assert "interval does not lie above zero" in str(exc.value) and exc.value.detail is None
     assert steps == []  # refused before measuring anything
+
+
+def test_steer_refuses_an_effect_above_zero_but_below_the_minimum_worth_a_fix():
+    """A certain but small effect (here: the planted one, against a minimum set above it) is not searched either."""
+    lm = _planted_model()
+    rec = _recording(lm, PLANT_MORE)
+    att = attribution_artifact(attribute(lm, rec, method="atp", top=5), lm, rec, {"baseline": "clean"}, top=5)
+    total = att.manifest["summary"]["total_effect"]
+    assert total["ci95"][0] > 0  # a behaviour, beyond doubt
+    steps: list[str] = []
+    with pytest.raises(GateError, match="below the") as exc:
+        steer(lm, att, rec, neutral_set(lm, neutral_passages()[:2]), kind="heads", on_step=steps.append,
+              min_effect=total["mean"] + 0.5)
+    assert f"{total['mean']:+.2f}" in str(exc.value) and "does not lie above zero" not in str(exc.value)
+    assert steps == []
+
+
+def test_verify_warns_when_the_held_out_effect_is_below_the_minimum_worth_a_fix(monkeypatch):
+    import mechfix.stages.verify as verify_stage
+
+    lm = _planted_model()
+    recipe = _loaded(PLANT_MORE).recipe
+    fix = Fix(op="subtract", layers=[1], heads=[], vectors=torch.ones(1, lm.hidden), means=torch.zeros(1, lm.hidden),
+              strength=1.0)
+    neutral = neutral_set(lm, neutral_passages()[:3])
+
+    def warned(minimum: float) -> tuple[float, bool]:
+        monkeypatch.setattr(verify_stage, "MIN_EFFECT", minimum)
+        report = verify(lm, recipe, fix, neutral, gates=gates_for(0.5, 0.1, 0.95))
+        return report["before"]["effect"]["mean"], any("below the" in w for w in report["warnings"])
+
+    effect, _ = warned(0.0)
+    assert effect > 0  # the planted effect, held out (positive, so only the minimum decides)
+    assert warned(effect * 2)[1] and not warned(effect / 2)[1]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mechfix.artifacts import Artifact, load_artifact, save_artifact
-from mechfix.defaults import MIN_REDUCTION
+from mechfix.defaults import MIN_EFFECT, MIN_REDUCTION
 from mechfix.engine.actstore import default_act_dtype
 from mechfix.errors import ArtifactError, BadInputError, GateError
 from mechfix.fixes.fix import Fix, fix_from_artifact, load_fix, save_fix
@@ -212,6 +212,7 @@ def steer(
     layers: Sequence[int] | None = None,
     strengths: Sequence[float] | None = None,
     budget: steer_stage.Budget | None = None,
+    min_effect: float = MIN_EFFECT,
     neutral: str | Path | None = None,
     capabilities: Sequence[str] | None = None,
     folds: int = 5,
@@ -235,6 +236,7 @@ def steer(
         layers: Restrict the fix to these layers.
         strengths: The coarse strength grid (default per operation).
         budget: Side-effect limits a fix must keep (default: mechfix's defaults).
+        min_effect: The smallest training-split effect (nats) worth a fix; below it steer refuses.
         neutral: A text file of neutral passages for KL (default: the built-in set).
         capabilities: Capability task files (default: the built-in suite).
         folds: Cross-validation folds over the training items.
@@ -268,7 +270,8 @@ def steer(
 
     steering = steer_stage.steer(lm, att, rec, kl_set, kind=kind, op=op, top=top_heads, layers=layers, strengths=strengths,
                                  budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train,
-                                 capabilities=suite, folds=folds, seed=seed, gate=gate, portable=portable)
+                                 capabilities=suite, folds=folds, seed=seed, gate=gate, portable=portable,
+                                 min_effect=min_effect)
     extra: dict[str, Any] = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} \
         if kind == "lora" else {}
     if gate is not None:

@@ -34,6 +34,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from mechfix.artifacts import Artifact, new_manifest
 from mechfix.stages.attribute import decisions_from_record
 from mechfix.scenario.chat import recorded_style
 from mechfix.measure.crossval import DEFAULT_FOLDS, fold_masks, item_folds, row_items
+from mechfix.defaults import MIN_EFFECT
 from mechfix.errors import BadInputError, GateError
 from mechfix.measure.evaluate import NeutralSet
 from mechfix.fixes.fix import DEFAULT_OP, OPS, Fix, fix_tensors
@@ -296,6 +298,7 @@ def steer(
     layers: Sequence[int] | None = None,
     strengths: Sequence[float] | None = None,
     budget: Budget | None = None,
+    min_effect: float = MIN_EFFECT,
     refine: int = REFINE_STEPS,
     batch_size: int = 16,
     on_step: Callable[[str], None] | None = None,
@@ -321,6 +324,7 @@ def steer(
         layers: Restrict targets to these layers (vector: use exactly these).
         strengths: Coarse grid to sweep; default per op (:data:`mechfix.stages.sweep.GRIDS`).
         budget: Side-effect budget.
+        min_effect: The smallest training-split effect (nats) worth a fix; below it steer refuses.
         refine: Bisection steps at the edge of the budget.
         batch_size: Sequences per forward pass.
         on_step: Called with a short label after each measurement (progress).
@@ -356,7 +360,7 @@ def steer(
             f"attribution '{att.path}' was made on {made['name']}-style renderings and "
             f"recording '{rec.path}' holds {recorded['name']}-style ones (or another template). "
             "Attribute the recording you steer on: mechfix attribute REC, then mechfix steer.")
-    _require_behaviour(att, baseline)
+    _require_behaviour(att, baseline, min_effect)
     # A LoRA fix adapts the modules that hold the top heads.
     tgt_layers, tgt_heads, why = pick_targets(att, "heads" if kind == "lora" else kind, top, layers)
     conds = ["pressure", baseline] + (["helpful"] if "tokens/helpful" in rec.tensors and baseline != "helpful" else [])
@@ -430,22 +434,32 @@ def steer(
     return steering
 
 
-def _require_behaviour(att: Artifact, baseline: str) -> None:
-    """Refuse to fit a fix to a training split that shows no behaviour (its effect's interval does not lie above zero).
+def _require_behaviour(att: Artifact, baseline: str, min_effect: float = MIN_EFFECT) -> None:
+    """Refuse to fit a fix to a training split without a behaviour worth fixing: its effect's interval does not lie
+    above zero, or its mean is below ``min_effect`` nats.
 
     A "reduction" of an effect indistinguishable from zero is a ratio of noise
-    (a fix can remove 2,500% of +0.1 nats), so no search over it means anything.
+    (a fix can remove 2,500% of +0.1 nats), so no search over it means anything;
+    one of a few hundredths of a nat, however certain, is a ratio of nothing worth a fix.
     """
     total = (att.manifest.get("summary") or {}).get("total_effect") or {}
     ci = total.get("ci95")
-    if not ci or ci[0] is None or ci[0] > 0:
+    if not ci or ci[0] is None:
         return
-    raise GateError(
-        f"the training split shows no behaviour to fix: pressure − {baseline} is {total['mean']:+.2f} "
-        f"[{ci[0]:+.2f}, {ci[1]:+.2f}] nats over {total.get('n', '?')} decisions, and that 95% interval does not lie above zero. "
-        "A fix fitted to it would be fitted to noise, so steer does not search. Check the recipe with `mechfix record` "
-        "(does this model show the behaviour at all?), add items, or try a model that shows it."
-    )
+    measured = (f"the training split shows no behaviour to fix: pressure − {baseline} is {total['mean']:+.2f} "
+                f"[{ci[0]:+.2f}, {ci[1]:+.2f}] nats over {total.get('n', '?')} decisions")
+    if ci[0] <= 0:
+        raise GateError(
+            f"{measured}, and that 95% interval does not lie above zero. "
+            "A fix fitted to it would be fitted to noise, so steer does not search. Check the recipe with `mechfix record` "
+            "(does this model show the behaviour at all?), add items, or try a model that shows it."
+        )
+    if total["mean"] < min_effect:
+        raise GateError(
+            f"{measured}: above zero, but below the {min_effect:g} nats a fix is worth (the odds of the misaligned "
+            f"option move by less than {math.exp(min_effect):.2f}×), so steer does not search. Check the recipe with "
+            "`mechfix record`, or pass a smaller minimum (`mechfix.steer(..., min_effect=...)`) if so small a shift matters."
+        )
 
 
 def _budget_words(budget: Budget, capabilities: bool, helpful: bool) -> str:

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN, MIN_REDUCTION
+from mechfix.defaults import (
+    MAX_HELPFUL_LOSS,
+    MAX_KL,
+    MIN_CAPABILITY,
+    MIN_CLEAN_AGREEMENT,
+    MIN_CLEAN_MARGIN,
+    MIN_EFFECT,
+    MIN_REDUCTION,
+)
 from mechfix.measure import capabilities as caps
 from mechfix.scenario.chat import Style
 from mechfix.errors import BadInputError
@@ -311,6 +319,11 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rend
     if b_mean <= 0:
         warnings.append(
             f"the held-out behaviour effect without the fix is {b_mean:+.2f} (not positive): there is nothing to reduce."
+        )
+    elif b_mean < MIN_EFFECT:
+        warnings.append(
+            f"the held-out behaviour effect without the fix is {b_mean:+.2f} nats, below the {MIN_EFFECT:g} nats steer "
+            "needs to fit a fix: a reduction of it is a ratio of very little."
         )
     report: dict[str, Any] = {
         "heldout": n,
