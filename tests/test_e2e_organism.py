@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,6 +15,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_organisms  # noqa: E402
 import organisms  # noqa: E402
+
+pytestmark = pytest.mark.e2e
 
 ORGANISM = "collusion"
 
