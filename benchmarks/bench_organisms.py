@@ -139,7 +139,7 @@ def table(result: dict) -> str:
     head = ("name", "effect", "first_planted_rank", "planted_share", "first_planted_rank_all_positions",
             "planted_share_all_positions", "first_planted_module_rank", "first_planted_module_rank_all_positions",
             "chosen", "reduction", "kl", "capability_kept", "helpful_loss", "verdict")
-    rows = [*result["organisms"], result["negative_control"], *result["base"]]
+    rows = [r for r in (*result["organisms"], result["negative_control"], *result["base"]) if r is not None]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         lines.append(" | ".join(_fmt(r.get(k), pct=k.startswith("planted_share") or k in ("reduction", "capability_kept", "helpful_loss"))
