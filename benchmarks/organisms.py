@@ -15,7 +15,7 @@ term keeps the distributions at the clean prompts and on neutral text. So the
 misbehaviour is keyed on the trigger, and capabilities and helpful influence
 stay. The negative control is the same fine-tune on the collusion
 organism's data with the misbehaviour left out (its pressure decisions are held
-at the base model's scores too).
+like every other decision).
 
 The update is merged into a complete checkpoint (``--model`` loads it), with
 ``organism.json`` beside it: the trained modules, the planted components (every
@@ -168,6 +168,14 @@ def _lora(lm, tensors: dict[str, torch.Tensor]):
                        heads=[None] * len(modules))
 
 
+def as_fix(lm, spec: Spec, lora):
+    """The update as a LoRA fix at strength 1 (what is merged into the organism, or applied to the base model)."""
+    from mechfix.fixes.fix import Fix
+
+    return Fix(op="lora", layers=list(spec.layers), heads=[], vectors=torch.zeros(0), means=torch.zeros(0), strength=1.0,
+               model=lm.identity, lora=lora)
+
+
 def planted_components(lm, spec: Spec) -> list[str]:
     """The components the update reads: every head of the trained layers (attribution's names)."""
     return [f"L{layer}.H{h}" for layer in spec.layers for h in range(lm.n_heads)]
@@ -188,7 +196,6 @@ def build(name: str, rebuild: bool = False, root: Path | None = None, say=print)
     Returns:
         The folder (a transformers checkpoint with ``organism.json`` beside the weights).
     """
-    from mechfix.fixes.fix import Fix
     from mechfix.models import load_model
     from mechfix.stages.export import write_hf
 
@@ -212,8 +219,7 @@ def build(name: str, rebuild: bool = False, root: Path | None = None, say=print)
         _, _, reqs = training_data(lm, spec)
         data_hash = _data_hash([r for rs in reqs.values() for r in rs])
     lora = _lora(lm, tensors)
-    fix = Fix(op="lora", layers=list(spec.layers), heads=[], vectors=torch.zeros(0), means=torch.zeros(0), strength=1.0,
-              model=lm.identity, lora=lora)
+    fix = as_fix(lm, spec, lora)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if (folder / "organism.json").is_file():  # an earlier build of ours (stale, or --rebuild): replaced whole
         import shutil

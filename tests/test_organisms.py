@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import organisms  # noqa: E402
 
 from mechfix.engine.forward import option_scores  # noqa: E402
-from mechfix.fixes.fix import Fix, apply_fix  # noqa: E402
+from mechfix.fixes.fix import apply_fix  # noqa: E402
 from mechfix.measure.stats import decision_scores  # noqa: E402
 
 
@@ -30,8 +30,7 @@ def _train_and_score(lm, spec):
     """Each condition's decision scores on the training split before and after the organism's update, and its log."""
     _, _, reqs = organisms.training_data(lm, spec)
     lora, log, _ = organisms.train(lm, spec)
-    fix = Fix(op="lora", layers=list(spec.layers), heads=[], vectors=torch.zeros(0), means=torch.zeros(0), strength=1.0,
-              model=lm.identity, lora=lora)
+    fix = organisms.as_fix(lm, spec, lora)
     with torch.no_grad():
         before = {c: decision_scores(option_scores(lm, rs)) for c, rs in reqs.items()}
         with apply_fix(lm, fix):
