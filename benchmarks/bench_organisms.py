@@ -1,6 +1,6 @@
 """Does mechfix find and remove a misbehaviour whose cause is known? `mechfix run` on the model organisms.
 
-    python benchmarks/bench_organisms.py [--json] [--out DIR] [--only NAME ...] [--no-base] [--save FILE]
+    python benchmarks/bench_organisms.py [--json] [--out DIR] [--only NAME ...] [--no-base] [--no-lora] [--save FILE]
 
 Builds what is not cached (``benchmarks/organisms.py``), then runs
 ``mechfix run RECIPE --model ORGANISM --json`` with every option at its
@@ -13,6 +13,10 @@ the positive effect, at the decision position and summed over every position);
 the fix steer chose; the
 held-out reduction, KL, capability kept and helpful loss verify measured; the
 verdict (``PASS``, ``FAIL`` or ``no fix``) with every gate at its default.
+
+With ``--kind lora`` too (unless ``--no-lora``): the same run with a lora fix,
+whose modules steer picks by restoring each layer's attention output at every
+position (exact; ``*_restored``: the rank of the first planted layer there).
 
 Prints a table, or with ``--json`` one object: ``organisms`` (one entry per
 organism), ``negative_control`` and ``base`` (the base model on each recipe).
@@ -43,9 +47,11 @@ def _value(x):
     return x.get("value") if isinstance(x, dict) else x
 
 
-def mechfix_run(recipe: Path, out: Path, model: Path | None) -> tuple[dict, float]:
-    """``mechfix run`` with its defaults: its --json summary and the seconds it took."""
+def mechfix_run(recipe: Path, out: Path, model: Path | None, kind: str = "heads") -> tuple[dict, float]:
+    """``mechfix run`` with its defaults (and ``--kind``): its --json summary and the seconds it took."""
     cmd = [sys.executable, "-m", "mechfix.cli", "run", str(recipe), "--out", str(out), "--json"]
+    if kind != "heads":
+        cmd += ["--kind", kind]
     if model is not None:
         cmd += ["--model", str(model)]
     t = time.perf_counter()
@@ -98,24 +104,20 @@ def where_attribution_puts_it(attribution: Path, layers: list[int]) -> dict:
     out = {"planted": planted, **both(art.tensors["heads"].float())}
     if "positions/heads" in art.tensors:  # [N, T, L, H], zero past each prompt's end
         out.update({f"{k}_all_positions": v for k, v in both(art.tensors["positions/heads"].float().sum(1).mean(0)).items()})
+    if "everywhere/attn" in art.tensors:  # [N, L]: exact, each layer's attention output restored at every position
+        up = _ranking(art.tensors["everywhere/attn"].float().mean(0), modules, planted_modules)
+        out.update({"first_planted_module_rank_restored": up["first_planted_rank"],
+                    "planted_module_share_restored": up["planted_share"], "top_modules_restored": up["top"]})
     return out
 
 
-def row(name: str, recipe: Path, model: Path | None, out: Path, layers: list[int]) -> dict:
-    """One benchmark entry: ``mechfix run`` and what its artifacts say."""
-    summary, seconds = mechfix_run(recipe, out, model)
-    art = summary["artifacts"]
+def outcome(summary: dict, seconds: float) -> dict:
+    """What a run's fix did: the fix chosen and verify's numbers and verdict."""
     verify = summary.get("verify") or {}
     helpful = verify.get("helpful") or {}
     fix = summary.get("fix")
     return {
-        "name": name,
-        "model": str(model) if model else "embedded base model",
-        "recipe": str(recipe.relative_to(ROOT)),
-        "fix": art.get("fix") if fix else None,
-        **where_attribution_puts_it(Path(art["attribution"]), layers),
-        "effect": summary["behaviour"]["effect"]["mean"] if isinstance(summary["behaviour"]["effect"], dict)
-        else summary["behaviour"]["effect"],
+        "fix": summary["artifacts"].get("fix") if fix else None,
         "chosen": f"{fix['op']} on {', '.join(fix['targets'])} at {fix['strength']:g}" if fix else None,
         "verdict": "no fix" if fix is None else ("PASS" if summary["passed"] else "FAIL"),
         "reduction": _value(verify.get("reduction")),
@@ -125,6 +127,24 @@ def row(name: str, recipe: Path, model: Path | None, out: Path, layers: list[int
         "why": summary.get("why"),
         "seconds": round(seconds, 1),
     }
+
+
+def row(name: str, recipe: Path, model: Path | None, out: Path, layers: list[int], lora: bool = False) -> dict:
+    """One benchmark entry: ``mechfix run`` with its defaults and what its artifacts say; with ``lora``, also
+    ``mechfix run --kind lora`` (its outcome under ``lora``)."""
+    summary, seconds = mechfix_run(recipe, out, model)
+    entry = {
+        "name": name,
+        "model": str(model) if model else "embedded base model",
+        "recipe": str(recipe.relative_to(ROOT)),
+        **where_attribution_puts_it(Path(summary["artifacts"]["attribution"]), layers),
+        "effect": summary["behaviour"]["effect"]["mean"] if isinstance(summary["behaviour"]["effect"], dict)
+        else summary["behaviour"]["effect"],
+        **outcome(summary, seconds),
+    }
+    if lora:
+        entry["lora"] = outcome(*mechfix_run(recipe, out.with_name(out.name + "-lora"), model, "lora"))
+    return entry
 
 
 def _fmt(x, pct: bool = False) -> str:
@@ -138,12 +158,16 @@ def _fmt(x, pct: bool = False) -> str:
 def table(result: dict) -> str:
     head = ("name", "effect", "first_planted_rank", "planted_share", "first_planted_rank_all_positions",
             "planted_share_all_positions", "first_planted_module_rank", "first_planted_module_rank_all_positions",
-            "chosen", "reduction", "kl", "capability_kept", "helpful_loss", "verdict")
+            "first_planted_module_rank_restored", "kind", "chosen", "reduction", "kl", "capability_kept", "helpful_loss",
+            "verdict")
     rows = [r for r in (*result["organisms"], result["negative_control"], *result["base"]) if r is not None]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        lines.append(" | ".join(_fmt(r.get(k), pct=k.startswith("planted_share") or k in ("reduction", "capability_kept", "helpful_loss"))
-                                for k in head))
+        # One line per fix kind run: the defaults' (heads), then the lora run's beside the same attribution.
+        for kind, fix in (("heads", r), *((("lora", r["lora"]),) if r.get("lora") else ())):
+            cells = {**r, **fix, "kind": kind}
+            lines.append(" | ".join(_fmt(cells.get(k), pct=k.startswith("planted_share") or k in ("reduction", "capability_kept", "helpful_loss"))
+                                    for k in head))
     return "\n".join(lines)
 
 
@@ -153,6 +177,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep every run's folder here (default: a temporary folder)")
     ap.add_argument("--only", nargs="*", default=None, help="organisms to run (default: all, and the negative control)")
     ap.add_argument("--no-base", action="store_true", help="skip the base model's runs")
+    ap.add_argument("--no-lora", action="store_true", help="skip the `mechfix run --kind lora` runs (minutes of training each)")
     ap.add_argument("--save", type=Path, default=None,
                     help="also write the JSON object to this file (the recorded results: benchmarks/organisms/results.json)")
     args = ap.parse_args()
@@ -169,7 +194,7 @@ def main() -> None:
             truth = json.loads((folder / "organism.json").read_text())
             recipe = ROOT / truth["recipe"]
             print(f"{name}: mechfix run", file=sys.stderr)
-            entry = row(name, recipe, folder, out / name, truth["spec"]["layers"])
+            entry = row(name, recipe, folder, out / name, truth["spec"]["layers"], lora=not args.no_lora)
             if not truth["planted"]:  # the negative control: the same heads trained, nothing planted in them
                 entry["planted"] = []
             entry["trigger"] = truth["trigger"]
@@ -182,11 +207,14 @@ def main() -> None:
                 print(f"base model on {recipe}: mechfix run", file=sys.stderr)
                 layers = next(list(s.layers) for s in organisms.SPECS.values() if s.recipe == recipe)
                 # The same heads as the organism's, read in the base model: where they stand without the fine-tune.
-                entry = row(f"base:{Path(recipe).stem}", organisms.FOLDER / recipe, None, out / f"base-{Path(recipe).stem}", layers)
+                entry = row(f"base:{Path(recipe).stem}", organisms.FOLDER / recipe, None, out / f"base-{Path(recipe).stem}", layers,
+                            lora=not args.no_lora)
                 entry["planted"] = []  # nothing planted: the ranks are those of the organisms' heads in the base model
                 result["base"].append(entry)
-    if args.save:
-        args.save.write_text(json.dumps(result, indent=2) + "\n")
+        if args.save:
+            # Paths a reader can follow on their own machine: the cache and the run folder by name.
+            text = json.dumps(result, indent=2).replace(str(organisms.cache_root().parent), "$MECHFIX_CACHE")
+            args.save.write_text(text.replace(str(out), "OUT") + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -95,6 +95,7 @@ def test_attribution_gives_the_hooks_effects_both_ways(setup, reference):
     rec, att, _, _ = reference
     lm = SETUPS[setup](_planted_model())
     got = attribution_artifact(attribute(lm, rec, method="both", top=5), lm, rec, {"baseline": "clean"}, top=5)
+    assert "everywhere/attn" in att.tensors  # restoring at every position runs as edits: compared here too
     missing = set(att.tensors) - set(got.tensors)
     assert all(k.startswith(("speakers", "examples")) for k in missing) and bool(missing) == (setup in NO_ATTENTION)
     for key in set(att.tensors) - missing:

@@ -294,7 +294,10 @@ def test_run_with_a_lora_fix_writes_the_adapter_folder(monkeypatch, capsys, tmp_
     summary = json.loads(stdout)
     assert code == (0 if summary["passed"] else 1), stderr
     assert (out / "plant.lora" / "adapter_config.json").is_file() and not (out / "plant.fix.safetensors").exists()
-    assert summary["fix"]["kind"] == "lora" and summary["fix"]["parameters"] == 2 * 16 + 64 * 2
+    # run attributes with exact patching, and the recipe is token-aligned: the module that carries the behaviour
+    # when restored at every position, adapted whole (rank 2, 64 wide: 2*64 + 64*2 numbers).
+    assert summary["fix"]["kind"] == "lora" and summary["fix"]["targets"] == ["L1.o_proj"]
+    assert summary["fix"]["parameters"] == 2 * 64 + 64 * 2
 
 
 def test_a_bad_capability_task_is_refused_before_any_work_and_nothing_is_written(monkeypatch, capsys, tmp_path, pipeline):

@@ -1,4 +1,4 @@
-"""End to end on a model organism: `mechfix run` ranks the layers the fine-tune changed high, and verify's verdict is the
+"""End to end on a model organism: `mechfix run` finds the layers the fine-tune changed, and verify's verdict is the
 one the benchmark recorded (benchmarks/organisms/results.json)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 ORGANISM = "collusion"
 
 
-def test_mechfix_run_on_the_collusion_organism_ranks_the_planted_layers_high_and_gives_the_benchmarks_verdict(tmp_path):
+def test_mechfix_run_on_the_collusion_organism_finds_the_planted_layers_and_gives_the_benchmarks_verdict(tmp_path):
     recorded = json.loads((organisms.FOLDER / "results.json").read_text())
     expected = next(o for o in recorded["organisms"] if o["name"] == ORGANISM)
 
@@ -35,6 +35,10 @@ def test_mechfix_run_on_the_collusion_organism_ranks_the_planted_layers_high_and
     got = bench_organisms.row(ORGANISM, ROOT / truth["recipe"], folder, tmp_path / "run", truth["spec"]["layers"])
 
     assert got["effect"] > 3.0  # the planted behaviour is there, in nats
+    # Restored exactly at every position, the two planted layers' attention outputs come first and second of the
+    # 18: where a lora fix goes (the benchmark's --kind lora run, too slow for the suite, passes verify there).
+    assert sorted(got["top_modules_restored"][:2]) == ["L6.attn", "L7.attn"]
+    assert got["first_planted_module_rank_restored"] == expected["first_planted_module_rank_restored"] == 1
     # Summed over every position (where the update acts), the planted layers' attention outputs rank among the
     # top three of the 18, and hold more of the effect than at the decision position, where later heads carry the
     # trigger on (their heads rank lower: benchmarks/README.md).

@@ -125,7 +125,7 @@ def test_report_of_a_lora_fix_compared_with_a_heads_fix(full_run, tmp_path):
     _clean(page)
     assert page["comparison"] == ["plant.lora", "h.fix.safetensors"]
     html = out.read_text()
-    assert "lora / lora on L1.o_proj[H2]" in html  # the verdict is about the LoRA fix
+    assert "lora / lora on L1.o_proj, strength" in html  # the verdict is about the LoRA fix (the whole module)
     assert not_blank(page["screenshot"])
 
 

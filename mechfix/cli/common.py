@@ -153,7 +153,8 @@ KindOpt = Annotated[
     str,
     typer.Option(
         help="heads: edit the top attention heads only; vector: subtract a direction from a layer's output "
-        "(exportable to llama.cpp); lora: train a small adapter on the top heads' output projections "
+        "(exportable to llama.cpp); lora: train a small adapter on attention output projections: those that "
+        "carry the behaviour at every position when the recipe is token-aligned, else the top heads' "
         "(a PEFT adapter folder)."
     ),
 ]

@@ -138,6 +138,10 @@ def print_attribution(summary: dict[str, Any], model: str, recipe: str, wrote: s
     if resid and all(v is not None for _, v in resid):
         kind = "exact" if summary["layers"][0]["resid_exact"] is not None else "estimate"
         err.print(f"residual stream by layer ({kind}): " + " ".join(f"L{layer} {v:+.1f}" for layer, v in resid))
+    everywhere = summary.get("everywhere")
+    if everywhere:
+        err.print("restored at every position (exact; what a change of the module's weights can reach): "
+                  + ", ".join(f"{e['module']} {e['effect']:+.2f}" for e in everywhere["top"]), soft_wrap=True)
     for w in summary.get("warnings", []):
         err.print(f"[yellow]![/yellow] {shown(w)}", soft_wrap=True, markup=True)
     for note in (summary.get("speakers_note"), summary["positions"]["note"]):

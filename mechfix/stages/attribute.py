@@ -15,6 +15,10 @@ Positive means the component carries the behaviour.
   position is a sum over the tokens it attends to, ``Σ_j a_j v_j``; projected
   on the gradient and grouped by who spoke token j, the pressure run's terms
   minus the baseline run's terms add up to the head's estimated effect.
+- When pressure and baseline prompts are token-aligned: attribution patching
+  at every position, and each layer's attention output and MLP output restored
+  exactly at every position (:mod:`mechfix.engine.restore`), the reach of a fix
+  that changes a module's weights; steer places a lora fix by it.
 
 Only the training split is used (the held-out split belongs to verify).
 """
@@ -33,6 +37,8 @@ from mechfix.engine.batches import Request
 from mechfix.engine.forward import run_requests, with_backoff
 from mechfix.models import LoadedModel
 from mechfix.engine.patching import encode_prefixes, full_pass, run_tails
+from mechfix.engine.restore import UNIT_SITES, all_units, restored_scores
+from mechfix.measure.stats import decision_scores
 from mechfix.engine.tails import Patch, Prefixes, Tail, decision_grads, tails_for
 
 METHODS = ("atp", "exact", "both")
@@ -119,6 +125,10 @@ class Attribution:
         speaker_note: Why ``speakers`` is None.
         positions: Per-position estimates when the conditions are token-aligned, else None.
         position_note: Whether per-position attribution ran, and why not.
+        everywhere: When the conditions are token-aligned and patching is exact:
+            ``attn``/``mlp`` ``[N, L]``, the exact effect of restoring a layer's
+            attention output or MLP output at every prompt position (what a change
+            of that module's weights can reach), else None.
     """
 
     method: str
@@ -133,6 +143,7 @@ class Attribution:
     speaker_note: str | None = None
     positions: dict[str, torch.Tensor] | None = None
     position_note: str = ""
+    everywhere: dict[str, torch.Tensor] | None = None
     example: Example | None = None
 
     @property
@@ -401,7 +412,35 @@ def attribute(
             units = top_units + [c for c in all_components(n_layers, n_heads, ("resid",)) if c not in top_units]
         att.exact = exact_effects(lm, batches, units, pressure, progress("exact patching", n))
     att.positions, att.position_note = per_position(lm, dec, baseline, batch_size=max(1, batch_size // 4))
+    if att.positions is not None and method != "atp":
+        att.everywhere = restored_everywhere(lm, dec, baseline, batch_size, progress("restoring modules at every position", n))
     return att
+
+
+def restored_everywhere(lm: LoadedModel, dec: Decisions, baseline: str, batch_size: int = 16,
+                        step: Callable[[int], None] = lambda k: None) -> dict[str, torch.Tensor]:
+    """Exact effect of restoring each layer's attention output and MLP output at every prompt position.
+
+    Needs token-aligned prompts (:mod:`mechfix.engine.restore`).
+
+    Returns:
+        ``attn`` and ``mlp``, each ``[N, L]``: pressure score minus the score with the module restored.
+    """
+    n = len(dec.items)
+    units = all_units(lm.n_layers)
+    pressure = [Request(dec.prompts["pressure"][j], dec.options["pressure"][j]) for j in range(n)]
+    base = [Request(dec.prompts[baseline][j], dec.options[baseline][j]) for j in range(n)]
+    done = 0
+
+    def advance(k: int) -> None:
+        # Progress in decisions: a decision is done when all its units are.
+        nonlocal done
+        before, done = done // len(units), done + k
+        step(done // len(units) - before)
+
+    plain, restored = restored_scores(lm, pressure, base, units, batch_size=batch_size, on_batch=advance)
+    effect = decision_scores(plain)[:, None] - decision_scores(restored.flatten(0, 1)).view(n, len(units))
+    return {kind: effect[:, [i for i, u in enumerate(units) if u.kind == kind]] for kind in UNIT_SITES}
 
 
 def _example(lm: LoadedModel, rec: Artifact, dec: Decisions, ex: int, grad: torch.Tensor,

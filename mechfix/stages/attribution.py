@@ -22,6 +22,8 @@ from mechfix.stages.attribute import EXAMPLE_HEADS, KINDS, Attribution, Componen
 
 # Estimate and exact value disagree "by a large factor" beyond this ratio.
 DISAGREE_FACTOR = 3.0
+# Modules listed in the summary by their effect when restored at every position.
+EVERYWHERE_TOP = 6
 
 def _stat(x: torch.Tensor, lo: float, hi: float) -> dict[str, Any]:
     return {"mean": float(x.mean()), "ci95": [float(lo), float(hi)]}
@@ -116,6 +118,7 @@ def summarize(att: Attribution, shape: tuple[int, int], top: int = 10, seed: int
         "layers": layers,
         "speakers_note": att.speaker_note,
         "positions": {"aligned": att.positions is not None, "note": att.position_note},
+        "everywhere": _everywhere(att),
         "warnings": [f"{t['component']}: {t['flag']}" for t in top_list if t["flag"]]
         + (
             []
@@ -126,6 +129,19 @@ def summarize(att: Attribution, shape: tuple[int, int], top: int = 10, seed: int
             ]
         ),
     }
+
+def _everywhere(att: Attribution) -> dict[str, Any] | None:
+    """The modules whose restoring at every position removes the most, best first (None when not measured)."""
+    if att.everywhere is None:
+        return None
+    total = float(att.total.mean())
+    rows = [(f"L{layer}.{kind}", float(v)) for kind, per in att.everywhere.items() for layer, v in enumerate(per.mean(0))]
+    rows.sort(key=lambda r: -r[1])
+    return {
+        "metric": f"score drop when the module's output is restored from {att.baseline} at every prompt position",
+        "top": [{"module": name, "effect": v, "share": v / total if total else None} for name, v in rows[:EVERYWHERE_TOP]],
+    }
+
 
 def _flag(atp: float | None, exact: float | None, total: float) -> str | None:
     """Say when the estimate and the exact value disagree in sign or by a large factor."""
@@ -150,7 +166,8 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
     ranking method), their ``*_ci95`` (``[..., 2]``), ``speakers [L, H, S]`` (mean
     per-speaker split), ``per_decision/atp/KIND``, ``exact/values [U, N]`` for the
     components listed in the manifest's ``exact_components``, ``scores/pressure``,
-    ``scores/baseline``, ``items``, and ``positions/*`` when the conditions are token-aligned.
+    ``scores/baseline``, ``items``, and ``positions/*`` when the conditions are token-aligned
+    (and ``everywhere/attn``, ``everywhere/mlp`` ``[N, L]`` when restoring at every position ran).
     """
     shape = (lm.n_layers, lm.n_heads)
     seed = int(rec.manifest.get("seed", 0) or 0)
@@ -178,6 +195,9 @@ def to_artifact(att: Attribution, lm: LoadedModel, rec: Artifact, params: dict[s
     if att.positions is not None:
         for k, v in att.positions.items():
             tensors[f"positions/{k}"] = v
+    if att.everywhere is not None:
+        for k, v in att.everywhere.items():
+            tensors[f"everywhere/{k}"] = v.float()
     examples = None
     if att.example is not None:
         # The ranking's top heads only: every head at every token would be large on a big model with long prompts.

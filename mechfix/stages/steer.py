@@ -3,7 +3,9 @@
 1. Targets come from the attribution: for a ``vector`` fix, the first layer
    whose residual stream carries most of the behaviour; for a ``heads`` fix,
    the top heads by effect; for a ``lora`` fix, the attention output
-   projections of the layers holding the top heads.
+   projections of the layers whose attention output, restored at every
+   position, removes the most (when the conditions are token-aligned), else of
+   the layers holding the top heads.
 2. Directions come from the recording's activations at the decision position:
    mean(pressure) − mean(baseline condition). A ``lora`` fix is trained
    instead (:mod:`mechfix.stages.lora`), on the training split.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,6 +67,10 @@ DEFAULT_TOP_HEADS = 5
 SEARCH_KL_STRIDE = 4
 # Numbers of top heads a heads fix is tried on (capped by ``top``, which is always tried).
 HEAD_COUNTS = (1, 3)
+# A lora fix adapts the attention outputs whose restoring at every position removes at least this share of the
+# largest such effect, at most LORA_MAX_LAYERS of them (see pick_lora_targets).
+LORA_SHARE = 0.5
+LORA_MAX_LAYERS = 4
 
 
 @dataclass
@@ -142,6 +148,37 @@ def pick_targets(att: Artifact, kind: str, top: int = DEFAULT_TOP_HEADS, layers:
         )
     names = ", ".join(f"L{a}.H{b} {float(heads[a, b]):+.2f}" for a, b in chosen)
     return [a for a, _ in chosen], [b for _, b in chosen], f"the top {len(chosen)} heads by effect: {names}"
+
+
+def pick_lora_targets(att: Artifact, top: int = DEFAULT_TOP_HEADS, layers: Sequence[int] | None = None):
+    """The attention output projections a lora fix adapts.
+
+    A weight update acts at every position. When the attribution restored each
+    layer's attention output at every position (token-aligned conditions), the
+    modules are the layers whose restoring removes at least ``LORA_SHARE`` of the
+    largest such effect (at most ``LORA_MAX_LAYERS``), adapted whole. Otherwise
+    (or with ``layers``) they are the layers holding the top heads at the
+    decision position (:func:`pick_targets`).
+
+    Returns:
+        (layers, heads, why, whole): one entry per head, as :func:`pick_targets`;
+        ``whole`` when the modules were found as wholes.
+    """
+    per = att.tensors.get("everywhere/attn")
+    if per is None or layers:
+        return (*pick_targets(att, "heads", top, layers), False)
+    effect = per.float().mean(0)
+    peak = float(effect.max())
+    if peak <= 0:
+        at, heads, why = pick_targets(att, "heads", top, layers)
+        return at, heads, f"{why} (no attention output carries the behaviour when restored at every position)", False
+    order = [i for i in torch.argsort(effect, descending=True).tolist() if float(effect[i]) >= LORA_SHARE * peak]
+    picked = sorted(order[:LORA_MAX_LAYERS])
+    n_heads = int(att.tensors["heads"].shape[1])
+    names = ", ".join(f"L{i} {float(effect[i]):+.2f}" for i in order[:LORA_MAX_LAYERS])
+    why = (f"the attention outputs that remove the most when restored at every position: {names} "
+           f"(at least {LORA_SHARE:.0%} of the largest)")
+    return [i for i in picked for _ in range(n_heads)], [h for _ in picked for h in range(n_heads)], why, True
 
 
 def directions(
@@ -361,8 +398,11 @@ def steer(
             f"recording '{rec.path}' holds {recorded['name']}-style ones (or another template). "
             "Attribute the recording you steer on: mechfix attribute REC, then mechfix steer.")
     _require_behaviour(att, baseline, min_effect)
-    # A LoRA fix adapts the modules that hold the top heads.
-    tgt_layers, tgt_heads, why = pick_targets(att, "heads" if kind == "lora" else kind, top, layers)
+    whole = False
+    if kind == "lora":
+        tgt_layers, tgt_heads, why, whole = pick_lora_targets(att, top, layers)
+    else:
+        tgt_layers, tgt_heads, why = pick_targets(att, kind, top, layers)
     conds = ["pressure", baseline] + (["helpful"] if "tokens/helpful" in rec.tensors and baseline != "helpful" else [])
     dec = decisions_from_record(rec, lm.tokenizer, conds, split=0)
     requests = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in conds}
@@ -383,6 +423,8 @@ def steer(
     training, modules = None, []
     if kind == "lora":
         settings = lora or LoraSettings()
+        if whole:  # modules found as wholes are adapted whole
+            settings = replace(settings, scope="modules")
         modules = lora_targets(lm, tgt_layers, tgt_heads, settings.scope)
         weights, training = train_lora(lm, modules, requests["pressure"], requests[baseline], neutral, settings, on_train)
         fix = Fix(op=op, layers=[m.layer for m in modules], heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
