@@ -10,6 +10,7 @@ from test_steer import PLANT_MORE, planted_setup
 from tiny import tiny_model
 
 from mechfix.artifacts import Artifact
+from mechfix.errors import BadInputError
 from mechfix.stages.attribute import attribute, decisions_from_record
 from mechfix.stages.attribution import summarize, to_artifact
 from mechfix.stages.lora import LoraSettings
@@ -123,3 +124,12 @@ def test_steer_trains_a_lora_fix_on_the_whole_module_it_found(planted):
                lora=LoraSettings(rank=2, steps=3, batch=4, kl_positions=4, neutral_per_step=1))
     assert [m.layer for m in st.modules] == [PLANTED[0]] and st.modules[0].heads is None
     assert st.training.settings.scope == "modules" and "every position" in st.why
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 7), torch.full((2, 3), float("nan")), torch.zeros(3)])
+def test_a_malformed_every_position_tensor_is_refused_with_a_clear_error(planted, bad):
+    _, _, att, _ = planted
+    tensors = {**att.tensors, "everywhere/attn": bad}
+    forged = Artifact(kind=att.kind, manifest=att.manifest, tensors=tensors, path=att.path, sha256=att.sha256)
+    with pytest.raises(BadInputError, match="everywhere/attn"):
+        pick_lora_targets(forged)

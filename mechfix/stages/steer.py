@@ -167,6 +167,13 @@ def pick_lora_targets(att: Artifact, top: int = DEFAULT_TOP_HEADS, layers: Seque
     per = att.tensors.get("everywhere/attn")
     if per is None or layers:
         return (*pick_targets(att, "heads", top, layers), False)
+    n_layers = int(att.tensors["heads"].shape[0])
+    if per.dim() != 2 or per.shape[1] != n_layers or not len(per) or not bool(torch.isfinite(per.float()).all()):
+        raise BadInputError(
+            f"attribution '{att.path}' has an everywhere/attn tensor of shape {list(per.shape)} (or with non-finite "
+            f"values), not [decisions, {n_layers}] finite numbers: it was not written by mechfix attribute, or was "
+            "changed since. Attribute the recording again, or pass --layers to choose the modules yourself."
+        )
     effect = per.float().mean(0)
     peak = float(effect.max())
     if peak <= 0:
