@@ -138,6 +138,7 @@ def restored_scores(
         raise ValueError("restoring at every position needs token-aligned pressure and baseline prompts")
     sites = sorted({UNIT_SITES[u.kind] for u in units})
     values = [r.acts for r in run_requests(lm, baseline, batch_size=batch_size, sites=sites, all_positions=True)]
+    # Unpatched scores from the same kind of pass as the patched ones, so that a difference is the patch alone.
     plain = torch.stack([r.scores for r in run_requests(lm, pressure, batch_size=batch_size, sites=())])
     jobs = [(j, u) for j in range(len(pressure)) for u in units]
     restorer = _Restorer(lm, jobs, values)
