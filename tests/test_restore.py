@@ -87,10 +87,16 @@ def test_restoring_at_every_position_runs_only_on_token_aligned_conditions_with_
     assert art.tensors["everywhere/attn"].shape[1] == lm.n_layers and "everywhere/mlp" in art.tensors
 
 
-def _with_effects(att: Artifact, attn: list[float]) -> Artifact:
-    tensors = dict(att.tensors)
-    tensors["everywhere/attn"] = torch.tensor([attn, attn])
+def _with_map(att: Artifact, attn: torch.Tensor | None) -> Artifact:
+    """The attribution with its every-position attention effects replaced (None: without them)."""
+    tensors = {k: v for k, v in att.tensors.items() if k != "everywhere/attn"}
+    if attn is not None:
+        tensors["everywhere/attn"] = attn
     return Artifact(kind=att.kind, manifest=att.manifest, tensors=tensors, path=att.path, sha256=att.sha256)
+
+
+def _with_effects(att: Artifact, attn: list[float]) -> Artifact:
+    return _with_map(att, torch.tensor([attn, attn]))
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +115,7 @@ def test_a_lora_fix_goes_on_the_layers_whose_whole_attention_output_carries_the_
 
 def test_a_lora_fix_falls_back_to_the_top_heads_layers_without_every_position_effects_or_with_layers_given(planted):
     _, _, att, _ = planted
-    no_map = Artifact(kind=att.kind, manifest=att.manifest, path=att.path, sha256=att.sha256,
-                      tensors={k: v for k, v in att.tensors.items() if not k.startswith("everywhere/")})
-    layers, heads, why, whole = pick_lora_targets(no_map, top=1)
+    layers, heads, why, whole = pick_lora_targets(_with_map(att, None), top=1)
     assert not whole and (layers, heads) == ([PLANTED[0]], [PLANTED[1]]) and "top 1 heads" in why
     assert not pick_lora_targets(att, top=1, layers=[0])[3]
     layers, _, why, whole = pick_lora_targets(_with_effects(att, [-1.0, -2.0, -0.5]), top=1)
@@ -129,7 +133,5 @@ def test_steer_trains_a_lora_fix_on_the_whole_module_it_found(planted):
 @pytest.mark.parametrize("bad", [torch.zeros(2, 7), torch.full((2, 3), float("nan")), torch.zeros(3)])
 def test_a_malformed_every_position_tensor_is_refused_with_a_clear_error(planted, bad):
     _, _, att, _ = planted
-    tensors = {**att.tensors, "everywhere/attn": bad}
-    forged = Artifact(kind=att.kind, manifest=att.manifest, tensors=tensors, path=att.path, sha256=att.sha256)
     with pytest.raises(BadInputError, match="everywhere/attn"):
-        pick_lora_targets(forged)
+        pick_lora_targets(_with_map(att, bad))

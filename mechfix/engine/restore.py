@@ -44,9 +44,6 @@ class Unit:
     kind: str
     layer: int
 
-    def __str__(self) -> str:
-        return f"L{self.layer}.{self.kind}"
-
 
 class _Restorer:
     """The edits: each row of a batch takes one job's unit and one decision's baseline activations."""
