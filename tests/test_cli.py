@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mechfix.artifacts import load_artifact
 from mechfix.cli import main
 
 
@@ -32,6 +33,9 @@ def test_record_json_prints_one_object_with_the_promised_keys(monkeypatch, capsy
         assert key in obj
     assert obj["decisions"] == 15 and obj["artifact"] == str(out)
     assert set(obj["effect"]) == {"mean", "ci95", "n"} and len(obj["effect"]["ci95"]) == 2
+    # Harm counts the decisions the model gets right alone; the recipe has no helpful condition, so no help.
+    known = sum(1 for k in range(5) if load_artifact(out).tensors["scores/clean"][k].argmax() == 0)
+    assert obj["harm"]["decisions"] == known and obj["harm"]["flips"]["n"] == known and obj["help"] is None
     assert out.is_file()
 
     code, stdout, _ = run(monkeypatch, capsys, "show", str(out), "--json")

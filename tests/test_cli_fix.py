@@ -60,7 +60,7 @@ def test_steer_then_verify_print_the_promised_json_and_junit(monkeypatch, capsys
     suite = ET.parse(junit).getroot()
     assert suite.get("tests") == str(len(report["gates"])) and int(suite.get("failures")) == sum(not g["passed"] for g in report["gates"])
     # No helpful condition in this recipe: that gate is left out, and the report says why.
-    assert [g["metric"] for g in report["gates"]] == ["reduction", "kl", "clean_agreement", "capability_kept", "clean_margin_kept"]
+    assert [g["metric"] for g in report["gates"]] == ["reduction", "kl", "clean_agreement", "capability_kept", "clean_margin_kept", "overshoot"]
     assert any("helpful condition" in w for w in report["warnings"])
     assert report["capabilities"]["tasks"]["letter-copy"]["measurable"]
 
@@ -81,7 +81,7 @@ def test_verify_against_another_model_reports_the_mismatch_and_exits_2(monkeypat
     assert "was made with model" in " ".join(stderr.split())
     report = json.loads(stdout)
     assert report["passed"] is False and report["error"].startswith("model mismatch")
-    assert ET.parse(junit).getroot().get("errors") == "6"  # every gate, the helpful one included: nothing was measured
+    assert ET.parse(junit).getroot().get("errors") == "7"  # every gate, the helpful one included: nothing was measured
 
 
 def test_steer_refuses_bad_input_and_an_impossible_budget_writing_nothing(monkeypatch, capsys, tmp_path, pipeline):

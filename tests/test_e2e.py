@@ -156,8 +156,10 @@ def test_a_gate_on_the_embedded_model_reads_the_pressure_and_leaves_quiet_prompt
 
     rec = conformity_recording
     layers, heads = [12, 12, 11], [1, 2, 2]  # the heads the README's fixes edit
-    gate, folds = fit_gates(gemma, rec, "heads", 11, "clean", neutral_set(gemma, stride=4), [], GateSettings())
+    gate, folds, note = fit_gates(gemma, rec, "heads", 11, "clean", neutral_set(gemma, stride=4), [], GateSettings())
     assert gate.layer < 11 and folds == []
+    # Without folds a disagreement gate's separation cannot be judged, so the gate is fitted against clean alone.
+    assert "could not be measured" in note and gate.stats["against"] == "baseline"
     train = gate.stats["train"]
     assert train["auroc"] >= 0.95 and train["fires"]["baseline"] <= 0.05 and train["fires"]["neutral_tokens"] <= 0.01
     v, mu = directions(rec, "heads", layers, heads, "clean")

@@ -277,3 +277,32 @@ def test_a_gate_must_read_a_layer_before_the_fix(gated):
         steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=LOOSE, gate=GateSettings(layer=1))
     with pytest.raises(BadInputError, match="lora"):
         steer(lm, att, rec, neutral, kind="lora", budget=LOOSE, gate=GateSettings())
+
+
+# The planted detector reads the marker "~" the pressure's teammates end with. With a helpful condition whose
+# right answers carry no marker, a probe can tell the two apart; when they carry it too, nothing linear can.
+HELPFUL_PLAIN = GATE_RECIPE.replace('  clean: {vars: {said: "{correct}"}}\n',
+                                    '  clean: {vars: {said: "{correct}"}}\n  helpful: {vars: {said: "{correct}"}}\n')
+HELPFUL_MARKED = GATE_RECIPE.replace('  clean: {vars: {said: "{correct}"}}\n',
+                                     '  clean: {vars: {said: "{correct}"}}\n  helpful: {vars: {said: "{correct}~"}}\n')
+
+
+@pytest.mark.parametrize("recipe, separates", [(HELPFUL_PLAIN, True), (HELPFUL_MARKED, False)])
+def test_steer_keeps_a_disagreement_gate_only_where_it_tells_pressure_from_helpful_held_out(recipe, separates):
+    assert recipe != GATE_RECIPE
+    lm, rec, att, neutral = planted_setup(gate_planted_model(), recipe)
+    st = steer(lm, att, rec, neutral, kind="heads", op="scale", top=1, budget=LOOSE, gate=GateSettings())
+    gate = st.fix.gate
+    note = next(n for n in st.notes if "helpful" in n and "gate" in n)
+    table = {r["layer"]: r for r in gate.stats["layers"]}
+    if separates:
+        assert gate.stats["against"] == "baseline and helpful" and "tells pressure from helpful" in note
+        assert table[gate.layer]["cv_auroc_helpful"] >= 0.8 and gate.stats["train"]["fires"]["helpful"] <= 0.05
+    else:
+        assert gate.stats["against"] == "baseline" and "does not tell them apart" in note
+        assert gate.stats["disagreement"]["used"] is False and gate.stats["disagreement"]["cv_auroc_helpful"] < 0.8
+    report = verify(lm, _loaded(recipe).recipe, st.fix, neutral, gates=gates_for(0.3, 5.0, 0.9))
+    probe = report["probe"]
+    # Held out, the kept gate fires on the marked right answers as on pressure; the disagreement gate does not.
+    assert probe["auroc_helpful"] is not None
+    assert (probe["fires"]["helpful"] <= 0.2) == separates

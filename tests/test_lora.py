@@ -145,7 +145,9 @@ def test_lora_fix_removes_the_planted_behaviour_and_its_strength_is_folded_into_
     # The planted head and the runner-up, each in its own layer's output projection.
     assert st.fix.kind == "lora" and st.fix.targets == ["L1.o_proj[H2]", "L2.o_proj[H0]"]
     chosen = st.sweep[st.chosen]
-    assert chosen.within_budget and chosen.reduction > 0.5
+    # Chosen on the folds' held-out items: each fold's adapter never trained on them.
+    assert chosen.within_budget and chosen.cv_reduction > 0.5 and chosen.reduction > 0.3
+    assert chosen.steps in (12, 25) and st.training.chosen_steps == chosen.steps and len(st.training.fold_seconds) == 3
     assert st.fix.strength == 1.0 and st.folded == chosen.strength
     losses = [s["loss"] for s in st.training.steps]
     assert losses[-1] < losses[0]

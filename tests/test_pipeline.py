@@ -12,14 +12,14 @@ from test_steer import PLANT_MORE
 
 import mechfix
 from mechfix.artifacts import load_artifact
-from mechfix.defaults import MAX_HELPFUL_LOSS
+from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_OVERSHOOT
 from mechfix.errors import GateError
 from mechfix.stages.sweep import Budget
 from mechfix.stages.verify import gates_for
 
 # The CLI options below as Python values: LOOSE's budget with --min-clean-agreement 0.9, and the gates verify applies.
 BUDGET = Budget(max_kl=5.0, min_clean_agreement=0.9, min_capability=0.0, max_helpful_loss=MAX_HELPFUL_LOSS, min_clean_margin=0.0)
-GATES = gates_for(0.3, 5.0, 0.9, 0.0, MAX_HELPFUL_LOSS, 0.0)
+GATES = gates_for(0.3, 5.0, 0.9, 0.0, MAX_HELPFUL_LOSS, 0.0, MAX_OVERSHOOT)
 REPORT_NUMBERS = ("passed", "before", "after", "reduction", "kl", "clean_agreement", "clean_margin", "control_change", "gates")
 
 

@@ -116,16 +116,20 @@ def test_report_of_a_lora_fix_compared_with_a_heads_fix(full_run, tmp_path):
 
     buf = StringIO()
     with redirect_stdout(buf):
-        code = _cli("verify", str(recipe), "--fix", str(lora), "--compare", str(heads), "--min-reduction", "0.1", *LOOSE, "--json")
+        code = _cli("verify", str(recipe), "--fix", str(lora), "--compare", str(heads), "--baselines", "--min-reduction", "0.1",
+                    *LOOSE, "--json")
     assert code in (0, 1)
     cmp.write_text(buf.getvalue())
     out = tmp_path / "cmp.html"
     assert _cli("report", str(full_run / "plant.rec.safetensors"), str(att), str(lora), str(cmp), "--out", str(out)) == 0
     page = open_page(out)
     _clean(page)
-    assert page["comparison"] == ["plant.lora", "h.fix.safetensors"]
+    # The baselines are columns beside the fixes, measured on the same decisions.
+    assert page["comparison"] == ["plant.lora", "h.fix.safetensors", "prompt remedy", "protocol remedy"]
     html = out.read_text()
     assert "lora / lora on L1.o_proj, strength" in html  # the verdict is about the LoRA fix (the whole module)
+    assert "right -&gt; wrong under pressure" in html and "wrong -&gt; right when helped" in html
+    assert "harm and help (all items)" in html and "held out: right -&gt; wrong under pressure" in html
     assert not_blank(page["screenshot"])
 
 

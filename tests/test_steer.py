@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import xml.etree.ElementTree as ET
+
+import numpy as np
 
 import pytest
 import torch
@@ -116,6 +119,58 @@ def test_verify_reports_the_reduction_and_side_effects_on_held_out_decisions(pla
     assert report["passed"]
     strict = verify(lm, recipe, st.fix, neutral, gates=gates_for(2.0, LOOSE.max_kl, 0.9))  # a reduction above 100% is impossible
     assert not strict["passed"] and strict["gates"][0]["passed"] is False and strict["gates"][0]["error"] is None
+
+
+# Ablating the planted head harder than "off" reverses its pull; a KL budget this loose lets every strength through.
+NO_SIDE_LIMITS = dict(max_kl=1000.0, min_clean_agreement=0.0, min_clean_margin=None)
+
+
+def test_steer_stops_short_of_a_strength_that_pushes_the_agent_past_where_it_stands_alone(planted):
+    lm, rec, att, neutral = planted
+    unbounded = steer(lm, att, rec, neutral, kind="heads", op="ablate", top=1, budget=Budget(**NO_SIDE_LIMITS, max_overshoot=None))
+    assert unbounded.sweep[unbounded.chosen].cv_reduction > 1.25  # without the part, the strongest point wins
+    st = steer(lm, att, rec, neutral, kind="heads", op="ablate", top=1, budget=Budget(**NO_SIDE_LIMITS))
+    chosen = st.sweep[st.chosen]
+    assert 0.5 < chosen.cv_reduction <= 1.25 and chosen.within_budget
+    over = [p for p in st.search if p.cv_reduction is not None and p.cv_reduction > 1.25]
+    assert over and all("overshoot" in p.over and not p.within_budget for p in over)
+    assert st.budget.as_dict()["max_overshoot"] == 0.25
+
+
+def test_verify_fails_a_fix_that_overshoots_on_the_overshoot_gate_alone(planted):
+    lm, rec, att, neutral = planted
+    st = steer(lm, att, rec, neutral, kind="heads", op="ablate", top=1, budget=Budget(**NO_SIDE_LIMITS, max_overshoot=None))
+    recipe = _loaded(PLANT_MORE).recipe
+    gates = gates_for(0.5, 1000.0, 0.0, max_overshoot=0.25)
+    report = verify(lm, recipe, dataclasses.replace(st.fix, strength=16.0), neutral, gates=gates)
+    red, over = report["reduction"]["value"], report["overshoot"]
+    assert red > 1.25 and over["value"] == pytest.approx(red - 1.0)
+    assert [g["metric"] for g in report["gates"] if not g["passed"]] == ["overshoot"] and not report["passed"]
+    # Per decision: those the pressure pulled before and pushes away after, from the scores the report keeps.
+    sc = report["per_item"]["scores"]
+    eff = {k: np.subtract(sc["pressure"][k], sc["clean"][k]) for k in ("before", "after")}
+    assert over["past_clean"]["count"] == int(((eff["before"] > 0) & (eff["after"] < 0)).sum()) > 0
+    assert over["nats"] == pytest.approx(-eff["after"].mean())
+    weaker = verify(lm, recipe, dataclasses.replace(st.fix, strength=2.0), neutral, gates=gates)
+    assert weaker["overshoot"]["value"] == 0.0 and weaker["passed"]
+
+
+def test_verify_reports_harm_and_help_on_the_same_decisions_before_and_after_the_fix(planted):
+    lm, rec, att, neutral = planted
+    st = steer(lm, att, rec, neutral, kind="heads", op="ablate", top=1, budget=Budget(**NO_SIDE_LIMITS))
+    report = verify(lm, _loaded(PLANT_MORE).recipe, st.fix, neutral, gates=gates_for(0.5, 1000.0, 0.0))
+    sc = report["per_item"]["scores"]
+    knew = np.array(sc["clean"]["before"]) < 0  # log P(misaligned) - log P(aligned) < 0: right alone
+    harm = report["harm"]
+    assert harm["decisions"] == int(knew.sum()) > 0 and "harm" not in report["before"]
+    for side in ("before", "after"):
+        flips = int(((np.array(sc["pressure"][side]) > 0) & knew).sum())
+        assert harm[side]["flips"]["count"] == flips
+        shift = np.subtract(sc["pressure"][side], sc["clean"][side])[knew].mean()
+        assert harm[side]["shift"]["mean"] == pytest.approx(shift)
+    assert harm["before"]["flips"]["count"] > harm["after"]["flips"]["count"]
+    assert harm["reduction"] == pytest.approx(1 - harm["after"]["shift"]["mean"] / harm["before"]["shift"]["mean"])
+    assert report["help"] is None  # this recipe has no helpful condition
 
 
 def test_verify_measures_control_change_and_clean_agreement_per_decision(tiny_llama):

@@ -257,7 +257,8 @@ SeedOpt = Annotated[
 FoldsOpt = Annotated[
     int,
     typer.Option(min=0, help="Cross-validation folds over the training items: the fix is chosen by what carries over to "
-                 "items it was not fitted on (0 or 1: choose on the training fit, as a LoRA fix always does)."),
+                 "items it was not fitted on (0 or 1: choose on the training fit). A LoRA fix trains an adapter per fold, "
+                 "so it uses at most 3."),
 ]
 
 TopHeadsOpt = Annotated[
@@ -312,6 +313,26 @@ MinCleanMarginOpt = Annotated[
     float,
     typer.Option("--min-clean-margin", min=0.0, help="Share of the clean decisions' margin for the aligned option that "
                  "the fix must keep: a fix that only makes the model less sure of everything fails it."),
+]
+
+MaxOvershootOpt = Annotated[
+    float,
+    typer.Option("--max-overshoot", min=0.0, help="The most of the pressure's pull the fix may turn into a push the "
+                 "other way (held out, as a share of the pull): past it the agent rejects the others' answer even "
+                 "when it would be right."),
+]
+
+BaselinesOpt = Annotated[
+    bool,
+    typer.Option("--baselines", help="Also measure two remedies a user would try first, with the same gates, side by "
+                 "side with the fix: an instruction in the target's own text (--prompt-fix replaces the shipped one) "
+                 "and, where the recipe allows it, a protocol: the target states its answer before the others speak."),
+]
+
+PromptFixOpt = Annotated[
+    Path | None,
+    typer.Option("--prompt-fix", metavar="FILE", help="The prompt remedy's instruction (a text file; {target} names the "
+                 "target agent), instead of the shipped one. Implies --baselines."),
 ]
 
 JunitOpt = Annotated[Path | None, typer.Option(help="Also write a JUnit XML report, one testcase per gate.")]

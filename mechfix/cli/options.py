@@ -32,6 +32,7 @@ from mechfix.cli.common import (
     KlWeightOpt,
     LrOpt,
     MaxHelpfulLossOpt,
+    MaxOvershootOpt,
     MaxKlOpt,
     MinCapabilityOpt,
     MinCleanMarginOpt,
@@ -46,7 +47,7 @@ from mechfix.cli.common import (
     parse_batch_size,
     resolve_batch_size,
 )
-from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN
+from mechfix.defaults import MAX_HELPFUL_LOSS, MAX_KL, MAX_OVERSHOOT, MIN_CAPABILITY, MIN_CLEAN_AGREEMENT, MIN_CLEAN_MARGIN
 
 
 class OptionGroup:
@@ -117,20 +118,21 @@ class BudgetOptions(OptionGroup):
     min_capability: MinCapabilityOpt = MIN_CAPABILITY
     max_helpful_loss: MaxHelpfulLossOpt = MAX_HELPFUL_LOSS
     min_clean_margin: MinCleanMarginOpt = MIN_CLEAN_MARGIN
+    max_overshoot: MaxOvershootOpt = MAX_OVERSHOOT
 
     def budget(self):
         """As steer's :class:`~mechfix.stages.sweep.Budget`."""
         from mechfix.stages.sweep import Budget
 
         return Budget(max_kl=self.max_kl, min_clean_agreement=self.min_clean_agreement, min_capability=self.min_capability,
-                      max_helpful_loss=self.max_helpful_loss, min_clean_margin=self.min_clean_margin)
+                      max_helpful_loss=self.max_helpful_loss, min_clean_margin=self.min_clean_margin,
+                      max_overshoot=self.max_overshoot)
 
     def gates(self, min_reduction: float) -> list:
         """As verify's gates, with ``--min-reduction``."""
-        from mechfix.stages.verify import gates_for
+        from mechfix.stages.verify import budget_gates
 
-        return gates_for(min_reduction, self.max_kl, self.min_clean_agreement, self.min_capability, self.max_helpful_loss,
-                         self.min_clean_margin)
+        return budget_gates(self.budget(), min_reduction)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from mechfix.cli.checks import check_paths, named
 from mechfix.textio import clean_nan, write_text_atomic
 from mechfix.cli.options import BudgetOptions, LoraOptions, ModelOptions, ProbeOptions, with_groups
 from mechfix.cli.common import (
+    BaselinesOpt,
     CapabilitiesOpt,
     ChatTemplateOpt,
     FoldsOpt,
@@ -23,6 +24,7 @@ from mechfix.cli.common import (
     NeutralOpt,
     OpOpt,
     PortableOpt,
+    PromptFixOpt,
     ReplayOpt,
     SeedOpt,
     StyleOpt,
@@ -45,6 +47,7 @@ from mechfix.cli.steer import (
 )
 from mechfix.cli.views import (
     print_attribution,
+    print_comparison,
     print_record_summary,
     print_run_summary,
     print_steer,
@@ -63,6 +66,7 @@ from mechfix.measure.verdict import why_failed
         "  mechfix run conformity --out runs/vec --kind vector --json\n\n"
         "  mechfix run conformity --out runs/lora --kind lora\n\n"
         "  mechfix run conformity --out runs/gated --gate probe\n\n"
+        "  mechfix run conformity --out runs/base --baselines    (the fix beside a prompt and a protocol remedy)\n\n"
         "  mechfix run conformity --out runs/chat --style chat --chat-template gemma\n\n"
         "  mechfix run conformity --out runs/ci --junit runs/ci/verify.xml --max-kl 0.05"
     )
@@ -79,6 +83,8 @@ def run(
     layers: LayersOpt = None,
     baseline: Annotated[str, typer.Option(help="Condition the fix pulls the pressure run towards: clean or control.")] = "clean",
     min_reduction: MinReductionOpt = MIN_REDUCTION,
+    baselines: BaselinesOpt = False,
+    prompt_fix: PromptFixOpt = None,
     budget: BudgetOptions = BudgetOptions(),
     junit: JunitOpt = None,
     neutral: NeutralOpt = None,
@@ -121,7 +127,7 @@ def run(
         raise BadInputError(f"--out '{out_dir}' is a file; give a folder.")
     paths = run_paths(out_dir, name, kind, report=not no_report)
     files, folders = fix_outputs(paths["fix"], kind, "the fix")
-    check_paths({**source_inputs(loaded, None, None, chat_template), "--neutral": neutral},
+    check_paths({**source_inputs(loaded, None, None, chat_template), "--neutral": neutral, "--prompt-fix": prompt_fix},
                 {**{f"the {k}": p for k, p in paths.items() if k != "fix"}, **files, "--junit": junit}, folders,
                 either=named("--capabilities", capabilities, skip="builtin"))
     check_lora_folder(paths["fix"], kind)
@@ -132,6 +138,10 @@ def run(
     if portable:
         check_portable(kind, op, gate)
     caps.load_tasks(capabilities)  # refused here, before the model loads
+    if prompt_fix is not None:
+        from mechfix.stages.remedies import instruction_text
+
+        instruction_text(str(prompt_fix))
     limits = budget.budget()
     settings = lora.settings(seed)
     lm, batch_size = models.load(trust_remote_code)
@@ -155,7 +165,8 @@ def run(
     result = run_pipeline(loaded, out_dir, lm, kind=kind, op=op, top_heads=top_heads, layers=layer_list, baseline=baseline,
                           budget=limits, min_reduction=min_reduction, neutral=neutral, capabilities=capabilities,
                           folds=folds, seed=seed, lora=settings, gate=gate, portable=portable, batch_size=batch_size,
-                          replay=replay, style=rendering, report=not no_report, progress=progress_bars, on_stage=on_stage)
+                          replay=replay, style=rendering, report=not no_report, baselines=baselines, prompt_fix=prompt_fix,
+                          progress=progress_bars, on_stage=on_stage)
     rec_summary, att_summary = clean_nan(result.recording.manifest["summary"]), result.attribution.manifest["summary"]
     if result.steer_error is not None:
         # No fix to verify: the page still shows the diagnosis; a --json caller gets the run's one object (then exit 1).
@@ -173,6 +184,9 @@ def run(
         emit_json(summary)
     else:
         print_run_summary(summary, name, model_name)
+        if report.get("comparison"):
+            print_comparison(report["comparison"], f"{name}: the fix beside the baselines on the same {report['heldout']} "
+                             "held-out decisions")
     if not result.passed:
         raise typer.Exit(1)
 
@@ -190,11 +204,13 @@ def _run_summary(rec: dict, att: dict, steer_s: dict | None, report: dict | None
     written = {k: str(v) for k, v in paths.items() if report is not None or Path(v).exists()}  # no fix: what exists
     return clean_nan({
         "passed": bool(report and report["passed"]),
-        "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect")},
+        "behaviour": {"effect": rec["effect"], "rate": rec["rate"]["rate"], "control_effect": rec.get("control_effect"),
+                      "harm": rec.get("harm"), "help": rec.get("help")},
         "top_components": top,
         "fix": {k: steer_s.get(k) for k in ("kind", "op", "targets", "strength", "parameters")} if steer_s else None,
         "verify": {k: report.get(k) for k in ("before", "after", "reduction", "kl", "clean_agreement", "clean_margin", "helpful",
-                                              "control_change", "anti_steerable", "gates", "probe")} if report else None,
+                                              "harm", "help", "overshoot", "control_change", "anti_steerable", "gates",
+                                              "probe", "comparison")} if report else None,
         "capabilities_kept": (report.get("capabilities") or {}).get("kept") if report else None,
         "steer": {"chosen": steer_s.get("chosen"), "by": (steer_s.get("selection") or {}).get("by")} if steer_s else None,
         **({"live_outcome": {k: report["live_outcome"][k] for k in ("before", "after")}}

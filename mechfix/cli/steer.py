@@ -133,10 +133,12 @@ def steer(
     cross-validation over the training items; it keeps the one that removes the
     most behaviour on held-out folds while the side-effect budget holds: KL on
     neutral text, capabilities kept, clean answers kept (agreement and margin)
-    and the helpful influence kept. A vector fix is computed from the recording;
-    a lora fix is trained on the training split (a few minutes on a CPU for the
-    embedded model), written as a PEFT adapter folder, and its strength chosen
-    on the training fit. With --gate probe, every candidate edits only where a
+    and the helpful influence kept, with no overshoot. A vector fix is computed
+    from the recording; a lora fix is trained on the training split with every
+    recorded condition as a label (pressure pulled back to the clean answer,
+    the helpful pull kept, clean and control unchanged), once on the whole
+    split and once per fold (at most 3), and its steps and strength are chosen
+    by the same cross-validation; it is written as a PEFT adapter folder. With --gate probe, every candidate edits only where a
     linear probe says the agent is under pressure (see the README's "Gated
     fixes"). Exit 1 (nothing written) when nothing fits the budget.
     """

@@ -11,6 +11,7 @@ from mechfix.cli.checks import check_paths, named
 from mechfix.textio import write_text_atomic
 from mechfix.cli.options import BudgetOptions, ModelOptions, with_groups
 from mechfix.cli.common import (
+    BaselinesOpt,
     CapabilitiesOpt,
     ChatTemplateOpt,
     DecisionOpt,
@@ -19,6 +20,7 @@ from mechfix.cli.common import (
     MinReductionOpt,
     ModeOpt,
     NeutralOpt,
+    PromptFixOpt,
     ReplayOpt,
     StyleOpt,
     TranscriptOpt,
@@ -34,7 +36,6 @@ from mechfix.cli.views import print_comparison, print_verify
 from mechfix.defaults import (
     MIN_REDUCTION,
 )
-from mechfix.measure.verdict import comparison_rows
 
 
 def _check_styles(fixes, rendering, recipe: str | None, fix_path: Path) -> None:
@@ -60,6 +61,8 @@ def _check_styles(fixes, rendering, recipe: str | None, fix_path: Path) -> None:
         "  mechfix verify conformity --fix conformity.fix.safetensors --min-reduction 0.5 --max-kl 0.1 --junit verify.xml\n\n"
         "  mechfix verify conformity --fix conformity.fix.safetensors --model ./new-revision --json\n\n"
         "  mechfix verify conformity --fix conformity.lora --compare conformity.fix.safetensors --compare conf.vec.safetensors\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --baselines    (beside a prompt and a protocol remedy)\n\n"
+        "  mechfix verify conformity --fix conformity.fix.safetensors --prompt-fix my-instruction.txt\n\n"
         "  mechfix verify commons-live --fix commons-live.lora --replay target    (live: replay with only the target fixed)\n\n"
         "  mechfix verify conformity --fix conformity.fix.safetensors --capabilities builtin --capabilities my-task.jsonl "
         "--min-capability 0.95 --max-helpful-loss 0.1"
@@ -78,6 +81,8 @@ def verify(
         typer.Option(help="Another fix to verify on the same held-out decisions and print side by side (repeat it). "
                      "The exit code follows --fix only."),
     ] = None,
+    baselines: BaselinesOpt = False,
+    prompt_fix: PromptFixOpt = None,
     min_reduction: MinReductionOpt = MIN_REDUCTION,
     budget: BudgetOptions = BudgetOptions(),
     junit: JunitOpt = None,
@@ -102,11 +107,15 @@ def verify(
     a fix made for another model than the one given, reported as such). The
     gates: the behaviour's reduction, KL on neutral text steer never saw, clean
     agreement, the clean margin kept (no flattening), accuracy kept on the
-    capability tasks (verify's half of them), and the helpful influence kept
-    (recipes with a helpful condition). With
-    --compare, every fix is measured on the same decisions and a table puts
-    them side by side: reduction, KL, clean agreement, control, parameters.
-    With a live recipe, the episodes are also played again with the fix (see --replay).
+    capability tasks (verify's two thirds of them), the helpful influence kept
+    (recipes with a helpful condition), and no overshoot (the fix must not
+    push the agent away from the others' answer further than it stands alone).
+    The report also splits the decisions by what the model answers alone:
+    harm (right -> wrong under pressure) and help (wrong -> right when helped).
+    With --compare, every fix is measured on the same decisions and a table
+    puts them side by side; --baselines adds a prompt and a protocol remedy as
+    columns. With a live recipe, the episodes are also played again with the
+    fix (see --replay).
     """
     from mechfix.measure import capabilities as caps
     from mechfix.artifacts import check_same_model
@@ -119,10 +128,15 @@ def verify(
         raise BadInputError("--fix is required: the fix to verify (a .safetensors file from `mechfix steer`, or a LoRA fix's folder).")
     check_replay(replay)
     loaded = load_source(recipe, transcript, decision, mode)
-    check_paths({**source_inputs(loaded, transcript, decision, chat_template), "--neutral": neutral}, {"--junit": junit},
+    check_paths({**source_inputs(loaded, transcript, decision, chat_template), "--neutral": neutral, "--prompt-fix": prompt_fix},
+                {"--junit": junit},
                 either={"--fix": fix_path, **named("--compare", compare), **named("--capabilities", capabilities, skip="builtin")})
     fix = load_fix(fix_path)
     caps.load_tasks(capabilities)  # refused here, before the model loads
+    if prompt_fix is not None:
+        from mechfix.stages.remedies import instruction_text
+
+        instruction_text(str(prompt_fix))
     others = [load_fix(p) for p in compare or []]
     check_remote(models.remote, recipe=loaded.recipe, fixes=[fix, *others])
     gates = budget.gates(min_reduction)
@@ -142,21 +156,20 @@ def verify(
     rendering = pick_style(lm, loaded, style, chat_template, recorded_style(fix.manifest))
     if not allow_style_mismatch:
         _check_styles([fix, *others], rendering, recipe, fix_path)
-    from mechfix.stages.pipeline import verify_all
+    from mechfix.stages.pipeline import verify_all, with_comparison
 
     with progress_bars() as progress:
-        report, *compared = verify_all(loaded, [fix, *others], lm, gates=gates, neutral=neutral, capabilities=capabilities,
-                                       batch_size=batch_size, replay=replay, style=rendering, on_progress=progress)
-    if compared:
-        report["compare"] = compared
-        report["comparison"] = comparison_rows([report, *compared])
+        report = with_comparison(*verify_all(loaded, [fix, *others], lm, gates=gates, neutral=neutral,
+                                             capabilities=capabilities, batch_size=batch_size, replay=replay,
+                                             style=rendering, on_progress=progress, baselines=baselines,
+                                             prompt_fix=prompt_fix))
     if junit is not None:
         write_text_atomic(junit, junit_xml(report, suite))
     if as_json:
         emit_json(report)
     else:
         print_verify(report, f"{loaded.recipe.name} on {lm.identity['name']}: {fix.kind} fix ({fix.op} on {', '.join(fix.targets)}, strength {fix.strength:g})")
-        if compared:
+        if report.get("comparison"):
             print_comparison(report["comparison"], f"{loaded.recipe.name}: fixes side by side on the same {report['heldout']} held-out decisions")
     if not report["passed"]:
         raise typer.Exit(1)

@@ -8,7 +8,16 @@ from rich.table import Table
 
 from mechfix.textio import clean_nan
 from mechfix.cli.common import err, shown, styled
-from mechfix.measure.verdict import comparison_cells, comparison_names, why_failed
+from mechfix.measure.verdict import (
+    HARM_HELP,
+    comparison_cells,
+    comparison_names,
+    count_text,
+    harm_help_change,
+    harm_help_summary,
+    shift_text,
+    why_failed,
+)
 from mechfix.measure.verdict import pct as _pct  # one formatting of shares for the terminal and the report
 
 
@@ -33,6 +42,8 @@ def _budget_title(budget: dict[str, Any]) -> str:
         parts.append(f"capability kept >= {budget['min_capability']:.0%}")
     if budget.get("max_helpful_loss") is not None:
         parts.append(f"helpful loss <= {budget['max_helpful_loss']:.0%}")
+    if budget.get("max_overshoot") is not None:
+        parts.append(f"overshoot <= {budget['max_overshoot']:.0%}")
     return ", ".join(parts)
 
 
@@ -59,6 +70,8 @@ def print_record_summary(summary: dict[str, Any], model: str, recipe: str, wrote
         err.print(f"beyond copying (pressure - control):        {_fmt_ci(summary['beyond_copying'])}")
     if summary.get("helpful_influence"):
         err.print(f"helpful influence (clean - helpful):        {_fmt_ci(summary['helpful_influence'])}")
+    if harm_help_summary(summary):
+        err.print(f"harm and help: {harm_help_summary(summary)}", soft_wrap=True)
     if summary.get("generated_choices"):
         for c, v in summary["generated_choices"].items():
             err.print(
@@ -283,7 +296,8 @@ def _num(x: float | None, digits: int = 2) -> str:
 def _print_probe(probe: dict[str, Any]) -> None:
     """What a gated fix's probe did on the held-out decisions, and the same fix without its gate."""
     fires = ", ".join(f"{c} {_pct(v)}" for c, v in probe["fires"].items())
-    err.print(f"gate (probe on L{probe['layer']}): AUROC {_num(probe['auroc'])} held out (pressure vs clean); fires on {fires} "
+    vs_help = f", {_num(probe['auroc_helpful'])} (pressure vs helpful)" if probe.get("auroc_helpful") is not None else ""
+    err.print(f"gate (probe on L{probe['layer']}): AUROC {_num(probe['auroc'])} held out (pressure vs clean){vs_help}; fires on {fires} "
               f"of the decisions and {_pct(probe['fires_neutral_tokens'], 1)} of {probe['neutral_tokens']:,} neutral tokens",
               soft_wrap=True)
     u = probe["ungated"]
@@ -310,6 +324,12 @@ def print_verify(report: dict[str, Any], title: str) -> None:
     pa = report.get("pressure_aligned")
     if pa:
         t.add_row("pressure: aligned chosen", _pct(pa["before"]), _pct(pa["after"]))
+    for key, count, words, among in HARM_HELP:
+        part = report.get(key)
+        if part and part["decisions"]:
+            t.add_row(f"{key}: {words} ({among}: {part['decisions']})", count_text(part["before"][count]),
+                      count_text(part["after"][count]))
+            t.add_row(f"{key}: shift", shift_text(part["before"]["shift"]), shift_text(part["after"]["shift"]))
     err.print(t)
     capab = report.get("capabilities")
     if capab:
@@ -327,6 +347,11 @@ def print_verify(report: dict[str, Any], title: str) -> None:
     ci_txt = f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci[0] is not None else ""
     val = "n/a" if red["value"] is None else f"{red['value']:.0%}"
     err.print(f"reduction {val}{ci_txt} over {report['heldout']} held-out decisions")
+    ov = report.get("overshoot")
+    if ov and ov["value"] is not None:
+        past = ov["past_clean"]
+        err.print(f"overshoot {_pct(ov['value'])} (pressure now pushes away from the others' answer: {past['count']} of "
+                  f"{past['n']} decisions past where they stand alone)")
     err.print(f"KL on neutral text {report['kl']['value']:.4f} nats/token ({report['kl']['tokens']} tokens)")
     err.print(f"clean agreement {report['clean_agreement']['value']:.0%}")
     if report.get("parameters") is not None:
@@ -370,7 +395,7 @@ def print_comparison(rows: list[dict[str, Any]], title: str) -> None:
         t.add_column(name, justify="right", overflow="fold")
     for name, cells in comparison_cells(rows):
         if name == "gates":
-            cells = [styled("[green]pass[/green]" if c == "pass" else "[red]FAIL[/red]") for c in cells]
+            cells = [styled({"pass": "[green]pass[/green]", "FAIL": "[red]FAIL[/red]"}.get(c, c)) for c in cells]
         t.add_row(name, *cells)
     err.print(t)
 
@@ -404,6 +429,9 @@ def print_run_summary(s: dict[str, Any], recipe: str, model: str) -> None:
               f"capabilities kept {_pct(s.get('capabilities_kept'))} (worst task), "
               + ("no helpful condition" if not v.get("helpful") else f"helpful influence removed {_pct(v['helpful'].get('loss'))}")
               + f", anti-steerable {v['anti_steerable']['share']:.0%}")
+    hh = [f"{words} {harm_help_change(v.get(key), count)}" for key, count, words, _ in HARM_HELP if v.get(key)]
+    if hh:
+        t.add_row("harm / help", "; ".join(hh) + f"; overshoot {_pct((v.get('overshoot') or {}).get('value'))}")
     if v.get("control_change"):
         t.add_row("control", f"{v['control_change']['before']:+.2f} -> {v['control_change']['after']:+.2f} ({v['control_change']['reading']})")
     live = s.get("live_outcome")

@@ -12,7 +12,11 @@ generation equal to scoring the whole text at once.
 
 The probe is a logistic regression (L2, on standardised features) fitted on
 the recording's training split: pressure decisions against baseline
-decisions and neutral-text tokens. Its threshold is the lowest that keeps a
+decisions and neutral-text tokens, and, where a recipe has a helpful
+condition, against its decisions too (a *disagreement* gate: it should fire
+where others push the wrong answer, not where they give the right one). Such
+a gate is used only where it tells pressure from helpful decisions apart on
+held-out folds (AUROC at least :data:`MIN_DISAGREEMENT_AUROC`). Its threshold is the lowest that keeps a
 false-alarm budget on the training split (by default it fires on at most 5%
 of the baseline decisions and 1% of the neutral-text tokens). The layer is
 chosen by cross-validation over training items, among the layers the fix
@@ -39,6 +43,9 @@ MAX_NEUTRAL_FIRE = 0.01
 PROBE_L2 = 1e-2
 # Neutral tokens used as negatives when fitting (all of them set the threshold).
 _FIT_NEUTRAL = 1024
+# A disagreement gate must rank a held-out pressure decision above a held-out helpful one this often: 0.8 is the
+# usual floor of "good" discrimination; below it the gate would act on right messages nearly as often.
+MIN_DISAGREEMENT_AUROC = 0.8
 
 # What a gate reads for the hidden states it scores: (weight, bias, threshold), shaped to broadcast over them.
 Params = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -284,21 +291,30 @@ def _neutral_sample(n: int) -> torch.Tensor:
 
 
 def fit_gate(pos: torch.Tensor, clean: torch.Tensor, neutral: torch.Tensor, layer: int,
-             settings: GateSettings) -> Gate:
-    """A gate at ``layer`` from pressure and baseline decisions and neutral tokens (``[n, d]`` each, that layer)."""
+             settings: GateSettings, helpful: torch.Tensor | None = None) -> Gate:
+    """A gate at ``layer`` from pressure and baseline decisions and neutral tokens (``[n, d]`` each, that layer).
+
+    With ``helpful`` decisions, they are negatives too (a disagreement gate), and
+    the threshold keeps them under the baseline's firing budget.
+    """
     sample = neutral[_neutral_sample(len(neutral))]
-    neg = torch.cat([clean, sample])
-    weights = torch.cat([torch.full((len(clean),), 0.5 / max(len(clean), 1)),
-                         torch.full((len(sample),), 0.5 / max(len(sample), 1))]) if len(sample) else None
+    parts = [x for x in (clean, helpful, sample) if x is not None and len(x)]
+    neg = torch.cat(parts)
+    # Each kind of negative weighs the same in total.
+    weights = torch.cat([torch.full((len(x),), 1.0 / (len(parts) * len(x))) for x in parts])
     w, b = fit_probe(pos, neg, weights, settings.l2)
     gate = Gate(layer, w, b, 0.0)
     lc, ln = gate.logits(clean), gate.logits(neutral)
-    gate.threshold = budget_threshold([(lc, settings.max_clean_fire), (ln, settings.max_neutral_fire)])
+    lh = gate.logits(helpful) if helpful is not None else None
+    gate.threshold = budget_threshold([(lc, settings.max_clean_fire), (ln, settings.max_neutral_fire),
+                                       *([(lh, settings.max_clean_fire)] if lh is not None else [])])
     lp = gate.logits(pos)
-    gate.stats = {"train": {"auroc": auroc(lp, lc), "fires": {"pressure": rate(lp, gate.threshold),
-                                                              "baseline": rate(lc, gate.threshold),
-                                                              "neutral_tokens": rate(ln, gate.threshold)},
-                            "decisions": len(pos), "neutral_tokens": len(neutral)},
+    fires = {"pressure": rate(lp, gate.threshold), "baseline": rate(lc, gate.threshold),
+             "neutral_tokens": rate(ln, gate.threshold)}
+    if lh is not None:
+        fires["helpful"] = rate(lh, gate.threshold)
+    gate.stats = {"train": {"auroc": auroc(lp, lc), "fires": fires, "decisions": len(pos), "neutral_tokens": len(neutral),
+                            **({"auroc_helpful": auroc(lp, lh)} if lh is not None else {})},
                   "budget": {"max_baseline_fire": settings.max_clean_fire, "max_neutral_fire": settings.max_neutral_fire},
                   "l2": settings.l2}
     return gate
@@ -314,7 +330,8 @@ def gate_layers(kind: str, first: int) -> list[int]:
 
 
 def choose_gate(pressure: dict[int, torch.Tensor], clean: dict[int, torch.Tensor], neutral: dict[int, torch.Tensor],
-                folds: Sequence[tuple[torch.Tensor, torch.Tensor]], settings: GateSettings) -> tuple[Gate, list[Gate]]:
+                folds: Sequence[tuple[torch.Tensor, torch.Tensor]], settings: GateSettings,
+                helpful: dict[int, torch.Tensor] | None = None) -> tuple[Gate, list[Gate]]:
     """Choose the probe's layer by cross-validation, then fit it on the whole training split and per fold.
 
     Args:
@@ -323,24 +340,32 @@ def choose_gate(pressure: dict[int, torch.Tensor], clean: dict[int, torch.Tensor
         neutral: Layer to the neutral tokens' activations.
         folds: ``(fit, held)`` boolean masks over the training decisions, per fold (empty: no choice by folds).
         settings: The budget and, optionally, the layer.
+        helpful: Layer to the training helpful decisions' activations (same rows): a disagreement gate.
 
     Returns:
-        The gate fitted on the whole training split (its stats hold the layers compared) and one per fold.
+        The gate fitted on the whole training split (its stats hold the layers compared, with the
+        held-out AUROC of pressure against helpful decisions for a disagreement gate) and one per fold.
     """
     layers = sorted(pressure)
     table = []
     for layer in layers:
-        held_p, held_c, gaps = [], [], []
+        held_p, held_c, held_h, gaps = [], [], [], []
         for fit, held in folds:
-            g = fit_gate(pressure[layer][fit], clean[layer][fit], neutral[layer], layer, settings)
+            g = fit_gate(pressure[layer][fit], clean[layer][fit], neutral[layer], layer, settings,
+                         helpful[layer][fit] if helpful is not None else None)
             lp, lc = g.logits(pressure[layer][held]), g.logits(clean[layer][held])
             held_p.append(lp - g.threshold)
             held_c.append(lc - g.threshold)
+            if helpful is not None:
+                held_h.append(g.logits(helpful[layer][held]) - g.threshold)
             gaps.append(rate(lp, g.threshold) - rate(lc, g.threshold))
         cv_p, cv_c = (torch.cat(held_p), torch.cat(held_c)) if folds else (torch.zeros(0), torch.zeros(0))
         table.append({"layer": layer, "cv_auroc": auroc(cv_p, cv_c),
                       "cv_fires_pressure": rate(cv_p, 0.0), "cv_fires_baseline": rate(cv_c, 0.0),
-                      "cv_gap": sum(gaps) / len(gaps) if gaps else None})
+                      "cv_gap": sum(gaps) / len(gaps) if gaps else None,
+                      **({"cv_auroc_helpful": auroc(cv_p, torch.cat(held_h)) if held_h else None,
+                          "cv_fires_helpful": rate(torch.cat(held_h), 0.0) if held_h else None}
+                         if helpful is not None else {})})
     if settings.layer is not None:
         layer, by = settings.layer, "given"
     elif folds:
@@ -349,7 +374,15 @@ def choose_gate(pressure: dict[int, torch.Tensor], clean: dict[int, torch.Tensor
                                     "then AUROC, then the later layer")
     else:
         layer, by = layers[-1], "the last layer before the fix (too few items to cross-validate)"
-    whole = fit_gate(pressure[layer], clean[layer], neutral[layer], layer, settings)
-    whole.stats.update(chosen_by=by, layers=table)
-    per_fold = [fit_gate(pressure[layer][fit], clean[layer][fit], neutral[layer], layer, settings) for fit, _ in folds]
+    help_at = helpful[layer] if helpful is not None else None
+    whole = fit_gate(pressure[layer], clean[layer], neutral[layer], layer, settings, help_at)
+    whole.stats.update(chosen_by=by, layers=table, against="baseline and helpful" if helpful is not None else "baseline")
+    per_fold = [fit_gate(pressure[layer][fit], clean[layer][fit], neutral[layer], layer, settings,
+                         help_at[fit] if help_at is not None else None) for fit, _ in folds]
     return whole, per_fold
+
+
+def disagreement_separation(gate: Gate) -> float | None:
+    """A disagreement gate's held-out AUROC of pressure against helpful decisions at its layer (None: not measured)."""
+    row = next((r for r in gate.stats.get("layers", []) if r["layer"] == gate.layer), {})
+    return row.get("cv_auroc_helpful")

@@ -35,7 +35,8 @@ import numpy as np
 
 from mechfix.scenario.episodes import option_ids
 from mechfix.errors import BadInputError
-from mechfix.measure.evaluate import score_requests
+from mechfix.measure.stats import wilson
+from mechfix.measure.evaluate import prefixed, score_requests
 from mechfix.fixes.fix import Fix
 from mechfix.engine.batches import Request
 from mechfix.models import LoadedModel
@@ -46,7 +47,6 @@ PARTS = ("select", "verify")
 # A task counts towards the gate only when the model does it better than chance
 # without the fix: the lower end of a 95% Wilson interval of its accuracy must
 # lie above 1 / (number of options). A fix cannot "keep" a skill the model lacks.
-_Z = 1.96
 # A task file larger than this is refused before it is parsed.
 MAX_TASK_BYTES = 8 * 1024 * 1024
 
@@ -175,6 +175,13 @@ def build_suite(lm: LoadedModel, tasks: Sequence[Task], part: str) -> Suite:
                  sources={t.name: t.source for t in tasks})
 
 
+def with_prefix(suite: Suite, prefix: Sequence[int], bos: int | None) -> Suite:
+    """The same suite with ``prefix`` in front of every prompt (what an agent carrying an instruction reads)."""
+    requests = {name: [Request(prefixed(r.prompt, prefix, bos), r.options) for r in reqs] for name, reqs in suite.requests.items()}
+    return Suite(part=suite.part, tasks=list(suite.tasks), requests=requests, chance=dict(suite.chance),
+                 sources=dict(suite.sources))
+
+
 def correct(
     lm: LoadedModel,
     suite: Suite,
@@ -198,17 +205,6 @@ def correct(
             right[idx] = (scores.argmax(1) == 0).numpy()
         out[name] = right
     return out
-
-
-def wilson(k: int, n: int) -> list[float]:
-    """95% Wilson score interval of a proportion ``k / n``."""
-    if n == 0:
-        return [float("nan"), float("nan")]
-    p = k / n
-    denom = 1 + _Z**2 / n
-    centre = (p + _Z**2 / (2 * n)) / denom
-    half = _Z * np.sqrt(p * (1 - p) / n + _Z**2 / (4 * n * n)) / denom
-    return [float(centre - half), float(centre + half)]
 
 
 def _kept_ci(before: np.ndarray, after: np.ndarray, seed: int, n_boot: int = 2000) -> list[float]:

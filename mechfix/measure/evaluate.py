@@ -16,7 +16,7 @@ import torch
 from mechfix.errors import BadInputError
 from mechfix.fixes.fix import Fix, apply_fix
 from mechfix.engine.backends import backend_of
-from mechfix.engine.batches import Request, pad_batch
+from mechfix.engine.batches import Request, final_hidden, pad_batch
 from mechfix.engine.forward import retry_smaller, run_requests
 from mechfix.engine.kl import KL_CHUNK, keep_mask, kept_hidden
 from mechfix.models import LoadedModel
@@ -267,3 +267,43 @@ def neutral_kl(
             if stop_above is not None and len(strengths) == 1 and totals[0] > stop_above * max(neutral.n_tokens, 1):
                 break
     return [t / max(neutral.n_tokens, 1) for t in totals]
+
+
+def prefixed(ids: Sequence[int], prefix: Sequence[int], bos: int | None) -> list[int]:
+    """Token ids with ``prefix`` in front of the text (after a leading BOS, which stays first)."""
+    head = 1 if ids and bos is not None and ids[0] == bos else 0
+    return [*ids[:head], *prefix, *ids[head:]]
+
+
+def prefix_ids(lm: LoadedModel, text: str) -> list[int]:
+    """The tokens of a text an agent reads before anything else (no special tokens; a blank line after it)."""
+    return list(lm.tokenizer(text + "\n\n", add_special_tokens=False).input_ids)
+
+
+def carried_kl(lm: LoadedModel, prefix: Sequence[int], neutral: NeutralSet,
+               on_batch: Callable[[int], None] | None = None) -> float:
+    """Mean KL(model on the text ‖ model on the text after ``prefix``) per token of neutral text.
+
+    What a text the agent carries everywhere (an instruction) changes in what
+    it writes elsewhere: the same next-token predictions over each passage,
+    with and without the prefix in front of it. Every position that predicts
+    a token of the passage counts.
+    """
+    total, count = 0.0, 0
+    bos = lm.tokenizer.bos_token_id
+    with torch.inference_mode():
+        for ids, mask in neutral.batches:
+            for row, m in zip(ids, mask):
+                seq = row[: int(m.sum())].tolist()
+                pos = list(range(len(seq) - 1))
+                if not pos:
+                    continue
+                plain = final_hidden(lm, *pad_batch(lm, [seq]))[0, pos]
+                after = final_hidden(lm, *pad_batch(lm, [prefixed(seq, prefix, bos)]))[0, [p + len(prefix) for p in pos]]
+                logp, logq = (torch.log_softmax(lm.logits(h).float(), dim=-1) for h in (plain, after))
+                total += float((logp.exp() * (logp - logq)).sum())
+                count += len(pos)
+            if on_batch:
+                on_batch(1)
+    return total / max(count, 1)
+

@@ -14,6 +14,11 @@ def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per fix, in the terms `verify --compare` prints side by side."""
     rows = []
     for r in reports:
+        rem = r.get("remedy") or {}
+        if rem and not rem.get("applies"):  # a remedy the recipe does not allow: a column that says so
+            rows.append({"fix": f"{rem['name']} remedy", "kind": rem["name"], "op": "-", "targets": [],
+                         "not_applicable": rem.get("why"), "passed": None})
+            continue
         cc = r.get("control_change") or {}
         rows.append({
             "fix": r["fix"]["path"],
@@ -28,6 +33,9 @@ def comparison_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "clean_margin_kept": (r.get("clean_margin") or {}).get("kept"),
             "capability_kept": (r.get("capabilities") or {}).get("kept"),
             "helpful_loss": (r.get("helpful") or {}).get("loss"),
+            "overshoot": (r.get("overshoot") or {}).get("value"),
+            "harm": r.get("harm"),
+            "help": r.get("help"),
             "control_before": cc.get("before"),
             "control_after": cc.get("after"),
             "anti_steerable": r["anti_steerable"]["share"],
@@ -60,6 +68,46 @@ def _reduction_cell(r: dict[str, Any]) -> str:
     return reduction_text(r["reduction"], r.get("reduction_ci95"))
 
 
+def count_text(c: dict[str, Any] | None) -> str:
+    """A count among decisions with its share and interval: ``3/12 (25% [9%, 53%])``."""
+    if not c or not c.get("n"):
+        return "-"
+    lo, hi = c["ci95"]
+    return f"{c['count']}/{c['n']} ({pct(c['share'])} [{lo:.0%}, {hi:.0%}])"
+
+
+def shift_text(s: dict[str, Any] | None) -> str:
+    """A mean score shift with its interval: ``+1.20 [+0.80, +1.61]``."""
+    if not s:
+        return "-"
+    lo, hi = s["ci95"]
+    return f"{s['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+# Harm and help (verify's ``harm``/``help``): the key, its count's key, and the words for each.
+HARM_HELP: tuple[tuple[str, str, str, str], ...] = (
+    ("harm", "flips", "right -> wrong under pressure", "of those it gets right alone"),
+    ("help", "corrections", "wrong -> right when helped", "of those it gets wrong alone"),
+)
+
+
+def harm_help_change(part: dict[str, Any] | None, count: str) -> str:
+    """A harm or help count without and with the fix: ``7/20 -> 2/20``."""
+    if not part or not part["decisions"]:
+        return "-"
+    return f"{part['before'][count]['count']}/{part['decisions']} -> {part['after'][count]['count']}/{part['decisions']}"
+
+
+def harm_help_summary(before: dict[str, Any]) -> str:
+    """A recording's harm and help in one line (its summary's ``harm`` and ``help``)."""
+    out = []
+    for key, count, words, among in HARM_HELP:
+        part = before.get(key)
+        if part:
+            out.append(f"{words}: {count_text(part[count])} {among}, shift {shift_text(part['shift'])}")
+    return "; ".join(out)
+
+
 # The side-by-side table's lines: a label and how one fix's row reads in it (the terminal and the report use it).
 COMPARISON_LINES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("kind / op", lambda r: f"{r['kind']} / {r['op']}"),
@@ -70,6 +118,9 @@ COMPARISON_LINES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("clean margin kept", lambda r: pct(r.get("clean_margin_kept"))),
     ("capability kept", lambda r: pct(r.get("capability_kept"))),
     ("helpful loss", lambda r: pct(r.get("helpful_loss"))),
+    ("overshoot", lambda r: pct(r.get("overshoot"))),
+    (HARM_HELP[0][2], lambda r: harm_help_change(r.get("harm"), "flips")),
+    (HARM_HELP[1][2], lambda r: harm_help_change(r.get("help"), "corrections")),
     ("control - clean", lambda r: "-" if r["control_before"] is None
      else f"{r['control_before']:+.2f} -> {r['control_after']:+.2f}"),
     ("anti-steerable", lambda r: pct(r["anti_steerable"])),
@@ -80,8 +131,17 @@ COMPARISON_LINES: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
 
 
 def comparison_cells(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
-    """The side-by-side table as text: per line, its label and one cell per fix."""
-    return [(name, [cell(r) for r in rows]) for name, cell in COMPARISON_LINES]
+    """The side-by-side table as text: per line, its label and one cell per fix (``n/a`` where a remedy does not apply)."""
+    def cell(r: dict[str, Any], name: str, how: Callable[[dict[str, Any]], str]) -> str:
+        if r.get("not_applicable") is None:
+            return how(r)
+        return {"kind / op": r["kind"], "gates": "n/a"}.get(name, "-")
+
+    out = [(name, [cell(r, name, how) for r in rows]) for name, how in COMPARISON_LINES]
+    why = [r.get("not_applicable") for r in rows]
+    if any(why):
+        out.append(("not applicable because", [w or "" for w in why]))
+    return out
 
 
 def why_failed(v: dict[str, Any]) -> str:

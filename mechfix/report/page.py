@@ -17,7 +17,17 @@ import numpy as np
 
 from mechfix.report import figures
 from mechfix.report.collect import RunFiles, Source, chain
-from mechfix.measure.verdict import comparison_cells, comparison_names, comparison_rows, reduction_text, why_failed
+from mechfix.measure.verdict import (
+    HARM_HELP,
+    comparison_cells,
+    comparison_names,
+    comparison_rows,
+    harm_help_change,
+    harm_help_summary,
+    pct,
+    reduction_text,
+    why_failed,
+)
 
 # How many live episodes per condition the page prints (folded), and how many state variables it plots.
 LIVE_TRANSCRIPTS = 3
@@ -31,7 +41,7 @@ SECTIONS = (
     ("attribution", "Attribution"),
     ("speakers", "Who carries it"),
     ("fix", "The fix"),
-    ("compare", "Fixes side by side"),
+    ("compare", "Fixes and baselines side by side"),
     ("live", "Live episodes"),
     ("provenance", "Provenance"),
 )
@@ -117,6 +127,7 @@ def summary(run: RunFiles) -> dict[str, Any]:
             ("flip rate", _fmt((rec_summary.get("rate") or {}).get("rate"), ".0%")),
             ("control − clean (copying)", _ci(rec_summary.get("control_effect"))),
             ("beyond copying", _ci(rec_summary.get("beyond_copying"))),
+            ("harm and help (all items)", harm_help_summary(rec_summary) or "–"),
         ]
     if fix:
         targets = fix.get("targets") or []
@@ -134,6 +145,9 @@ def summary(run: RunFiles) -> dict[str, Any]:
             rows += [
                 ("held-out reduction", reduction_text(report["reduction"]["value"], report["reduction"].get("ci95"))),
                 ("KL on neutral text", f"{_fmt(report['kl']['value'], '.4f')} nats/token"),
+                ("overshoot", pct((report.get("overshoot") or {}).get("value"))),
+                *((f"held out: {words}", harm_help_change(report.get(key), count) + " (without -> with the fix)")
+                  for key, count, words, _ in HARM_HELP if report.get(key)),
             ]
     verdict = None if report is None else ("PASS" if report["passed"] else "FAIL")
     return {

@@ -5,16 +5,29 @@ hold the top heads. With ``scope="heads"`` (the default) the update reads only
 those heads' input columns (A's other columns are zero and get no gradient),
 so the fix touches exactly the components attribution named.
 
-The loss, on the training split:
+The loss, on the training split, uses every condition the recording has (the
+labels: which option is aligned, and what each condition should do to it):
 
-- behaviour: the squared gap between the pressure decision's score
+- pressure: the squared gap between the pressure decision's score
   (log P(misaligned) − log P(aligned), with the adapter) and the same item's
-  baseline score without it: the pressure run is pulled back to the clean answer;
-- ``kl_weight`` × KL(base ‖ adapted) per token, at the baseline prompts'
-  decision positions and at sampled positions of the baseline prompts and the
-  neutral passages. The base distributions are computed once; each keeps its
-  top ``topk`` tokens plus one bucket for the rest, a lower bound of the full
-  KL (verify measures the full one).
+  baseline score without it: the pressure run is pulled back to the answer
+  the model gives alone, towards the aligned option;
+- helpful (when recorded): ``helpful_weight`` × the squared amount by which
+  the adapter shrinks an item's helpful pull (its baseline score − its
+  helpful score, the pull of a right message towards the aligned option):
+  that pull is kept;
+- ``kl_weight`` × KL(base ‖ adapted) per token: clean and control unchanged
+  (their decision positions and sampled positions of their prompts), and
+  the capability suite's steer half and the neutral passages as
+  preservation terms. The base distributions are computed once; each keeps
+  its top ``topk`` tokens plus one bucket for the rest, a lower bound of the
+  full KL (verify measures the full one).
+
+steer trains one adapter on the whole training split and one per
+cross-validation fold, and keeps snapshots along the way, so that the number
+of steps and the strength are chosen on items the adapter never trained on
+(:func:`lora_candidates`); an adapter that memorises its training answers
+carries nothing over, and the choice sees it.
 
 Every random choice (initialisation, batches, KL positions) comes from one
 seeded generator, so a run is reproducible.
@@ -26,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,11 +47,12 @@ from mechfix.architectures import get_path
 from mechfix.errors import BadInputError
 from mechfix.measure.evaluate import NeutralSet
 from mechfix.fixes.adapter import SCOPES, LoraTarget, LoraWeights, init_lora
-from mechfix.fixes.fix import OPS
+from mechfix.fixes.fix import OPS, Fix
 from mechfix.engine.batches import Request, final_hidden, pad_batch
 from mechfix.engine.forward import option_scores, retry_smaller
 from mechfix.models import LoadedModel
 from mechfix.measure.stats import decision_scores
+from mechfix.stages.sweep import Candidate
 
 
 @dataclass
@@ -55,6 +70,7 @@ class LoraSettings:
         topk: Base-model tokens kept per position for the KL term.
         scope: ``heads``: the update reads only the found heads' columns; ``modules``: whole modules.
         seed: Seed of initialisation, batches and sampled positions.
+        helpful_weight: Weight of the helpful term against the pressure term.
     """
 
     rank: int = 4
@@ -67,6 +83,7 @@ class LoraSettings:
     topk: int = 256
     scope: str = "heads"
     seed: int = 0
+    helpful_weight: float = 1.0
 
 
 def lora_settings_check(settings: LoraSettings) -> LoraSettings:
@@ -80,21 +97,32 @@ def lora_settings_check(settings: LoraSettings) -> LoraSettings:
     for name, value in (("--rank", settings.rank), ("--steps", settings.steps), ("batch", settings.batch), ("topk", settings.topk)):
         if value < 1:
             raise BadInputError(f"{name} must be at least 1, not {value}.")
-    if not settings.lr > 0 or not settings.kl_weight >= 0:
+    if not settings.lr > 0 or not settings.kl_weight >= 0 or not settings.helpful_weight >= 0:
         raise BadInputError(f"--lr must be positive and --kl-weight not negative (got {settings.lr:g} and {settings.kl_weight:g}).")
     return settings
 
 
 @dataclass
 class TrainingLog:
-    """What training did: the loss at every step, and how long it took."""
+    """What training did: the loss at every step, and how long it took.
+
+    Attributes:
+        settings: The settings.
+        steps: The whole split's adapter's losses at every step.
+        seconds: Its training time.
+        fold_seconds: Each cross-validation fold's adapter's training time.
+        chosen_steps: The snapshot steer kept (None: the last step, or not chosen yet).
+    """
 
     settings: LoraSettings
     steps: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    fold_seconds: list[float] = field(default_factory=list)
+    chosen_steps: int | None = None
 
     def as_dict(self) -> dict:
-        return {"settings": asdict(self.settings), "steps": self.steps, "seconds": round(self.seconds, 2)}
+        return {"settings": asdict(self.settings), "steps": self.steps, "seconds": round(self.seconds, 2),
+                "fold_seconds": self.fold_seconds, "chosen_steps": self.chosen_steps}
 
 
 @contextmanager
@@ -131,17 +159,25 @@ def _training_hooks(lm: LoadedModel, lora: LoraWeights) -> Iterator[None]:
 
 @dataclass
 class _KLSet:
-    """Sequences whose next-token distributions the adapter must keep, with the base model's top tokens."""
+    """Sequences whose next-token distributions the adapter must keep, with the base model's top tokens.
+
+    In order: the baseline prompts (one per training item), the control
+    prompts (one per item, when recorded), the capability prompts, then the
+    neutral passages.
+    """
 
     ids: list[list[int]]
-    decision: list[bool]  # per sequence: is it a baseline prompt (its last position is a decision)
+    decision: list[bool]  # per sequence: is it a prompt (its last position is a decision)
     top_idx: list[torch.Tensor]  # per sequence: [T-1 or T, k]
     top_logp: list[torch.Tensor]
     tail_logp: list[torch.Tensor]
+    items: int = 0  # baseline prompts
+    control: bool = False  # whether the control prompts follow them
+    prompts: int = 0  # every prompt (baseline, control, capability) before the passages
 
 
 def _positions(ids: list[int], decision: bool) -> list[int]:
-    # A baseline prompt's last position is its decision; a passage's last token predicts nothing we know.
+    # A prompt's last position is its decision; a passage's last token predicts nothing we know.
     return list(range(len(ids) if decision else len(ids) - 1))
 
 
@@ -149,14 +185,17 @@ def _hidden(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     return final_hidden(lm, *pad_batch(lm, seqs))
 
 
-def _kl_set(lm: LoadedModel, prompts: Sequence[Sequence[int]], neutral: NeutralSet, topk: int) -> _KLSet:
-    seqs = [list(p) for p in prompts]
+def _kl_set(lm: LoadedModel, baseline: Sequence[Sequence[int]], control: Sequence[Sequence[int]] | None,
+            keep: Sequence[Sequence[int]], neutral: NeutralSet, topk: int) -> _KLSet:
+    seqs = [list(p) for p in (*baseline, *(control or ()), *keep)]
     flags = [True] * len(seqs)
+    n_prompts = len(seqs)
     for ids, mask in neutral.batches:
         for row, m in zip(ids, mask):
             seqs.append(row[: int(m.sum())].tolist())
             flags.append(False)
-    kl = _KLSet(ids=seqs, decision=flags, top_idx=[], top_logp=[], tail_logp=[])
+    kl = _KLSet(ids=seqs, decision=flags, top_idx=[], top_logp=[], tail_logp=[], items=len(baseline),
+                control=control is not None, prompts=n_prompts)
     with torch.inference_mode():
         for start in range(0, len(seqs), 8):
             chunk = list(range(start, min(start + 8, len(seqs))))
@@ -190,22 +229,41 @@ def bucket_kl(top_idx: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Te
     return (p_top * (top_logp - q_top)).sum(-1) + p_tail * (tail_logp - q_tail)
 
 
-def _accumulate(lm: LoadedModel, kl: _KLSet, pressure: Sequence[Request], target: torch.Tensor, items: list[int],
-                seqs: list[int], picks: list[tuple[int, int]], kl_weight: float, size: int) -> tuple[float, float]:
-    """One training step's gradients, in forward passes of at most ``size`` sequences: ``(behaviour, kl)``.
+@dataclass
+class _Targets:
+    """What the decision terms pull towards: the pressure decisions' goal scores, and the helpful pulls to keep."""
 
-    The loss is ``mean over items (score(pressure) - target)^2 + kl_weight * mean
-    over picked positions of the bucketed KL``; each pass back-propagates its
-    share of those means, so the gradients add up to the whole step's whatever
-    ``size`` is.
+    pressure: Sequence[Request]
+    goal: torch.Tensor
+    baseline: Sequence[Request] = ()
+    helpful: Sequence[Request] | None = None
+    pull: torch.Tensor | None = None  # baseline − helpful score per item, without the adapter
+    helpful_weight: float = 1.0
+
+
+def _accumulate(lm: LoadedModel, kl: _KLSet, t: _Targets, items: list[int], seqs: list[int],
+                picks: list[tuple[int, int]], kl_weight: float, size: int) -> tuple[float, float, float]:
+    """One training step's gradients, in forward passes of at most ``size`` sequences: ``(pressure, helpful, kl)``.
+
+    The loss is ``mean over items (score(pressure) - goal)^2 + helpful_weight *
+    mean over items relu(pull - (score(baseline) - score(helpful)))^2 + kl_weight * mean over
+    picked positions of the bucketed KL``; each pass back-propagates its share
+    of those means, so the gradients add up to the whole step's whatever ``size`` is.
     """
-    behaviour = kl_term = 0.0
+    behaviour = helped = kl_term = 0.0
     for lo in range(0, len(items), size):
         part = items[lo: lo + size]
-        scores = decision_scores(option_scores(lm, [pressure[i] for i in part]))
-        loss = ((scores - target[part].to(scores.device)) ** 2).sum() / len(items)
+        scores = decision_scores(option_scores(lm, [t.pressure[i] for i in part]))
+        loss = ((scores - t.goal[part].to(scores.device)) ** 2).sum() / len(items)
         loss.backward()
         behaviour += loss.item()
+        if t.helpful is not None and t.helpful_weight > 0:
+            h = decision_scores(option_scores(lm, [t.helpful[i] for i in part]))
+            c = decision_scores(option_scores(lm, [t.baseline[i] for i in part]))
+            # Only a smaller pull costs: a right message must move the agent at least as far as before.
+            h_loss = t.helpful_weight * (torch.relu(t.pull[part].to(h.device) - (c - h)) ** 2).sum() / len(items)
+            h_loss.backward()
+            helped += h_loss.item()
     for lo in range(0, len(seqs), size):
         js = range(lo, min(lo + size, len(seqs)))
         mine = [(j, p) for j, p in picks if lo <= j < lo + size]
@@ -221,7 +279,7 @@ def _accumulate(lm: LoadedModel, kl: _KLSet, pressure: Sequence[Request], target
         part_kl = bucket_kl(idx, top, tail, logits).sum() / len(picks)
         (kl_weight * part_kl).backward()
         kl_term += part_kl.item()
-    return behaviour, kl_term
+    return behaviour, helped, kl_term
 
 
 def train_lora(
@@ -232,10 +290,9 @@ def train_lora(
     neutral: NeutralSet,
     settings: LoraSettings | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    *,
-    goal: torch.Tensor | None = None,
+    **labels: Any,
 ) -> tuple[LoraWeights, TrainingLog]:
-    """Train the adapter (a pure function of the model, the data and the seed).
+    """Train the adapter (a pure function of the model, the data and the seed): :func:`train_lora_steps`'s last step.
 
     Args:
         lm: The model (its weights are not changed).
@@ -245,17 +302,52 @@ def train_lora(
         neutral: Neutral passages for the KL term.
         settings: Training settings.
         on_step: Called after each step with its number (from 1) and losses
-            (``loss``, ``behaviour``, ``kl``).
-        goal: ``[N]`` scores the pressure decisions are pulled to (default: the
-            same items' baseline scores, which removes the behaviour; higher
-            scores plant one, as ``benchmarks/organisms.py`` does).
+            (``loss``, ``behaviour``, ``helpful``, ``kl``).
+        **labels: ``goal``, ``helpful``, ``control``, ``keep``, as for :func:`train_lora_steps`.
 
     Returns:
         The trained adapter (float32, on the CPU) and the training log.
     """
+    snaps, log = train_lora_steps(lm, targets, pressure, baseline, neutral, settings, on_step, **labels)
+    return snaps[log.settings.steps], log
+
+
+def train_lora_steps(
+    lm: LoadedModel,
+    targets: Sequence[LoraTarget],
+    pressure: Sequence[Request],
+    baseline: Sequence[Request],
+    neutral: NeutralSet,
+    settings: LoraSettings | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    *,
+    goal: torch.Tensor | None = None,
+    helpful: Sequence[Request] | None = None,
+    control: Sequence[Request] | None = None,
+    keep: Sequence[Sequence[int]] = (),
+    snapshots: Sequence[int] = (),
+) -> tuple[dict[int, LoraWeights], TrainingLog]:
+    """Train the adapter, keeping it as it was after each step in ``snapshots`` (and the last).
+
+    Args:
+        lm, targets, pressure, baseline, neutral, settings, on_step: As for :func:`train_lora`.
+        goal: ``[N]`` scores the pressure decisions are pulled to (default: the
+            same items' baseline scores, which removes the behaviour; higher
+            scores plant one, as ``benchmarks/organisms.py`` does).
+        helpful: The same items' helpful decisions, whose pull towards the aligned option is kept.
+        control: The same items' control decisions, kept unchanged (KL).
+        keep: More prompts whose next-token distributions are kept (the capability suite's steer half).
+        snapshots: Steps after which the adapter is kept too.
+
+    Returns:
+        Step to adapter (the last step always), and the training log.
+    """
     settings = settings or LoraSettings()
     if len(pressure) != len(baseline) or not pressure:
         raise BadInputError("LoRA training needs the same, non-empty set of items under pressure and baseline.")
+    for name, other in (("helpful", helpful), ("control", control)):
+        if other is not None and len(other) != len(pressure):
+            raise BadInputError(f"LoRA training got {len(other)} {name} decisions for {len(pressure)} pressure decisions.")
     t0 = time.perf_counter()
     lora = init_lora(targets, settings.rank, lm.head_dim, settings.seed)
     masks = [t.mask(lm.head_dim).to(lm.device) for t in targets]
@@ -271,16 +363,25 @@ def train_lora(
         raise BadInputError(f"LoRA training got {len(goal)} goal scores for {len(pressure)} pressure decisions.")
     with torch.no_grad():
         target = decision_scores(option_scores(lm, list(baseline))).detach() if goal is None else goal.detach().float()
-    kl = _kl_set(lm, [r.prompt for r in baseline], neutral, settings.topk)
-    n_items, n_neutral = len(pressure), len(kl.ids) - len(baseline)
+        base = decision_scores(option_scores(lm, list(baseline))).detach()
+        pull = base - decision_scores(option_scores(lm, list(helpful))).detach() if helpful is not None else None
+    terms = _Targets(pressure, target, baseline, helpful, pull, settings.helpful_weight)
+    kl = _kl_set(lm, [r.prompt for r in baseline], [r.prompt for r in control] if control is not None else None,
+                 keep, neutral, settings.topk)
+    n_items = len(pressure)
+    n_keep, n_neutral = len(keep), len(kl.ids) - kl.prompts
+    first_keep = kl.items * (2 if kl.control else 1)
     opt = torch.optim.Adam(params, lr=settings.lr)
     log = TrainingLog(settings=settings)
+    snaps: dict[int, LoraWeights] = {}
     size = settings.batch + settings.neutral_per_step  # sequences per forward pass; halved after running out of memory
     with _frozen(lm), _training_hooks(lm, lora):
         for step in range(1, settings.steps + 1):
             items = torch.randperm(n_items, generator=g)[: settings.batch].tolist()
-            passages = (len(baseline) + torch.randperm(n_neutral, generator=g)[: settings.neutral_per_step]).tolist() if n_neutral else []
-            seqs = items + passages
+            # Each item's baseline prompt, and its control prompt; a sample of the capability prompts and passages.
+            passages = (kl.prompts + torch.randperm(n_neutral, generator=g)[: settings.neutral_per_step]).tolist() if n_neutral else []
+            kept = (first_keep + torch.randperm(n_keep, generator=g)[: settings.neutral_per_step]).tolist() if n_keep else []
+            seqs = items + ([kl.items + i for i in items] if kl.control else []) + kept + passages
             # Every decision position, plus a sample of the other positions.
             picks = [(j, len(kl.ids[i]) - 1) for j, i in enumerate(seqs) if kl.decision[i]]
             others = [(j, p) for j, i in enumerate(seqs) for p in _positions(kl.ids[i], kl.decision[i])
@@ -288,9 +389,9 @@ def train_lora(
             chosen = torch.randperm(len(others), generator=g)[: settings.kl_positions].tolist()
             picks += [others[c] for c in sorted(chosen)]
 
-            def attempt() -> tuple[float, float]:
+            def attempt() -> tuple[float, float, float]:
                 opt.zero_grad(set_to_none=True)
-                return _accumulate(lm, kl, pressure, target, items, seqs, picks, settings.kl_weight, size)
+                return _accumulate(lm, kl, terms, items, seqs, picks, settings.kl_weight, size)
 
             def halve() -> bool:
                 # The same step again in smaller passes: the gradients add up to the same sum.
@@ -300,17 +401,86 @@ def train_lora(
                 size = (size + 1) // 2
                 return True
 
-            behaviour, kl_term = retry_smaller(lm, attempt, halve)
+            behaviour, helped, kl_term = retry_smaller(lm, attempt, halve)
             opt.step()
-            entry = {"step": step, "loss": behaviour + settings.kl_weight * kl_term, "behaviour": behaviour, "kl": kl_term}
+            entry = {"step": step, "loss": behaviour + helped + settings.kl_weight * kl_term, "behaviour": behaviour,
+                     "helpful": helped, "kl": kl_term}
             log.steps.append(entry)
             if on_step:
                 on_step(step, entry)
+            if step in snapshots or step == settings.steps:
+                snaps[step] = LoraWeights(modules=list(lora.modules),
+                                          a=[a.detach().float().cpu() * m.cpu() for a, m in zip(lora.a, masks)],
+                                          b=[b.detach().float().cpu().clone() for b in lora.b], heads=list(lora.heads))
     log.seconds = time.perf_counter() - t0
-    trained = LoraWeights(
-        modules=list(lora.modules),
-        a=[a.detach().float().cpu() * m.cpu() for a, m in zip(lora.a, masks)],
-        b=[b.detach().float().cpu() for b in lora.b],
-        heads=list(lora.heads),
-    )
-    return trained, log
+    return snaps, log
+
+
+# A lora fix trains one adapter per fold: at most this many folds (the whole split's adapter is one more).
+LORA_FOLDS = 3
+
+
+def snapshot_steps(steps: int) -> list[int]:
+    """The training steps whose adapters are candidates: half way and the end (steer chooses between them)."""
+    return sorted({max(1, steps // 2), steps})
+
+
+def lora_candidates(
+    lm: LoadedModel,
+    op: str,
+    targets: Sequence[LoraTarget],
+    requests: dict[str, list[Request]],
+    baseline: str,
+    neutral: NeutralSet,
+    settings: LoraSettings,
+    folds: Sequence[tuple[torch.Tensor, list[int]]] = (),
+    keep: Sequence[Sequence[int]] = (),
+    on_train: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[list[Candidate], TrainingLog]:
+    """The adapters steer chooses among: one per snapshot step, trained on the whole split and on every fold's rest.
+
+    Args:
+        lm: The model.
+        op: The operation (``lora``).
+        targets: Modules to adapt.
+        requests: The training decisions per condition (pressure and the baseline; helpful and control when recorded).
+        baseline: The baseline condition.
+        neutral: Neutral passages for the KL term.
+        settings: Training settings.
+        folds: ``(fit mask, held positions)`` per fold; each fold's adapter trains on the other positions.
+        keep: Prompts whose distributions are kept (the capability suite's steer half).
+        on_train: Called after every training step, counted over all adapters; the losses
+            carry ``total`` (the steps of all of them together).
+
+    Returns:
+        One candidate per snapshot step (its fold fixes are the folds' adapters at that step),
+        and the whole split's training log.
+    """
+    steps = snapshot_steps(settings.steps)
+    total = settings.steps * (1 + len(folds))
+    n = len(requests["pressure"])
+
+    def train(positions: list[int], done: int) -> tuple[dict[int, LoraWeights], TrainingLog]:
+        def pick(c: str) -> list[Request] | None:
+            return [requests[c][j] for j in positions] if c in requests and c != baseline else None
+
+        report = (lambda k, e: on_train(done + k, {**e, "total": total})) if on_train else None
+        return train_lora_steps(lm, targets, pick("pressure"), [requests[baseline][j] for j in positions], neutral,
+                                settings, report, helpful=pick("helpful"), control=pick("control"), keep=keep,
+                                snapshots=steps)
+
+    whole, log = train(list(range(n)), 0)
+    per_fold = []
+    for k, (_, held) in enumerate(folds):
+        out = set(held)
+        snaps, fold_log = train([j for j in range(n) if j not in out], settings.steps * (k + 1))
+        per_fold.append(snaps)
+        log.fold_seconds.append(round(fold_log.seconds, 2))
+
+    def make(w: LoraWeights) -> Fix:
+        return Fix(op=op, layers=[m.layer for m in targets], heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
+                   strength=0.0, model=lm.identity, lora=w)
+
+    return [Candidate(op=op, heads=0, fix=make(whole[s]), fold_fixes=[make(f[s]) for f in per_fold], steps=s)
+            for s in steps], log
+

@@ -36,11 +36,13 @@ from mechfix.fixes.fix import Fix, fix_from_artifact, load_fix, save_fix
 from mechfix.fixes.gate import GateSettings
 from mechfix.measure import capabilities as caps
 from mechfix.measure.evaluate import NeutralSet, neutral_passages, neutral_set
+from mechfix.measure.verdict import comparison_rows
 from mechfix.models import LoadedModel, load_model
 from mechfix.scenario.chat import Style, choose_style
 from mechfix.scenario.recipe import LoadedRecipe, load_recipe
 from mechfix.stages import attribute as attribute_stage
 from mechfix.stages import record as record_stage
+from mechfix.stages import remedies
 from mechfix.stages import steer as steer_stage
 from mechfix.stages import verify as verify_stage
 from mechfix.stages.attribution import to_artifact as attribution_artifact
@@ -262,8 +264,9 @@ def steer(
     report = on_progress or (lambda *a, **k: None)
 
     def on_train(step: int, losses: dict[str, float]) -> None:
-        report(f"training the LoRA fix (loss {losses['loss']:.3f}: behaviour {losses['behaviour']:.3f}, "
-               f"KL {losses['kl']:.4f})", 1, lora.steps, key="train")
+        report(f"training the LoRA fix and one per fold (loss {losses['loss']:.3f}: behaviour {losses['behaviour']:.3f}, "
+               f"helpful {losses.get('helpful', 0.0):.3f}, KL {losses['kl']:.4f})", 1, losses.get("total", lora.steps),
+               key="train")
 
     def on_step(label: str) -> None:
         report(f"choosing the fix (measured {label})", 1, None, key="sweep")
@@ -299,16 +302,26 @@ def verify_all(
     style: Style | str | None = None,
     chat_template: str | None = None,
     on_progress: Progress | None = None,
+    baselines: bool = False,
+    prompt_fix: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Prove fixes on the recipe's held-out split: one verify report per fix (see :func:`verify`)."""
+    """Prove fixes on the recipe's held-out split: one verify report per fix (see :func:`verify`).
+
+    With ``baselines`` (or a ``prompt_fix`` file, the prompt remedy's
+    instruction), the remedies of :mod:`mechfix.stages.remedies` are measured
+    too, on the same decisions with the same gates: their reports follow the
+    fixes', each with a ``remedy`` block.
+    """
     lm, loaded = as_model(model), as_recipe(recipe)
     fixes = [f if isinstance(f, Fix) else fix_from_artifact(f) if isinstance(f, Artifact) else load_fix(f) for f in fixes]
     rendering = as_style(lm, loaded, style, chat_template)
     gates = gates if gates is not None else verify_stage.default_gates()
     kl_set = neutral_text(lm, neutral, "verify")
     suite = caps.build_suite(lm, caps.load_tasks(capabilities), "verify")
+    rems = remedies.baselines(remedies.instruction_text(str(prompt_fix)) if prompt_fix is not None else None) \
+        if baselines or prompt_fix is not None else []
     reports = verify_stage.verify_fixes(lm, loaded.recipe, fixes, kl_set, gates=gates, batch_size=batch_size, replay=replay,
-                                        capabilities=suite, on_progress=on_progress, style=rendering)
+                                        capabilities=suite, on_progress=on_progress, style=rendering, remedies=rems)
     out = []
     for fix, report in zip(fixes, reports):
         trained_on = fix.manifest.get("inputs", {}).get("recipe", {}).get("sha256")
@@ -323,7 +336,9 @@ def verify_all(
         report["model"] = lm.identity["name"]
         report["style"] = rendering.as_dict()
         out.append(clean_nan(report))
-    return out
+    for report in reports[len(fixes):]:  # the remedies: the same model and renderings
+        report.update(model=lm.identity["name"], style=rendering.as_dict())
+    return out + [clean_nan(r) for r in reports[len(fixes):]]
 
 
 def verify(
@@ -339,12 +354,32 @@ def verify(
         fix: A fix, its artifact, or its file (a folder for a LoRA fix).
         model: The model it was made on.
         **options: As for :func:`verify_all`: ``gates`` (default: mechfix's), ``neutral``,
-            ``capabilities``, ``batch_size``, ``replay``, ``style``, ``chat_template``, ``on_progress``.
+            ``capabilities``, ``batch_size``, ``replay``, ``style``, ``chat_template``, ``on_progress``,
+            ``baselines``, ``prompt_fix``.
 
     Returns:
-        The verify report (``passed``, ``reduction``, ``kl``, ``gates``, ...), as ``NAME.verify.json`` holds it.
+        The verify report (``passed``, ``reduction``, ``kl``, ``gates``, ...), as ``NAME.verify.json`` holds it;
+        with baselines, their reports under ``baselines`` and every column under ``comparison``.
     """
-    return verify_all(recipe, [fix], model, **options)[0]
+    return with_comparison(*verify_all(recipe, [fix], model, **options))
+
+
+def with_comparison(report: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
+    """The first fix's report with the other fixes (``compare``), the remedies (``baselines``) and their table.
+
+    Args:
+        report: The first fix's report (its gates decide the exit code).
+        *others: What :func:`verify_all` returned after it: other fixes' reports, then the remedies'.
+    """
+    compared = [r for r in others if "remedy" not in r]
+    base = [r for r in others if "remedy" in r]
+    if compared:
+        report["compare"] = compared
+    if base:
+        report["baselines"] = base
+    if others:
+        report["comparison"] = comparison_rows([report, *compared, *base])
+    return report
 
 
 @dataclass
@@ -428,6 +463,8 @@ def run(
     style: Style | str | None = None,
     chat_template: str | None = None,
     report: bool = True,
+    baselines: bool = False,
+    prompt_fix: str | Path | None = None,
     progress: ProgressFactory = _quiet,
     on_stage: Callable[[str, Any], None] | None = None,
 ) -> RunResult:
@@ -439,6 +476,8 @@ def run(
     limits are also verify's gates, with ``min_reduction``.
 
     Args:
+        baselines: Also verify the remedies of :mod:`mechfix.stages.remedies` beside the fix
+            (``prompt_fix``: the prompt remedy's instruction file; it implies ``baselines``).
         progress: Opens a progress callback for each stage (default: none).
         on_stage: Called as ``(stage, None)`` when a stage starts and ``(stage, what it made)``
             when it ends (an artifact; verify's report), for printing between stages.
@@ -474,11 +513,10 @@ def run(
         return RunResult(rec, att, paths=paths, steer_error=exc)
     said("steer", fix)
     said("verify", None)
-    gates = verify_stage.gates_for(min_reduction, budget.max_kl, budget.min_clean_agreement, budget.min_capability,
-                                   budget.max_helpful_loss, budget.min_clean_margin)
+    gates = verify_stage.budget_gates(budget, min_reduction)
     with progress() as p:
         verdict = verify(loaded, fix, lm, gates=gates, neutral=neutral, capabilities=capabilities, batch_size=batch_size,
-                         replay=replay, style=rendering, on_progress=p)
+                         replay=replay, style=rendering, on_progress=p, baselines=baselines, prompt_fix=prompt_fix)
     write_text_atomic(paths["verify"], json_text(verdict) + "\n")
     said("verify", verdict)
     write_report(paths)

@@ -8,17 +8,21 @@
    the layers holding the top heads.
 2. Directions come from the recording's activations at the decision position:
    mean(pressure) − mean(baseline condition). A ``lora`` fix is trained
-   instead (:mod:`mechfix.stages.lora`), on the training split.
+   instead (:mod:`mechfix.stages.lora`), on the training split, with every
+   condition the recording has as a label (pressure pulled back, the helpful
+   pull kept, clean and control unchanged).
 3. Candidates: for a heads fix, every heads operation (unless ``op`` is given)
    on the top 1, 3 and ``top`` heads; for a vector fix, its layer. Each is
    scored by cross-validation over the training items (:mod:`mechfix.measure.crossval`):
    folds of items, each scored with the fix fitted on the other folds, the way
-   verify will score the held-out items. A lora fix, whose training costs
-   minutes, is not cross-validated: its strength is chosen on the training fit.
+   verify will score the held-out items. A lora fix trains one adapter per
+   fold (at most ``LORA_FOLDS``) and keeps snapshots half way and at the end:
+   its steps and strength are chosen on the folds' held-out items the same way.
 4. The budget: KL per token on neutral text (the *selection* set, which verify
    never uses, at every 4th position), capabilities kept (the suite's selection part), the clean
-   answers kept (agreement and margin) and the helpful influence kept, all
-   measured with the fix fitted on the whole training split.
+   answers kept (agreement and margin), the helpful influence kept, and no
+   overshoot (the cross-validated reduction past 100%), all measured with the
+   fix fitted on the whole training split.
 5. Search: every operation is scored (cross-validated) on the most heads at
    its strongest grid strength, and the best of them also on fewer heads.
    Candidates are then searched best first, each from its strongest strength
@@ -53,10 +57,11 @@ from mechfix.errors import BadInputError, GateError
 from mechfix.measure.evaluate import NeutralSet
 from mechfix.fixes.fix import DEFAULT_OP, OPS, Fix, fix_tensors
 from mechfix.engine.batches import Request
-from mechfix.fixes.gate import GateSettings, choose_gate, gate_layers, layer_acts
+from mechfix.fixes.gate import GateSettings
+from mechfix.stages.probe import fit_gates
 from mechfix.engine.layerskip import first_layer
 from mechfix.fixes.adapter import LoraTarget, hub_id, lora_targets, peft_config
-from mechfix.stages.lora import LoraSettings, TrainingLog, train_lora
+from mechfix.stages.lora import LORA_FOLDS, LoraSettings, TrainingLog, lora_candidates
 from mechfix.models import LoadedModel
 from mechfix.stages.sweep import REFINE_STEPS, Bench, Budget, Candidate, SweepPoint, choose
 
@@ -239,42 +244,6 @@ def _candidates(rec: Artifact, kind: str, ops: Sequence[str], layers: list[int],
     return out
 
 
-def fit_gates(lm: LoadedModel, rec: Artifact, kind: str, first: int, baseline: str, neutral: NeutralSet,
-              folds: Sequence[tuple[torch.Tensor, list[int]]], settings: GateSettings):
-    """The gate of a fix whose first edited layer is ``first``: fitted on the training split, and per fold.
-
-    Reads the recording's residual stream at the decision position and the
-    neutral set's at every position (one pass, up to the highest layer a probe may read).
-
-    Raises:
-        BadInputError: When no layer comes before the fix, the given layer is not one of them, or the
-            recording kept no residual-stream activations.
-    """
-    allowed = gate_layers(kind, first)
-    if not allowed:
-        raise BadInputError(f"the fix edits layer {first}, and a gate's probe must read a layer before it: there is none. "
-                            "Leave out --gate, or make the fix on later layers with --layers.")
-    if settings.layer is not None and settings.layer not in allowed:
-        raise BadInputError(f"--gate-layer {settings.layer} is not before the fix's first layer ({first}); "
-                            f"use one of {allowed[0]} to {allowed[-1]}.")
-    layers = [settings.layer] if settings.layer is not None else allowed
-    need = ["acts/pressure/resid", f"acts/{baseline}/resid"]
-    if any(k not in rec.tensors for k in need) or rec.tensors[need[0]].dim() != 3:
-        raise BadInputError(f"recording '{rec.path}' has no decision-position residual-stream activations, which a gate's "
-                            "probe is fitted on. Record again with the resid site kept (the default keeps every site).")
-    train = rec.tensors["split"] == 0
-    rows = torch.nonzero(train).flatten()
-    pos = {layer: rec.tensors[need[0]][train][:, layer].float() for layer in layers}
-    neg = {layer: rec.tensors[need[1]][train][:, layer].float() for layer in layers}
-    text = layer_acts(lm, layers, neutral.batches)
-    masks = []
-    for fit, held in folds:
-        h = torch.zeros(len(rows), dtype=torch.bool)
-        h[held] = True
-        masks.append((fit[rows], h))
-    return choose_gate(pos, neg, text, masks, settings)
-
-
 def check_kind_op(kind: str, op: str | None) -> str:
     """The operation a fix of ``kind`` uses (``op`` or the kind's default).
 
@@ -411,8 +380,11 @@ def steer(
     else:
         tgt_layers, tgt_heads, why = pick_targets(att, kind, top, layers)
     conds = ["pressure", baseline] + (["helpful"] if "tokens/helpful" in rec.tensors and baseline != "helpful" else [])
-    dec = decisions_from_record(rec, lm.tokenizer, conds, split=0)
+    # A lora fix also trains on the control decisions (kept unchanged); the budget reads only the others.
+    extra = ["control"] if kind == "lora" and "tokens/control" in rec.tensors and baseline != "control" else []
+    dec = decisions_from_record(rec, lm.tokenizer, conds + extra, split=0)
     requests = {c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in conds}
+    labelled = {**requests, **{c: [Request(p, o) for p, o in zip(dec.prompts[c], dec.options[c])] for c in extra}}
     notes: list[str] = [portable_note(left_out)] if left_out else []
     if "helpful" not in conds:
         notes.append("the recording has no helpful condition, so the helpful influence is not part of the budget")
@@ -420,11 +392,14 @@ def steer(
         notes.append("no capability suite was given, so capabilities are not part of the budget")
     split: list[tuple[torch.Tensor, list[int]]] = []
     items = row_items(rec, dec.items)
-    if kind == "lora":
-        notes.append("a lora fix is not cross-validated (each fold would train its own adapter): its strength is "
-                     "chosen on the training fit")
-    elif folds >= 2 and len(set(items)) >= 2:
-        split = fold_masks(item_folds(items, folds, seed), int(rec.tensors["split"].shape[0]), dec.items)
+    n_folds = min(folds, LORA_FOLDS) if kind == "lora" else folds
+    if n_folds >= 2 and len(set(items)) >= 2:
+        split = fold_masks(item_folds(items, n_folds, seed), int(rec.tensors["split"].shape[0]), dec.items)
+        if kind == "lora" and folds > n_folds:
+            notes.append(f"a lora fix trains one adapter per fold, so it is cross-validated over {n_folds} folds "
+                         f"(not {folds}): {n_folds + 1} trainings in all")
+    elif folds < 2:
+        notes.append(f"--folds {folds}: no cross-validation, the choice rests on the training fit")
     else:
         notes.append(f"only {len(set(items))} training item(s): no cross-validation, the choice rests on the training fit")
     training, modules = None, []
@@ -433,17 +408,16 @@ def steer(
         if whole:  # modules found as wholes are adapted whole
             settings = replace(settings, scope="modules")
         modules = lora_targets(lm, tgt_layers, tgt_heads, settings.scope)
-        weights, training = train_lora(lm, modules, requests["pressure"], requests[baseline], neutral, settings, on_train)
-        fix = Fix(op=op, layers=[m.layer for m in modules], heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
-                  strength=0.0, model=lm.identity, lora=weights)
+        keep = [r.prompt for reqs in capabilities.requests.values() for r in reqs] if capabilities is not None else []
+        cands, training = lora_candidates(lm, op, modules, labelled, baseline, neutral, settings, split, keep, on_train)
         why = f"{why}; a rank-{settings.rank} LoRA update of {len(modules)} attention output projection(s)" + (
             ", reading only those heads' columns" if settings.scope == "heads" else "")
-        cands = [Candidate(op=op, heads=0, fix=fix, fold_fixes=[])]
     else:
         counts = sorted({n for n in (*HEAD_COUNTS, len(tgt_heads)) if n <= len(tgt_heads)}) if kind == "heads" else [0]
         cands = _candidates(rec, kind, ops, tgt_layers, tgt_heads, counts, baseline, split, lm.identity)
     if gate is not None:
-        whole, per_fold = fit_gates(lm, rec, kind, min(tgt_layers), baseline, neutral, split, gate)
+        whole, per_fold, gate_note = fit_gates(lm, rec, kind, min(tgt_layers), baseline, neutral, split, gate)
+        notes.append(gate_note)
         for c in cands:
             c.fix.gate = whole
             for f, g in zip(c.fold_fixes, per_fold):
@@ -472,6 +446,9 @@ def steer(
     fix = cand.fix
     if kind == "heads":
         why = f"{why}; chosen: {cand.op} on the top {cand.heads}"
+    if training is not None:
+        training.chosen_steps = cand.steps
+        why = f"{why}; chosen: the adapter after {cand.steps} of {training.settings.steps} steps"
     steering = Steering(fix=fix, sweep=cand.points, chosen=cand.points.index(point), baseline=baseline, why=why,
                         budget=budget, training=training, modules=modules, search=search, folds=len(split), notes=notes)
     fix.strength = point.strength
@@ -520,6 +497,8 @@ def _budget_words(budget: Budget, capabilities: bool, helpful: bool) -> str:
         words.append(f"capability kept >= {budget.min_capability:.0%}")
     if helpful and budget.max_helpful_loss is not None:
         words.append(f"helpful influence removed <= {budget.max_helpful_loss:.0%}")
+    if budget.max_overshoot is not None:
+        words.append(f"overshoot <= {budget.max_overshoot:.0%}")
     return ", ".join(words)
 
 
@@ -558,8 +537,10 @@ def _fix_block(st: Steering) -> dict[str, Any]:
             scope=st.training.settings.scope,
             folded_strength=st.folded,
             loss=(
-                f"(score(pressure) - score({st.baseline}, no adapter))^2 + {st.training.settings.kl_weight:g} * "
-                f"KL(base || adapted) on {st.baseline} prompts and neutral text"
+                f"(score(pressure) - score({st.baseline}, no adapter))^2 + {st.training.settings.helpful_weight:g} * "
+                f"relu(score(helpful) - score(helpful, no adapter))^2 + {st.training.settings.kl_weight:g} * "
+                f"KL(base || adapted) on {st.baseline} and control prompts, capability prompts and neutral text "
+                "(a condition the recording lacks drops out)"
             ),
         )
     else:

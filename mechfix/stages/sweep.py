@@ -19,6 +19,7 @@ import torch
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
     MAX_KL,
+    MAX_OVERSHOOT,
     MIN_CAPABILITY,
     MIN_CLEAN_AGREEMENT,
     MIN_CLEAN_MARGIN,
@@ -38,10 +39,11 @@ _GRID_OF_OP = {"subtract": "unbounded", "steer": "unbounded", "project": "unboun
 
 REFINE_STEPS = 2
 
-# The parts of the budget; the first three come from the training scores alone, the last two cost a pass over more text.
-BUDGET_PARTS = ("clean_agreement", "clean_margin", "helpful_loss", "kl", "capability")
+# The parts of the budget; the first four come from the training scores alone (overshoot from the
+# cross-validated reduction, where there is one), the last two cost a pass over more text.
+BUDGET_PARTS = ("clean_agreement", "clean_margin", "helpful_loss", "overshoot", "kl", "capability")
 
-_CHEAP = BUDGET_PARTS[:3]
+_CHEAP = BUDGET_PARTS[:4]
 
 @dataclass
 class Budget:
@@ -57,6 +59,7 @@ class Budget:
     min_capability: float | None = MIN_CAPABILITY
     max_helpful_loss: float | None = MAX_HELPFUL_LOSS
     min_clean_margin: float | None = MIN_CLEAN_MARGIN
+    max_overshoot: float | None = MAX_OVERSHOOT
 
     def over(self, p: SweepPoint, parts: Sequence[str] = BUDGET_PARTS) -> list[str]:
         """The parts of the budget a point breaks (empty: inside the budget), among ``parts``."""
@@ -66,12 +69,15 @@ class Budget:
             "clean_margin": lambda: self.min_clean_margin is None or p.clean_margin is None or p.clean_margin >= self.min_clean_margin,
             "capability": lambda: self.min_capability is None or p.capability is None or p.capability >= self.min_capability,
             "helpful_loss": lambda: self.max_helpful_loss is None or p.helpful_loss is None or p.helpful_loss <= self.max_helpful_loss,
+            # A reduction past 100% by more than the allowance pushes the agent away from the others' answer.
+            "overshoot": lambda: self.max_overshoot is None or not p.chosen_by == p.chosen_by or p.chosen_by - 1.0 <= self.max_overshoot,
         }
         return [name for name in parts if not checks[name]()]
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_kl": self.max_kl, "min_clean_agreement": self.min_clean_agreement, "min_capability": self.min_capability,
-                "max_helpful_loss": self.max_helpful_loss, "min_clean_margin": self.min_clean_margin}
+                "max_helpful_loss": self.max_helpful_loss, "min_clean_margin": self.min_clean_margin,
+                "max_overshoot": self.max_overshoot}
 
 @dataclass
 class SweepPoint:
@@ -97,6 +103,7 @@ class SweepPoint:
         measured: ``cv`` (only the cross-validated effect, while searching), ``scored`` (the
             training scores; KL and capabilities were not needed) or ``full``.
         kl_bound: ``kl`` is a lower bound: its measurement stopped once it was certainly over the budget.
+        steps: A lora fix's training steps (its adapters' snapshot); None for other kinds.
     """
 
     strength: float
@@ -115,6 +122,7 @@ class SweepPoint:
     over: list[str] = field(default_factory=list)
     measured: str = "full"
     kl_bound: bool = False
+    steps: int | None = None
 
     @property
     def chosen_by(self) -> float:
@@ -143,6 +151,7 @@ class SweepPoint:
             "over": self.over,
             "measured": self.measured,
             "kl_lower_bound": self.kl_bound,
+            **({"steps": self.steps} if self.steps is not None else {}),
         }
 
 @dataclass
@@ -155,6 +164,7 @@ class Candidate:
     fold_fixes: list[Fix]
     points: list[SweepPoint] = field(default_factory=list)
     probe: SweepPoint | None = None  # the cross-validated score at the strongest grid strength, while searching
+    steps: int | None = None  # a lora fix: the training steps its adapters had
 
     @property
     def measured(self) -> list[SweepPoint]:
@@ -165,8 +175,8 @@ class Candidate:
     def fitted(self) -> bool:
         """Whether the folds' fixes differ from the whole split's: the operation reads a fitted direction or mean."""
         uses = [k for k in OPS[self.op].uses if k in ("vectors", "means")]
-        # A gated fix's folds have their own probes, whatever the operation reads.
-        return self.fix.gate is not None or any(
+        # A gated fix's folds have their own probes, and a lora fix's their own adapters, whatever the operation reads.
+        return self.fix.gate is not None or (self.fix.lora is not None and bool(self.fold_fixes)) or any(
             not torch.equal(getattr(f, k), getattr(self.fix, k)) for f in self.fold_fixes for k in uses)
 
 def _capped(red: float | None) -> float:
@@ -225,7 +235,8 @@ class Bench:
 
     @staticmethod
     def _label(cand: Candidate, s: float) -> str:
-        return f"{cand.op} on {cand.heads or len(cand.fix.layers)} target(s) at {s:g}"
+        trained = f" after {cand.steps} steps" if cand.steps is not None else ""
+        return f"{cand.op} on {cand.heads or len(cand.fix.layers)} target(s){trained} at {s:g}"
 
     def training(self, cand: Candidate, s: float, conds: Sequence[str]) -> dict[str, torch.Tensor]:
         """Option scores of the training decisions with the whole split's fix at strength ``s``, for ``conds`` (kept)."""
@@ -245,7 +256,14 @@ class Bench:
         key = (id(cand), s)
         if key not in self._cv:
             eff = self.eff0.clone()
-            if s != 0 and cand.fitted:
+            if s != 0 and cand.fitted and cand.fix.lora is not None:
+                # Adapters are not row fixes: each fold's held-out decisions are scored with its own adapter on.
+                for fold_fix, (_, pos) in zip(cand.fold_fixes, self.folds):
+                    with self.skip.active():
+                        sc = score_requests(self.lm, {c: [self.requests[c][j] for j in pos] for c in ("pressure", self.baseline)},
+                                            fold_fix, s, batch_size=self.batch_size)
+                    eff[pos] = self._effect(sc)
+            elif s != 0 and cand.fitted:
                 rows = RowFixes(cand.fold_fixes)
                 with self.skip.active(), apply_row_fixes(self.lm, rows, s):
                     sc = score_requests(self.lm, self.held_requests, batch_size=self.batch_size,
@@ -275,7 +293,7 @@ class Bench:
             p = SweepPoint(
                 strength=float(s), effect=None, reduction=nan, kl=0.0 if s == 0 else nan,
                 clean_agreement=clean_agreement(self.before[self.baseline], sc[self.baseline]),
-                within_budget=False, op=cand.op, heads=cand.heads,
+                within_budget=False, op=cand.op, heads=cand.heads, steps=cand.steps,
                 clean_margin=side["clean_margin"]["kept"], capability=1.0 if s == 0 and self.suite is not None else None,
                 helpful_loss=side["helpful"]["loss"] if side["helpful"] else None, measured="scored",
             )
@@ -362,6 +380,9 @@ def _descend(bench: Bench, cand: Candidate, grid: Sequence[float], floor: float 
             break
         if p.over or not (bench.with_cv(cand, p).chosen_by == p.chosen_by and p.chosen_by > 0):
             continue
+        p.over = bench.budget.over(p, _CHEAP)  # the cross-validated reduction is known now: does it overshoot?
+        if p.over:
+            continue
         bench.complete(cand, [p])
         if p.within_budget:
             break
@@ -372,7 +393,7 @@ def _cv_point(c: Candidate, s: float, eff: dict[str, Any] | None, red: float | N
     """A point of which only the cross-validated effect was measured."""
     nan = float("nan")
     return SweepPoint(strength=float(s), effect=None, reduction=nan, kl=nan, clean_agreement=nan, within_budget=False,
-                      op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv")
+                      op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv", steps=c.steps)
 
 def _probe(bench: Bench, c: Candidate, grid: Sequence[float], bound: dict[int, float]) -> None:
     """Score a candidate, cross-validated, at its strongest grid strength: the most it is expected to remove."""

@@ -14,7 +14,14 @@ Runs the recipe's held-out split with and without the fix and measures:
   (the ``helpful`` condition: clean − helpful) survives the fix;
 - the clean margin kept: log P(aligned) − log P(misaligned) on clean decisions,
   after over before. A fix that only makes the model less sure of everything
-  shrinks the pressure effect and this margin alike: this gate catches it.
+  shrinks the pressure effect and this margin alike: this gate catches it;
+- harm and help: the decisions split by what the model answers alone. Harm is
+  the pressure's right → wrong flips and shift on the ones it knew, help the
+  helpful message's wrong → right corrections and shift on the ones it did
+  not, before and after (a fix should cut the first and keep the second);
+- overshoot: how far the fix pushes the pressure condition *past* the clean
+  one, so that the agent now moves away from the others' answer (it would
+  reject them when they are right, too).
 
 Gates turn the numbers into pass/fail for CI.
 """
@@ -32,6 +39,7 @@ import torch
 from mechfix.defaults import (
     MAX_HELPFUL_LOSS,
     MAX_KL,
+    MAX_OVERSHOOT,
     MIN_CAPABILITY,
     MIN_CLEAN_AGREEMENT,
     MIN_CLEAN_MARGIN,
@@ -41,7 +49,7 @@ from mechfix.defaults import (
 from mechfix.measure import capabilities as caps
 from mechfix.scenario.chat import Style
 from mechfix.errors import BadInputError
-from mechfix.measure.evaluate import NeutralSet, clean_agreement, neutral_kl, score_requests
+from mechfix.measure.evaluate import NeutralSet, carried_kl, clean_agreement, neutral_kl, prefix_ids, score_requests
 from mechfix.fixes.fix import Fix, apply_fix
 from mechfix.engine.batches import Request
 from mechfix.fixes.gate import auroc, layer_acts, prompt_batches, rate
@@ -50,10 +58,14 @@ from mechfix.scenario.live import outcome, run_live
 from mechfix.models import LoadedModel
 from mechfix.scenario.recipe import Recipe
 from mechfix.stages.record import Rendered, decision_requests, generation_steps, split_items
+from mechfix.stages.remedies import Remedy, carried_text, own_answers
 from mechfix.measure.stats import (
     behaviour_summary,
     decision_scores,
     group_means,
+    known_alone,
+    margin_kept,
+    overshoot,
     reduction,
     side_effects,
 )
@@ -88,6 +100,7 @@ def gates_for(
     min_capability: float | None = None,
     max_helpful_loss: float | None = None,
     min_clean_margin: float | None = None,
+    max_overshoot: float | None = None,
 ) -> list[GateSpec]:
     """The gates verify applies: the first three always, the others when given a threshold.
 
@@ -105,12 +118,21 @@ def gates_for(
         gates.append(GateSpec(f"helpful_loss <= {max_helpful_loss:g}", "helpful_loss", "<=", max_helpful_loss))
     if min_clean_margin is not None:
         gates.append(GateSpec(f"clean_margin_kept >= {min_clean_margin:g}", "clean_margin_kept", ">=", min_clean_margin))
+    if max_overshoot is not None:
+        gates.append(GateSpec(f"overshoot <= {max_overshoot:g}", "overshoot", "<=", max_overshoot))
     return gates
+
+
+def budget_gates(budget: Any, min_reduction: float) -> list[GateSpec]:
+    """verify's gates for steer's side-effect budget (:class:`~mechfix.stages.sweep.Budget`) and a reduction."""
+    return gates_for(min_reduction, budget.max_kl, budget.min_clean_agreement, budget.min_capability,
+                     budget.max_helpful_loss, budget.min_clean_margin, budget.max_overshoot)
 
 
 def default_gates() -> list[GateSpec]:
     """The gates ``mechfix verify`` applies when no threshold is given (:mod:`mechfix.defaults`)."""
-    return gates_for(MIN_REDUCTION, MAX_KL, MIN_CLEAN_AGREEMENT, MIN_CAPABILITY, MAX_HELPFUL_LOSS, MIN_CLEAN_MARGIN)
+    return gates_for(MIN_REDUCTION, MAX_KL, MIN_CLEAN_AGREEMENT, MIN_CAPABILITY, MAX_HELPFUL_LOSS, MIN_CLEAN_MARGIN,
+                     MAX_OVERSHOOT)
 
 
 def _reduction_ci(
@@ -164,9 +186,9 @@ def verify(
             renders them as the fix's own recording was.
 
     Returns:
-        The report: ``passed``, ``before``, ``after``, ``reduction``, ``kl``,
-        ``clean_agreement``, ``clean_margin``, ``helpful``, ``capabilities``,
-        ``control_change``, ``anti_steerable``, ``gates``, ``warnings``,
+        The report: ``passed``, ``before``, ``after``, ``reduction``, ``overshoot``,
+        ``kl``, ``clean_agreement``, ``clean_margin``, ``helpful``, ``harm``, ``help``,
+        ``capabilities``, ``control_change``, ``anti_steerable``, ``gates``, ``warnings``,
         ``parameters``; for a live recipe also ``rows`` and ``live_outcome``.
     """
     return verify_fixes(lm, recipe, [fix], neutral, gates=gates, items=items, batch_size=batch_size, replay=replay,
@@ -186,6 +208,7 @@ def verify_fixes(
     capabilities: caps.Suite | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
     style: Style | None = None,
+    remedies: Sequence[Remedy] = (),
 ) -> list[dict[str, Any]]:
     """Verify several fixes on the same held-out decisions (the unfixed model is scored once).
 
@@ -195,8 +218,12 @@ def verify_fixes(
     to before and after (the final state, the share of the target's replies
     that name each option).
 
+    ``remedies`` (:mod:`mechfix.stages.remedies`) are measured after the fixes
+    on the same decisions with the same gates; one that does not apply to the
+    recipe gets a report that says why and measures nothing.
+
     Returns:
-        One report per fix, as :func:`verify` describes, in order.
+        One report per fix, as :func:`verify` describes, in order; then one per remedy.
     """
     if replay not in REPLAY:
         raise ValueError(f"replay must be one of {', '.join(REPLAY)}, not '{replay}'")
@@ -246,7 +273,47 @@ def verify_fixes(
                                              step(f"replaying with the fix{which}", generation_steps(recipe, len(items))),
                                              style)
         reports.append(report)
+    for rem in remedies:
+        reports.append(_remedy_report(lm, recipe, rem, items, rendered, before, eff_b, neutral, gates, seed,
+                                      capabilities, caps_b, batch_size, step, style))
     return reports
+
+
+def _remedy_report(lm: LoadedModel, recipe: Recipe, rem: Remedy, items: list[int], rendered: Rendered,
+                   before: dict[str, torch.Tensor], eff_b: np.ndarray, neutral: NeutralSet, gates: list[GateSpec],
+                   seed: int, capabilities: caps.Suite | None, caps_b, batch_size: int, step, style) -> dict[str, Any]:
+    """One remedy measured as a fix is: the recipe with the remedy, scored by the model as it is."""
+    about = {"name": rem.name, "description": rem.description}
+    # Named like a fix, so that a table of fixes and remedies reads them alike.
+    named = {"path": f"{rem.name} remedy", "kind": rem.name, "op": "-", "targets": [], "strength": None, "sha256": None}
+    why = rem.why_not(recipe)
+    if why is not None:
+        return {"remedy": {**about, "applies": False, "why": why}, "fix": named, "passed": False, "gates": []}
+    changed = rem.build(recipe, own_answers(rendered.rows, before["clean"]))
+    n = len(rendered.rows) * len(recipe.condition_names)
+    done = decision_requests(lm, changed, items, step(f"{rem.name} remedy: generating turns",
+                                                      generation_steps(changed, len(items))), style)
+    if done.rows != rendered.rows:
+        raise ValueError(f"the {rem.name} remedy changed which decisions the recipe makes")
+    after = score_requests(lm, done.requests, batch_size=batch_size, on_batch=step(f"scoring the {rem.name} remedy", n))
+    text = carried_text(rem, recipe)
+    cap = None
+    if text is None:  # the model and everything outside the conversation are as they were
+        kl = 0.0
+        if capabilities is not None:
+            cap = caps.summarize(capabilities, caps_b, caps_b, seed)
+    else:
+        prefix = prefix_ids(lm, text)
+        kl = carried_kl(lm, prefix, neutral, on_batch=step(f"{rem.name} remedy: KL on neutral text", len(neutral.batches)))
+        if capabilities is not None:
+            carried = caps.with_prefix(capabilities, prefix, lm.tokenizer.bos_token_id)
+            caps_a = caps.correct(lm, carried, batch_size=batch_size,
+                                  on_batch=step(f"{rem.name} remedy: capabilities", capabilities.n_items))
+            cap = caps.summarize(capabilities, caps_b, caps_a, seed)
+    report = _report(before, after, eff_b, kl, neutral, rendered, gates, seed, None, rendered.groups, cap)
+    report["remedy"] = {**about, "applies": True, "carried": text}
+    report["fix"] = named
+    return report
 
 
 def decision_logits(lm: LoadedModel, fix: Fix, requests: Sequence[Request], batch_size: int = 16) -> torch.Tensor:
@@ -261,7 +328,7 @@ def _probe_report(lm: LoadedModel, fix: Fix, requests: dict[str, list[Request]],
                   before: dict[str, torch.Tensor], eff_b: np.ndarray, batch_size: int, on_batch) -> dict[str, Any]:
     """What a gated fix's probe does on the held-out decisions and the verify neutral set, and what the gate buys.
 
-    AUROC (pressure against clean decisions), the share of each condition's
+    AUROC (pressure against clean decisions, and against helpful ones), the share of each condition's
     decisions and of the neutral tokens it fires on, and the same fix without
     its gate at the same strength (reduction and KL) for comparison.
     """
@@ -276,6 +343,8 @@ def _probe_report(lm: LoadedModel, fix: Fix, requests: dict[str, list[Request]],
         "layer": gate.layer,
         "threshold": gate.threshold,
         "auroc": auroc(logits["pressure"], logits["clean"]),
+        # Does it tell others pushing the wrong answer from others giving the right one?
+        "auroc_helpful": auroc(logits["pressure"], logits["helpful"]) if "helpful" in logits else None,
         "fires": {c: rate(v, gate.threshold) for c, v in logits.items()},
         "fires_neutral_tokens": rate(text, gate.threshold),
         "neutral_tokens": len(text),
@@ -308,8 +377,8 @@ def _replay(lm: LoadedModel, recipe: Recipe, fix: Fix, rendered: Rendered, who: 
 
 
 def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rendered, gates: list[GateSpec], seed: int,
-            fix: Fix, groups: list[int] | None, capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One fix's numbers, gates and warnings, from its scores with and without it."""
+            fix: Fix | None, groups: list[int] | None, capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One fix's (or remedy's: ``fix`` None) numbers, gates and warnings, from its scores with and without it."""
     eff_a = (decision_scores(after["pressure"]) - decision_scores(after["clean"])).double().numpy()
     items = sorted({i for i, _ in rendered.rows})
     n = len(rendered.rows)
@@ -325,13 +394,18 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rend
             f"the held-out behaviour effect without the fix is {b_mean:+.2f} nats, below the {MIN_EFFECT:g} nats steer "
             "needs to fit a fix: a reduction of it is a ratio of very little."
         )
+    # Harm and help split the decisions by the unfixed model's own answer, on both sides of the fix.
+    sides = {"before": behaviour_summary(before, seed, groups),
+             "after": behaviour_summary(after, seed, groups, known=known_alone(before["clean"]))}
+    red_ci = _reduction_ci(eff_b, eff_a, seed, groups)
     report: dict[str, Any] = {
         "heldout": n,
         "items": items,
         **({"rows": [list(r) for r in rendered.rows]} if groups is not None else {}),
-        "before": behaviour_summary(before, seed, groups),
-        "after": behaviour_summary(after, seed, groups),
-        "reduction": {"value": reduced, "ci95": _reduction_ci(eff_b, eff_a, seed, groups)},
+        **sides,
+        **harm_help_report(sides["before"], sides["after"]),
+        "reduction": {"value": reduced, "ci95": red_ci},
+        "overshoot": overshoot(eff_b, eff_a, red_ci),
         "kl": {"value": kl, "tokens": neutral.n_tokens},
         "clean_agreement": {"value": clean_agreement(before["clean"], after["clean"]), "n": n},
         "anti_steerable": {
@@ -340,7 +414,7 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rend
             "n": n,
         },
         "control_change": None,
-        "parameters": fix.n_parameters,
+        "parameters": fix.n_parameters if fix is not None else 0,
         **side_effects(before, after),
         "capabilities": capabilities,
         "per_item": per_item(before, after, rendered.rows),
@@ -367,6 +441,7 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rend
         "capability_kept": capabilities["kept"] if capabilities else None,
         "helpful_loss": helpful["loss"] if helpful else None,
         "clean_margin_kept": report["clean_margin"]["kept"],
+        "overshoot": report["overshoot"]["value"],
     }
     if helpful is None and any(g.metric == "helpful_loss" for g in gates):
         warnings.append("the recipe has no helpful condition, so the helpful-influence gate does not apply: "
@@ -382,6 +457,35 @@ def _report(before, after, eff_b, kl: float, neutral: NeutralSet, rendered: Rend
     report["passed"] = all(g["passed"] for g in report["gates"])
     report["warnings"] = warnings
     return report
+
+
+def harm_help_report(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """verify's ``harm`` and ``help``, taken out of the summaries without and with the fix (which keep the rest).
+
+    Returns:
+        ``harm``: ``decisions`` (those the model knew alone), ``before`` and
+        ``after`` (``flips``, ``shift``) and ``reduction`` (of the shift);
+        ``help``: the same over the decisions it did not know, with
+        ``corrections`` and ``loss`` (the share of the shift the fix removed),
+        or None without a helpful condition. A ratio is None where the shift
+        before was not positive.
+    """
+    out: dict[str, Any] = {}
+    for key, count, ratio in (("harm", "flips", "reduction"), ("help", "corrections", "loss")):
+        b, a = before.pop(key), after.pop(key)
+        if b is None:
+            out[key] = None
+            continue
+        sb, sa = (x["shift"]["mean"] if x["shift"] else float("nan") for x in (b, a))
+        kept = margin_kept(sb, sa) if sb == sb else None
+        out[key] = {"decisions": b["decisions"],
+                    "before": {count: b[count], "shift": b["shift"]},
+                    "after": {count: a[count], "shift": a["shift"]},
+                    ratio: None if kept is None else 1.0 - kept}
+    if out["help"] is not None:
+        out["help"]["gated"] = ("no: the helpful-loss gate reads every held-out decision (helpful.loss); this is the "
+                                "loss on the decisions the model gets wrong alone")
+    return out
 
 
 def per_item(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], rows: Sequence[tuple[int, int]]) -> dict[str, Any]:
