@@ -60,13 +60,18 @@ def test_run_on_the_embedded_model_chooses_by_carry_over_and_checks_every_gate_h
     assert code == (0 if summary["passed"] else 1)
     assert summary["passed"] == all(g["passed"] for g in v["gates"])
     gates = {g["metric"]: g for g in v["gates"]}
-    assert set(gates) == {"reduction", "kl", "clean_agreement", "capability_kept", "helpful_loss", "clean_margin_kept"}
+    assert set(gates) == {"reduction", "kl", "clean_agreement", "capability_kept", "helpful_loss", "clean_margin_kept",
+                          "overshoot"}
     assert not any(g["error"] for g in gates.values())  # every gate was measured on this model
     chosen = summary["steer"]["chosen"]
     assert summary["steer"]["by"] == "cross-validated reduction" and chosen["cv_reduction"] > 0
     assert chosen["cv_reduction"] < chosen["reduction"]  # the training fit flatters the fix: folds say so
     assert v["before"]["effect"]["mean"] > 1 and v["after"]["effect"]["mean"] < v["before"]["effect"]["mean"]
     assert summary["capabilities_kept"] is not None and v["helpful"]["before"] > 0
+    # Harm and help split the held-out decisions by what the model answers alone: together they are all of them.
+    assert v["harm"]["decisions"] + v["help"]["decisions"] == v["before"]["effect"]["n"]
+    assert v["harm"]["before"]["flips"]["count"] >= v["harm"]["after"]["flips"]["count"]
+    assert v["overshoot"]["value"] is not None and v["overshoot"]["past_clean"]["n"] == v["before"]["effect"]["n"]
     assert summary["fix"]["kind"] == "heads" and 1 <= len(summary["fix"]["targets"]) <= 5
     for path in summary["artifacts"].values():
         assert (out / path.split("/")[-1]).is_file()
