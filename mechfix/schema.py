@@ -179,25 +179,29 @@ def _verify_models():
         reduction: float | None = None
         kl: float
 
-    class Row(_Open):  # one fix of `verify --compare`, as verdict.comparison_rows writes it
+    class Row(_Open):  # one fix (or baseline) of `verify --compare`/`--baselines`, as verdict.comparison_rows writes it
         fix: str | None = None
         kind: str
         op: str | None = None
         parameters: int | None = None
         reduction: float | None = None
         reduction_ci95: list[float | None] | None = None
-        kl: float
+        kl: float | None = None
         clean_agreement: float | None = None
         control_before: float | None = None
         control_after: float | None = None
         anti_steerable: float | None = None
         ungated: Ungated | None = None
-        passed: bool
+        passed: bool | None = None
+        not_applicable: str | None = None  # a baseline the recipe does not allow: why (nothing was measured)
 
         @model_validator(mode="after")
         def _control(self):
             if (self.control_before is None) != (self.control_after is None):
                 raise ValueError("control_before and control_after come together")
+            if self.not_applicable is None and (self.kl is None or self.passed is None):
+                raise ValueError("a measured row needs kl and passed (a baseline that does not apply says why in "
+                                 "not_applicable)")
             return self
 
     class Value(_Open):

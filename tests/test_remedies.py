@@ -171,3 +171,22 @@ def test_run_baselines_puts_the_remedies_in_its_summary_and_verify_file(monkeypa
                                                                    "protocol remedy"]
     assert saved["comparison"] == summary["verify"]["comparison"] and len(saved["baselines"]) == 2
     assert summary["verify"]["harm"] == saved["harm"] and "overshoot" in summary["verify"]
+
+
+def test_a_run_whose_recipe_allows_no_protocol_writes_its_page_with_the_column_saying_why(monkeypatch, capsys, tmp_path,
+                                                                                           planted_dir):  # noqa: F811
+    from test_steer import PLANT_MORE
+
+    # The host's question carries the pressure (the wrong letter in brackets), so nothing comes before it.
+    text = PLANT_MORE.replace('  - {speaker: Host, text: "{question}"}\n', '  - {speaker: Host, text: "{question} ({said})"}\n')
+    assert text != PLANT_MORE
+    recipe = tmp_path / "plant.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
+                               "--top-heads", "1", "--op", "scale", "--baselines", *LOOSE, "--json")
+    summary = json.loads(stdout)
+    assert code == (0 if summary["passed"] else 1), stderr
+    protocol = summary["verify"]["comparison"][2]
+    assert protocol["fix"] == "protocol remedy" and "first turn" in protocol["not_applicable"]
+    assert (out / "plant.report.html").is_file() and "not applicable because" in (out / "plant.report.html").read_text()
