@@ -327,7 +327,8 @@ def print_verify(report: dict[str, Any], title: str) -> None:
     for key, count, words, among in HARM_HELP:
         part = report.get(key)
         if part and part["decisions"]:
-            t.add_row(f"{key}: {words} ({among}: {part['decisions']})", count_text(part["before"][count]),
+            alone = among.removeprefix("of those it gets ")
+            t.add_row(f"{key}: {count} (of {part['decisions']} {alone})", count_text(part["before"][count]),
                       count_text(part["after"][count]))
             t.add_row(f"{key}: shift", shift_text(part["before"]["shift"]), shift_text(part["after"]["shift"]))
     err.print(t)
