@@ -155,17 +155,23 @@ def test_verify_baselines_puts_the_remedies_beside_the_fix_and_a_bad_prompt_file
     assert code == 2 and "--prompt-fix" in stderr and "Traceback" not in stderr and not junit.exists()
 
 
+def _run_with_baselines(monkeypatch, capsys, tmp_path, model, text: str):
+    """`mechfix run --baselines --json` on the planted model: its exit code, summary and folder."""
+    recipe = tmp_path / "plant.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(model),
+                               "--top-heads", "1", "--op", "scale", "--baselines", *LOOSE, "--json")
+    summary = json.loads(stdout)
+    assert code == (0 if summary["passed"] else 1), stderr
+    return summary, out
+
+
 def test_run_baselines_puts_the_remedies_in_its_summary_and_verify_file(monkeypatch, capsys, tmp_path,
                                                                         planted_dir):  # noqa: F811
     from test_steer import PLANT_MORE
 
-    recipe = tmp_path / "plant.yaml"
-    recipe.write_text(PLANT_MORE)
-    out = tmp_path / "run"
-    code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
-                               "--top-heads", "1", "--op", "scale", "--baselines", *LOOSE, "--json")
-    summary = json.loads(stdout)
-    assert code == (0 if summary["passed"] else 1)
+    summary, out = _run_with_baselines(monkeypatch, capsys, tmp_path, planted_dir, PLANT_MORE)
     saved = json.loads((out / "plant.verify.json").read_text())
     assert [r["fix"] for r in summary["verify"]["comparison"]] == [str(out / "plant.fix.safetensors"), "prompt remedy",
                                                                    "protocol remedy"]
@@ -180,13 +186,7 @@ def test_a_run_whose_recipe_allows_no_protocol_writes_its_page_with_the_column_s
     # The host's question carries the pressure (the wrong letter in brackets), so nothing comes before it.
     text = PLANT_MORE.replace('  - {speaker: Host, text: "{question}"}\n', '  - {speaker: Host, text: "{question} ({said})"}\n')
     assert text != PLANT_MORE
-    recipe = tmp_path / "plant.yaml"
-    recipe.write_text(text)
-    out = tmp_path / "run"
-    code, stdout, stderr = run(monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--model", str(planted_dir),
-                               "--top-heads", "1", "--op", "scale", "--baselines", *LOOSE, "--json")
-    summary = json.loads(stdout)
-    assert code == (0 if summary["passed"] else 1), stderr
+    summary, out = _run_with_baselines(monkeypatch, capsys, tmp_path, planted_dir, text)
     protocol = summary["verify"]["comparison"][2]
     assert protocol["fix"] == "protocol remedy" and "first turn" in protocol["not_applicable"]
     assert (out / "plant.report.html").is_file() and "not applicable because" in (out / "plant.report.html").read_text()
