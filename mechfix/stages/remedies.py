@@ -51,6 +51,11 @@ def instruction_text(path: str | None = None) -> str:
     return text
 
 
+def _naming(text: str, recipe: Recipe) -> str:
+    """An instruction with ``{target}`` naming the recipe's target agent (nothing else is a placeholder)."""
+    return text.replace("{target}", recipe.decision.agent)
+
+
 def _literal(text: str) -> str:
     """A text as a recipe template that renders to itself (its braces are not placeholders)."""
     return text.replace("{", "{{").replace("}", "}}")
@@ -88,7 +93,7 @@ def _live(recipe: Recipe) -> str | None:
 def prompt_remedy(instruction: str) -> Remedy:
     """The instruction added to the target agent's own text (see the module's docstring)."""
     def build(recipe: Recipe, own: dict[int, int]) -> Recipe:
-        lit = _literal(instruction.replace("{target}", recipe.decision.agent))
+        lit = _literal(_naming(instruction, recipe))
         pre = recipe.format.preamble
         update = {"preamble": f"{pre}{'' if not pre or pre.endswith(chr(10)) else chr(10)}{lit}\n\n"}
         if recipe.format.system is not None:
@@ -163,4 +168,4 @@ def own_answers(rows: Sequence[tuple[int, int]], clean: torch.Tensor) -> dict[in
 
 def carried_text(remedy: Remedy, recipe: Recipe) -> str | None:
     """What the agent carries into everything else it does, with the target named (None: nothing)."""
-    return None if remedy.carried is None else remedy.carried.replace("{target}", recipe.decision.agent)
+    return None if remedy.carried is None else _naming(remedy.carried, recipe)
