@@ -275,7 +275,7 @@ def steer(
                                  budget=budget, batch_size=batch_size, on_step=on_step, lora=lora, on_train=on_train,
                                  capabilities=suite, folds=folds, seed=seed, gate=gate, portable=portable,
                                  min_effect=min_effect)
-    extra: dict[str, Any] = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "scope", "seed")}} \
+    extra: dict[str, Any] = {"lora": {k: getattr(lora, k) for k in ("rank", "steps", "lr", "kl_weight", "helpful_weight", "scope", "seed")}} \
         if kind == "lora" else {}
     if gate is not None:
         extra["gate"] = {"probe": True, "layer": gate.layer, "max_clean_fire": gate.max_clean_fire,
