@@ -362,8 +362,8 @@ def train_lora_steps(
     if goal is not None and len(goal) != len(pressure):
         raise BadInputError(f"LoRA training got {len(goal)} goal scores for {len(pressure)} pressure decisions.")
     with torch.no_grad():
-        target = decision_scores(option_scores(lm, list(baseline))).detach() if goal is None else goal.detach().float()
-        base = decision_scores(option_scores(lm, list(baseline))).detach()
+        base = decision_scores(option_scores(lm, list(baseline))).detach()  # the goal and the helpful pull read it
+        target = base if goal is None else goal.detach().float()
         pull = base - decision_scores(option_scores(lm, list(helpful))).detach() if helpful is not None else None
     terms = _Targets(pressure, target, baseline, helpful, pull, settings.helpful_weight)
     kl = _kl_set(lm, [r.prompt for r in baseline], [r.prompt for r in control] if control is not None else None,
