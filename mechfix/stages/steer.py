@@ -538,7 +538,8 @@ def _fix_block(st: Steering) -> dict[str, Any]:
             folded_strength=st.folded,
             loss=(
                 f"(score(pressure) - score({st.baseline}, no adapter))^2 + {st.training.settings.helpful_weight:g} * "
-                f"relu(score(helpful) - score(helpful, no adapter))^2 + {st.training.settings.kl_weight:g} * "
+                f"relu(pull, no adapter - pull)^2 (pull = score({st.baseline}) - score(helpful)) + "
+                f"{st.training.settings.kl_weight:g} * "
                 f"KL(base || adapted) on {st.baseline} and control prompts, capability prompts and neutral text "
                 "(a condition the recording lacks drops out)"
             ),
