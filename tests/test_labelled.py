@@ -19,7 +19,8 @@ from mechfix.measure.evaluate import neutral_passages, neutral_set, score_reques
 from mechfix.measure.stats import decision_scores
 from mechfix.stages.attribute import attribute
 from mechfix.stages.attribution import to_artifact as attribution_artifact
-from mechfix.stages.lora import LoraSettings, lora_candidates, snapshot_steps, train_lora
+from mechfix.fixes.adapter import LoraWeights
+from mechfix.stages.lora import LoraSettings, lora_candidates, size_ranks, snapshot_steps, train_lora, truncate
 from mechfix.stages.record import split_items
 from mechfix.stages.steer import steer
 from mechfix.stages.sweep import Budget
@@ -94,12 +95,43 @@ def test_each_fold_s_adapter_trains_without_its_held_out_items_and_snapshots_are
     everyone = [r.prompt for r in reqs["pressure"]]
     assert seen[0] == everyone
     assert seen[1] == everyone[3:] and seen[2] == everyone[:3]
-    assert [c.steps for c in cands] == snapshot_steps(6) == [3, 6] and len(log.fold_seconds) == 2
-    # The last snapshot is the adapter train_lora makes with the same settings and seed.
+    # Every snapshot at every size: the trained rank and half of it.
+    assert snapshot_steps(6) == [3, 6] and size_ranks(8) == [4, 8] and len(log.fold_seconds) == 2
+    assert [(c.steps, c.rank, c.fix.lora.rank) for c in cands] == [(3, 4, 4), (3, 8, 8), (6, 4, 4), (6, 8, 8)]
+    # The last full-size snapshot is the adapter train_lora makes with the same settings and seed.
     monkeypatch.setattr(lora_stage, "train_lora_steps", real)
     alone, _ = train_lora(lm, targets, reqs["pressure"], reqs["clean"], neutral, settings)
     torch.testing.assert_close(cands[-1].fix.lora.b[0], alone.b[0])
-    assert not torch.equal(cands[0].fix.lora.b[0], cands[-1].fix.lora.b[0])
+    assert not torch.equal(cands[1].fix.lora.b[0], cands[-1].fix.lora.b[0])
+    # The smaller size is the same adapter cut down, and each fold's adapter is cut the same way.
+    torch.testing.assert_close(cands[-2].fix.lora.b[0] @ cands[-2].fix.lora.a[0], _best_rank(alone, 4))
+    for small, full in zip(cands[-2].fold_fixes, cands[-1].fold_fixes):
+        torch.testing.assert_close(small.lora.b[0] @ small.lora.a[0], _best_rank(full.lora, 4))
+
+
+def _best_rank(lora, k: int) -> torch.Tensor:
+    """The closest rank-k matrix to the adapter's update, by its singular values."""
+    u, sv, vh = torch.linalg.svd(lora.b[0].double() @ lora.a[0].double())
+    return ((u[:, :k] * sv[:k]) @ vh[:k]).float()
+
+
+def test_cutting_an_adapter_to_a_smaller_rank_keeps_its_largest_directions_and_reads_only_its_heads():
+    torch.manual_seed(0)
+    dh, heads = 4, [1, 3]
+    cols = torch.zeros(16, dtype=torch.bool)
+    for h in heads:
+        cols[h * dh: (h + 1) * dh] = True
+    a = torch.randn(6, 16) * cols  # a heads-scoped adapter reads only its heads' columns
+    lora = LoraWeights(modules=["m"], a=[a], b=[torch.randn(10, 6)], heads=[heads])
+    cut = truncate(lora, 2)
+    assert cut.rank == 2 and cut.heads == [heads] and truncate(lora, 6) is lora
+    assert torch.count_nonzero(cut.a[0][:, ~cols]) == 0
+    update = cut.b[0] @ cut.a[0]
+    torch.testing.assert_close(update, _best_rank(lora, 2))
+    # What it leaves out is exactly the smaller singular values.
+    sv = torch.linalg.svdvals(lora.b[0] @ lora.a[0])
+    gap = torch.linalg.matrix_norm(lora.b[0] @ lora.a[0] - update)
+    assert gap == pytest.approx(float(sv[2:].square().sum().sqrt()), rel=1e-4)
 
 
 def test_the_helpful_term_keeps_a_right_message_s_pull_that_the_pressure_term_alone_gives_away():

@@ -169,7 +169,7 @@ OpOpt = Annotated[
 
 _LORA = "LoRA training (--kind lora)"
 
-RankOpt = Annotated[int, typer.Option(min=1, help="Rank of each module's update.", rich_help_panel=_LORA)]
+RankOpt = Annotated[int, typer.Option(min=1, help="Rank each module's update is trained at; steer offers it at this rank and at half, and cross-validation picks.", rich_help_panel=_LORA)]
 
 StepsOpt = Annotated[int, typer.Option(min=1, help="Optimiser steps.", rich_help_panel=_LORA)]
 

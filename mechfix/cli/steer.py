@@ -137,8 +137,8 @@ def steer(
     from the recording; a lora fix is trained on the training split with every
     recorded condition as a label (pressure pulled back to the clean answer,
     the helpful pull kept, clean and control unchanged), once on the whole
-    split and once per fold (at most 3), and its steps and strength are chosen
-    by the same cross-validation; it is written as a PEFT adapter folder. With --gate probe, every candidate edits only where a
+    split and once per fold (at most 3), and its steps, rank (--rank or half of
+    it) and strength are chosen by the same cross-validation; it is written as a PEFT adapter folder. With --gate probe, every candidate edits only where a
     linear probe says the agent is under pressure (see the README's "Gated
     fixes"). Exit 1 (nothing written) when nothing fits the budget.
     """

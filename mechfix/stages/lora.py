@@ -25,9 +25,11 @@ labels: which option is aligned, and what each condition should do to it):
 
 steer trains one adapter on the whole training split and one per
 cross-validation fold, and keeps snapshots along the way, so that the number
-of steps and the strength are chosen on items the adapter never trained on
-(:func:`lora_candidates`); an adapter that memorises its training answers
-carries nothing over, and the choice sees it.
+of steps, the size and the strength are chosen on items the adapter never
+trained on (:func:`lora_candidates`); an adapter that memorises its training
+answers carries nothing over, and the choice sees it. The size is the rank:
+each snapshot is also cut to its largest singular directions
+(:func:`truncate`), which costs no training.
 
 Every random choice (initialisation, batches, KL positions) comes from one
 seeded generator, so a run is reproducible.
@@ -112,6 +114,7 @@ class TrainingLog:
         seconds: Its training time.
         fold_seconds: Each cross-validation fold's adapter's training time.
         chosen_steps: The snapshot steer kept (None: the last step, or not chosen yet).
+        chosen_rank: The rank steer cut it to (None: not chosen yet).
     """
 
     settings: LoraSettings
@@ -119,10 +122,11 @@ class TrainingLog:
     seconds: float = 0.0
     fold_seconds: list[float] = field(default_factory=list)
     chosen_steps: int | None = None
+    chosen_rank: int | None = None
 
     def as_dict(self) -> dict:
         return {"settings": asdict(self.settings), "steps": self.steps, "seconds": round(self.seconds, 2),
-                "fold_seconds": self.fold_seconds, "chosen_steps": self.chosen_steps}
+                "fold_seconds": self.fold_seconds, "chosen_steps": self.chosen_steps, "chosen_rank": self.chosen_rank}
 
 
 @contextmanager
@@ -425,6 +429,34 @@ def snapshot_steps(steps: int) -> list[int]:
     return sorted({max(1, steps // 2), steps})
 
 
+# The sizes a lora fix is offered at, as shares of the trained rank (steer chooses among them).
+SIZE_SHARES = (0.5, 1.0)
+
+
+def size_ranks(rank: int) -> list[int]:
+    """The ranks a trained adapter is offered at: :data:`SIZE_SHARES` of ``rank``, at least 1."""
+    return sorted({max(1, round(rank * share)) for share in SIZE_SHARES})
+
+
+def truncate(lora: LoraWeights, rank: int) -> LoraWeights:
+    """The update cut to its ``rank`` largest singular directions, per module: the closest rank-``rank`` ``B A``.
+
+    Columns of ``A`` the update does not read stay zero (they are outside the
+    row space of ``B A``), so a heads-scoped adapter still reads only its heads.
+    """
+    if rank >= lora.rank:
+        return lora
+    a_out, b_out = [], []
+    for a, b in zip(lora.a, lora.b):
+        u, sv, vh = torch.linalg.svd(b.double() @ a.double(), full_matrices=False)
+        unread = (a == 0).all(dim=0)
+        a_new = vh[:rank].to(a.dtype)
+        a_new[:, unread] = 0
+        a_out.append(a_new)
+        b_out.append((u[:, :rank] * sv[:rank]).to(b.dtype))
+    return LoraWeights(modules=list(lora.modules), a=a_out, b=b_out, heads=list(lora.heads))
+
+
 def lora_candidates(
     lm: LoadedModel,
     op: str,
@@ -453,8 +485,8 @@ def lora_candidates(
             carry ``total`` (the steps of all of them together).
 
     Returns:
-        One candidate per snapshot step (its fold fixes are the folds' adapters at that step),
-        and the whole split's training log.
+        One candidate per snapshot step and size (:func:`size_ranks`; its fold fixes are the
+        folds' adapters at that step, cut to that size), and the whole split's training log.
     """
     steps = snapshot_steps(settings.steps)
     total = settings.steps * (1 + len(folds))
@@ -481,6 +513,7 @@ def lora_candidates(
         return Fix(op=op, layers=[m.layer for m in targets], heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
                    strength=0.0, model=lm.identity, lora=w)
 
-    return [Candidate(op=op, heads=0, fix=make(whole[s]), fold_fixes=[make(f[s]) for f in per_fold], steps=s)
-            for s in steps], log
+    return [Candidate(op=op, heads=0, fix=make(truncate(whole[s], r)), fold_fixes=[make(truncate(f[s], r)) for f in per_fold],
+                      steps=s, rank=r)
+            for s in steps for r in size_ranks(settings.rank)], log
 

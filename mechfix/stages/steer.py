@@ -16,8 +16,9 @@
    scored by cross-validation over the training items (:mod:`mechfix.measure.crossval`):
    folds of items, each scored with the fix fitted on the other folds, the way
    verify will score the held-out items. A lora fix trains one adapter per
-   fold (at most ``LORA_FOLDS``) and keeps snapshots half way and at the end:
-   its steps and strength are chosen on the folds' held-out items the same way.
+   fold (at most ``LORA_FOLDS``) and keeps snapshots half way and at the end,
+   each also cut to half its rank: its steps, size and strength are chosen on
+   the folds' held-out items the same way.
 4. The budget: KL per token on neutral text (the *selection* set, which verify
    never uses, at every 4th position), capabilities kept (the suite's selection part), the clean
    answers kept (agreement and margin), the helpful influence kept, and no
@@ -447,8 +448,9 @@ def steer(
     if kind == "heads":
         why = f"{why}; chosen: {cand.op} on the top {cand.heads}"
     if training is not None:
-        training.chosen_steps = cand.steps
-        why = f"{why}; chosen: the adapter after {cand.steps} of {training.settings.steps} steps"
+        training.chosen_steps, training.chosen_rank = cand.steps, cand.rank
+        why = f"{why}; chosen: the adapter after {cand.steps} of {training.settings.steps} steps" + (
+            f", cut to rank {cand.rank} of {training.settings.rank}" if cand.rank is not None and cand.rank < training.settings.rank else "")
     steering = Steering(fix=fix, sweep=cand.points, chosen=cand.points.index(point), baseline=baseline, why=why,
                         budget=budget, training=training, modules=modules, search=search, folds=len(split), notes=notes)
     fix.strength = point.strength

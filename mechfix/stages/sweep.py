@@ -104,6 +104,7 @@ class SweepPoint:
             training scores; KL and capabilities were not needed) or ``full``.
         kl_bound: ``kl`` is a lower bound: its measurement stopped once it was certainly over the budget.
         steps: A lora fix's training steps (its adapters' snapshot); None for other kinds.
+        rank: A lora fix's rank (its adapters cut to their largest singular directions); None for other kinds.
     """
 
     strength: float
@@ -123,6 +124,7 @@ class SweepPoint:
     measured: str = "full"
     kl_bound: bool = False
     steps: int | None = None
+    rank: int | None = None
 
     @property
     def chosen_by(self) -> float:
@@ -152,6 +154,7 @@ class SweepPoint:
             "measured": self.measured,
             "kl_lower_bound": self.kl_bound,
             **({"steps": self.steps} if self.steps is not None else {}),
+            **({"rank": self.rank} if self.rank is not None else {}),
         }
 
 @dataclass
@@ -165,6 +168,7 @@ class Candidate:
     points: list[SweepPoint] = field(default_factory=list)
     probe: SweepPoint | None = None  # the cross-validated score at the strongest grid strength, while searching
     steps: int | None = None  # a lora fix: the training steps its adapters had
+    rank: int | None = None  # a lora fix: the rank its adapters were cut to
 
     @property
     def measured(self) -> list[SweepPoint]:
@@ -236,6 +240,7 @@ class Bench:
     @staticmethod
     def _label(cand: Candidate, s: float) -> str:
         trained = f" after {cand.steps} steps" if cand.steps is not None else ""
+        trained += f", rank {cand.rank}" if cand.rank is not None else ""
         return f"{cand.op} on {cand.heads or len(cand.fix.layers)} target(s){trained} at {s:g}"
 
     def training(self, cand: Candidate, s: float, conds: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -293,7 +298,7 @@ class Bench:
             p = SweepPoint(
                 strength=float(s), effect=None, reduction=nan, kl=0.0 if s == 0 else nan,
                 clean_agreement=clean_agreement(self.before[self.baseline], sc[self.baseline]),
-                within_budget=False, op=cand.op, heads=cand.heads, steps=cand.steps,
+                within_budget=False, op=cand.op, heads=cand.heads, steps=cand.steps, rank=cand.rank,
                 clean_margin=side["clean_margin"]["kept"], capability=1.0 if s == 0 and self.suite is not None else None,
                 helpful_loss=side["helpful"]["loss"] if side["helpful"] else None, measured="scored",
             )
@@ -393,7 +398,8 @@ def _cv_point(c: Candidate, s: float, eff: dict[str, Any] | None, red: float | N
     """A point of which only the cross-validated effect was measured."""
     nan = float("nan")
     return SweepPoint(strength=float(s), effect=None, reduction=nan, kl=nan, clean_agreement=nan, within_budget=False,
-                      op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv", steps=c.steps)
+                      op=c.op, heads=c.heads, cv_effect=eff, cv_reduction=red, measured="cv", steps=c.steps,
+                      rank=c.rank)
 
 def _probe(bench: Bench, c: Candidate, grid: Sequence[float], bound: dict[int, float]) -> None:
     """Score a candidate, cross-validated, at its strongest grid strength: the most it is expected to remove."""
