@@ -102,6 +102,12 @@ def test_each_fold_s_adapter_trains_without_its_held_out_items_and_snapshots_are
     monkeypatch.setattr(lora_stage, "train_lora_steps", real)
     alone, _ = train_lora(lm, targets, reqs["pressure"], reqs["clean"], neutral, settings)
     torch.testing.assert_close(cands[-1].fix.lora.b[0], alone.b[0])
+    # A fold's adapter is the one trained on its items alone: the base distributions computed once for every
+    # fold are the ones each would compute for itself.
+    rest = [j for j in range(len(everyone)) if j not in folds[1][1]]
+    fold, _ = train_lora(lm, targets, [reqs["pressure"][j] for j in rest], [reqs["clean"][j] for j in rest], neutral,
+                         settings)
+    torch.testing.assert_close(cands[-1].fold_fixes[1].lora.b[0], fold.b[0])
     assert not torch.equal(cands[1].fix.lora.b[0], cands[-1].fix.lora.b[0])
     # The smaller size is the same adapter cut down, and each fold's adapter is cut the same way.
     torch.testing.assert_close(cands[-2].fix.lora.b[0] @ cands[-2].fix.lora.a[0], _best_rank(alone, 4))
@@ -177,3 +183,21 @@ def _as_fix(lm, targets, adapter):
 
     return Fix(op="lora", layers=[t.layer for t in targets], heads=[], vectors=torch.zeros(0), means=torch.zeros(0),
                strength=1.0, model=lm.identity, lora=adapter)
+
+
+def test_the_base_distributions_of_some_items_are_those_computed_for_those_items_alone():
+    from mechfix.stages.lora import _kl_set
+
+    lm = _carry_model()
+    tok = lm.tokenizer
+    base = [tok(f"a game.\nHost: {q} hint: j.\nSam:").input_ids for q in _QUESTIONS[:4]]
+    control = [tok(f"a grid: K K K.\nHost: {q} hint: j.\nSam:").input_ids for q in _QUESTIONS[:4]]
+    keep = [tok("the code is v. ok. the code is ").input_ids]
+    neutral = neutral_set(lm, neutral_passages()[:2])
+    part = _kl_set(lm, base, control, keep, neutral, 16).subset([1, 3])
+    alone = _kl_set(lm, [base[1], base[3]], [control[1], control[3]], keep, neutral, 16)
+    assert (part.ids, part.decision, part.items, part.control, part.prompts) == (
+        alone.ids, alone.decision, alone.items, alone.control, alone.prompts)
+    for name in ("top_idx", "top_logp", "tail_logp"):
+        for mine, theirs in zip(getattr(part, name), getattr(alone, name), strict=True):
+            torch.testing.assert_close(mine, theirs)

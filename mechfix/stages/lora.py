@@ -179,6 +179,18 @@ class _KLSet:
     control: bool = False  # whether the control prompts follow them
     prompts: int = 0  # every prompt (baseline, control, capability) before the passages
 
+    def subset(self, positions: Sequence[int]) -> _KLSet:
+        """The same set for some of its items (their baseline and control prompts); the rest is shared."""
+        rows = list(positions) + ([self.items + i for i in positions] if self.control else [])
+        rows += list(range(self.items * (2 if self.control else 1), len(self.ids)))
+
+        def pick(xs: list) -> list:
+            return [xs[r] for r in rows]
+
+        return _KLSet(ids=pick(self.ids), decision=pick(self.decision), top_idx=pick(self.top_idx),
+                      top_logp=pick(self.top_logp), tail_logp=pick(self.tail_logp), items=len(positions),
+                      control=self.control, prompts=self.prompts - (self.items - len(positions)) * (2 if self.control else 1))
+
 
 def _positions(ids: list[int], decision: bool) -> list[int]:
     # A prompt's last position is its decision; a passage's last token predicts nothing we know.
@@ -330,6 +342,7 @@ def train_lora_steps(
     control: Sequence[Request] | None = None,
     keep: Sequence[Sequence[int]] = (),
     snapshots: Sequence[int] = (),
+    kl_set: _KLSet | None = None,
 ) -> tuple[dict[int, LoraWeights], TrainingLog]:
     """Train the adapter, keeping it as it was after each step in ``snapshots`` (and the last).
 
@@ -342,6 +355,9 @@ def train_lora_steps(
         control: The same items' control decisions, kept unchanged (KL).
         keep: More prompts whose next-token distributions are kept (the capability suite's steer half).
         snapshots: Steps after which the adapter is kept too.
+        kl_set: The base model's distributions on these items' prompts, ``keep`` and
+            ``neutral``, when already computed (:func:`lora_candidates` computes them once
+            for every fold).
 
     Returns:
         Step to adapter (the last step always), and the training log.
@@ -370,8 +386,9 @@ def train_lora_steps(
         target = base if goal is None else goal.detach().float()
         pull = base - decision_scores(option_scores(lm, list(helpful))).detach() if helpful is not None else None
     terms = _Targets(pressure, target, baseline, helpful, pull, settings.helpful_weight)
-    kl = _kl_set(lm, [r.prompt for r in baseline], [r.prompt for r in control] if control is not None else None,
-                 keep, neutral, settings.topk)
+    kl = kl_set if kl_set is not None else _kl_set(
+        lm, [r.prompt for r in baseline], [r.prompt for r in control] if control is not None else None, keep, neutral,
+        settings.topk)
     n_items = len(pressure)
     n_keep, n_neutral = len(keep), len(kl.ids) - kl.prompts
     first_keep = kl.items * (2 if kl.control else 1)
@@ -491,6 +508,10 @@ def lora_candidates(
     steps = snapshot_steps(settings.steps)
     total = settings.steps * (1 + len(folds))
     n = len(requests["pressure"])
+    control = requests.get("control") if baseline != "control" else None
+    # The base model's distributions do not depend on the fold: computed once, each fold takes its items' rows.
+    kl = _kl_set(lm, [r.prompt for r in requests[baseline]], [r.prompt for r in control] if control else None,
+                 keep, neutral, settings.topk)
 
     def train(positions: list[int], done: int) -> tuple[dict[int, LoraWeights], TrainingLog]:
         def pick(c: str) -> list[Request] | None:
@@ -499,7 +520,7 @@ def lora_candidates(
         report = (lambda k, e: on_train(done + k, {**e, "total": total})) if on_train else None
         return train_lora_steps(lm, targets, pick("pressure"), [requests[baseline][j] for j in positions], neutral,
                                 settings, report, helpful=pick("helpful"), control=pick("control"), keep=keep,
-                                snapshots=steps)
+                                snapshots=steps, kl_set=kl.subset(positions))
 
     whole, log = train(list(range(n)), 0)
     per_fold = []
