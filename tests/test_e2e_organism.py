@@ -41,7 +41,7 @@ def test_mechfix_run_on_the_collusion_organism_finds_the_planted_layers_and_give
     assert got["first_planted_module_rank_restored"] == expected["first_planted_module_rank_restored"] == 1
     # Summed over every position (where the update acts), the planted layers' attention outputs rank among the
     # top three of the 18, and hold more of the effect than at the decision position, where later heads carry the
-    # trigger on (their heads rank lower: benchmarks/README.md).
+    # trigger on (their heads rank lower: docs/results/benchmarks.md).
     assert got["first_planted_module_rank_all_positions"] <= 3
     assert got["planted_module_share_all_positions"] > got["planted_module_share"]
     assert got["first_planted_module_rank_all_positions"] == expected["first_planted_module_rank_all_positions"]

@@ -163,7 +163,7 @@ OpOpt = Annotated[
     str | None,
     typer.Option(
         help="heads: project, ablate, steer, restore or scale (default: try them all and keep what carries over; ablate and scale export as weights); vector: "
-        "subtract; lora: lora. See the README for what each does."
+        "subtract; lora: lora. The manual's steer page says what each does."
     ),
 ]
 

@@ -139,8 +139,8 @@ def steer(
     the helpful pull kept, clean and control unchanged), once on the whole
     split and once per fold (at most 3), and its steps, rank (--rank or half of
     it) and strength are chosen by the same cross-validation; it is written as a PEFT adapter folder. With --gate probe, every candidate edits only where a
-    linear probe says the agent is under pressure (see the README's "Gated
-    fixes"). Exit 1 (nothing written) when nothing fits the budget.
+    linear probe says the agent is under pressure (see the manual's tutorial
+    "A gated fix"). Exit 1 (nothing written) when nothing fits the budget.
     """
     from mechfix.measure import capabilities as caps
     from mechfix.artifacts import check_same_model, load_artifact

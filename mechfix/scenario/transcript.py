@@ -372,7 +372,7 @@ def load_transcript(transcript: str | Path, decision: str | Path) -> LoadedRecip
     """
     dpath = Path(decision)
     if not dpath.is_file():
-        raise RecipeError(f"decision file '{dpath}' does not exist. Write one (see the README's 'Transcripts' section).")
+        raise RecipeError(f"decision file '{dpath}' does not exist. Write one (see the manual's how-to 'Your own transcripts', docs/howto/transcripts.md).")
     decision_raw = read_bytes(dpath, "decision file", error=RecipeError)
     dec = validate_yaml(decode_text(decision_raw, dpath, "decision file", RecipeError), str(dpath), DecisionFile)
     convs = read_transcripts(transcript)

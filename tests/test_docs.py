@@ -1,0 +1,148 @@
+"""The manual: built strictly, its command reference made from the command line, its commands real, its links inside."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from mechfix.cli import app
+from mechfix.cli.reference import pages
+
+try:  # newer typer vendors click as typer._click, with its own exception classes
+    from typer import exceptions as _typer_exceptions
+    from typer._click import exceptions as _vendored
+
+    _EXIT, _USAGE = (click.exceptions.Exit, _typer_exceptions.Exit), (click.UsageError, _vendored.UsageError)
+except ImportError:
+    _EXIT, _USAGE = (click.exceptions.Exit,), (click.UsageError,)
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+REFERENCE = DOCS / "reference" / "cli"
+# Every Markdown page people read: the manual, and the pages at the top of the repository and its folders.
+PAGES = sorted({p.resolve() for p in DOCS.rglob("*.md")} | {ROOT / n for n in ("README.md", "CHANGELOG.md", "SECURITY.md")}
+               | {ROOT / "recipes" / "README.md", ROOT / "benchmarks" / "README.md"})
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+# Words that only make sense to whoever wrote them: a reader cannot follow a date-less "today" or a machine.
+UNFOLLOWABLE = re.compile(r"\btoday\b|\bthis\s+machine\b|\bprevious\s+release\b|\bthe\s+issue\b|\.\./shared", re.I)
+
+
+def _prose(text: str) -> str:
+    """A page without its code blocks (examples may say anything)."""
+    return FENCE.sub("", text)
+
+
+def _commands(text: str) -> list[str]:
+    """The ``mechfix …`` command lines in a page's shell code blocks, continuation lines joined."""
+    found = []
+    for lang, body in FENCE.findall(text):
+        if lang not in ("bash", "sh", "console", "shell"):
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line.strip().removeprefix("$ "))  # a comment may hold anything
+            # A command may follow an install in the same line: `pip install ... && mechfix run ...`.
+            for part in re.split(r"&&|;|\|", line):
+                part = part.strip()
+                if part.startswith("mechfix "):
+                    found.append(part)
+    return found
+
+
+def _parse(line: str) -> str | None:
+    """Parse one command line with the real command line, running nothing: None, or what is wrong with it."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars="<>")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    words = []
+    for w in lexer:
+        if w and w[0] in "<>":
+            break  # a redirection ends the arguments
+        words.append(w)
+    group = typer.main.get_command(app)
+    try:
+        ctx = group.make_context("mechfix", words[1:], resilient_parsing=False)
+        rest = [*getattr(ctx, "protected_args", getattr(ctx, "_protected_args", [])), *ctx.args]
+        name, cmd, args = group.resolve_command(ctx, rest)
+        cmd.make_context(name, args, parent=ctx)
+    except _EXIT:
+        return None  # --help
+    except _USAGE as e:
+        return e.format_message()
+    return None
+
+
+def test_the_command_reference_pages_are_what_the_command_line_says_now():
+    made = pages()
+    assert sorted(p.name for p in REFERENCE.glob("*.md")) == sorted(made)
+    stale = [name for name, text in made.items() if (REFERENCE / name).read_text(encoding="utf-8") != text]
+    assert not stale, f"stale pages {stale}: run `python -m mechfix.cli.reference docs/reference/cli`"
+
+
+def test_every_command_has_a_reference_page_with_every_option_it_takes():
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        page = (REFERENCE / f"{name}.md").read_text(encoding="utf-8")
+        for param in cmd.params:
+            if param.param_type_name == "option" and not param.hidden:
+                assert f"{param.opts[-1]}" in page, (name, param.opts)
+
+
+def test_the_manual_builds_strictly(tmp_path):
+    site = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
+                           "--site-dir", str(site)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (site / "reference" / "cli" / "steer" / "index.html").exists()
+    assert (site / "concepts" / "index.html").read_text(encoding="utf-8").count('id="gate"') == 1
+
+
+def test_every_mechfix_command_in_the_docs_parses_with_the_real_command_line():
+    lines = [(p, c) for p in PAGES for c in _commands(p.read_text(encoding="utf-8"))]
+    assert len(lines) > 50  # the manual is full of them; far fewer means the blocks were not read
+    wrong = [f"{p.relative_to(ROOT)}: {c}\n  -> {why}" for p, c in lines if (why := _parse(c))]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_parser_the_docs_test_uses_refuses_an_unknown_option_and_an_unknown_command():
+    assert _parse("mechfix run recipes/conformity.yaml --out x") is None
+    assert "--colour" in _parse("mechfix run recipes/conformity.yaml --out x --colour red")
+    assert _parse("mechfix frobnicate x") is not None
+    assert _parse("mechfix verify conformity --fix f.safetensors > out.json  # a comment") is None
+
+
+def test_no_page_links_out_of_the_repository():
+    bad = []
+    for page in PAGES:
+        text = _prose(page.read_text(encoding="utf-8"))
+        if re.search(r"https?://", text):
+            bad.append(f"{page.relative_to(ROOT)}: a web address")
+        for target in LINK.findall(text):
+            path = target.split("#", 1)[0]
+            if not path:
+                continue
+            resolved = (page.parent / path).resolve()
+            if ROOT not in resolved.parents or not resolved.exists():
+                bad.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_page_speaks_of_today_this_machine_or_the_issue(page):
+    text = _prose(page.read_text(encoding="utf-8"))
+    found = [m.group(0) for m in UNFOLLOWABLE.finditer(text)]
+    assert not found, found
+
+
+def test_the_front_page_stays_short():
+    words = len(_prose((ROOT / "README.md").read_text(encoding="utf-8")).split())
+    assert words <= 1500, words
