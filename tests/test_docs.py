@@ -36,6 +36,23 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 UNFOLLOWABLE = re.compile(r"\btoday\b|\bthis\s+machine\b|\bprevious\s+release\b|\bthe\s+issue\b|\.\./shared", re.I)
 
 
+# Terms the manual uses before a reader may know them: the first use on a page links to its glossary entry.
+TERMS = {"KL": "kl", "nats": "score", "anti-steerable": "anti-steerable", "NDIF": "backends-and-ndif"}
+
+
+def _first_use(text: str, term: str) -> tuple[tuple[int, int], bool] | None:
+    """Where a term is first used in a page's prose (not in code, a heading or a link's address), and whether that
+    use is a link to the glossary; None when the page does not use it."""
+    skip = [m.span() for m in re.finditer(r"(?s:^```.*?^```)|`[^`\n]*`|^#[^\n]*|\]\([^)]*\)|(?s:<!--.*?-->)", text, re.M)]
+    for m in re.finditer(rf"(?<![\w-]){re.escape(term)}(?![\w-])", text):
+        if any(a <= m.start() < b for a, b in skip):
+            continue
+        before = text[max(0, m.start() - 1): m.start()]
+        linked = before == "[" and re.match(r"\]\([^)]*concepts\.md#", text[m.end():]) is not None
+        return m.span(), linked
+    return None
+
+
 def _prose(text: str) -> str:
     """A page without its code blocks (examples may say anything)."""
     return FENCE.sub("", text)
@@ -146,3 +163,20 @@ def test_no_page_speaks_of_today_this_machine_or_the_issue(page):
 def test_the_front_page_stays_short():
     words = len(_prose((ROOT / "README.md").read_text(encoding="utf-8")).split())
     assert words <= 1500, words
+
+
+# The glossary itself, the generated reference and the changelog (a record of changes, not a place to learn) aside.
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name not in ("concepts.md", "CHANGELOG.md") and "cli" not in p.parts],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_term_s_first_use_on_a_page_links_to_its_glossary_entry(page):
+    text = page.read_text(encoding="utf-8")
+    unlinked = [term for term in TERMS if (hit := _first_use(text, term)) is not None and not hit[1]]
+    assert not unlinked, unlinked
+
+
+def test_the_glossary_check_finds_a_plain_use_past_code_and_headings_and_knows_a_linked_one():
+    text = "# KL\n\n`KL` in code, then KL here and [KL](concepts.md#kl) later.\n"
+    (start, end), linked = _first_use(text, "KL")
+    assert start == text.index("then KL") + len("then ") and not linked
+    assert _first_use("See [KL](../concepts.md#kl), then KL.", "KL")[1]
+    assert _first_use("```\nKL\n```\nnothing else", "KL") is None
