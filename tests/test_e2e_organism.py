@@ -36,7 +36,7 @@ def test_mechfix_run_on_the_collusion_organism_finds_the_planted_layers_and_give
 
     assert got["effect"] > 3.0  # the planted behaviour is there, in nats
     # Restored exactly at every position, the two planted layers' attention outputs come first and second of the
-    # 18: where a lora fix goes (the benchmark's --kind lora run, too slow for the suite, passes verify there).
+    # 18: where a lora fix goes (the benchmark's --kind lora run, too slow for the suite, removes the behaviour there: docs/results/benchmarks.md).
     assert sorted(got["top_modules_restored"][:2]) == ["L6.attn", "L7.attn"]
     assert got["first_planted_module_rank_restored"] == expected["first_planted_module_rank_restored"] == 1
     # Summed over every position (where the update acts), the planted layers' attention outputs rank among the
