@@ -181,15 +181,16 @@ class _KLSet:
 
     def subset(self, positions: Sequence[int]) -> _KLSet:
         """The same set for some of its items (their baseline and control prompts); the rest is shared."""
+        per_item = 2 if self.control else 1  # an item's baseline prompt, and its control prompt
         rows = list(positions) + ([self.items + i for i in positions] if self.control else [])
-        rows += list(range(self.items * (2 if self.control else 1), len(self.ids)))
+        rows += list(range(self.items * per_item, len(self.ids)))
 
         def pick(xs: list) -> list:
             return [xs[r] for r in rows]
 
         return _KLSet(ids=pick(self.ids), decision=pick(self.decision), top_idx=pick(self.top_idx),
                       top_logp=pick(self.top_logp), tail_logp=pick(self.tail_logp), items=len(positions),
-                      control=self.control, prompts=self.prompts - (self.items - len(positions)) * (2 if self.control else 1))
+                      control=self.control, prompts=self.prompts - (self.items - len(positions)) * per_item)
 
 
 def _positions(ids: list[int], decision: bool) -> list[int]:
