@@ -13,16 +13,13 @@ import click
 import pytest
 import typer
 
-from mechfix.cli import app
+from mechfix.cli import _click_classes, app
 from mechfix.cli.reference import pages
 
-try:  # newer typer vendors click as typer._click, with its own exception classes
-    from typer import exceptions as _typer_exceptions
-    from typer._click import exceptions as _vendored
-
-    _EXIT, _USAGE = (click.exceptions.Exit, _typer_exceptions.Exit), (click.UsageError, _vendored.UsageError)
-except ImportError:
-    _EXIT, _USAGE = (click.exceptions.Exit,), (click.UsageError,)
+# A usage error is a ClickException, from click or from the click that newer typer vendors (the CLI's own lookup);
+# --help ends parsing with an Exit, from either too.
+_USAGE, _ = _click_classes()
+_EXIT = (click.exceptions.Exit, typer.Exit)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

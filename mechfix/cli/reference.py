@@ -46,17 +46,17 @@ def _examples(epilog: str | None) -> list[str]:
     return [re.sub(r"\s{2,}\((.*)\)$", r"   # \1", line) for line in lines if line.startswith("mechfix ")]
 
 
-def command_page(name: str) -> str:
+def command_page(name: str, contexts: dict[str, Any] | None = None) -> str:
     """The reference page of one command: summary, usage, description, arguments, options by panel, examples.
 
     Args:
         name: A command of :data:`mechfix.cli.COMMANDS`.
+        contexts: Every command's parsing context (:func:`pages` makes them once for all pages).
 
     Returns:
         Markdown text.
     """
-    _, contexts = _contexts()
-    ctx = contexts[name]
+    ctx = (contexts or _contexts()[1])[name]
     cmd = ctx.command
     summary, rest = _paragraphs(cmd.help or "")
     out = [f"# `mechfix {name}`\n\n", _NOTICE, f"{summary}\n\n", "```text\n", cmd.get_usage(ctx).strip(), "\n```\n\n"]
@@ -87,9 +87,10 @@ def command_page(name: str) -> str:
     return "".join(out).rstrip("\n") + "\n"
 
 
-def index_page() -> str:
+def index_page(group: Any = None, contexts: dict[str, Any] | None = None) -> str:
     """The reference's index: every command with its summary line, linking to its page."""
-    group, contexts = _contexts()
+    if group is None or contexts is None:
+        group, contexts = _contexts()
     rows = "".join(f"| [`mechfix {n}`]({n}.md) | {_cell(_paragraphs(contexts[n].command.help or '')[0])} |\n"
                    for n in COMMANDS)
     return (f"# Command reference\n\n{_NOTICE}{_cell(_paragraphs(group.help or '')[0])}\n\n"
@@ -98,7 +99,8 @@ def index_page() -> str:
 
 def pages() -> dict[str, str]:
     """Every page of the reference, by file name."""
-    return {"index.md": index_page(), **{f"{n}.md": command_page(n) for n in COMMANDS}}
+    group, contexts = _contexts()
+    return {"index.md": index_page(group, contexts), **{f"{n}.md": command_page(n, contexts) for n in COMMANDS}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     folder = Path(args[0])
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in pages().items():
+    made = pages()
+    for name, text in made.items():
         (folder / name).write_text(text, encoding="utf-8")
-    print(f"wrote {len(pages())} pages to {folder}", file=sys.stderr)
+    print(f"wrote {len(made)} pages to {folder}", file=sys.stderr)
     return 0
 
 
