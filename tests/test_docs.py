@@ -33,20 +33,26 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 UNFOLLOWABLE = re.compile(r"\btoday\b|\bthis\s+machine\b|\bprevious\s+release\b|\bthe\s+issue\b|\.\./shared", re.I)
 
 
-# Terms the manual uses before a reader may know them: the first use on a page links to its glossary entry.
-TERMS = {"KL": "kl", "nats": "score", "anti-steerable": "anti-steerable", "NDIF": "backends-and-ndif"}
+# Terms the manual uses before a reader may know them (a pattern each, its variants included): the first use on a
+# page links to its glossary entry.
+TERMS = {
+    "KL": "kl", "nats": "score", "scores?": "score", "anti-steerable": "anti-steerable", "NDIF": "backends-and-ndif",
+    "overshoot": "overshoot", "gates?": "gate", "held[ -]out": "split-and-folds", "folds?": "split-and-folds",
+    "budget": "budget", "harm": "harm-and-help", "(?<!side )effects?": "effect", r"L\d+\.H\d+": "components",
+}
 
 
 def _first_use(text: str, term: str) -> tuple[tuple[int, int], bool] | None:
-    """Where a term is first used in a page's prose (not in code, a heading or a link's address), and whether that
-    use is a link to the glossary; None when the page does not use it."""
+    """Where a term (a pattern) is first used in a page's prose (not in code, a heading or a link's address), and
+    whether that use is a link to its glossary entry; None when the page does not use it."""
     skip = [m.span() for m in re.finditer(r"(?s:^```.*?^```)|`[^`\n]*`|^#[^\n]*|\]\([^)]*\)|(?s:<!--.*?-->)", text, re.M)]
-    for m in re.finditer(rf"(?<![\w-]){re.escape(term)}(?![\w-])", text):
+    for m in re.finditer(rf"(?<![\w.-])(?:{term})(?![\w-]|\.\w)", text):
         if any(a <= m.start() < b for a, b in skip):
             continue
-        before = text[max(0, m.start() - 1): m.start()]
-        linked = before == "[" and re.match(r"\]\([^)]*concepts\.md#", text[m.end():]) is not None
-        return m.span(), linked
+        # Linked: the use lies in a link's text ("[harm and help](…concepts.md#harm-and-help)") to the term's entry.
+        opened = re.search(r"\[[^\[\]]*$", text[:m.start()])
+        closes = re.match(rf"[^\[\]]*\]\([^)]*concepts\.md#{TERMS.get(term, '')}\)", text[m.end():])
+        return m.span(), opened is not None and closes is not None
     return None
 
 
@@ -177,3 +183,16 @@ def test_the_glossary_check_finds_a_plain_use_past_code_and_headings_and_knows_a
     assert start == text.index("then KL") + len("then ") and not linked
     assert _first_use("See [KL](../concepts.md#kl), then KL.", "KL")[1]
     assert _first_use("```\nKL\n```\nnothing else", "KL") is None
+    assert _first_use("the [harm and help](concepts.md#harm-and-help) split", "harm")[1]
+    assert not _first_use("the [harm](concepts.md#kl) split", "harm")[1]  # a link to another entry is not its entry
+    assert _first_use("side effects here, then the effects", "(?<!side )effects?")[0][0] == len("side effects here, then the ")
+    assert _first_use("gates and [gate](concepts.md#gate)", "gates?")[1] is False
+
+
+NESTED = re.compile(r"\[[^\[\]]*\[[^\[\]]*\]\([^)]*\)[^\[\]]*\]\(")
+
+
+def test_no_link_sits_inside_another_link_s_text():
+    nested = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in PAGES for m in NESTED.finditer(_prose(p.read_text(encoding="utf-8")))]
+    assert not nested, nested
+    assert NESTED.search("[big models and [NDIF](concepts.md#x)](howto/models.md)")
