@@ -196,3 +196,21 @@ def test_no_link_sits_inside_another_link_s_text():
     nested = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in PAGES for m in NESTED.finditer(_prose(p.read_text(encoding="utf-8")))]
     assert not nested, nested
     assert NESTED.search("[big models and [NDIF](concepts.md#x)](howto/models.md)")
+
+
+# A measured number: a bootstrap interval, a KL per token, a held-out reduction. They live on the results pages.
+MEASURED = re.compile(r"\[[-−+]?\d+(?:\.\d+)?%?, [-−+]?\d+(?:\.\d+)?%?\]|\d\.\d+ nats/token|\d+% (?:less|held out)")
+GUIDES = [p for p in PAGES if "results" not in p.parts and "cli" not in p.parts and p.name != "CHANGELOG.md"
+          and p.parent.name not in ("recipes", "benchmarks")]
+
+
+@pytest.mark.parametrize("page", GUIDES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_measured_numbers_live_on_the_results_pages_only(page):
+    found = [m.group(0) for m in MEASURED.finditer(_prose(page.read_text(encoding="utf-8")))]
+    assert not found, f"move these to docs/results/ and link there: {found}"
+
+
+def test_the_measured_number_check_knows_an_interval_a_kl_and_a_reduction():
+    for text in ("+5.32 [+4.46, +6.20]", "21% [9%, 32%]", "KL 0.0699 nats/token", "removes 36% held out"):
+        assert MEASURED.search(text), text
+    assert not MEASURED.search("`--max-kl` (0.1) and `--min-reduction` (0.5)")
