@@ -201,3 +201,34 @@ def test_the_base_distributions_of_some_items_are_those_computed_for_those_items
     for name in ("top_idx", "top_logp", "tail_logp"):
         for mine, theirs in zip(getattr(part, name), getattr(alone, name), strict=True):
             torch.testing.assert_close(mine, theirs)
+
+
+def test_training_reads_the_layers_below_the_adapter_from_each_sequence_s_one_pass_and_learns_the_same():
+    from mechfix.engine.batches import Request
+    from mechfix.engine.layerskip import RowSkip
+    from mechfix.fixes.adapter import lora_targets
+    from mechfix.stages.lora import train_lora_steps
+
+    lm = _carry_model()
+    tok = lm.tokenizer
+
+    def req(turns: str) -> Request:
+        return Request(tok(f"a game.\n{turns}Sam:").input_ids, [tok("J", add_special_tokens=False).input_ids,
+                                                                 tok("K", add_special_tokens=False).input_ids])
+
+    pressure = [req(f"Host: {q}\nAna: K.\nBen: K.\n") for q in _QUESTIONS[:6]]
+    clean = [req(f"Host: {q}\n") for q in _QUESTIONS[:6]]
+    control = [req(f"a grid: K K.\nHost: {q}\n") for q in _QUESTIONS[:6]]
+    targets = lora_targets(lm, [1], [2], "heads")
+    neutral = neutral_set(lm, neutral_passages()[:3])
+    settings = dataclasses.replace(TRAIN, steps=6)
+    skip = RowSkip(lm, 1)
+    fast, fast_log = train_lora_steps(lm, targets, pressure, clean, neutral, settings, control=control, skip=skip)
+    whole, whole_log = train_lora_steps(lm, targets, pressure, clean, neutral, settings, control=control,
+                                        skip=RowSkip(lm, 0))  # from layer 0: nothing skipped
+    # Every pass of every step after the warm-up read layer 0's output back: pressure, and the KL passes.
+    assert skip.hits >= 2 * settings.steps
+    for a, b in zip(fast[6].a + fast[6].b, whole[6].a + whole[6].b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for x, y in zip(fast_log.steps, whole_log.steps, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)

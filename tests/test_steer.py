@@ -351,3 +351,30 @@ def test_verify_warns_when_the_held_out_effect_is_below_the_minimum_worth_a_fix(
     effect, _ = warned(0.0)
     assert effect > 0  # the planted effect, held out (positive, so only the minimum decides)
     assert warned(effect * 2)[1] and not warned(effect / 2)[1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_a_sequence_s_lower_layers_kept_once_give_the_same_hidden_states_in_any_batch(arch):
+    from mechfix.engine.batches import final_hidden, pad_batch
+    from mechfix.engine.layerskip import RowSkip
+
+    lm = tiny_model(arch)
+    seqs = [lm.tokenizer(t).input_ids for t in ("Ana: Lyon. Sam:", "Ben: no, Rome, not Paris. Sam:", "a b", "Chloe: Oslo.")]
+    plain = [final_hidden(lm, *pad_batch(lm, [s]))[0] for s in seqs]  # each sequence alone
+    skip = RowSkip(lm, 2)
+    with skip.active():
+        skip.warm(seqs[:3], size=2)
+        assert len(skip.store) == 3 and skip.hits == 0
+        # Batches of another make-up and width than the warm-up's: every row is read back from the store.
+        for batch in ([2, 0], [1, 2, 0], [1]):
+            out = final_hidden(lm, *pad_batch(lm, [seqs[i] for i in batch]))
+            for j, i in enumerate(batch):
+                torch.testing.assert_close(out[j, : len(seqs[i])], plain[i], rtol=1e-5, atol=1e-5)
+        assert skip.hits == 3
+        # A batch with a sequence not kept runs whole, and keeps it; a left-padded batch is never read from the store.
+        final_hidden(lm, *pad_batch(lm, [seqs[3], seqs[0]]))
+        assert skip.hits == 3 and len(skip.store) == 4
+        left = final_hidden(lm, *pad_batch(lm, [seqs[0], seqs[1]], left=True))
+        assert skip.hits == 3
+    torch.testing.assert_close(final_hidden(lm, *pad_batch(lm, [seqs[1]]))[0], plain[1])  # the layers are whole again
+    assert left.shape[1] == len(seqs[1])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -196,10 +197,24 @@ def returned_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None) if "cache" in getattr(out, "__dataclass_fields__", {}) else None
     return cache if cache is not None else out.past_key_values
 
+# The batch final_hidden is running: hooks inside the pass that need to know its rows read it
+# (layerskip.RowSkip); a layer hook sees only hidden states.
+_RUNNING: ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = ContextVar("mechfix_running_batch", default=None)
+
+
+def running_batch() -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The token ids and attention mask (``[B, T]``, CPU) of the batch :func:`final_hidden` is running; else None."""
+    return _RUNNING.get()
+
+
 def final_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The backbone's final, normed hidden states ``[B, T, d]`` for a padded batch (no key/value cache)."""
     check_plain_pass(lm, "this step (a plain forward pass)")
-    out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    token = _RUNNING.set((ids.cpu(), mask.cpu()))
+    try:
+        out = lm.backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    finally:
+        _RUNNING.reset(token)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 def pad_batch(lm: LoadedModel, seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,8 +50,9 @@ from mechfix.errors import BadInputError
 from mechfix.measure.evaluate import NeutralSet
 from mechfix.fixes.adapter import SCOPES, LoraTarget, LoraWeights, init_lora
 from mechfix.fixes.fix import OPS, Fix
-from mechfix.engine.batches import Request, final_hidden, pad_batch
+from mechfix.engine.batches import Request, final_hidden, pad_batch, rows_of
 from mechfix.engine.forward import option_scores, retry_smaller
+from mechfix.engine.layerskip import RowSkip
 from mechfix.models import LoadedModel
 from mechfix.measure.stats import decision_scores
 from mechfix.stages.sweep import Candidate
@@ -344,6 +345,7 @@ def train_lora_steps(
     keep: Sequence[Sequence[int]] = (),
     snapshots: Sequence[int] = (),
     kl_set: _KLSet | None = None,
+    skip: RowSkip | None = None,
 ) -> tuple[dict[int, LoraWeights], TrainingLog]:
     """Train the adapter, keeping it as it was after each step in ``snapshots`` (and the last).
 
@@ -359,6 +361,9 @@ def train_lora_steps(
         kl_set: The base model's distributions on these items' prompts, ``keep`` and
             ``neutral``, when already computed (:func:`lora_candidates` computes them once
             for every fold).
+        skip: The layers below the adapter's, kept per sequence (:class:`~mechfix.engine.layerskip.RowSkip`):
+            they compute the same at every step, so each sequence runs them once; one may be shared by
+            trainings on the same sequences (:func:`lora_candidates` shares one across folds).
 
     Returns:
         Step to adapter (the last step always), and the training log.
@@ -397,7 +402,10 @@ def train_lora_steps(
     log = TrainingLog(settings=settings)
     snaps: dict[int, LoraWeights] = {}
     size = settings.batch + settings.neutral_per_step  # sequences per forward pass; halved after running out of memory
-    with _frozen(lm), _training_hooks(lm, lora):
+    skip = skip if skip is not None else RowSkip(lm, min(t.layer for t in targets))
+    with _frozen(lm), _training_hooks(lm, lora), skip.active():
+        decisions = [*pressure, *baseline, *(helpful or ())]
+        skip.warm([r.ids for r in rows_of(decisions)] + [list(x) for x in kl.ids], size)
         for step in range(1, settings.steps + 1):
             items = torch.randperm(n_items, generator=g)[: settings.batch].tolist()
             # Each item's baseline prompt, and its control prompt; a sample of the capability prompts and passages.
@@ -513,6 +521,7 @@ def lora_candidates(
     # The base model's distributions do not depend on the fold: computed once, each fold takes its items' rows.
     kl = _kl_set(lm, [r.prompt for r in requests[baseline]], [r.prompt for r in control] if control else None,
                  keep, neutral, settings.topk)
+    skip = RowSkip(lm, min(t.layer for t in targets))  # every fold trains on a subset of the same sequences
 
     def train(positions: list[int], done: int) -> tuple[dict[int, LoraWeights], TrainingLog]:
         def pick(c: str) -> list[Request] | None:
@@ -521,7 +530,7 @@ def lora_candidates(
         report = (lambda k, e: on_train(done + k, {**e, "total": total})) if on_train else None
         return train_lora_steps(lm, targets, pick("pressure"), [requests[baseline][j] for j in positions], neutral,
                                 settings, report, helpful=pick("helpful"), control=pick("control"), keep=keep,
-                                snapshots=steps, kl_set=kl.subset(positions))
+                                snapshots=steps, kl_set=kl.subset(positions), skip=skip)
 
     whole, log = train(list(range(n)), 0)
     per_fold = []
