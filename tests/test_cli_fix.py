@@ -98,6 +98,12 @@ def test_steer_refuses_bad_input_and_an_impossible_budget_writing_nothing(monkey
     code, _, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--max-kl", "0")
     assert code == 1 and "every point measured" in stderr and "no heads fix" in " ".join(stderr.split())
     assert not out.exists()
+    # With --json the same refusal is one object on stdout: no fix, the reason, every point measured.
+    code, stdout, stderr = run(monkeypatch, capsys, "steer", str(att), "--out", str(out), "--max-kl", "0", "--json")
+    summary = json.loads(stdout)
+    assert code == 1 and summary["fix"] is None and summary["artifact"] is None and not out.exists()
+    assert summary["why"].startswith("no heads fix") and summary["budget"]["max_kl"] == 0
+    assert summary["sweep"] and all(p["kl"] is None or p["kl"] > 0 or p["strength"] == 0 for p in summary["sweep"])
 
 
 def test_export_writes_a_vector_fix_and_refuses_a_heads_fix(monkeypatch, capsys, tmp_path, pipeline):

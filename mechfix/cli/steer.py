@@ -48,6 +48,17 @@ def print_failed_sweep(exc, budget) -> None:
                            else "training-fit reduction", "candidates": clean_nan([p.as_dict() for p in exc.detail.search])})
 
 
+def failed_steer_summary(exc, budget) -> dict[str, Any]:
+    """``steer --json``'s one object when no fix fits: no artifact, the reason, and what was measured."""
+    detail = exc.detail
+    return clean_nan({
+        "artifact": None, "sha256": None, "fix": None, "why": str(exc), "budget": budget.as_dict(),
+        "sweep": [p.as_dict() for p in detail.sweep] if detail is not None else [],
+        "candidates": [p.as_dict() for p in detail.search] if detail is not None and detail.search else [],
+        "folds": detail.folds if detail is not None else None,
+    })
+
+
 def steer_summary(artifact) -> dict[str, Any]:
     m = artifact.manifest
     f = m["fix"]
@@ -176,6 +187,8 @@ def steer(
                                  on_progress=progress)
     except GateError as exc:
         print_failed_sweep(exc, limits)
+        if as_json:  # a --json caller still gets one object on stdout (then exit 1, the reason on stderr)
+            emit_json(failed_steer_summary(exc, limits))
         raise
     summary = steer_summary(artifact)
     if as_json:
