@@ -404,8 +404,6 @@ def train_lora_steps(
     size = settings.batch + settings.neutral_per_step  # sequences per forward pass; halved after running out of memory
     skip = skip if skip is not None else RowSkip(lm, min(t.layer for t in targets))
     with _frozen(lm), _training_hooks(lm, lora), skip.active():
-        decisions = [*pressure, *baseline, *(helpful or ())]
-        skip.warm([r.ids for r in rows_of(decisions)] + [list(x) for x in kl.ids], size)
         for step in range(1, settings.steps + 1):
             items = torch.randperm(n_items, generator=g)[: settings.batch].tolist()
             # Each item's baseline prompt, and its control prompt; a sample of the capability prompts and passages.
@@ -418,6 +416,11 @@ def train_lora_steps(
                       if not (kl.decision[i] and p == len(kl.ids[i]) - 1)]
             chosen = torch.randperm(len(others), generator=g)[: settings.kl_positions].tolist()
             picks += [others[c] for c in sorted(chosen)]
+            # Each sequence's lower layers run at its first use only: the step's passes then start above them.
+            read = [pressure[i] for i in items]
+            if helpful is not None and settings.helpful_weight > 0:  # the helpful term scores both of these
+                read += [helpful[i] for i in items] + [baseline[i] for i in items]
+            skip.warm([r.ids for r in rows_of(read)] + [kl.ids[i] for i in seqs], size)
 
             def attempt() -> tuple[float, float, float]:
                 opt.zero_grad(set_to_none=True)
