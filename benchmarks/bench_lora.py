@@ -127,15 +127,18 @@ def main() -> None:
     if not args.only_lower_layers:
         out.update(_unlabelled_and_labelled(lm, rec, dec, reqs, baseline, conds, targets, neutral, settings, keep))
     # 3. The whole split's labelled training with and without the lower layers kept per sequence.
+    # The base model's KL targets are computed once for each, untimed, as lora_candidates does: with the lower
+    # layers kept, that pass keeps every prompt's and passage's lower layers on the way.
     control = reqs.get("control") if baseline != "control" else None
-    kl = _kl_set(lm, [r.prompt for r in reqs[baseline]], [r.prompt for r in control] if control else None, keep,
-                 neutral, settings.topk)
     start = min(m.layer for m in targets)
     skip_times: dict[str, float] = {}
     for name, first in (("kept_per_sequence_s", start), ("every_layer_s", 0)):
+        skip = RowSkip(lm, first)
+        kl = _kl_set(lm, [r.prompt for r in reqs[baseline]], [r.prompt for r in control] if control else None, keep,
+                     neutral, settings.topk, skip)
         t = time.perf_counter()
         train_lora_steps(lm, targets, reqs["pressure"], reqs[baseline], neutral, settings, helpful=reqs.get("helpful"),
-                         control=control, keep=keep, kl_set=kl, skip=RowSkip(lm, first))
+                         control=control, keep=keep, kl_set=kl, skip=skip)
         skip_times[name] = round(time.perf_counter() - t, 1)
     out["lower_layers"] = {
         "first_adapted_layer": start,

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -204,7 +204,8 @@ def _hidden(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def _kl_set(lm: LoadedModel, baseline: Sequence[Sequence[int]], control: Sequence[Sequence[int]] | None,
-            keep: Sequence[Sequence[int]], neutral: NeutralSet, topk: int) -> _KLSet:
+            keep: Sequence[Sequence[int]], neutral: NeutralSet, topk: int, skip: RowSkip | None = None) -> _KLSet:
+    # With a RowSkip, this one pass over every sequence also keeps their lower layers for the training's steps.
     seqs = [list(p) for p in (*baseline, *(control or ()), *keep)]
     flags = [True] * len(seqs)
     n_prompts = len(seqs)
@@ -214,7 +215,8 @@ def _kl_set(lm: LoadedModel, baseline: Sequence[Sequence[int]], control: Sequenc
             flags.append(False)
     kl = _KLSet(ids=seqs, decision=flags, top_idx=[], top_logp=[], tail_logp=[], items=len(baseline),
                 control=control is not None, prompts=n_prompts)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: what the RowSkip keeps feeds passes that train.
+    with torch.no_grad(), (skip.active() if skip is not None else nullcontext()):
         for start in range(0, len(seqs), 8):
             chunk = list(range(start, min(start + 8, len(seqs))))
             hidden = _hidden(lm, [seqs[i] for i in chunk])
@@ -392,9 +394,10 @@ def train_lora_steps(
         target = base if goal is None else goal.detach().float()
         pull = base - decision_scores(option_scores(lm, list(helpful))).detach() if helpful is not None else None
     terms = _Targets(pressure, target, baseline, helpful, pull, settings.helpful_weight)
+    skip = skip if skip is not None else RowSkip(lm, min(t.layer for t in targets))
     kl = kl_set if kl_set is not None else _kl_set(
         lm, [r.prompt for r in baseline], [r.prompt for r in control] if control is not None else None, keep, neutral,
-        settings.topk)
+        settings.topk, skip)
     n_items = len(pressure)
     n_keep, n_neutral = len(keep), len(kl.ids) - kl.prompts
     first_keep = kl.items * (2 if kl.control else 1)
@@ -402,7 +405,6 @@ def train_lora_steps(
     log = TrainingLog(settings=settings)
     snaps: dict[int, LoraWeights] = {}
     size = settings.batch + settings.neutral_per_step  # sequences per forward pass; halved after running out of memory
-    skip = skip if skip is not None else RowSkip(lm, min(t.layer for t in targets))
     with _frozen(lm), _training_hooks(lm, lora), skip.active():
         for step in range(1, settings.steps + 1):
             items = torch.randperm(n_items, generator=g)[: settings.batch].tolist()
@@ -522,9 +524,9 @@ def lora_candidates(
     n = len(requests["pressure"])
     control = requests.get("control") if baseline != "control" else None
     # The base model's distributions do not depend on the fold: computed once, each fold takes its items' rows.
-    kl = _kl_set(lm, [r.prompt for r in requests[baseline]], [r.prompt for r in control] if control else None,
-                 keep, neutral, settings.topk)
     skip = RowSkip(lm, min(t.layer for t in targets))  # every fold trains on a subset of the same sequences
+    kl = _kl_set(lm, [r.prompt for r in requests[baseline]], [r.prompt for r in control] if control else None,
+                 keep, neutral, settings.topk, skip)
 
     def train(positions: list[int], done: int) -> tuple[dict[int, LoraWeights], TrainingLog]:
         def pick(c: str) -> list[Request] | None:
