@@ -232,3 +232,20 @@ def test_training_reads_the_layers_below_the_adapter_from_each_sequence_s_one_pa
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for x, y in zip(fast_log.steps, whole_log.steps, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_the_kl_targets_pass_keeps_every_sequence_s_lower_layers_and_its_targets_are_unchanged():
+    from mechfix.engine.layerskip import RowSkip
+    from mechfix.stages.lora import _kl_set
+
+    lm = _carry_model()
+    tok = lm.tokenizer
+    base = [tok(f"a game.\nHost: {q} hint: j.\nSam:").input_ids for q in _QUESTIONS[:3]]
+    keep = [tok("the code is v. ok. the code is ").input_ids]
+    neutral = neutral_set(lm, neutral_passages()[:2])
+    skip = RowSkip(lm, 1)
+    kept = _kl_set(lm, base, None, keep, neutral, 16, skip)
+    plain = _kl_set(lm, base, None, keep, neutral, 16)
+    assert set(skip.store) == {tuple(x) for x in kept.ids}  # the training's steps find every one of them
+    for mine, theirs in zip(kept.top_logp, plain.top_logp, strict=True):
+        torch.testing.assert_close(mine, theirs)
