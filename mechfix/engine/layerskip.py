@@ -48,18 +48,25 @@ def _key(x: torch.Tensor) -> tuple[Any, ...]:
     return (tuple(data.shape), str(data.dtype), hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest())
 
 
-class LayerSkip:
+class _Kept:
+    """What both kinds of skipping share: the model, the first layer that may differ, the store and its hits."""
+
+    def __init__(self, lm: LoadedModel, start: int):
+        self.lm, self.start = lm, max(0, int(start))
+        self.store: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.hits = 0
+
+    def _hit(self) -> None:
+        self.hits += 1
+
+
+class LayerSkip(_Kept):
     """The output of layers ``0 … start−1``, kept per batch.
 
     Args:
         lm: The model.
         start: The first layer that may differ (the lowest layer any fix measured with it touches).
     """
-
-    def __init__(self, lm: LoadedModel, start: int):
-        self.lm, self.start = lm, max(0, int(start))
-        self.store: dict[tuple[Any, ...], torch.Tensor] = {}
-        self.hits = 0
 
     @contextmanager
     def active(self) -> Iterator[LayerSkip]:
@@ -76,15 +83,12 @@ class LayerSkip:
         with _skipping(self.lm, self.start, lookup, keep, self._hit):
             yield self
 
-    def _hit(self) -> None:
-        self.hits += 1
-
 
 class _Warmed(Exception):
     """Ends a pass once layer ``start − 1`` has run: :meth:`RowSkip.warm` needs nothing above it."""
 
 
-class RowSkip:
+class RowSkip(_Kept):
     """The output of layers ``0 … start−1`` kept per sequence, reused in batches of any make-up.
 
     Under right padding and a causal mask a row computes what it would alone,
@@ -99,9 +103,7 @@ class RowSkip:
     """
 
     def __init__(self, lm: LoadedModel, start: int):
-        self.lm, self.start = lm, max(0, int(start))
-        self.store: dict[tuple[int, ...], torch.Tensor] = {}
-        self.hits = 0
+        super().__init__(lm, start)
         self._warming = False
 
     def _rows(self, h: torch.Tensor) -> list[tuple[tuple[int, ...], int]] | None:
@@ -137,9 +139,6 @@ class RowSkip:
 
         with _skipping(self.lm, self.start, lookup, keep, self._hit):
             yield self
-
-    def _hit(self) -> None:
-        self.hits += 1
 
     def warm(self, seqs: Sequence[Sequence[int]], size: int = 8) -> None:
         """Run layers ``0 … start−1`` once on every sequence not kept yet (inside :meth:`active`), ``size`` at a time."""
