@@ -42,10 +42,11 @@ def print_failed_sweep(exc, budget) -> None:
     """What steer measured before it found no fix within the budget (a GateError's detail), on stderr."""
     if exc.detail is None:
         return
-    print_sweep(clean_nan([p.as_dict() for p in exc.detail.sweep]), None, budget.as_dict(), "every point measured (training split)")
-    if exc.detail.search:
-        print_candidates({"folds": exc.detail.folds, "by": "cross-validated reduction" if exc.detail.folds
-                           else "training-fit reduction", "candidates": clean_nan([p.as_dict() for p in exc.detail.search])})
+    failed = failed_steer_summary(exc, budget)
+    print_sweep(failed["sweep"], None, failed["budget"], "every point measured (training split)")
+    if failed["candidates"]:
+        print_candidates({"folds": failed["folds"], "by": "cross-validated reduction" if failed["folds"]
+                          else "training-fit reduction", "candidates": failed["candidates"]})
 
 
 def failed_steer_summary(exc, budget) -> dict[str, Any]:

@@ -199,6 +199,11 @@ def _positions(ids: list[int], decision: bool) -> list[int]:
     return list(range(len(ids) if decision else len(ids) - 1))
 
 
+def _below(lm: LoadedModel, targets: Sequence[LoraTarget]) -> RowSkip:
+    """The layers under the lowest adapted one: the adapter cannot change them, so training keeps them per sequence."""
+    return RowSkip(lm, min(t.layer for t in targets))
+
+
 def _hidden(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     return final_hidden(lm, *pad_batch(lm, seqs))
 
@@ -394,7 +399,7 @@ def train_lora_steps(
         target = base if goal is None else goal.detach().float()
         pull = base - decision_scores(option_scores(lm, list(helpful))).detach() if helpful is not None else None
     terms = _Targets(pressure, target, baseline, helpful, pull, settings.helpful_weight)
-    skip = skip if skip is not None else RowSkip(lm, min(t.layer for t in targets))
+    skip = skip if skip is not None else _below(lm, targets)
     kl = kl_set if kl_set is not None else _kl_set(
         lm, [r.prompt for r in baseline], [r.prompt for r in control] if control is not None else None, keep, neutral,
         settings.topk, skip)
@@ -524,7 +529,7 @@ def lora_candidates(
     n = len(requests["pressure"])
     control = requests.get("control") if baseline != "control" else None
     # The base model's distributions do not depend on the fold: computed once, each fold takes its items' rows.
-    skip = RowSkip(lm, min(t.layer for t in targets))  # every fold trains on a subset of the same sequences
+    skip = _below(lm, targets)  # every fold trains on a subset of the same sequences
     kl = _kl_set(lm, [r.prompt for r in requests[baseline]], [r.prompt for r in control] if control else None,
                  keep, neutral, settings.topk, skip)
 
