@@ -213,3 +213,26 @@ def test_a_built_in_name_means_the_built_in_even_beside_a_folder_of_that_name(tm
     (tmp_path / "mine").mkdir()
     with pytest.raises(RecipeError, match="is a folder"):
         load_recipe("mine")
+
+
+def test_the_reworded_collusion_recipe_asks_the_same_question_in_words_collusion_never_uses():
+    # The transfer check verifies collusion's fix on this recipe; it only tests carrying over if no wording is shared.
+    from pathlib import Path
+
+    from mechfix.scenario.episodes import render_episode
+
+    def four_grams(r):
+        grams = set()
+        for i in range(len(r.items)):
+            for c in r.condition_names:
+                words = re.findall(r"[a-z']+", render_episode(r, i, c).text.lower())
+                grams |= {tuple(words[k:k + 4]) for k in range(len(words) - 3)}
+        return grams
+
+    built_in = load_recipe("collusion").recipe
+    reworded = load_recipe(Path(__file__).parents[1] / "benchmarks" / "transfer" / "collusion-reworded.yaml").recipe
+    assert reworded.family == built_in.family and set(reworded.conditions) == set(built_in.conditions)
+    assert len(reworded.items) == len(built_in.items)
+    assert not {a.name for a in reworded.agents} & {a.name for a in built_in.agents}
+    assert not {i["product"] for i in reworded.items} & {i["product"] for i in built_in.items}
+    assert not four_grams(reworded) & four_grams(built_in)
