@@ -215,8 +215,9 @@ def test_a_built_in_name_means_the_built_in_even_beside_a_folder_of_that_name(tm
         load_recipe("mine")
 
 
-def test_the_reworded_collusion_recipe_asks_the_same_question_in_words_collusion_never_uses():
-    # The transfer check verifies collusion's fix on this recipe; it only tests carrying over if no wording is shared.
+@pytest.mark.parametrize(("name", "key"), [("collusion", "product"), ("commons", "land")])
+def test_a_reworded_recipe_asks_the_built_in_question_in_words_the_built_in_never_uses(name, key):
+    # The transfer check verifies a built-in recipe's fix on its reworded twin; that tests carrying over only if no wording is shared.
     from pathlib import Path
 
     from mechfix.scenario.episodes import render_episode
@@ -229,10 +230,11 @@ def test_the_reworded_collusion_recipe_asks_the_same_question_in_words_collusion
                 grams |= {tuple(words[k:k + 4]) for k in range(len(words) - 3)}
         return grams
 
-    built_in = load_recipe("collusion").recipe
-    reworded = load_recipe(Path(__file__).parents[1] / "benchmarks" / "transfer" / "collusion-reworded.yaml").recipe
+    built_in = load_recipe(name).recipe
+    reworded = load_recipe(Path(__file__).parents[1] / "benchmarks" / "transfer" / f"{name}-reworded.yaml").recipe
     assert reworded.family == built_in.family and set(reworded.conditions) == set(built_in.conditions)
     assert len(reworded.items) == len(built_in.items)
     assert not {a.name for a in reworded.agents} & {a.name for a in built_in.agents}
-    assert not {i["product"] for i in reworded.items} & {i["product"] for i in built_in.items}
+    # What the items name (goods, pastures) is new too.
+    assert not {i[key] for i in reworded.items} & {v for i in built_in.items for v in i.values()}
     assert not four_grams(reworded) & four_grams(built_in)
